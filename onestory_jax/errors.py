@@ -1,0 +1,23 @@
+"""User-facing errors and the CLI wrapper that turns them into one clear line."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """A mistake in the user's input (paths, configs, weights): reported as one line, no traceback."""
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Run a CLI entry point; a `UserError` prints `error: ...` on stderr and exits with status 2."""
+    try:
+        code = main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,306 @@
+"""The Wan2.1 DiT (T2V and I2V) in Flax Linen, open to extra context tokens.
+
+Layout is channels-last: latents [B, F, H, W, C]. Tokens are (f, h, w) row-major. The sequence can
+be extended with already-embedded context tokens (OneStory's memory), which carry their own RoPE
+tables and their own timestep: modulation is computed per *group* (group 0 = noise tokens at t,
+group 1 = context tokens, typically at t = 0) and context tokens are sliced off before the head.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from onestory_jax.config import DiTConfig
+from onestory_jax.models.layers import (
+    DTYPES,
+    Dense,
+    LayerNorm,
+    RMSNorm,
+    apply_rope,
+    attention,
+    constrain,
+    grid_positions,
+    partitioned,
+    remat_policy,
+    rope_tables,
+    timestep_sinusoid,
+)
+
+Array = jax.Array
+TOKENS = ("act_batch", "act_length", "act_embed")
+HEADS = ("act_batch", "act_length", "act_heads", "act_head_dim")
+KV_HEADS = ("act_batch", "act_kv_length", "act_heads", "act_head_dim")
+
+
+@flax.struct.dataclass
+class ContextTokens:
+    """Embedded tokens appended after the noise tokens in self-attention.
+
+    tokens: [B, Lc, D]; cos, sin: RoPE tables [Lc, head_dim // 2]; timestep: [B] (0 = clean).
+    """
+
+    tokens: Array
+    cos: Array
+    sin: Array
+    timestep: Array
+
+
+def _modulation(table: Array, e: Array, group_onehot: Array | None) -> list[Array]:
+    """Per-token modulation vectors.
+
+    table [K, D] + e [B, G, K, D] -> K arrays, each [B, 1, D] (one group) or [B, L, D] (selected
+    per token from group_onehot [L, G] by broadcasting, never a materialised [L, K, D] table).
+    """
+    m = table[None, None].astype(jnp.float32) + e  # [B, G, K, D]
+    if group_onehot is None:
+        return [m[:, 0, k][:, None, :] for k in range(m.shape[2])]
+    w = group_onehot[None, :, :, None]  # [1, L, G, 1]
+    return [jnp.sum(w * m[:, None, :, k, :], axis=2) for k in range(m.shape[2])]
+
+
+class SelfAttention(nn.Module):
+    cfg: DiTConfig
+
+    @nn.compact
+    def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
+        cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
+        proj = lambda name: Dense(cfg.dim, ("embed", "heads"), dtype=dt, param_dtype=pdt, name=name)
+        q = RMSNorm(cfg.eps, "heads", pdt, name="norm_q")(proj("q")(x))
+        k = RMSNorm(cfg.eps, "heads", pdt, name="norm_k")(proj("k")(x))
+        v = proj("v")(x)
+        split = lambda a: a.reshape(*a.shape[:2], cfg.num_heads, cfg.head_dim)  # [B, L, N, H]
+        q = constrain(apply_rope(split(q), cos, sin), HEADS)
+        k = constrain(apply_rope(split(k), cos, sin), KV_HEADS)
+        v = constrain(split(v), KV_HEADS)
+        out = attention(q, k, v, cfg.attention)
+        out = out.reshape(*out.shape[:2], cfg.dim)
+        return Dense(cfg.dim, ("heads", "embed"), dtype=dt, param_dtype=pdt, name="o")(out)
+
+
+class CrossAttention(nn.Module):
+    """Attention to text tokens and (I2V) CLIP image tokens, sharing one normalised query."""
+
+    cfg: DiTConfig
+
+    @nn.compact
+    def __call__(self, x: Array, text: Array, image: Array | None) -> Array:
+        cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
+        proj = lambda name: Dense(cfg.dim, ("embed", "heads"), dtype=dt, param_dtype=pdt, name=name)
+        norm = lambda name: RMSNorm(cfg.eps, "heads", pdt, name=name)
+        split = lambda a: a.reshape(*a.shape[:2], cfg.num_heads, cfg.head_dim)
+        q = constrain(split(norm("norm_q")(proj("q")(x))), HEADS)
+        k = split(norm("norm_k")(proj("k")(text)))
+        out = attention(q, k, split(proj("v")(text)), cfg.attention)
+        if cfg.has_image_branch:
+            k_img = split(norm("norm_k_img")(proj("k_img")(image)))
+            out = out + attention(q, k_img, split(proj("v_img")(image)), cfg.attention)
+        out = out.reshape(*out.shape[:2], cfg.dim)
+        return Dense(cfg.dim, ("heads", "embed"), dtype=dt, param_dtype=pdt, name="o")(out)
+
+
+class FeedForward(nn.Module):
+    cfg: DiTConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
+        h = Dense(cfg.ffn_dim, ("embed", "mlp"), dtype=dt, param_dtype=pdt, name="fc1")(x)
+        h = constrain(nn.gelu(h, approximate=True), ("act_batch", "act_length", "act_mlp"))
+        return Dense(cfg.dim, ("mlp", "embed"), dtype=dt, param_dtype=pdt, name="fc2")(h)
+
+
+class Block(nn.Module):
+    """One Wan block: modulated self-attention, cross-attention, modulated FFN (fp32 residuals)."""
+
+    cfg: DiTConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        e0: Array,
+        group_onehot: Array | None,
+        cos: Array,
+        sin: Array,
+        text: Array,
+        image: Array | None,
+    ) -> tuple[Array, None]:
+        cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
+        table = self.param(
+            "modulation",
+            partitioned(lambda k, s, d: jax.random.normal(k, s, d) / math.sqrt(cfg.dim), ("modulation", "embed")),
+            (6, cfg.dim),
+            pdt,
+        )
+        shift1, scale1, gate1, shift2, scale2, gate2 = _modulation(table, e0, group_onehot)
+        norm = LayerNorm(cfg.eps, affine=False)  # parameter-free, shared
+        h = norm(x) * (1 + scale1) + shift1
+        x = x + SelfAttention(cfg, name="self_attn")(h.astype(dt), cos, sin).astype(jnp.float32) * gate1
+        c = LayerNorm(cfg.eps, affine=True, param_dtype=pdt, name="norm_cross")(x)
+        x = x + CrossAttention(cfg, name="cross_attn")(c.astype(dt), text, image).astype(jnp.float32)
+        f = norm(x) * (1 + scale2) + shift2
+        x = x + FeedForward(cfg, name="ffn")(f.astype(dt)).astype(jnp.float32) * gate2
+        return constrain(x, TOKENS), None
+
+
+class TimeEmbedding(nn.Module):
+    """t -> (temb [..., D] for the head, e0 [..., 6, D] for the blocks), all fp32."""
+
+    cfg: DiTConfig
+
+    @nn.compact
+    def __call__(self, t: Array) -> tuple[Array, Array]:
+        cfg, pdt = self.cfg, DTYPES[self.cfg.param_dtype]
+        s = timestep_sinusoid(t, cfg.freq_dim)
+        temb = Dense(cfg.dim, ("in_features", "embed"), param_dtype=pdt, name="linear_1")(s)
+        temb = Dense(cfg.dim, ("embed", "mlp"), param_dtype=pdt, name="linear_2")(nn.silu(temb))
+        e0 = Dense(6 * cfg.dim, ("embed", "mlp"), param_dtype=pdt, name="projection")(nn.silu(temb))
+        return temb, e0.reshape(*e0.shape[:-1], 6, cfg.dim)
+
+
+class TextEmbedding(nn.Module):
+    cfg: DiTConfig
+
+    @nn.compact
+    def __call__(self, text: Array) -> Array:
+        cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
+        h = Dense(cfg.dim, ("in_features", "embed"), dtype=dt, param_dtype=pdt, name="linear_1")(text)
+        return Dense(cfg.dim, ("embed", "mlp"), dtype=dt, param_dtype=pdt, name="linear_2")(nn.gelu(h, approximate=True))
+
+
+class ImageEmbedding(nn.Module):
+    """CLIP tokens -> D: LayerNorm, Linear, GELU (erf), Linear, LayerNorm (eps 1e-5)."""
+
+    cfg: DiTConfig
+
+    @nn.compact
+    def __call__(self, image: Array) -> Array:
+        cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
+        h = LayerNorm(1e-5, affine=True, param_dtype=pdt, name="norm1")(image)
+        h = Dense(image.shape[-1], ("in_features", "embed"), dtype=dt, param_dtype=pdt, name="linear_1")(h)
+        h = Dense(cfg.dim, ("in_features", "embed"), dtype=dt, param_dtype=pdt, name="linear_2")(nn.gelu(h, approximate=False))
+        return LayerNorm(1e-5, affine=True, param_dtype=pdt, name="norm2")(h).astype(dt)
+
+
+class WanDiT(nn.Module):
+    """Wan2.1 DiT: velocity prediction for channels-last latents.
+
+    x [B, F, H, W, in_dim], t [B] (0..1000), text [B, Lt, text_dim], image [B, Li, image_dim]
+    (I2V only), context: optional extra tokens -> [B, F, H, W, out_dim].
+    """
+
+    config: DiTConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        t: Array,
+        text: Array,
+        image: Array | None = None,
+        context: ContextTokens | None = None,
+    ) -> Array:
+        cfg, dt, pdt = self.config, DTYPES[self.config.dtype], DTYPES[self.config.param_dtype]
+        if cfg.has_image_branch and image is None:
+            raise ValueError("an I2V DiT needs CLIP image tokens (image=...)")
+        b = x.shape[0]
+        pt, ph, pw = cfg.patch_size
+        tokens = self.patch_embed(x.astype(dt))  # [B, F', H', W', D]
+        grid = tokens.shape[1:4]
+        tokens = constrain(tokens.reshape(b, -1, cfg.dim).astype(jnp.float32), TOKENS)
+        n_noise = tokens.shape[1]
+        cos, sin = rope_tables(grid_positions(*grid), cfg.head_dim, cfg.rope_theta)
+
+        time_embedding = TimeEmbedding(cfg, name="time_embedding")
+        temb, e0 = time_embedding(t)  # [B, D], [B, 6, D]
+        e0, onehot = e0[:, None], None
+        if context is not None:
+            _, e0_ctx = time_embedding(context.timestep)
+            e0 = jnp.concatenate([e0, e0_ctx[:, None]], axis=1)  # [B, 2, 6, D]
+            n_ctx = context.tokens.shape[1]
+            onehot = jnp.asarray(np.repeat(np.eye(2, dtype=np.float32), [n_noise, n_ctx], axis=0))
+            tokens = constrain(jnp.concatenate([tokens, context.tokens.astype(jnp.float32)], axis=1), TOKENS)
+            cos = jnp.concatenate([cos, context.cos], axis=0)
+            sin = jnp.concatenate([sin, context.sin], axis=0)
+
+        text_emb = TextEmbedding(cfg, name="text_embedding")(text)
+        image_emb = ImageEmbedding(cfg, name="image_embedding")(image) if cfg.has_image_branch else None
+
+        block = Block
+        policy = remat_policy(cfg.remat_policy)
+        if cfg.remat_policy != "none":
+            block = nn.remat(Block, policy=policy, prevent_cse=False)
+        blocks = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast,) * 6,
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, name="blocks")
+        h, _ = blocks(tokens, e0, onehot, cos, sin, text_emb, image_emb)
+        h = h[:, :n_noise]
+
+        # Head: modulated by the time embedding (pre-SiLU), fp32.
+        table = self.param("head_modulation", partitioned(
+            lambda k, s, d: jax.random.normal(k, s, d) / math.sqrt(cfg.dim), ("modulation", "embed")
+        ), (2, cfg.dim), pdt)
+        shift, scale = (table[None].astype(jnp.float32) + temb[:, None]).transpose(1, 0, 2)[:, :, None]
+        h = LayerNorm(cfg.eps, affine=False)(h) * (1 + scale) + shift
+        out = Dense(pt * ph * pw * cfg.out_dim, ("embed", "out_features"), param_dtype=pdt, name="head")(h)
+        return unpatchify(out, grid, cfg.patch_size, cfg.out_dim)
+
+    def patch_embed(self, x: Array) -> Array:
+        """Conv3d with kernel = stride = patch size: [B, F, H, W, C] -> [B, F', H', W', D]."""
+        cfg = self.config
+        return nn.Conv(
+            cfg.dim,
+            kernel_size=cfg.patch_size,
+            strides=cfg.patch_size,
+            padding="VALID",
+            dtype=DTYPES[cfg.dtype],
+            param_dtype=DTYPES[cfg.param_dtype],
+            kernel_init=partitioned(nn.initializers.xavier_uniform(), ("kernel_t", "kernel_h", "kernel_w", "in_features", "embed")),
+            bias_init=partitioned(nn.initializers.zeros, ("embed",)),
+            name="patch_embedding",
+        )(x)
+
+
+def unpatchify(tokens: Array, grid: tuple[int, int, int], patch: tuple[int, int, int], channels: int) -> Array:
+    """[B, F'*H'*W', pt*ph*pw*C] (c fastest) -> [B, F'*pt, H'*ph, W'*pw, C]."""
+    b = tokens.shape[0]
+    (f, h, w), (pt, ph, pw) = grid, patch
+    x = tokens.reshape(b, f, h, w, pt, ph, pw, channels)
+    x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+    return x.reshape(b, f * pt, h * ph, w * pw, channels)
+
+
+def init_inputs(cfg: DiTConfig, batch: int = 1, latent_shape: tuple[int, int, int] = (1, 4, 4),
+                text_len: int | None = None, image_len: int = 257) -> dict[str, Any]:
+    """Zero-valued example inputs of the right shapes (for init and shape inference)."""
+    f, h, w = latent_shape
+    inputs: dict[str, Any] = {
+        "x": jnp.zeros((batch, f, h, w, cfg.in_dim), jnp.float32),
+        "t": jnp.zeros((batch,), jnp.float32),
+        "text": jnp.zeros((batch, text_len or cfg.text_len, cfg.text_dim), jnp.float32),
+        "image": jnp.zeros((batch, image_len, cfg.image_dim), jnp.float32) if cfg.has_image_branch else None,
+    }
+    return inputs
+
+
+def init_fn(cfg: DiTConfig) -> Any:
+    """A function rng -> boxed params, for `sharding.init_sharded` / `abstract_params`."""
+    model = WanDiT(cfg)
+    example = init_inputs(cfg, text_len=8, image_len=4)
+
+    def fn(rng: Array) -> Any:
+        return model.init(rng, **example)["params"]
+
+    return fn

@@ -1,0 +1,136 @@
+"""Device mesh, the one logical-axis rules table, and sharded parameter creation.
+
+Every parameter and every constrained activation names its dimensions with the logical axes below;
+`LOGICAL_RULES` maps them to the mesh axes `data`, `fsdp`, `sequence`, `tensor`. Parameters are
+created directly in their sharding from an abstract init (`jax.eval_shape`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from onestory_jax.config import MeshConfig
+from onestory_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+
+# logical axis -> mesh axes. Parameters (first block) and activations (second block) use distinct
+# names so that a weight's `embed` can live on fsdp while an activation's batch also uses fsdp.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    # parameters
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("modulation", None),
+    ("norm", None),
+    ("in_features", None),  # narrow input widths: text 4096, CLIP 1280, patch channels
+    ("out_features", None),  # head output (pt*ph*pw*out_dim)
+    ("kernel_t", None),
+    ("kernel_h", None),
+    ("kernel_w", None),
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", "sequence"),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_kv_length", None),
+    ("act_head_dim", None),
+)
+
+# Parameters larger than this must not be replicated when fsdp > 1.
+REPLICATION_LIMIT_BYTES = 1 << 20
+
+
+def make_mesh(cfg: MeshConfig, devices: list[jax.Device] | None = None) -> Mesh:
+    """Build the (data, fsdp, sequence, tensor) mesh; one axis may be -1 (fill)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [cfg.data, cfg.fsdp, cfg.sequence, cfg.tensor]
+    fills = [i for i, s in enumerate(sizes) if s == -1]
+    if len(fills) > 1:
+        raise UserError("at most one mesh axis may be -1")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise UserError(f"mesh sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if fills:
+        if len(devices) % known:
+            raise UserError(f"{len(devices)} devices cannot fill mesh {dict(zip(MESH_AXES, sizes))}")
+        sizes[fills[0]] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise UserError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, {len(devices)} present"
+        )
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 4, devices=devices)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh) -> Iterator[Mesh]:
+    """Enter the mesh and the logical rules (needed by `nn.with_logical_constraint`)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        yield mesh
+
+
+def logical_sharding(mesh: Mesh, logical_axes: tuple[str | None, ...]) -> NamedSharding:
+    """NamedSharding for an array whose dimensions carry these logical names."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(logical_axes, LOGICAL_RULES))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Inputs: batch over (data, fsdp), everything else replicated."""
+    return logical_sharding(mesh, ("act_batch",) + (None,) * (ndim - 1))
+
+
+def param_shardings(abstract_boxed: Any, mesh: Mesh) -> Any:
+    """Map a boxed (LogicallyPartitioned) abstract param tree to NamedShardings."""
+    specs = nn.get_partition_spec(abstract_boxed)
+    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+
+
+def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args: Any) -> Any:
+    """Run `init_fn(*args)` (returning boxed params) jitted straight into its shardings.
+
+    Returns the unboxed param tree; no full replica is ever built on one device.
+    """
+    abstract = jax.eval_shape(init_fn, *args)
+    shardings = nn.meta.unbox(param_shardings(abstract, mesh))
+    with activate(mesh):
+        params = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+    return params
+
+
+def abstract_params(init_fn: Callable[..., Any], mesh: Mesh, *args: Any) -> Any:
+    """Shape/dtype/sharding of the params `init_fn` would create, without allocating them."""
+    abstract = jax.eval_shape(init_fn, *args)
+    shardings = nn.meta.unbox(param_shardings(abstract, mesh))
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(abstract), shardings
+    )
+
+
+def replicated_large_params(params: Any, mesh: Mesh, limit: int = REPLICATION_LIMIT_BYTES) -> list[str]:
+    """Key paths of parameters bigger than `limit` bytes that are fully replicated."""
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        sharding = getattr(leaf, "sharding", None)
+        if nbytes > limit and (sharding is None or sharding.is_fully_replicated):
+            bad.append(jax.tree_util.keystr(path))
+    return bad
+
+
+def check_params_sharded(params: Any, mesh: Mesh) -> None:
+    """Fail when fsdp > 1 and a large parameter was left replicated by accident."""
+    if mesh.shape["fsdp"] <= 1:
+        return
+    bad = replicated_large_params(params, mesh)
+    if bad:
+        raise AssertionError(f"{len(bad)} parameter(s) > 1 MiB replicated on an fsdp mesh: {', '.join(bad)}")

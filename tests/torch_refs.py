@@ -1,0 +1,115 @@
+"""Independent PyTorch references (diffusers) with random weights, shared by the parity tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import WanTransformer3DModel
+
+from onestory_jax.config import DiTConfig
+
+TINY_HEADS, TINY_HEAD_DIM = 2, 12
+
+
+def tiny_dit_config(model_type: str = "i2v", layers: int = 2) -> DiTConfig:
+    i2v = model_type == "i2v"
+    return DiTConfig(model_type=model_type, in_dim=36 if i2v else 16, out_dim=16, dim=TINY_HEADS * TINY_HEAD_DIM,
+                     ffn_dim=32, num_heads=TINY_HEADS, num_layers=layers, text_dim=32, image_dim=4 if i2v else None)
+
+
+def diffusers_dit(cfg: DiTConfig, seed: int = 0) -> WanTransformer3DModel:
+    """A random diffusers WanTransformer3DModel with the same architecture as `cfg`."""
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(
+        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        eps=cfg.eps, rope_max_seq_len=1024, image_dim=cfg.image_dim,
+        added_kv_proj_dim=cfg.dim if cfg.has_image_branch else None,
+    ).eval()
+    # Default init leaves norms at 1/0 and the tables small; perturb everything so every weight matters.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.1 if "norm" in name else 0.02))
+    return model
+
+
+def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+
+# The official original->diffusers rename (scripts/convert_wan_to_diffusers.py), reproduced as the
+# published table of ordered str.replace pairs; tests invert it to synthesise original-layout files.
+OFFICIAL_RENAME = [
+    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    ("time_projection.1", "condition_embedder.time_proj"),
+    ("head.modulation", "scale_shift_table"),
+    ("head.head", "proj_out"),
+    ("modulation", "scale_shift_table"),
+    ("ffn.0", "ffn.net.0.proj"),
+    ("ffn.2", "ffn.net.2"),
+    ("norm2", "norm__placeholder"),
+    ("norm3", "norm2"),
+    ("norm__placeholder", "norm3"),
+    ("img_emb.proj.0", "condition_embedder.image_embedder.norm1"),
+    ("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+    ("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
+    ("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
+    ("self_attn.q", "attn1.to_q"),
+    ("self_attn.k", "attn1.to_k"),
+    ("self_attn.v", "attn1.to_v"),
+    ("self_attn.o", "attn1.to_out.0"),
+    ("self_attn.norm_q", "attn1.norm_q"),
+    ("self_attn.norm_k", "attn1.norm_k"),
+    ("cross_attn.q", "attn2.to_q"),
+    ("cross_attn.k", "attn2.to_k"),
+    ("cross_attn.v", "attn2.to_v"),
+    ("cross_attn.o", "attn2.to_out.0"),
+    ("cross_attn.norm_q", "attn2.norm_q"),
+    ("cross_attn.norm_k", "attn2.norm_k"),
+    ("attn2.to_k_img", "attn2.add_k_proj"),
+    ("attn2.to_v_img", "attn2.add_v_proj"),
+    ("attn2.norm_k_img", "attn2.norm_added_k"),
+]
+
+
+def rename_original_to_diffusers(key: str) -> str:
+    for old, new in OFFICIAL_RENAME:
+        key = key.replace(old, new)
+    return key
+
+
+def to_original_layout(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Invert the official rename by searching each diffusers key's original preimage."""
+    out = {}
+    for key, value in sd.items():
+        cand = _invert(key)
+        assert rename_original_to_diffusers(cand) == key, (key, cand)
+        out[cand] = value
+    return out
+
+
+def _invert(key: str) -> str:
+    # Apply the pairs backwards, in reverse order; the norm2/norm3 swap is its own inverse. The
+    # head's table is the one top-level `scale_shift_table` (blocks' tables sit under `blocks.N.`).
+    if key == "scale_shift_table":
+        return "head.modulation"
+    for old, new in reversed(OFFICIAL_RENAME):
+        key = key.replace(new, old)
+    return key
+
+
+def run_diffusers_dit(model, x_cl: np.ndarray, t: np.ndarray, text: np.ndarray, image: np.ndarray | None) -> np.ndarray:
+    """Run diffusers on channels-last input [B, F, H, W, C]; returns channels-last output."""
+    with torch.no_grad():
+        out = model(
+            hidden_states=torch.from_numpy(np.ascontiguousarray(x_cl.transpose(0, 4, 1, 2, 3))),
+            timestep=torch.from_numpy(t),
+            encoder_hidden_states=torch.from_numpy(text),
+            encoder_hidden_states_image=None if image is None else torch.from_numpy(image),
+            return_dict=False,
+        )[0]
+    return out.numpy().transpose(0, 2, 3, 4, 1)
