@@ -64,6 +64,13 @@ class DiTConfig:
             raise UserError("dit.model_type=i2v needs dit.image_dim (the CLIP feature width)")
 
 
+# --- VAE config (owned by the VAE work; keep edits inside this section) ---
+
+# --- text / image encoder configs (owned by the encoder work; keep edits inside this section) ---
+
+# --- sampler configs (owned by the diffusion work; keep edits inside this section) ---
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Device mesh sizes; -1 on one axis means 'all remaining devices'."""
