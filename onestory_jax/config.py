@@ -64,6 +64,30 @@ class DiTConfig:
             raise UserError("dit.model_type=i2v needs dit.image_dim (the CLIP feature width)")
 
 
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    """OneStory memory: Frame Selection and the Adaptive Conditioner."""
+
+    num_queries: int = 16  # m learnable selector queries
+    selector_heads: int = 8
+    selector_stride: int = 4  # phi_V: strided conv, spatial /stride on the latent
+    latent_channels: int = 16
+    # Patchifier kernels on the latent, finest first; frames are assigned to them by rank.
+    patchifier_kernels: tuple[tuple[int, int, int], ...] = ((1, 4, 4), (1, 8, 8), (1, 16, 16))
+    # Frames per patchifier for one latent-frame budget (multiplied by `budget`).
+    frames_per_patchifier: tuple[int, ...] = (2, 6, 5)
+    budget: int = 1  # latent-frame equivalents of context tokens: 1, 2 or 3
+
+    def validate(self) -> None:
+        if len(self.patchifier_kernels) != len(self.frames_per_patchifier):
+            raise UserError("memory.patchifier_kernels and memory.frames_per_patchifier differ in length")
+        if self.budget < 1:
+            raise UserError(f"memory.budget must be >= 1, got {self.budget}")
+        for k in self.patchifier_kernels:
+            if k[0] != 1 or k[1] % 2 or k[2] % 2:
+                raise UserError(f"memory patchifier kernel {k} must be (1, even, even)")
+
+
 # --- VAE config (owned by the VAE work; keep edits inside this section) ---
 
 # --- text / image encoder configs (owned by the encoder work; keep edits inside this section) ---
@@ -87,10 +111,12 @@ class Config:
 
     name: str = "custom"
     dit: DiTConfig = DiTConfig()
+    memory: MemoryConfig = MemoryConfig()
     mesh: MeshConfig = MeshConfig()
 
     def validate(self) -> Config:
         self.dit.validate()
+        self.memory.validate()
         return self
 
 

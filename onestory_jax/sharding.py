@@ -24,11 +24,15 @@ MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 # logical axis -> mesh axes. Parameters (first block) and activations (second block) use distinct
 # names so that a weight's `embed` can live on fsdp while an activation's batch also uses fsdp.
+# Rules are tried in order and a rule applies only while its mesh axes are free in that array: a
+# kernel [embed, mlp] gets (fsdp, tensor), a bias [layers, mlp] falls back to (fsdp x tensor).
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     # parameters
     ("layers", None),
     ("embed", "fsdp"),
+    ("heads", ("fsdp", "tensor")),
     ("heads", "tensor"),
+    ("mlp", ("fsdp", "tensor")),
     ("mlp", "tensor"),
     ("modulation", None),
     ("norm", None),

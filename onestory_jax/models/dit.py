@@ -43,13 +43,15 @@ KV_HEADS = ("act_batch", "act_kv_length", "act_heads", "act_head_dim")
 class ContextTokens:
     """Embedded tokens appended after the noise tokens in self-attention.
 
-    tokens: [B, Lc, D]; cos, sin: RoPE tables [Lc, head_dim // 2]; timestep: [B] (0 = clean).
+    tokens: [B, Lc, D]; cos, sin: RoPE tables [B, Lc, head_dim // 2]; timestep: [B] (0 = clean);
+    mask: [B, Lc] (False = empty slot, hidden from attention) or None.
     """
 
     tokens: Array
     cos: Array
     sin: Array
     timestep: Array
+    mask: Array | None = None
 
 
 def _modulation(table: Array, e: Array, group_onehot: Array | None) -> list[Array]:
@@ -69,7 +71,7 @@ class SelfAttention(nn.Module):
     cfg: DiTConfig
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
+    def __call__(self, x: Array, cos: Array, sin: Array, kv_mask: Array | None) -> Array:
         cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
         proj = lambda name: Dense(cfg.dim, ("embed", "heads"), dtype=dt, param_dtype=pdt, name=name)
         q = RMSNorm(cfg.eps, "heads", pdt, name="norm_q")(proj("q")(x))
@@ -79,7 +81,7 @@ class SelfAttention(nn.Module):
         q = constrain(apply_rope(split(q), cos, sin), HEADS)
         k = constrain(apply_rope(split(k), cos, sin), KV_HEADS)
         v = constrain(split(v), KV_HEADS)
-        out = attention(q, k, v, cfg.attention)
+        out = attention(q, k, v, cfg.attention, kv_mask)
         out = out.reshape(*out.shape[:2], cfg.dim)
         return Dense(cfg.dim, ("heads", "embed"), dtype=dt, param_dtype=pdt, name="o")(out)
 
@@ -129,6 +131,7 @@ class Block(nn.Module):
         group_onehot: Array | None,
         cos: Array,
         sin: Array,
+        kv_mask: Array | None,
         text: Array,
         image: Array | None,
     ) -> tuple[Array, None]:
@@ -142,7 +145,7 @@ class Block(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = _modulation(table, e0, group_onehot)
         norm = LayerNorm(cfg.eps, affine=False)  # parameter-free, shared
         h = norm(x) * (1 + scale1) + shift1
-        x = x + SelfAttention(cfg, name="self_attn")(h.astype(dt), cos, sin).astype(jnp.float32) * gate1
+        x = x + SelfAttention(cfg, name="self_attn")(h.astype(dt), cos, sin, kv_mask).astype(jnp.float32) * gate1
         c = LayerNorm(cfg.eps, affine=True, param_dtype=pdt, name="norm_cross")(x)
         x = x + CrossAttention(cfg, name="cross_attn")(c.astype(dt), text, image).astype(jnp.float32)
         f = norm(x) * (1 + scale2) + shift2
@@ -220,15 +223,17 @@ class WanDiT(nn.Module):
 
         time_embedding = TimeEmbedding(cfg, name="time_embedding")
         temb, e0 = time_embedding(t)  # [B, D], [B, 6, D]
-        e0, onehot = e0[:, None], None
+        e0, onehot, kv_mask = e0[:, None], None, None
         if context is not None:
             _, e0_ctx = time_embedding(context.timestep)
             e0 = jnp.concatenate([e0, e0_ctx[:, None]], axis=1)  # [B, 2, 6, D]
             n_ctx = context.tokens.shape[1]
             onehot = jnp.asarray(np.repeat(np.eye(2, dtype=np.float32), [n_noise, n_ctx], axis=0))
             tokens = constrain(jnp.concatenate([tokens, context.tokens.astype(jnp.float32)], axis=1), TOKENS)
-            cos = jnp.concatenate([cos, context.cos], axis=0)
-            sin = jnp.concatenate([sin, context.sin], axis=0)
+            cos, sin = (jnp.concatenate([jnp.broadcast_to(a, (b, *a.shape)), c], axis=1)
+                        for a, c in ((cos, context.cos), (sin, context.sin)))
+            if context.mask is not None:
+                kv_mask = jnp.concatenate([jnp.ones((b, n_noise), bool), context.mask], axis=1)
 
         text_emb = TextEmbedding(cfg, name="text_embedding")(text)
         image_emb = ImageEmbedding(cfg, name="image_embedding")(image) if cfg.has_image_branch else None
@@ -241,11 +246,11 @@ class WanDiT(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 6,
+            in_axes=(nn.broadcast,) * 7,
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="blocks")
-        h, _ = blocks(tokens, e0, onehot, cos, sin, text_emb, image_emb)
+        h, _ = blocks(tokens, e0, onehot, cos, sin, kv_mask, text_emb, image_emb)
         h = h[:, :n_noise]
 
         # Head: modulated by the time embedding (pre-SiLU), fp32.

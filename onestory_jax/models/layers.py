@@ -85,14 +85,21 @@ class LayerNorm(nn.Module):
         return y
 
 
-def attention(q: Array, k: Array, v: Array, implementation: Literal["xla", "cudnn", "auto"] = "xla") -> Array:
+def attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    implementation: Literal["xla", "cudnn", "auto"] = "xla",
+    kv_mask: Array | None = None,
+) -> Array:
     """Softmax attention, [B, Lq, N, H] x [B, Lk, N, H] -> [B, Lq, N, H], scale 1/sqrt(H).
 
     `xla` is the portable reference, `cudnn` the fused flash kernel on NVIDIA GPUs (bf16/fp16),
-    `auto` lets JAX choose.
+    `auto` lets JAX choose. kv_mask [B, Lk] (True = attend) hides keys, e.g. empty memory slots.
     """
     impl = None if implementation == "auto" else implementation
-    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    mask = None if kv_mask is None else kv_mask[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,19 +118,19 @@ def rope_frequencies(head_dim: int, theta: float = 10000.0) -> tuple[np.ndarray,
 
 
 def rope_angles(positions: Array | np.ndarray, head_dim: int, theta: float = 10000.0) -> Array | np.ndarray:
-    """Angles [L, head_dim // 2] for (t, h, w) positions [L, 3].
+    """Angles [..., head_dim // 2] for (t, h, w) positions [..., 3] (positions may be fractional).
 
     NumPy positions give float64 NumPy angles (exact tables, as the reference builds them);
     traced positions give fp32 JAX angles.
     """
     xp = np if isinstance(positions, np.ndarray) else jnp
     positions = positions.astype(np.float64 if xp is np else jnp.float32)
-    parts = [positions[:, a : a + 1] * xp.asarray(w, dtype=positions.dtype)[None] for a, w in enumerate(rope_frequencies(head_dim, theta))]
+    parts = [positions[..., a : a + 1] * xp.asarray(w, dtype=positions.dtype) for a, w in enumerate(rope_frequencies(head_dim, theta))]
     return xp.concatenate(parts, axis=-1)
 
 
 def rope_tables(positions: Array | np.ndarray, head_dim: int, theta: float = 10000.0) -> tuple[Array, Array]:
-    """(cos, sin) tables [L, head_dim // 2] in fp32 for (t, h, w) positions [L, 3]."""
+    """(cos, sin) tables [..., head_dim // 2] in fp32 for (t, h, w) positions [..., 3]."""
     ang = rope_angles(positions, head_dim, theta)
     xp = np if isinstance(ang, np.ndarray) else jnp
     return jnp.asarray(xp.cos(ang), jnp.float32), jnp.asarray(xp.sin(ang), jnp.float32)
@@ -138,10 +145,10 @@ def grid_positions(frames: int, height: int, width: int, frame_offset: int = 0) 
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotate interleaved channel pairs: x [B, L, N, H], cos/sin [L, H/2]; computed in fp32."""
+    """Rotate interleaved channel pairs: x [B, L, N, H], cos/sin [L, H/2] or [B, L, H/2]; in fp32."""
     x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
     x0, x1 = x32[..., 0], x32[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    c, s = cos[..., None, :], sin[..., None, :]  # broadcast over heads (and batch when 2-D)
     out = jnp.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
     return out.reshape(x.shape).astype(x.dtype)
 

@@ -1,0 +1,232 @@
+"""OneStory's memory: Frame Selection (relevance scorer) and the Adaptive Conditioner (patchifiers).
+
+The memory is a fixed-capacity buffer of VAE latent frames [B, F, h, w, C] with a validity mask
+[B, F]. The selector scores every frame against the caption; the top-K valid frames, in rank
+order, are patchified by patchifiers of decreasing resolution (most relevant = finest) into
+context tokens that the DiT appends after its noise tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from onestory_jax.config import MemoryConfig
+from onestory_jax.models.dit import ContextTokens
+from onestory_jax.models.layers import Dense, LayerNorm, attention, partitioned, rope_tables
+
+Array = jax.Array
+
+
+def edge_pad(x: Array, multiple: tuple[int, int]) -> Array:
+    """Replicate-pad [B, N, h, w, C] at the end of h and w to multiples of `multiple`."""
+    ph = -x.shape[2] % multiple[0]
+    pw = -x.shape[3] % multiple[1]
+    return jnp.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
+
+
+def patchify_conv(features: int, kernel: tuple[int, int, int], name: str) -> nn.Conv:
+    """Conv3d with kernel = stride over [B, N, h, w, C] latent frames."""
+    return nn.Conv(
+        features,
+        kernel_size=kernel,
+        strides=kernel,
+        padding="VALID",
+        kernel_init=partitioned(nn.initializers.xavier_uniform(), ("kernel_t", "kernel_h", "kernel_w", "in_features", "embed")),
+        bias_init=partitioned(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+class QueryAttention(nn.Module):
+    """Pre-LN multi-head cross-attention with a residual: queries [B, m, D] attend to keys [B, L, Dk]."""
+
+    dim: int
+    heads: int
+
+    @nn.compact
+    def __call__(self, q: Array, kv: Array, kv_mask: Array | None = None) -> Array:
+        split = lambda a: a.reshape(*a.shape[:2], self.heads, self.dim // self.heads)
+        h = LayerNorm(1e-6, affine=True, name="norm")(q)
+        qq = split(Dense(self.dim, ("embed", "heads"), name="q")(h))
+        k = split(Dense(self.dim, ("embed", "heads"), name="k")(kv))
+        v = split(Dense(self.dim, ("embed", "heads"), name="v")(kv))
+        out = attention(qq, k, v, "xla", kv_mask).reshape(*q.shape[:2], self.dim)
+        return q + Dense(self.dim, ("heads", "embed"), name="o")(out)
+
+
+class FrameSelector(nn.Module):
+    """Relevance score per memory frame: S = mean_m phi_P(M1) Q''^T (unnormalised).
+
+    caption [B, Lt, text_dim], memory [B, F, h, w, C], valid [B, F] -> scores [B, F].
+    """
+
+    cfg: MemoryConfig
+    dim: int
+
+    @nn.compact
+    def __call__(self, caption: Array, memory: Array, valid: Array) -> Array:
+        cfg, (b, f) = self.cfg, memory.shape[:2]
+        queries = self.param("queries", partitioned(nn.initializers.normal(1.0), ("norm", "embed")), (cfg.num_queries, self.dim))
+        q = jnp.broadcast_to(queries[None], (b, *queries.shape))
+        text = Dense(self.dim, ("in_features", "embed"), name="phi_t")(caption)
+        q = QueryAttention(self.dim, cfg.selector_heads, name="text_attn")(q, text)  # Q'
+        s = cfg.selector_stride
+        m1 = patchify_conv(self.dim, (1, s, s), "phi_v")(edge_pad(memory, (s, s)))  # [B, F, h', w', D]
+        tokens_per_frame = m1.shape[2] * m1.shape[3]
+        kv_mask = jnp.repeat(valid, tokens_per_frame, axis=1)  # [B, F*h'*w']
+        q = QueryAttention(self.dim, cfg.selector_heads, name="memory_attn")(q, m1.reshape(b, -1, self.dim), kv_mask)  # Q''
+        frame_emb = Dense(self.dim, ("embed", "mlp"), name="phi_p")(m1.mean(axis=(2, 3)))  # [B, F, D]
+        scores = jnp.einsum("bfd,bmd->bfm", frame_emb, q) / math.sqrt(self.dim)
+        return scores.mean(axis=-1)
+
+
+def select_top_k(scores: Array, valid: Array, k: int) -> tuple[Array, Array, Array]:
+    """Top-k over valid frames only: (indices [B, k], scores [B, k], selected-valid [B, k]).
+
+    Invalid slots are never chosen ahead of a valid one; with fewer than k valid frames the
+    remaining picks are marked invalid. No gradient flows through the selection.
+    """
+    scores = jax.lax.stop_gradient(scores)
+    masked = jnp.where(valid, scores, -jnp.inf)
+    top, idx = jax.lax.top_k(masked, k)
+    return idx, jnp.where(jnp.isfinite(top), top, 0.0), jnp.isfinite(top)
+
+
+def frames_per_patchifier(cfg: MemoryConfig, latent_hw: tuple[int, int], patch_hw: tuple[int, int] = (2, 2)) -> tuple[int, ...]:
+    """Frames assigned to each patchifier so the context fits `budget` latent-frame equivalents.
+
+    Starts from budget x frames_per_patchifier and drops frames from the coarsest non-empty
+    patchifier while the token count exceeds budget x (tokens of one noise latent frame).
+    """
+    limit = cfg.budget * (latent_hw[0] // patch_hw[0]) * (latent_hw[1] // patch_hw[1])
+    per_frame = [tokens_per_frame(k, latent_hw) for k in cfg.patchifier_kernels]
+    counts = [cfg.budget * n for n in cfg.frames_per_patchifier]
+    while sum(c * t for c, t in zip(counts, per_frame)) > limit:
+        level = max(i for i, c in enumerate(counts) if c > 0)
+        counts[level] -= 1
+    return tuple(counts)
+
+
+def tokens_per_frame(kernel: tuple[int, int, int], latent_hw: tuple[int, int]) -> int:
+    """Tokens one latent frame gives under a (1, kh, kw) patchifier after edge padding."""
+    return math.ceil(latent_hw[0] / kernel[1]) * math.ceil(latent_hw[1] / kernel[2])
+
+
+def pooled_grid_positions(kernel: tuple[int, int, int], latent_hw: tuple[int, int], patch_hw: tuple[int, int] = (2, 2)) -> np.ndarray:
+    """(h, w) positions [tokens, 2] of a coarse patchifier's tokens on the fine RoPE grid.
+
+    Each token covers (kh/ph) x (kw/pw) fine-grid cells; its position is their mean, with the
+    grid edge-replicated where the latent was padded (FramePack style).
+    """
+    axes = []
+    for size, k, p in zip(latent_hw, kernel[1:], patch_hw):
+        fine, factor = size // p, k // p
+        n = math.ceil(size / k)
+        idx = np.minimum(np.arange(n * factor), fine - 1).reshape(n, factor)
+        axes.append(idx.mean(axis=1))
+    hh, ww = np.meshgrid(*axes, indexing="ij")
+    return np.stack([hh.ravel(), ww.ravel()], axis=-1)
+
+
+def memory_time_positions(frame_order: Array, selected_valid: Array) -> Array:
+    """Temporal RoPE index per selected frame: valid frames get -n..-1 in their original order.
+
+    frame_order [B, K]: a key that sorts frames by time (e.g. their memory slot index).
+    """
+    key = jnp.where(selected_valid, frame_order, jnp.iinfo(jnp.int32).max)
+    rank_in_time = jnp.argsort(jnp.argsort(key, axis=1), axis=1)  # 0 = earliest valid
+    n_valid = selected_valid.sum(axis=1, keepdims=True)
+    return jnp.where(selected_valid, rank_in_time - n_valid, 0)
+
+
+class AdaptiveConditioner(nn.Module):
+    """Patchify rank-ordered frames [B, K, h, w, C] into context tokens [B, Nc, D].
+
+    Frames 0..c0-1 (most relevant) go to the finest patchifier, the next c1 to the next, etc.
+    """
+
+    cfg: MemoryConfig
+    dim: int
+
+    @nn.compact
+    def __call__(self, frames: Array, frame_time: Array, frame_valid: Array, head_dim: int, rope_theta: float = 10000.0) -> tuple[Array, Array, Array, Array]:
+        """-> tokens [B, Nc, D], cos, sin [B, Nc, head_dim/2], mask [B, Nc]."""
+        hw = frames.shape[2:4]
+        counts = frames_per_patchifier(self.cfg, hw)
+        tokens, times, masks, spatial = [], [], [], []
+        start = 0
+        for level, (kernel, count) in enumerate(zip(self.cfg.patchifier_kernels, counts)):
+            sl = slice(start, start + count)
+            # Called even when count == 0, so every patchifier has parameters at every size.
+            out = patchify_conv(self.dim, kernel, f"patchifier_{level}")(edge_pad(frames[:, sl], kernel[1:]))
+            if count == 0:
+                continue
+            n = out.shape[2] * out.shape[3]
+            tokens.append(out.reshape(out.shape[0], -1, self.dim))
+            times.append(jnp.repeat(frame_time[:, sl], n, axis=1))
+            masks.append(jnp.repeat(frame_valid[:, sl], n, axis=1))
+            spatial.append(np.tile(pooled_grid_positions(kernel, hw), (count, 1)))
+            start += count
+        t = jnp.concatenate(times, axis=1).astype(jnp.float32)  # [B, Nc]
+        hw_pos = jnp.asarray(np.concatenate(spatial, axis=0), jnp.float32)  # [Nc, 2]
+        pos = jnp.concatenate([t[..., None], jnp.broadcast_to(hw_pos, (*t.shape, 2))], axis=-1)
+        cos, sin = rope_tables(pos, head_dim, rope_theta)
+        return jnp.concatenate(tokens, axis=1), cos, sin, jnp.concatenate(masks, axis=1)
+
+
+def num_selected(cfg: MemoryConfig, latent_hw: tuple[int, int]) -> int:
+    """K: how many frames the conditioner takes at this latent size."""
+    return sum(frames_per_patchifier(cfg, latent_hw))
+
+
+class OneStoryMemory(nn.Module):
+    """Selector + conditioner: memory bank -> (scores, selection, ContextTokens for the DiT)."""
+
+    cfg: MemoryConfig
+    dim: int
+    head_dim: int
+    rope_theta: float = 10000.0
+
+    def setup(self) -> None:
+        self.selector = FrameSelector(self.cfg, self.dim)
+        self.conditioner = AdaptiveConditioner(self.cfg, self.dim)
+
+    def score(self, caption: Array, memory: Array, valid: Array) -> Array:
+        return self.selector(caption, memory, valid)
+
+    def condition(self, memory: Array, indices: Array, selected_valid: Array) -> ContextTokens:
+        """Context tokens for the frames `indices` [B, K] (rank order) of memory [B, F, h, w, C]."""
+        frames = jnp.take_along_axis(memory, indices[:, :, None, None, None], axis=1)
+        frame_time = memory_time_positions(indices, selected_valid)
+        tokens, cos, sin, mask = self.conditioner(frames, frame_time, selected_valid, self.head_dim, self.rope_theta)
+        return ContextTokens(tokens=tokens, cos=cos, sin=sin, timestep=jnp.zeros(memory.shape[:1], jnp.float32), mask=mask)
+
+    def __call__(self, caption: Array, memory: Array, valid: Array) -> tuple[Array, Array, Array, ContextTokens]:
+        """Score, select top-K, patchify: -> (scores [B, F], indices [B, K], selected-valid, context)."""
+        scores = self.score(caption, memory, valid)
+        k = num_selected(self.cfg, memory.shape[2:4])
+        indices, _, selected_valid = select_top_k(scores, valid, k)
+        return scores, indices, selected_valid, self.condition(memory, indices, selected_valid)
+
+
+def conditioner_from_patch_embedding(patch_kernel: Array, patch_bias: Array, cfg: MemoryConfig) -> dict[str, Any]:
+    """FramePack-style init: each coarse patchifier = average-pool, then the base patch embedding.
+
+    patch_kernel [1, ph, pw, in_dim, D]; only its first `latent_channels` input channels (the
+    noise latent) are used. Kernel (1, kh, kw) repeats every base weight (kh/ph) x (kw/pw) times
+    and divides by that area.
+    """
+    base = patch_kernel[..., : cfg.latent_channels, :]
+    ph, pw = base.shape[1:3]
+    out = {}
+    for level, kernel in enumerate(cfg.patchifier_kernels):
+        rh, rw = kernel[1] // ph, kernel[2] // pw
+        k = jnp.repeat(jnp.repeat(base, rh, axis=1), rw, axis=2) / (rh * rw)
+        out[f"patchifier_{level}"] = {"kernel": k, "bias": patch_bias}
+    return out

@@ -1,0 +1,179 @@
+"""Frame Selection and the Adaptive Conditioner: shapes, masking, assignment, budget, init, gradients."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from torch_refs import diffusers_dit, run_diffusers_dit, state_dict_numpy, tiny_dit_config
+
+from onestory_jax.config import MemoryConfig
+from onestory_jax.convert.dit import convert
+from onestory_jax.models.dit import ContextTokens, WanDiT
+from onestory_jax.models.memory import (
+    OneStoryMemory,
+    conditioner_from_patch_embedding,
+    frames_per_patchifier,
+    num_selected,
+    select_top_k,
+    tokens_per_frame,
+)
+
+CFG = MemoryConfig(num_queries=4, selector_heads=2)
+DIM, HEAD_DIM, TEXT_DIM = 24, 12, 32
+B, F, H, W, C = 2, 10, 8, 12, 16
+
+
+def _memory_inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    memory = rng.standard_normal((B, F, H, W, C)).astype(np.float32)
+    caption = rng.standard_normal((B, 7, TEXT_DIM)).astype(np.float32)
+    valid = np.zeros((B, F), bool)
+    valid[0, :8] = True
+    valid[1, :3] = True  # fewer valid frames than K
+    return caption, memory, valid
+
+
+@pytest.fixture(scope="module")
+def module_and_params():
+    mod = OneStoryMemory(CFG, DIM, HEAD_DIM)
+    params = nn.meta.unbox(mod.init(jax.random.key(0), *_memory_inputs())["params"])
+    return mod, params
+
+
+def test_shapes_and_budget(module_and_params):
+    mod, params = module_and_params
+    caption, memory, valid = _memory_inputs()
+    scores, idx, sel_valid, ctx = mod.apply({"params": params}, caption, memory, valid)
+    k = num_selected(CFG, (H, W))
+    counts = frames_per_patchifier(CFG, (H, W))
+    n_ctx = sum(c * tokens_per_frame(kern, (H, W)) for c, kern in zip(counts, CFG.patchifier_kernels))
+    assert scores.shape == (B, F) and idx.shape == sel_valid.shape == (B, k)
+    assert ctx.tokens.shape == (B, n_ctx, DIM) and ctx.cos.shape == (B, n_ctx, HEAD_DIM // 2) and ctx.mask.shape == (B, n_ctx)
+    assert n_ctx <= (H // 2) * (W // 2)
+
+
+@pytest.mark.parametrize("budget", [1, 2, 3])
+@pytest.mark.parametrize("latent_hw", [(60, 104), (8, 8), (8, 12)])
+def test_token_budget_is_honoured(budget, latent_hw):
+    cfg = dataclasses.replace(CFG, budget=budget)
+    counts = frames_per_patchifier(cfg, latent_hw)
+    n_ctx = sum(c * tokens_per_frame(k, latent_hw) for c, k in zip(counts, cfg.patchifier_kernels))
+    one_frame = (latent_hw[0] // 2) * (latent_hw[1] // 2)
+    assert n_ctx <= budget * one_frame
+    if latent_hw == (60, 104):  # the documented 480x832 allocation: [2, 6, 5] x budget, 1,544 tokens per unit
+        assert counts == tuple(budget * n for n in (2, 6, 5))
+        assert budget * 1544 == n_ctx
+
+
+def test_masked_frames_are_never_chosen_and_do_not_matter(module_and_params):
+    mod, params = module_and_params
+    caption, memory, valid = _memory_inputs()
+    scores, idx, sel_valid, _ = mod.apply({"params": params}, caption, memory, valid)
+    idx, sel_valid = np.asarray(idx), np.asarray(sel_valid)
+    for b in range(B):
+        assert valid[b][idx[b][sel_valid[b]]].all()
+        assert sel_valid[b].sum() == min(valid[b].sum(), idx.shape[1])
+    # Changing what sits in invalid slots changes no valid score.
+    other = memory.copy()
+    other[~valid] = 100.0
+    scores2 = mod.apply({"params": params}, caption, other, valid)[0]
+    np.testing.assert_allclose(np.asarray(scores2)[valid], np.asarray(scores)[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_select_top_k_orders_by_score_over_valid_only():
+    scores = jnp.array([[0.1, 5.0, 0.3, 9.0, 0.2]])
+    valid = jnp.array([[True, True, True, False, True]])
+    idx, top, ok = select_top_k(scores, valid, 3)
+    assert idx.tolist() == [[1, 2, 4]] and ok.all()
+    idx, _, ok = select_top_k(scores, jnp.array([[False, True, False, False, False]]), 3)
+    assert idx[0, 0] == 1 and ok.tolist() == [[True, False, False]]
+
+
+def test_rank_to_patchifier_assignment(module_and_params):
+    """A frame's tokens appear in the segment of the patchifier its rank maps to, nowhere else."""
+    mod, params = module_and_params
+    counts = frames_per_patchifier(CFG, (H, W))
+    k = sum(counts)
+    seg = np.cumsum([0] + [c * tokens_per_frame(kern, (H, W)) for c, kern in zip(counts, CFG.patchifier_kernels)])
+    memory = np.zeros((1, F, H, W, C), np.float32)
+    indices = np.arange(k)[None]
+    base = mod.apply({"params": params}, memory, indices, np.ones((1, k), bool), method="condition").tokens
+    for rank in range(k):
+        m = memory.copy()
+        m[0, rank] = 1.0
+        tok = mod.apply({"params": params}, m, indices, np.ones((1, k), bool), method="condition").tokens
+        changed = np.nonzero(np.abs(np.asarray(tok - base)).sum(-1)[0] > 1e-6)[0]
+        level = int(np.searchsorted(np.cumsum(counts), rank, side="right"))
+        assert changed.min() >= seg[level] and changed.max() < seg[level + 1], (rank, level)
+
+
+def test_coarse_patchifier_at_init_is_avgpool_then_base_patchifier():
+    rng = np.random.default_rng(0)
+    base_k = rng.standard_normal((1, 2, 2, 36, DIM)).astype(np.float32)
+    base_b = rng.standard_normal((DIM,)).astype(np.float32)
+    params = conditioner_from_patch_embedding(base_k, base_b, CFG)
+    x = rng.standard_normal((1, 3, 16, 32, C)).astype(np.float32)
+    from onestory_jax.models.memory import patchify_conv
+
+    for level, kernel in enumerate(CFG.patchifier_kernels):
+        r = kernel[1] // 2
+        ours = patchify_conv(DIM, kernel, "p").apply({"params": params[f"patchifier_{level}"]}, x)
+        # Reference in NumPy: r x r average pool, then the base (1,2,2) patch embedding on the 16 latent channels.
+        pooled = x.reshape(1, 3, 16 // r, r, 32 // r, r, C).mean(axis=(3, 5))
+        patches = pooled.reshape(1, 3, 16 // r // 2, 2, 32 // r // 2, 2, C)
+        ref = np.einsum("bthiwjc,ijcd->bthwd", patches, base_k[0, :, :, :C]) + base_b
+        np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_reach_selector_patchifiers_and_dit():
+    cfg = tiny_dit_config("t2v")
+    dit, mem = WanDiT(cfg), OneStoryMemory(CFG, cfg.dim, cfg.head_dim)
+    caption, memory, valid = _memory_inputs()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((B, 1, H, W, cfg.in_dim)).astype(np.float32)
+    text = rng.standard_normal((B, 16, cfg.text_dim)).astype(np.float32)
+    labels = rng.standard_normal((B, F)).astype(np.float32)
+    t = np.array([300.0, 700.0], np.float32)
+    mem_params = nn.meta.unbox(mem.init(jax.random.key(1), caption, memory, valid)["params"])
+    dit_params = nn.meta.unbox(dit.init(jax.random.key(2), x, t, text)["params"])
+
+    def losses(params):
+        scores, _, _, ctx = mem.apply({"params": params["mem"]}, caption, memory, valid)
+        l_sel = jnp.sum(jnp.where(valid, (scores - labels) ** 2, 0)) / valid.sum()
+        v = dit.apply({"params": params["dit"]}, x, t, text, context=ctx)
+        return l_sel, jnp.mean((v - x[..., :16]) ** 2)
+
+    params = {"mem": mem_params, "dit": dit_params}
+    g_sel = jax.grad(lambda p: losses(p)[0])(params)
+    g_diff = jax.grad(lambda p: losses(p)[1])(params)
+    norm = lambda tree: float(sum(jnp.sum(jnp.abs(a)) for a in jax.tree.leaves(tree)))
+    assert norm(g_sel["mem"]["selector"]) > 0
+    assert norm(g_sel["mem"]["conditioner"]) == 0 and norm(g_sel["dit"]) == 0
+    assert norm(g_diff["mem"]["conditioner"]) > 0 and norm(g_diff["dit"]["blocks"]) > 0
+    assert norm(g_diff["mem"]["selector"]) == 0  # top-K is hard: the selector learns from L_sel only
+
+
+def test_dit_with_empty_or_masked_context_matches_diffusers():
+    cfg = tiny_dit_config("i2v")
+    model = diffusers_dit(cfg)
+    sd = state_dict_numpy(model)
+    params = convert(cfg, {k: v.shape for k, v in sd.items()}, sd.__getitem__, "diffusers")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 4, 6, cfg.in_dim)).astype(np.float32)
+    text = rng.standard_normal((2, 512, cfg.text_dim)).astype(np.float32)
+    image = rng.standard_normal((2, 257, cfg.image_dim)).astype(np.float32)
+    t = np.array([500, 250], np.int64)
+    ref = run_diffusers_dit(model, x, t, text, image)
+    hd2 = cfg.head_dim // 2
+    for n_ctx in (0, 5):
+        ctx = ContextTokens(
+            tokens=jnp.asarray(rng.standard_normal((2, n_ctx, cfg.dim)), jnp.float32),
+            cos=jnp.ones((2, n_ctx, hd2)), sin=jnp.zeros((2, n_ctx, hd2)),
+            timestep=jnp.zeros((2,)), mask=jnp.zeros((2, n_ctx), bool),
+        )
+        out = np.asarray(WanDiT(cfg).apply({"params": params}, x, t, text, image, context=ctx))
+        assert out.shape == ref.shape  # context tokens are sliced off before the head
+        assert np.abs(out - ref).max() / ref.std() < 1e-4
