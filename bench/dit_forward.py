@@ -122,6 +122,9 @@ def main() -> None:
             "cpu_count": __import__("os").cpu_count()}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {out}")
+    import report  # bench/report.py, beside this script
+
+    report.main()
 
 
 if __name__ == "__main__":
