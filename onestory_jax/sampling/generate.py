@@ -1,0 +1,146 @@
+"""Next-shot generation: one jitted `lax.scan` over shots, carrying the fixed-capacity memory bank.
+
+Each step of the scan builds the memory context for the shot (OneStory selection or a baseline),
+runs the denoising loop (itself a `lax.scan`) with classifier-free guidance, and writes the new
+latents into the bank. Shots already on disk (resume) are passed in and skipped with `lax.cond`,
+so one compiled program serves every story length up to `max_shots` and every resume point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from onestory_jax.config import Config
+from onestory_jax.diffusion.guidance import cfg_combine
+from onestory_jax.diffusion.loop import sample as denoise
+from onestory_jax.models.dit import ContextTokens, WanDiT
+from onestory_jax.models.memory import OneStoryMemory, num_selected, select_top_k
+from onestory_jax.sampling.memory_bank import MemoryBank, baseline_candidates, empty_bank, write_shot
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class StoryInputs:
+    """Per-shot inputs, padded to max_shots S. Shapes: T latent frames of h x w."""
+
+    text: Array  # [S, Lt, text_dim] caption embeddings
+    negative: Array  # [Lt, text_dim] negative-prompt embedding
+    noise: Array  # [S, T, h, w, C] initial noise of each shot
+    active: Array  # [S] bool: shot exists in this story (stories shorter than S are padded)
+    done: Array  # [S] bool: shot already generated (resume); its latents are in `done_latents`
+    done_latents: Array  # [S, T, h, w, C]
+    cond: Array | None  # [T, h, w, 20] I2V mask + image latent of shot 1 (zeros: none), or None for T2V
+    image_tokens: Array | None  # [Li, image_dim] CLIP tokens (I2V), or None
+
+
+@flax.struct.dataclass
+class ShotRecord:
+    """What the scan reports per shot (for the manifest)."""
+
+    latents: Array  # [T, h, w, C]
+    indices: Array  # [K] chosen memory slots, best first
+    scores: Array  # [K] their ranking scores
+    selected: Array  # [K] bool: slot really used
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSpec:
+    """Static settings of a generation program (everything that shapes the compiled scan)."""
+
+    strategy: str
+    k: int  # frames used, <= the conditioner's capacity
+    sigmas: tuple[float, ...]
+    solver: str
+    guidance: float
+
+
+def context_for_shot(
+    memory_module: OneStoryMemory,
+    memory_params: Any,
+    bank: MemoryBank,
+    caption: Array,
+    spec: GenerationSpec,
+) -> tuple[ContextTokens, Array, Array, Array]:
+    """Choose memory frames for the next shot and patchify them: (context, indices, scores, selected)."""
+    latents, valid = bank.latents[None], bank.valid[None]
+    if spec.strategy == "onestory":
+        scores = memory_module.apply({"params": memory_params}, caption[None], latents, valid, method="score")
+        candidates = valid
+    else:
+        s, c = baseline_candidates(spec.strategy, bank.valid, spec.k)
+        scores, candidates = s[None], c[None]
+    capacity = num_selected(memory_module.cfg, bank.latents.shape[1:3])
+    indices, top, selected = select_top_k(scores, candidates, capacity)
+    selected = selected & (jnp.arange(capacity) < spec.k)
+    context = memory_module.apply({"params": memory_params}, latents, indices, selected, method="condition")
+    return context, indices[0], top[0], selected[0]
+
+
+def next_shot(
+    params: dict,
+    cfg: Config,
+    spec: GenerationSpec,
+    bank: MemoryBank,
+    inputs: StoryInputs,
+    shot: Array,
+    on_step: Callable[[Array], None] | None = None,
+) -> tuple[MemoryBank, ShotRecord]:
+    """Generate shot `shot` (traced index) from the bank; returns the updated bank and its record."""
+    dit = WanDiT(cfg.dit)
+    memory_module = OneStoryMemory(cfg.memory, cfg.dit.dim, cfg.dit.head_dim, cfg.dit.rope_theta)
+    caption = inputs.text[shot]
+    context, indices, scores, selected = context_for_shot(memory_module, params["memory"], bank, caption, spec)
+
+    pair = lambda a: jnp.concatenate([a, a], axis=0)
+    ctx2 = jax.tree.map(pair, context)
+    text2 = jnp.stack([caption, inputs.negative])
+    image2 = None if inputs.image_tokens is None else jnp.stack([inputs.image_tokens] * 2)
+    cond = None
+    if inputs.cond is not None:
+        cond = jnp.where(shot == 0, inputs.cond, jnp.zeros_like(inputs.cond))  # later shots: mask 0, no image
+
+    def velocity(x: Array, t: Array) -> Array:  # x [1, T, h, w, C]
+        xin = x if cond is None else jnp.concatenate([x, cond[None]], axis=-1)
+        v = dit.apply({"params": params["dit"]}, pair(xin), jnp.full((2,), t), text2, image2, context=ctx2)
+        return cfg_combine(v[:1], v[1:], spec.guidance)
+
+    def generate() -> Array:
+        return denoise(velocity, inputs.noise[shot][None], np.asarray(spec.sigmas), solver=spec.solver, on_step=on_step)[0]
+
+    skip = lambda: jnp.where(inputs.done[shot], inputs.done_latents[shot], 0.0)
+    latents = jax.lax.cond(inputs.active[shot] & ~inputs.done[shot], generate, skip)
+    bank = jax.tree.map(lambda new, old: jnp.where(inputs.active[shot], new, old), write_shot(bank, shot, latents), bank)
+    return bank, ShotRecord(latents, indices, scores, selected)
+
+
+def generate_story(
+    params: dict,
+    cfg: Config,
+    spec: GenerationSpec,
+    inputs: StoryInputs,
+    on_step: Callable[[Array, Array], None] | None = None,
+) -> ShotRecord:
+    """All shots as one `lax.scan` over the S = max_shots slots; returns stacked ShotRecords [S, ...]."""
+    max_shots, t, h, w, c = inputs.noise.shape
+    bank = empty_bank(max_shots, t, h, w, c)
+
+    def body(bank: MemoryBank, shot: Array) -> tuple[MemoryBank, ShotRecord]:
+        step_cb = None if on_step is None else (lambda step: on_step(shot, step))
+        return next_shot(params, cfg, spec, bank, inputs, shot, step_cb)
+
+    _, records = jax.lax.scan(body, bank, jnp.arange(max_shots))
+    return records
+
+
+def selection_k(cfg: Config, strategy: str, latent_hw: tuple[int, int], k: int | None) -> int:
+    """K for a strategy: the conditioner's capacity at this size (or the user's smaller k)."""
+    cap = num_selected(cfg.memory, latent_hw)
+    return cap if k is None else min(k, cap)

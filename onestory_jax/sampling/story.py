@@ -1,0 +1,183 @@
+"""Story files (YAML or JSON): settings, memory strategy, optional start image/video, and shots.
+
+Schema errors name the field and, for shots, the shot number (1-based), e.g.
+`story.yaml: shots[3].caption: must be a non-empty string`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from onestory_jax.errors import UserError
+
+STRATEGIES = ("onestory", "last_frame", "uniform", "recent", "none")
+SOLVERS = ("unipc", "euler")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    width: int = 832
+    height: int = 480
+    frames: int = 81  # per shot, 4k + 1
+    fps: int = 16
+    seed: int = 0
+    steps: int = 40
+    guidance: float = 5.0
+    shift: float = 3.0
+    solver: Literal["unipc", "euler"] = "unipc"
+    negative_prompt: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorySettings:
+    strategy: Literal["onestory", "last_frame", "uniform", "recent", "none"] = "onestory"
+    budget: int = 1  # latent-frame equivalents of context tokens
+    k: int | None = None  # frames kept; default: what the budget allows
+
+
+@dataclasses.dataclass(frozen=True)
+class Shot:
+    caption: str
+    seed: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Story:
+    settings: Settings
+    memory: MemorySettings
+    shots: tuple[Shot, ...]
+    start_image: Path | None = None
+    start_video: Path | None = None
+
+    @property
+    def latent_frames(self) -> int:
+        return (self.settings.frames - 1) // 4 + 1
+
+    def shot_seed(self, i: int) -> int:
+        """Seed of shot i (0-based): its own, else the story seed + i."""
+        return self.shots[i].seed if self.shots[i].seed is not None else self.settings.seed + i
+
+
+_INT, _FLOAT, _STR = (int,), (int, float), (str,)
+_SETTING_TYPES = {"width": _INT, "height": _INT, "frames": _INT, "fps": _INT, "seed": _INT, "steps": _INT,
+                  "guidance": _FLOAT, "shift": _FLOAT, "solver": _STR, "negative_prompt": _STR}
+
+
+def _check_keys(where: str, data: Any, allowed: set[str]) -> dict:
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: must be a mapping")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise UserError(f"{where}.{unknown[0]}: unknown field (valid: {', '.join(sorted(allowed))})")
+    return data
+
+
+def _typed(where: str, value: Any, types: tuple[type, ...]) -> Any:
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise UserError(f"{where}: expected {'/'.join(t.__name__ for t in types)}, got {value!r}")
+    return float(value) if types is _FLOAT else value
+
+
+def _settings(src: str, data: Any) -> Settings:
+    data = _check_keys(f"{src}: settings", data or {}, set(_SETTING_TYPES))
+    kw = {k: _typed(f"{src}: settings.{k}", v, _SETTING_TYPES[k]) for k, v in data.items()}
+    s = Settings(**kw)
+    for name in ("width", "height"):
+        v = getattr(s, name)
+        if v <= 0 or v % 16:
+            raise UserError(f"{src}: settings.{name}: {v} is not a positive multiple of 16")
+    if s.frames < 1 or (s.frames - 1) % 4:
+        raise UserError(f"{src}: settings.frames: {s.frames} is not 4k+1 (valid: 1, 5, 9, ..., 77, 81, ...)")
+    if s.steps < 1:
+        raise UserError(f"{src}: settings.steps: must be >= 1")
+    if s.solver not in SOLVERS:
+        raise UserError(f"{src}: settings.solver: {s.solver!r} is not one of {', '.join(SOLVERS)}")
+    if s.fps < 1:
+        raise UserError(f"{src}: settings.fps: must be >= 1")
+    return s
+
+
+def _memory(src: str, data: Any) -> MemorySettings:
+    data = _check_keys(f"{src}: memory", data or {}, {"strategy", "budget", "k"})
+    m = MemorySettings(
+        strategy=_typed(f"{src}: memory.strategy", data.get("strategy", "onestory"), _STR),
+        budget=_typed(f"{src}: memory.budget", data.get("budget", 1), _INT),
+        k=None if data.get("k") is None else _typed(f"{src}: memory.k", data["k"], _INT),
+    )
+    if m.strategy not in STRATEGIES:
+        raise UserError(f"{src}: memory.strategy: {m.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if m.budget not in (1, 2, 3):
+        raise UserError(f"{src}: memory.budget: {m.budget} is not 1, 2 or 3")
+    if m.k is not None and m.k < 1:
+        raise UserError(f"{src}: memory.k: must be >= 1")
+    return m
+
+
+def _shot(src: str, i: int, data: Any) -> Shot:
+    where = f"{src}: shots[{i}]"
+    if isinstance(data, str):
+        data = {"caption": data}
+    data = _check_keys(where, data, {"caption", "seed"})
+    caption = data.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        raise UserError(f"{where}.caption: must be a non-empty string")
+    seed = data.get("seed")
+    if seed is not None:
+        _typed(f"{where}.seed", seed, _INT)
+    return Shot(caption=caption.strip(), seed=seed)
+
+
+def _path(src: str, base: Path, field: str, value: Any) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise UserError(f"{src}: {field}: must be a path")
+    p = (base / value).expanduser() if not Path(value).is_absolute() else Path(value)
+    if not p.is_file():
+        raise UserError(f"{src}: {field}: file '{p}' does not exist")
+    return p
+
+
+def parse_story(data: Any, src: str = "story", base: Path = Path(".")) -> Story:
+    """Validate a story mapping; relative paths resolve against `base`."""
+    data = _check_keys(src, data, {"settings", "memory", "shots", "start_image", "start_video"})
+    shots = data.get("shots")
+    if not isinstance(shots, list) or not shots:
+        raise UserError(f"{src}: shots: must be a non-empty list of {{caption, seed?}}")
+    story = Story(
+        settings=_settings(src, data.get("settings")),
+        memory=_memory(src, data.get("memory")),
+        shots=tuple(_shot(src, i + 1, s) for i, s in enumerate(shots)),
+        start_image=_path(src, base, "start_image", data.get("start_image")),
+        start_video=_path(src, base, "start_video", data.get("start_video")),
+    )
+    if story.start_image and story.start_video:
+        raise UserError(f"{src}: give start_image or start_video, not both")
+    return story
+
+
+def load_story(path: str | Path) -> Story:
+    """Read and validate a story file (.yaml, .yml or .json)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"story file '{path}' does not exist")
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path.name}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {str(e).splitlines()[0]}") from None
+    return parse_story(data, path.name, path.parent)
+
+
+def story_to_dict(story: Story) -> dict[str, Any]:
+    """JSON-ready dict (for the manifest)."""
+    d = dataclasses.asdict(story)
+    for k in ("start_image", "start_video"):
+        d[k] = str(d[k]) if d[k] else None
+    d["shots"] = list(d["shots"])
+    return d
