@@ -96,6 +96,25 @@ class MemoryConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """Denoising sampler. Defaults are Wan2.1 I2V-480P: UniPC, 40 steps, shift 3, CFG 5, Wan's grid."""
+
+    solver: Literal["unipc", "euler"] = "unipc"
+    steps: int = 40
+    shift: float = 3.0
+    guidance: float = 5.0  # classifier-free guidance scale on text (1.0: no unconditional pass)
+    # "wan": Wan's FlowUniPC grid (linspace(0.999, 0)); "diffusers": diffusers UniPC flow grid.
+    sigma_grid: Literal["diffusers", "wan"] = "wan"
+    negative_prompt: str = ""
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise UserError(f"sampler.steps must be >= 1, got {self.steps}")
+        if self.shift <= 0:
+            raise UserError(f"sampler.shift must be > 0, got {self.shift}")
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Device mesh sizes; -1 on one axis means 'all remaining devices'."""
 
