@@ -90,12 +90,17 @@ def select_top_k(scores: Array, valid: Array, k: int) -> tuple[Array, Array, Arr
     """Top-k over valid frames only: (indices [B, k], scores [B, k], selected-valid [B, k]).
 
     Invalid slots are never chosen ahead of a valid one; with fewer than k valid frames the
-    remaining picks are marked invalid. No gradient flows through the selection.
+    remaining picks are marked invalid (also when the memory has fewer than k slots). No gradient
+    flows through the selection.
     """
     scores = jax.lax.stop_gradient(scores)
     masked = jnp.where(valid, scores, -jnp.inf)
+    n = masked.shape[1]
+    if k > n:
+        masked = jnp.pad(masked, ((0, 0), (0, k - n)), constant_values=-jnp.inf)
     top, idx = jax.lax.top_k(masked, k)
-    return idx, jnp.where(jnp.isfinite(top), top, 0.0), jnp.isfinite(top)
+    ok = jnp.isfinite(top)
+    return jnp.minimum(idx, n - 1), jnp.where(ok, top, 0.0), ok
 
 
 def frames_per_patchifier(cfg: MemoryConfig, latent_hw: tuple[int, int], patch_hw: tuple[int, int] = (2, 2)) -> tuple[int, ...]:

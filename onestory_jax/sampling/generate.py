@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from onestory_jax.config import Config
-from onestory_jax.diffusion.guidance import cfg_combine
+from onestory_jax.diffusion.guidance import guided_velocity_fn
 from onestory_jax.diffusion.loop import sample as denoise
 from onestory_jax.models.dit import ContextTokens, WanDiT
 from onestory_jax.models.memory import OneStoryMemory, num_selected, select_top_k
@@ -57,7 +57,8 @@ class GenerationSpec:
 
     strategy: str
     k: int  # frames used, <= the conditioner's capacity
-    sigmas: tuple[float, ...]
+    sigmas: tuple[float, ...]  # [N+1]
+    timesteps: tuple[float, ...]  # [N] model timesteps
     solver: str
     guidance: float
 
@@ -99,21 +100,24 @@ def next_shot(
     caption = inputs.text[shot]
     context, indices, scores, selected = context_for_shot(memory_module, params["memory"], bank, caption, spec)
 
-    pair = lambda a: jnp.concatenate([a, a], axis=0)
-    ctx2 = jax.tree.map(pair, context)
-    text2 = jnp.stack([caption, inputs.negative])
-    image2 = None if inputs.image_tokens is None else jnp.stack([inputs.image_tokens] * 2)
+    image = None if inputs.image_tokens is None else inputs.image_tokens[None]
     cond = None
-    if inputs.cond is not None:
-        cond = jnp.where(shot == 0, inputs.cond, jnp.zeros_like(inputs.cond))  # later shots: mask 0, no image
+    if inputs.cond is not None:  # I2V channels: shot 1 gets the start image, later shots mask 0
+        cond = jnp.where(shot == 0, inputs.cond, jnp.zeros_like(inputs.cond))[None]
 
-    def velocity(x: Array, t: Array) -> Array:  # x [1, T, h, w, C]
-        xin = x if cond is None else jnp.concatenate([x, cond[None]], axis=-1)
-        v = dit.apply({"params": params["dit"]}, pair(xin), jnp.full((2,), t), text2, image2, context=ctx2)
-        return cfg_combine(v[:1], v[1:], spec.guidance)
+    def dit_fn(x: Array, t: Array, conditioning: tuple[Array, ContextTokens, Any, Any]) -> Array:
+        text, ctx, img, y = conditioning  # batch 2B: [cond; uncond]
+        xin = x if y is None else jnp.concatenate([x, y], axis=-1)
+        return dit.apply({"params": params["dit"]}, xin, jnp.full(x.shape[:1], t), text, img, context=ctx)
+
+    # Context tokens, image tokens and I2V channels are shared by both branches; only text differs.
+    velocity = guided_velocity_fn(
+        dit_fn, (caption[None], context, image, cond), (inputs.negative[None], context, image, cond), spec.guidance
+    )
 
     def generate() -> Array:
-        return denoise(velocity, inputs.noise[shot][None], np.asarray(spec.sigmas), solver=spec.solver, on_step=on_step)[0]
+        x_t = inputs.noise[shot][None]
+        return denoise(velocity, x_t, np.asarray(spec.sigmas), spec.solver, np.asarray(spec.timesteps), on_step=on_step)[0]
 
     skip = lambda: jnp.where(inputs.done[shot], inputs.done_latents[shot], 0.0)
     latents = jax.lax.cond(inputs.active[shot] & ~inputs.done[shot], generate, skip)

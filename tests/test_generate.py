@@ -1,0 +1,100 @@
+"""Next-shot generation: the scan over shots, determinism, resume inputs and baseline strategies."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from onestory_jax.config import load_config
+from onestory_jax.diffusion.schedule import make_schedule
+from onestory_jax.models.dit import WanDiT
+from onestory_jax.models.memory import OneStoryMemory, conditioner_from_patch_embedding
+from onestory_jax.sampling.generate import GenerationSpec, StoryInputs, generate_story, next_shot
+from onestory_jax.sampling.memory_bank import baseline_candidates, empty_bank
+
+SHOTS, T, H, W = 3, 2, 8, 8
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = load_config("tiny", ["dit.model_type=t2v", "dit.in_dim=16"])
+    dit, mem = WanDiT(cfg.dit), OneStoryMemory(cfg.memory, cfg.dit.dim, cfg.dit.head_dim)
+    x = jnp.zeros((1, T, H, W, 16))
+    dit_params = nn.meta.unbox(dit.init(jax.random.key(0), x, jnp.zeros((1,)), jnp.zeros((1, 8, cfg.dit.text_dim))))["params"]
+    mem_params = nn.meta.unbox(mem.init(jax.random.key(1), jnp.zeros((1, 8, cfg.dit.text_dim)), jnp.zeros((1, 4, H, W, 16)), jnp.ones((1, 4), bool)))["params"]
+    mem_params = {**mem_params, "conditioner": conditioner_from_patch_embedding(
+        dit_params["patch_embedding"]["kernel"], dit_params["patch_embedding"]["bias"], cfg.memory)}
+    return cfg, {"dit": dit_params, "memory": mem_params}
+
+
+def _inputs(cfg, seed=0, n_active=SHOTS):
+    rng = np.random.default_rng(seed)
+    return StoryInputs(
+        text=jnp.asarray(rng.standard_normal((SHOTS, 16, cfg.dit.text_dim)), jnp.float32),
+        negative=jnp.zeros((16, cfg.dit.text_dim)),
+        noise=jnp.asarray(rng.standard_normal((SHOTS, T, H, W, 16)), jnp.float32),
+        active=jnp.arange(SHOTS) < n_active,
+        done=jnp.zeros((SHOTS,), bool),
+        done_latents=jnp.zeros((SHOTS, T, H, W, 16)),
+        cond=None,
+        image_tokens=None,
+    )
+
+
+def _spec(strategy="onestory", k=4):
+    sched = make_schedule("wan", 3, 3.0)
+    return GenerationSpec(strategy, k, tuple(sched.sigmas.tolist()), tuple(sched.timesteps.tolist()), "unipc", 5.0)
+
+
+def test_scan_over_shots_equals_python_loop(model):
+    cfg, params = model
+    inputs, spec = _inputs(cfg), _spec()
+    scanned = jax.jit(lambda p, i: generate_story(p, cfg, spec, i))(params, inputs)
+    bank = empty_bank(SHOTS, T, H, W)
+    step = jax.jit(lambda p, b, i, s: next_shot(p, cfg, spec, b, i, s))
+    for shot in range(SHOTS):
+        bank, rec = step(params, bank, inputs, jnp.int32(shot))
+        np.testing.assert_allclose(np.asarray(scanned.latents[shot]), np.asarray(rec.latents), atol=1e-5, rtol=1e-5)
+        np.testing.assert_array_equal(np.asarray(scanned.indices[shot]), np.asarray(rec.indices))
+    assert not np.asarray(scanned.selected[0]).any()  # shot 1 has no memory
+    assert np.asarray(scanned.selected[2]).sum() == 4  # shot 3 sees 2 shots x 2 frames
+
+
+def test_same_seed_same_latents_and_memory_matters(model):
+    cfg, params = model
+    run = jax.jit(lambda p, i, s: generate_story(p, cfg, s, i), static_argnums=2)
+    a = run(params, _inputs(cfg, 0), _spec())
+    b = run(params, _inputs(cfg, 0), _spec())
+    np.testing.assert_array_equal(np.asarray(a.latents), np.asarray(b.latents))
+    none = run(params, _inputs(cfg, 0), _spec("none"))
+    np.testing.assert_allclose(np.asarray(none.latents[0]), np.asarray(a.latents[0]), atol=1e-5)  # no memory yet
+    assert np.abs(np.asarray(none.latents[2] - a.latents[2])).max() > 1e-3  # memory changes later shots
+
+
+def test_inactive_and_done_shots(model):
+    cfg, params = model
+    inputs = _inputs(cfg, 0, n_active=2)
+    given = jnp.full((SHOTS, T, H, W, 16), 0.5)
+    inputs = dataclasses.replace(inputs, done=jnp.array([True, False, False]), done_latents=given)
+    rec = jax.jit(lambda p, i: generate_story(p, cfg, _spec(), i))(params, inputs)
+    np.testing.assert_array_equal(np.asarray(rec.latents[0]), 0.5)  # resumed shot kept as given
+    assert np.asarray(rec.selected[1]).sum() == 2  # shot 2 remembers the resumed shot 1
+    np.testing.assert_array_equal(np.asarray(rec.latents[2]), 0.0)  # beyond the story: nothing
+
+
+@pytest.mark.parametrize("strategy,expected", [
+    ("recent", [5, 4, 3]),
+    ("last_frame", [5]),
+    ("uniform", [5, 2, 0]),  # linspace(0, 5, 3) = 0, 2.5, 5; round half to even
+    ("none", []),
+])
+def test_baseline_strategies_pick_the_expected_frames(strategy, expected):
+    from onestory_jax.models.memory import select_top_k
+
+    valid = jnp.arange(10) < 6  # six frames in memory
+    scores, candidates = baseline_candidates(strategy, valid, 3)
+    idx, _, ok = select_top_k(scores[None], candidates[None], 3)
+    assert [int(i) for i, o in zip(idx[0], ok[0]) if o] == expected
