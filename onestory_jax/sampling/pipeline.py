@@ -1,0 +1,197 @@
+"""Render a story: encode captions, run the jitted scan over shots, decode, write every output.
+
+Re-running into the same directory resumes: shots whose `shot_NN.npy` exists (with the right
+shape) are not generated again, and the memory is rebuilt from their saved latents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from onestory_jax.config import Config, to_dict
+from onestory_jax.diffusion.schedule import make_schedule
+from onestory_jax.errors import UserError
+from onestory_jax.models.memory import frames_per_patchifier
+from onestory_jax.sampling import outputs
+from onestory_jax.sampling.generate import GenerationSpec, ShotRecord, StoryInputs, generate_story, selection_k
+from onestory_jax.sampling.story import Story, story_to_dict
+
+LATENT_CHANNELS = 16
+SPATIAL_DOWN = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Components:
+    """The encoders and decoder a story needs, as host-callable functions."""
+
+    encode_text: Callable[[list[str]], np.ndarray]  # prompts -> [N, Lt, text_dim]
+    encode_video: Callable[[np.ndarray], np.ndarray]  # [T, H, W, 3] in [-1, 1] -> latents [t, h, w, 16]
+    decode_latents: Callable[[np.ndarray], np.ndarray]  # latents [t, h, w, 16] -> [T, H, W, 3] in [-1, 1]
+    encode_image: Callable[[np.ndarray], np.ndarray] | None  # [H, W, 3] in [-1, 1] -> CLIP tokens [Li, image_dim]
+
+
+def _finished_shots(out: Path, story: Story, latent_shape: tuple[int, ...]) -> list[np.ndarray]:
+    """Latents of the leading shots already on disk (resume), in order; stops at the first gap."""
+    done = []
+    for i in range(len(story.shots)):
+        path = out / outputs.shot_name(i, ".npy")
+        if not path.is_file():
+            break
+        try:
+            lat = np.load(path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot resume: '{path}' is unreadable ({e}); delete it to regenerate that shot") from None
+        if lat.shape != latent_shape:
+            raise UserError(f"cannot resume: '{path}' has shape {lat.shape}, this story needs {latent_shape}; use another --out")
+        done.append(lat)
+    return done
+
+
+def _i2v_condition(first_latent: np.ndarray | None, latent_shape: tuple[int, ...]) -> np.ndarray:
+    """Wan I2V channels [T, h, w, 4 mask + 16 image latent]: frame 0 given when there is an image."""
+    t, h, w, _ = latent_shape
+    cond = np.zeros((t, h, w, 4 + LATENT_CHANNELS), np.float32)
+    if first_latent is not None:
+        cond[0, :, :, :4] = 1.0
+        cond[..., 4:] = first_latent
+    return cond
+
+
+def _load_image(path: Path, width: int, height: int) -> np.ndarray:
+    """Read an RGB image, centre-crop to the aspect, resize: [H, W, 3] in [-1, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, UnidentifiedImageError) as e:
+        raise UserError(f"cannot read start image '{path}': {e}") from None
+    if img.mode not in ("RGB", "RGBA", "L", "P"):
+        raise UserError(f"start image '{path}' is not RGB (mode {img.mode})")
+    img = img.convert("RGB")
+    if min(img.size) < 16:
+        raise UserError(f"start image '{path}' is too small ({img.width}x{img.height})")
+    return _resize_frame(np.asarray(img), width, height)
+
+
+def render_story(cfg: Config, params: dict, comps: Components, story: Story, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Generate (or resume) every shot of `story` into `out`; returns the manifest."""
+    s = story.settings
+    t_lat, h, w = story.latent_frames, s.height // SPATIAL_DOWN, s.width // SPATIAL_DOWN
+    latent_shape = (t_lat, h, w, LATENT_CHANNELS)
+    n = len(story.shots)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    finished = _finished_shots(out, story, latent_shape)
+    first_latent, image_tokens = None, None
+    if story.start_video is not None and not finished:
+        video = outputs.read_video(story.start_video)
+        frames = s.frames
+        if len(video) < frames:
+            raise UserError(f"start_video has {len(video)} frames; the story's shots have {frames} (4k+1)")
+        clip = np.stack([_resize_frame(f, s.width, s.height) for f in video[:frames]])
+        finished = [np.asarray(comps.encode_video(clip))]
+    if story.start_image is not None:
+        image = _load_image(story.start_image, s.width, s.height)
+        first_latent = np.asarray(comps.encode_video(image[None]))[0]
+        if comps.encode_image is not None:
+            image_tokens = np.asarray(comps.encode_image(image))
+    if cfg.dit.has_image_branch and image_tokens is None:
+        # No start image: CLIP tokens of shot 1's first frame once it exists, else zeros.
+        image_tokens = (np.asarray(comps.encode_image(comps.decode_latents(finished[0][:1])[0]))
+                        if finished and comps.encode_image else np.zeros((257, cfg.dit.image_dim), np.float32))
+    timings["prepare_s"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    embeddings = np.asarray(comps.encode_text([shot.caption for shot in story.shots] + [s.negative_prompt]))
+    timings["encode_text_s"] = time.perf_counter() - t1
+
+    done = np.zeros((n,), bool)
+    done_latents = np.zeros((n, *latent_shape), np.float32)
+    for i, lat in enumerate(finished):
+        done[i], done_latents[i] = True, lat
+    noise = np.stack([np.asarray(jax.random.normal(jax.random.key(story.shot_seed(i)), latent_shape)) for i in range(n)])
+    inputs = StoryInputs(
+        text=jnp.asarray(embeddings[:n]), negative=jnp.asarray(embeddings[n]), noise=jnp.asarray(noise),
+        active=jnp.ones((n,), bool), done=jnp.asarray(done), done_latents=jnp.asarray(done_latents),
+        cond=jnp.asarray(_i2v_condition(first_latent, latent_shape)) if cfg.dit.has_image_branch else None,
+        image_tokens=None if image_tokens is None else jnp.asarray(image_tokens),
+    )
+    sched = make_schedule("wan" if s.solver == "unipc" else "euler", s.steps, s.shift)
+    mem_cfg = dataclasses.replace(cfg.memory, budget=story.memory.budget)
+    cfg = dataclasses.replace(cfg, memory=mem_cfg)
+    spec = GenerationSpec(
+        strategy=story.memory.strategy, k=selection_k(cfg, story.memory.strategy, (h, w), story.memory.k),
+        sigmas=tuple(sched.sigmas.tolist()), timesteps=tuple(sched.timesteps.tolist()),
+        solver=s.solver, guidance=s.guidance,
+    )
+
+    to_do = n - len(finished)
+    bar = tqdm(total=to_do * s.steps, desc="denoising", unit="step", disable=not progress or to_do == 0)
+    shot_started: dict[int, float] = {}
+
+    def on_step(shot: Any, step: Any) -> None:
+        shot_started.setdefault(int(shot), time.perf_counter())
+        bar.set_postfix_str(f"shot {int(shot) + 1}/{n}")
+        bar.update(1)
+
+    t2 = time.perf_counter()
+    run = jax.jit(lambda p, i: generate_story(p, cfg, spec, i, on_step=on_step))
+    records: ShotRecord = jax.device_get(run(params, inputs))
+    bar.close()
+    timings["generate_s"] = time.perf_counter() - t2
+
+    manifest_shots = []
+    videos = []
+    counts = frames_per_patchifier(mem_cfg, (h, w))
+    level_of_rank = np.repeat(np.arange(len(counts)), counts)
+    for i in tqdm(range(n), desc="decoding", unit="shot", disable=not progress):
+        lat = np.asarray(records.latents[i])
+        t3 = time.perf_counter()
+        if not done[i]:
+            outputs.save_latents(out / outputs.shot_name(i, ".npy"), lat)
+        video = outputs.to_uint8(comps.decode_latents(lat))
+        outputs.write_mp4(out / outputs.shot_name(i, ".mp4"), video, s.fps)
+        videos.append(video)
+        memory = [
+            {"shot": int(slot) // t_lat + 1, "frame": int(slot) % t_lat, "score": float(score),
+             "patchifier": list(mem_cfg.patchifier_kernels[level_of_rank[rank]])}
+            for rank, (slot, score, used) in enumerate(zip(records.indices[i], records.scores[i], records.selected[i])) if used
+        ]
+        shot_time = None
+        if i in shot_started:
+            end = shot_started.get(i + 1, t2 + timings["generate_s"])
+            shot_time = end - shot_started[i]
+        manifest_shots.append({
+            "shot": i + 1, "caption": story.shots[i].caption, "seed": story.shot_seed(i), "resumed": bool(done[i]),
+            "memory": memory, "timings": {"denoise_s": shot_time, "decode_write_s": time.perf_counter() - t3},
+        })
+    outputs.write_mp4(out / "story.mp4", np.concatenate(videos), s.fps)
+    outputs.contact_sheet(out / "contact_sheet.png", videos)
+    timings["total_s"] = time.perf_counter() - t0
+    manifest = {"config": to_dict(cfg), "story": story_to_dict(story), "shots": manifest_shots, "timings": timings,
+                "latent_shape": list(latent_shape)}
+    outputs.save_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _resize_frame(frame: np.ndarray, width: int, height: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> centre-cropped, resized float [height, width, 3] in [-1, 1]."""
+    from PIL import Image
+
+    img = Image.fromarray(frame)
+    scale = max(width / img.width, height / img.height)
+    img = img.resize((max(width, round(img.width * scale)), max(height, round(img.height * scale))), Image.BICUBIC)
+    left, top = (img.width - width) // 2, (img.height - height) // 2
+    return np.asarray(img.crop((left, top, left + width, top + height)), np.float32) / 127.5 - 1.0
