@@ -88,7 +88,92 @@ class MemoryConfig:
                 raise UserError(f"memory patchifier kernel {k} must be (1, even, even)")
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and OneStory training recipe (paper section 5; DESIGN.md defaults)."""
+
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 1
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.01
+    lr_warmup_steps: int = 100
+    grad_clip: float = 1.0
+    selection_weight: float = 0.5  # lambda in L = L_shot + lambda * L_sel
+    decoupled_warmup: float = 0.1  # fraction of steps conditioned on uniform frames of the real prior shot
+    text_dropout: float = 0.1
+    context_dropout: float = 0.1
+    timestep_shift: float = 3.0  # shifted-uniform training sigmas
+    ema_decay: float = 0.0  # 0 = no EMA
+    # Regexes over '/'-joined param paths; only matching params train (empty = everything).
+    trainable: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        for name in ("text_dropout", "context_dropout", "decoupled_warmup"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise UserError(f"train.{name} must be in [0, 1], got {v}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise UserError("train.steps and train.batch_size must be >= 1")
+
+
 # --- VAE config (owned by the VAE work; keep edits inside this section) ---
+
+# Published per-channel statistics of Wan2.1 VAE latents (z = (mu - mean) / std).
+WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """The Wan2.1 causal 3D VAE (diffusers `AutoencoderKLWan` knobs). Defaults are the released VAE.
+
+    Empty `latents_mean` / `latents_std` mean identity normalisation (for tiny test configs).
+    """
+
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple[float, ...] = ()  # only [] exists in Wan2.1 (diffusers and original differ otherwise)
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+    dropout: float = 0.0  # the VAE is frozen: inference only
+    latents_mean: tuple[float, ...] = WAN21_LATENTS_MEAN
+    latents_std: tuple[float, ...] = WAN21_LATENTS_STD
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params and norms stay fp32
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** sum(self.temperal_downsample)
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    def validate(self) -> None:
+        if len(self.temperal_downsample) != len(self.dim_mult) - 1:
+            raise UserError(
+                f"vae.temperal_downsample needs {len(self.dim_mult) - 1} entries (len(dim_mult) - 1), "
+                f"got {len(self.temperal_downsample)}"
+            )
+        if 4 % self.temporal_factor:
+            raise UserError(f"vae temporal factor {self.temporal_factor} must divide the 4-frame encode chunk")
+        if self.attn_scales:
+            raise UserError("vae.attn_scales must be empty (the Wan2.1 VAE has attention only in its middle blocks)")
+        if self.dropout != 0.0:
+            raise UserError("vae.dropout must be 0 (the VAE runs inference only)")
+        for name in ("latents_mean", "latents_std"):
+            n = len(getattr(self, name))
+            if n not in (0, self.z_dim):
+                raise UserError(f"vae.{name} has {n} values; expected z_dim={self.z_dim} or none (identity)")
+        if bool(self.latents_mean) != bool(self.latents_std):
+            raise UserError("vae.latents_mean and vae.latents_std must be given together")
+        if any(s <= 0 for s in self.latents_std):
+            raise UserError("vae.latents_std values must be positive")
 
 # --- text / image encoder configs (owned by the encoder work; keep edits inside this section) ---
 
@@ -131,11 +216,15 @@ class Config:
     name: str = "custom"
     dit: DiTConfig = DiTConfig()
     memory: MemoryConfig = MemoryConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    train: TrainConfig = TrainConfig()
     mesh: MeshConfig = MeshConfig()
 
     def validate(self) -> Config:
         self.dit.validate()
         self.memory.validate()
+        self.sampler.validate()
+        self.train.validate()
         return self
 
 
@@ -174,6 +263,11 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
             out.append(cv)
         return True, tuple(out)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '3e-3' as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
         if isinstance(value, bool):
             return False, value
         return isinstance(value, (int, float)), float(value) if isinstance(value, (int, float)) else value

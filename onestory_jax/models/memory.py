@@ -233,5 +233,5 @@ def conditioner_from_patch_embedding(patch_kernel: Array, patch_bias: Array, cfg
     for level, kernel in enumerate(cfg.patchifier_kernels):
         rh, rw = kernel[1] // ph, kernel[2] // pw
         k = jnp.repeat(jnp.repeat(base, rh, axis=1), rw, axis=2) / (rh * rw)
-        out[f"patchifier_{level}"] = {"kernel": k, "bias": patch_bias}
+        out[f"patchifier_{level}"] = {"kernel": k, "bias": jnp.array(patch_bias)}  # own buffer
     return out

@@ -1,0 +1,70 @@
+"""OneStory's training objective: rectified flow on the target shot + lambda * L_sel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from onestory_jax.config import Config
+from onestory_jax.diffusion.schedule import add_noise, sample_training_sigmas, velocity_target
+from onestory_jax.models.dit import WanDiT
+from onestory_jax.models.memory import OneStoryMemory, num_selected, select_top_k
+
+Array = jax.Array
+
+# A training batch (leading dim B):
+#   target [B, T, h, w, 16]   latents of the shot to generate (x0)
+#   memory [B, F, h, w, 16]   latents of the earlier shots; memory_valid [B, F]
+#   labels [B, F]             frame-relevance pseudo-labels (real: similarity; inserted -1; augmented 0)
+#   real_prior [B, F]         frames of the real prior shot (decoupled warm-up samples from these)
+#   text [B, Lt, text_dim]    caption embedding of the target shot
+#   image [B, Li, image_dim], cond [B, T, h, w, 20]   I2V only
+Batch = dict[str, Array]
+
+
+def selection_loss(scores: Array, labels: Array, valid: Array) -> Array:
+    """L_sel = MSE between frame scores and pseudo-labels over valid memory frames."""
+    err = jnp.where(valid, (scores - labels) ** 2, 0.0)
+    return err.sum() / jnp.maximum(valid.sum(), 1)
+
+
+def conditioning_frames(scores: Array, batch: Batch, k: int, warm: Array, rng: Array) -> tuple[Array, Array]:
+    """Top-k frames by the selector, or (during the decoupled warm-up) k random frames of the
+    real prior shot. Returns (indices [B, k], selected [B, k])."""
+    random_scores = jax.random.uniform(rng, scores.shape)
+    ranking = jnp.where(warm, random_scores, scores)
+    candidates = jnp.where(warm, batch["real_prior"] & batch["memory_valid"], batch["memory_valid"])
+    indices, _, selected = select_top_k(ranking, candidates, k)
+    return indices, selected
+
+
+def loss_fn(params: dict, batch: Batch, rng: Array, warm: Array, cfg: Config) -> tuple[Array, dict[str, Array]]:
+    """Total loss and metrics. `warm` (bool scalar): decoupled-conditioning warm-up is on."""
+    tc = cfg.train
+    dit = WanDiT(cfg.dit)
+    memory = OneStoryMemory(cfg.memory, cfg.dit.dim, cfg.dit.head_dim, cfg.dit.rope_theta)
+    r_sel, r_sigma, r_noise, r_text, r_ctx = jax.random.split(rng, 5)
+    b = batch["target"].shape[0]
+
+    scores = memory.apply({"params": params["memory"]}, batch["text"], batch["memory"], batch["memory_valid"], method="score")
+    l_sel = selection_loss(scores, batch["labels"], batch["memory_valid"])
+
+    k = num_selected(cfg.memory, batch["memory"].shape[2:4])
+    indices, selected = conditioning_frames(scores, batch, k, warm, r_sel)
+    keep_ctx = jax.random.uniform(r_ctx, (b, 1)) >= tc.context_dropout
+    context = memory.apply({"params": params["memory"]}, batch["memory"], indices, selected & keep_ctx, method="condition")
+
+    keep_text = jax.random.uniform(r_text, (b, 1, 1)) >= tc.text_dropout
+    text = jnp.where(keep_text, batch["text"], 0.0)
+
+    x0 = batch["target"]
+    noise = jax.random.normal(r_noise, x0.shape, x0.dtype)
+    sigma = sample_training_sigmas(r_sigma, (b,), tc.timestep_shift)
+    x_t = add_noise(x0, noise, sigma)
+    x_in = x_t if "cond" not in batch else jnp.concatenate([x_t, batch["cond"]], axis=-1)
+    v = dit.apply({"params": params["dit"]}, x_in, sigma * 1000.0, text, batch.get("image"), context=context)
+    l_shot = jnp.mean((v.astype(jnp.float32) - velocity_target(x0, noise)) ** 2)
+    loss = l_shot + tc.selection_weight * l_sel
+    return loss, {"loss": loss, "l_shot": l_shot, "l_sel": l_sel}
