@@ -37,6 +37,7 @@ Array = jax.Array
 TOKENS = ("act_batch", "act_length", "act_embed")
 HEADS = ("act_batch", "act_length", "act_heads", "act_head_dim")
 KV_HEADS = ("act_batch", "act_kv_length", "act_heads", "act_head_dim")
+ATTN_OUT = ("act_batch", "act_length", "act_heads")  # before the output projection
 
 
 @flax.struct.dataclass
@@ -82,7 +83,7 @@ class SelfAttention(nn.Module):
         k = constrain(apply_rope(split(k), cos, sin), KV_HEADS)
         v = constrain(split(v), KV_HEADS)
         out = attention(q, k, v, cfg.attention, kv_mask)
-        out = out.reshape(*out.shape[:2], cfg.dim)
+        out = constrain(out.reshape(*out.shape[:2], cfg.dim), ATTN_OUT)
         return Dense(cfg.dim, ("heads", "embed"), dtype=dt, param_dtype=pdt, name="o")(out)
 
 
@@ -103,7 +104,7 @@ class CrossAttention(nn.Module):
         if cfg.has_image_branch:
             k_img = split(norm("norm_k_img")(proj("k_img")(image)))
             out = out + attention(q, k_img, split(proj("v_img")(image)), cfg.attention)
-        out = out.reshape(*out.shape[:2], cfg.dim)
+        out = constrain(out.reshape(*out.shape[:2], cfg.dim), ATTN_OUT)
         return Dense(cfg.dim, ("heads", "embed"), dtype=dt, param_dtype=pdt, name="o")(out)
 
 
@@ -235,8 +236,9 @@ class WanDiT(nn.Module):
             if context.mask is not None:
                 kv_mask = jnp.concatenate([jnp.ones((b, n_noise), bool), context.mask], axis=1)
 
-        text_emb = TextEmbedding(cfg, name="text_embedding")(text)
-        image_emb = ImageEmbedding(cfg, name="image_embedding")(image) if cfg.has_image_branch else None
+        context_axes = ("act_batch", None, "act_embed")
+        text_emb = constrain(TextEmbedding(cfg, name="text_embedding")(text), context_axes)
+        image_emb = constrain(ImageEmbedding(cfg, name="image_embedding")(image), context_axes) if cfg.has_image_branch else None
 
         block = Block
         policy = remat_policy(cfg.remat_policy)

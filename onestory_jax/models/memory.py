@@ -18,7 +18,7 @@ import numpy as np
 
 from onestory_jax.config import MemoryConfig
 from onestory_jax.models.dit import ContextTokens
-from onestory_jax.models.layers import Dense, LayerNorm, attention, partitioned, rope_tables
+from onestory_jax.models.layers import Dense, LayerNorm, attention, constrain, partitioned, rope_tables
 
 Array = jax.Array
 
@@ -51,13 +51,15 @@ class QueryAttention(nn.Module):
 
     @nn.compact
     def __call__(self, q: Array, kv: Array, kv_mask: Array | None = None) -> Array:
-        split = lambda a: a.reshape(*a.shape[:2], self.heads, self.dim // self.heads)
+        heads = ("act_batch", None, "act_heads", "act_head_dim")
+        split = lambda a: constrain(a.reshape(*a.shape[:2], self.heads, self.dim // self.heads), heads)
         h = LayerNorm(1e-6, affine=True, name="norm")(q)
         qq = split(Dense(self.dim, ("embed", "heads"), name="q")(h))
         k = split(Dense(self.dim, ("embed", "heads"), name="k")(kv))
         v = split(Dense(self.dim, ("embed", "heads"), name="v")(kv))
         out = attention(qq, k, v, "xla", kv_mask).reshape(*q.shape[:2], self.dim)
-        return q + Dense(self.dim, ("heads", "embed"), name="o")(out)
+        out = constrain(out, ("act_batch", None, "act_heads"))
+        return constrain(q + Dense(self.dim, ("heads", "embed"), name="o")(out), ("act_batch", None, "act_embed"))
 
 
 class FrameSelector(nn.Module):
@@ -73,8 +75,9 @@ class FrameSelector(nn.Module):
     def __call__(self, caption: Array, memory: Array, valid: Array) -> Array:
         cfg, (b, f) = self.cfg, memory.shape[:2]
         queries = self.param("queries", partitioned(nn.initializers.normal(1.0), ("norm", "embed")), (cfg.num_queries, self.dim))
-        q = jnp.broadcast_to(queries[None], (b, *queries.shape))
-        text = Dense(self.dim, ("in_features", "embed"), name="phi_t")(caption)
+        seq = ("act_batch", None, "act_embed")  # explicit: GSPMD mis-partitions these when left to infer
+        q = constrain(jnp.broadcast_to(queries[None], (b, *queries.shape)), seq)
+        text = constrain(Dense(self.dim, ("in_features", "embed"), name="phi_t")(caption), seq)
         q = QueryAttention(self.dim, cfg.selector_heads, name="text_attn")(q, text)  # Q'
         s = cfg.selector_stride
         m1 = patchify_conv(self.dim, (1, s, s), "phi_v")(edge_pad(memory, (s, s)))  # [B, F, h', w', D]

@@ -35,6 +35,17 @@ def memory_params_from_dit(cfg: Config, dit_params: Any, rng: Array) -> Any:
     return {**params, "conditioner": conditioner_from_patch_embedding(pe["kernel"], pe["bias"], cfg.memory)}
 
 
+def boxed_init_fn(cfg: Config):
+    """rng -> boxed (logically partitioned) OneStory params, for shardings and abstract shapes."""
+    dit_fn, mem_fn = dit_init_fn(cfg.dit), memory_init_fn(cfg)
+
+    def fn(rng: Array) -> dict[str, Any]:
+        r_dit, r_mem = jax.random.split(rng)
+        return {"dit": dit_fn(r_dit), "memory": mem_fn(r_mem)}
+
+    return fn
+
+
 def init_params(cfg: Config, rng: Array) -> dict[str, Any]:
     """Fresh OneStory params (unsharded; for sharded creation see `sharding.init_sharded`)."""
     r_dit, r_mem = jax.random.split(rng)
