@@ -177,6 +177,66 @@ class VAEConfig:
 
 # --- text / image encoder configs (owned by the encoder work; keep edits inside this section) ---
 
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderConfig:
+    """The umT5 encoder (Wan's text encoder). Defaults are google/umt5-xxl."""
+
+    vocab_size: int = 256384
+    d_model: int = 4096
+    d_kv: int = 64
+    d_ff: int = 10240
+    num_layers: int = 24
+    num_heads: int = 64
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    eps: float = 1e-6
+    text_len: int = 512  # tokens per prompt: longer prompts are truncated, outputs zero-padded to this
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; norms and residuals stay fp32
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_heads * self.d_kv
+
+    def validate(self) -> None:
+        buckets = self.relative_attention_num_buckets
+        if buckets < 4 or buckets % 2:
+            raise UserError(f"text_encoder.relative_attention_num_buckets must be even and >= 4, got {buckets}")
+        if self.relative_attention_max_distance <= buckets // 4:
+            raise UserError("text_encoder.relative_attention_max_distance must exceed relative_attention_num_buckets / 4")
+        if self.text_len < 2:
+            raise UserError(f"text_encoder.text_len must be >= 2 (a token and </s>), got {self.text_len}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageEncoderConfig:
+    """The CLIP vision tower Wan I2V uses (features of the penultimate block). Defaults are ViT-H/14."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_size: int = 1280
+    intermediate_size: int = 5120
+    num_layers: int = 32  # depth of the tower; features come after num_layers - 1 blocks
+    num_heads: int = 16
+    eps: float = 1e-5
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; norms and residuals stay fp32
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @property
+    def num_tokens(self) -> int:
+        """Class token + patches (257 for ViT-H/14 at 224)."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    def validate(self) -> None:
+        if self.image_size % self.patch_size:
+            raise UserError(f"image_encoder.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise UserError(f"image_encoder.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if self.num_layers < 2:
+            raise UserError("image_encoder.num_layers must be >= 2 (features are the penultimate block's)")
+
+
 # --- sampler configs (owned by the diffusion work; keep edits inside this section) ---
 
 
