@@ -91,15 +91,19 @@ def attention(
     v: Array,
     implementation: Literal["xla", "cudnn", "auto"] = "xla",
     kv_mask: Array | None = None,
+    bias: Array | None = None,
+    scale: float | None = None,
 ) -> Array:
-    """Softmax attention, [B, Lq, N, H] x [B, Lk, N, H] -> [B, Lq, N, H], scale 1/sqrt(H).
+    """Softmax attention, [B, Lq, N, H] x [B, Lk, N, H] -> [B, Lq, N, H], scale 1/sqrt(H) by default.
 
     `xla` is the portable reference, `cudnn` the fused flash kernel on NVIDIA GPUs (bf16/fp16),
     `auto` lets JAX choose. kv_mask [B, Lk] (True = attend) hides keys, e.g. empty memory slots.
+    bias [B or 1, N, Lq, Lk] is added to the logits (T5 relative positions); scale overrides 1/sqrt(H).
     """
     impl = None if implementation == "auto" else implementation
     mask = None if kv_mask is None else kv_mask[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    bias = None if bias is None else bias.astype(q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=impl)
 
 
 # ---------------------------------------------------------------------------------------------
