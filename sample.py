@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--config", help="model preset or YAML (random weights), e.g. tiny")
     ap.add_argument("--story", type=Path, required=True, help="story file (.yaml/.yml/.json)")
     ap.add_argument("--out", type=Path, required=True, help="output directory (resumes if it has shots)")
+    ap.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the checkpoint's tokenizer/)")
     ap.add_argument("--seed", type=int, default=0, help="seed of random weights with --config")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("overrides", nargs="*", help="key=value model config overrides")
@@ -32,10 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     from onestory_jax.sampling.components import load_for_sampling  # heavy imports after arg parsing
     from onestory_jax.sampling.pipeline import render_story
     from onestory_jax.sampling.story import load_story
+    from onestory_jax.sharding import activate
 
     story = load_story(args.story)
-    cfg, params, comps = load_for_sampling(args.checkpoint, args.config, args.overrides, args.seed)
-    manifest = render_story(cfg, params, comps, story, args.out, progress=not args.no_progress)
+    cfg, params, comps, mesh = load_for_sampling(args.checkpoint, args.config, args.overrides, args.seed, args.tokenizer)
+    with activate(mesh):
+        manifest = render_story(cfg, params, comps, story, args.out, progress=not args.no_progress)
     print(f"wrote {len(manifest['shots'])} shots to {args.out}/ (story.mp4, contact_sheet.png, manifest.json)")
     return 0
 

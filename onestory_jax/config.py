@@ -276,6 +276,9 @@ class Config:
     name: str = "custom"
     dit: DiTConfig = DiTConfig()
     memory: MemoryConfig = MemoryConfig()
+    vae: VAEConfig = VAEConfig()
+    text_encoder: TextEncoderConfig = TextEncoderConfig()
+    image_encoder: ImageEncoderConfig = ImageEncoderConfig()
     sampler: SamplerConfig = SamplerConfig()
     train: TrainConfig = TrainConfig()
     mesh: MeshConfig = MeshConfig()
@@ -283,6 +286,13 @@ class Config:
     def validate(self) -> Config:
         self.dit.validate()
         self.memory.validate()
+        self.vae.validate()
+        self.text_encoder.validate()
+        self.image_encoder.validate()
+        if self.text_encoder.d_model != self.dit.text_dim:
+            raise UserError(f"text_encoder.d_model={self.text_encoder.d_model} != dit.text_dim={self.dit.text_dim}")
+        if self.dit.has_image_branch and self.image_encoder.hidden_size != self.dit.image_dim:
+            raise UserError(f"image_encoder.hidden_size={self.image_encoder.hidden_size} != dit.image_dim={self.dit.image_dim}")
         self.sampler.validate()
         self.train.validate()
         return self

@@ -130,15 +130,20 @@ def generate_story(
     cfg: Config,
     spec: GenerationSpec,
     inputs: StoryInputs,
-    on_step: Callable[[Array, Array], None] | None = None,
+    on_shot: Callable[[Array], None] | None = None,
+    on_step: Callable[[Array], None] | None = None,
 ) -> ShotRecord:
-    """All shots as one `lax.scan` over the S = max_shots slots; returns stacked ShotRecords [S, ...]."""
+    """All shots as one `lax.scan` over the S = max_shots slots; returns stacked ShotRecords [S, ...].
+
+    on_shot(shot) / on_step(step): host callbacks (progress bars) when a shot / a denoising step starts.
+    """
     max_shots, t, h, w, c = inputs.noise.shape
     bank = empty_bank(max_shots, t, h, w, c)
 
     def body(bank: MemoryBank, shot: Array) -> tuple[MemoryBank, ShotRecord]:
-        step_cb = None if on_step is None else (lambda step: on_step(shot, step))
-        return next_shot(params, cfg, spec, bank, inputs, shot, step_cb)
+        if on_shot is not None:
+            jax.debug.callback(on_shot, shot, ordered=True)
+        return next_shot(params, cfg, spec, bank, inputs, shot, on_step)
 
     _, records = jax.lax.scan(body, bank, jnp.arange(max_shots))
     return records

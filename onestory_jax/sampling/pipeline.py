@@ -20,6 +20,7 @@ from tqdm import tqdm
 from onestory_jax.config import Config, to_dict
 from onestory_jax.diffusion.schedule import make_schedule
 from onestory_jax.errors import UserError
+from onestory_jax.models.image_encoder import load_image
 from onestory_jax.models.memory import frames_per_patchifier
 from onestory_jax.sampling import outputs
 from onestory_jax.sampling.generate import GenerationSpec, ShotRecord, StoryInputs, generate_story, selection_k
@@ -68,19 +69,10 @@ def _i2v_condition(first_latent: np.ndarray | None, latent_shape: tuple[int, ...
 
 def _load_image(path: Path, width: int, height: int) -> np.ndarray:
     """Read an RGB image, centre-crop to the aspect, resize: [H, W, 3] in [-1, 1]."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        img = Image.open(path)
-        img.load()
-    except (OSError, UnidentifiedImageError) as e:
-        raise UserError(f"cannot read start image '{path}': {e}") from None
-    if img.mode not in ("RGB", "RGBA", "L", "P"):
-        raise UserError(f"start image '{path}' is not RGB (mode {img.mode})")
-    img = img.convert("RGB")
-    if min(img.size) < 16:
-        raise UserError(f"start image '{path}' is too small ({img.width}x{img.height})")
-    return _resize_frame(np.asarray(img), width, height)
+    image = load_image(path)
+    if min(image.shape[:2]) < 16:
+        raise UserError(f"start image '{path}' is too small ({image.shape[1]}x{image.shape[0]})")
+    return _resize_frame(image, width, height)
 
 
 def render_story(cfg: Config, params: dict, comps: Components, story: Story, out: Path, progress: bool = True) -> dict[str, Any]:
@@ -141,13 +133,12 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
     bar = tqdm(total=to_do * s.steps, desc="denoising", unit="step", disable=not progress or to_do == 0)
     shot_started: dict[int, float] = {}
 
-    def on_step(shot: Any, step: Any) -> None:
-        shot_started.setdefault(int(shot), time.perf_counter())
+    def on_shot(shot: Any) -> None:
+        shot_started[int(shot)] = time.perf_counter()
         bar.set_postfix_str(f"shot {int(shot) + 1}/{n}")
-        bar.update(1)
 
     t2 = time.perf_counter()
-    run = jax.jit(lambda p, i: generate_story(p, cfg, spec, i, on_step=on_step))
+    run = jax.jit(lambda p, i: generate_story(p, cfg, spec, i, on_shot=on_shot, on_step=lambda step: bar.update(1)))
     records: ShotRecord = jax.device_get(run(params, inputs))
     bar.close()
     timings["generate_s"] = time.perf_counter() - t2

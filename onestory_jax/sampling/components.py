@@ -1,0 +1,123 @@
+"""Load everything a story needs: config, sharded params and the encoder/decoder functions.
+
+Sources: a OneStory checkpoint (one param tree holding dit, memory, vae, text_encoder and
+image_encoder), a converted Wan2.1 DiT checkpoint (the memory modules are initialised per
+docs/design.md, with a warning), or a config preset with random weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from onestory_jax import checkpoint
+from onestory_jax.config import CONFIG_DIR, Config, apply_overrides, from_dict, load_config, to_dict
+from onestory_jax.errors import UserError
+from onestory_jax.models import image_encoder, text_encoder, vae
+from onestory_jax.models.dit import init_fn as dit_init_fn
+from onestory_jax.models.onestory import memory_init_fn, memory_params_from_dit
+from onestory_jax.sampling.pipeline import Components
+from onestory_jax.sharding import activate, init_sharded, make_mesh
+
+BYTE_TOKENIZER = CONFIG_DIR / "tokenizers" / "bytes"  # for random-weight models: any text, no download
+
+
+def component_init_fns(cfg: Config) -> dict[str, Any]:
+    """rng -> boxed params, per component of a full OneStory model."""
+    fns = {"dit": dit_init_fn(cfg.dit), "memory": memory_init_fn(cfg), "vae": vae.init_fn(cfg.vae),
+           "text_encoder": text_encoder.init_fn(cfg.text_encoder)}
+    if cfg.dit.has_image_branch:
+        fns["image_encoder"] = image_encoder.init_fn(cfg.image_encoder)
+    return fns
+
+
+def full_init_fn(cfg: Config):
+    fns = component_init_fns(cfg)
+
+    def fn(rng: jax.Array) -> dict[str, Any]:
+        keys = jax.random.split(rng, len(fns))
+        return {name: f(k) for (name, f), k in zip(sorted(fns.items()), keys)}
+
+    return fn
+
+
+def random_params(cfg: Config, mesh: jax.sharding.Mesh, seed: int) -> dict[str, Any]:
+    """Random params created directly in their shardings; patchifiers from the patch embedding."""
+    params = init_sharded(full_init_fn(cfg), mesh, jax.random.key(seed))
+    return {**params, "memory": memory_params_from_dit(cfg, params["dit"], jax.random.key(seed + 1))}
+
+
+def _with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    return from_dict(Config, apply_overrides(to_dict(cfg), overrides)).validate() if overrides else cfg
+
+
+def load_checkpoint_params(ckpt: Path, cfg: Config, mesh: jax.sharding.Mesh, seed: int) -> dict[str, Any]:
+    """A OneStory checkpoint's params, or a converted DiT's plus freshly initialised other parts."""
+    try:
+        return checkpoint.load_params(ckpt, mesh, cfg, full_init_fn(cfg))
+    except UserError as full_error:
+        try:
+            dit = checkpoint.load_params(ckpt, mesh, cfg, dit_init_fn(cfg.dit))
+        except UserError:
+            raise full_error from None
+    warnings.warn(
+        f"'{ckpt}' holds a Wan2.1 DiT without OneStory modules: the Frame Selector is random and the "
+        "patchifiers are initialised from the patch embedding; VAE and encoders are random too until "
+        "their converted weights are merged (see docs/conversion.md)", stacklevel=2)
+    rest = random_params(cfg, mesh, seed)
+    return {**rest, "dit": dit, "memory": memory_params_from_dit(cfg, dit, jax.random.key(seed + 1))}
+
+
+def build_components(cfg: Config, params: dict[str, Any], tokenizer_dir: Path) -> Components:
+    """Host-callable encode/decode functions over jitted JAX models."""
+    tok = text_encoder.load_tokenizer(tokenizer_dir)
+    t5 = text_encoder.UMT5Encoder(cfg.text_encoder)
+    t5_apply = jax.jit(lambda ids, mask: t5.apply({"params": params["text_encoder"]}, ids, mask))
+    vae_encode = jax.jit(lambda v: vae.encode(cfg.vae, params["vae"], v))
+    vae_decode = jax.jit(lambda z: vae.decode(cfg.vae, params["vae"], z))
+
+    def encode_text(prompts: list[str]) -> np.ndarray:
+        return text_encoder.encode_prompts(prompts, tok, t5_apply, cfg.text_encoder.text_len)
+
+    encode_image = None
+    if cfg.dit.has_image_branch:
+        clip = image_encoder.CLIPVisionTower(cfg.image_encoder)
+        clip_apply = jax.jit(lambda px: clip.apply({"params": params["image_encoder"]}, px))
+
+        def encode_image(image: np.ndarray) -> np.ndarray:
+            return np.asarray(clip_apply(image_encoder.preprocess(image, cfg.image_encoder)[None]))[0]
+
+    return Components(
+        encode_text=encode_text,
+        encode_video=lambda video: np.asarray(vae_encode(jnp.asarray(video)[None]))[0],
+        decode_latents=lambda z: np.asarray(vae_decode(jnp.asarray(z)[None]))[0],
+        encode_image=encode_image,
+    )
+
+
+def load_for_sampling(
+    ckpt: Path | None, config_name: str | None, overrides: list[str], seed: int, tokenizer: Path | None = None
+) -> tuple[Config, dict[str, Any], Components, jax.sharding.Mesh]:
+    """(config, params on the mesh, components, mesh) from a checkpoint or a preset."""
+    if ckpt is not None:
+        if not Path(ckpt).is_dir():
+            raise UserError(f"checkpoint directory '{ckpt}' does not exist")
+        cfg = _with_overrides(checkpoint.load_config_from_checkpoint(ckpt), overrides)
+    else:
+        cfg = load_config(config_name, overrides)
+    mesh = make_mesh(cfg.mesh)
+    with activate(mesh):
+        if ckpt is not None:
+            params = load_checkpoint_params(Path(ckpt), cfg, mesh, seed)
+        else:
+            print(f"note: config '{cfg.name}' with RANDOM weights (seed {seed}): frames will look like noise; "
+                  "use --checkpoint for a trained model")
+            params = random_params(cfg, mesh, seed)
+    if tokenizer is None:  # a checkpoint ships its tokenizer; random models use the byte tokenizer
+        tokenizer = Path(ckpt) / "tokenizer" if ckpt is not None else BYTE_TOKENIZER
+    return cfg, params, build_components(cfg, params, tokenizer), mesh
