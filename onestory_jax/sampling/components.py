@@ -84,19 +84,28 @@ def build_components(cfg: Config, params: dict[str, Any], tokenizer_dir: Path) -
     def encode_text(prompts: list[str]) -> np.ndarray:
         return text_encoder.encode_prompts(prompts, tok, t5_apply, cfg.text_encoder.text_len)
 
-    encode_image = None
+    encode_image = latent_to_image_tokens = None
     if cfg.dit.has_image_branch:
         clip = image_encoder.CLIPVisionTower(cfg.image_encoder)
-        clip_apply = jax.jit(lambda px: clip.apply({"params": params["image_encoder"]}, px))
+
+        def image_tokens(image: jax.Array) -> jax.Array:  # [H, W, 3] in [-1, 1] -> [Li, image_dim]
+            pixels = image_encoder.preprocess(image, cfg.image_encoder)[None]
+            return clip.apply({"params": params["image_encoder"]}, pixels)[0]
+
+        def latent_to_image_tokens(z: jax.Array) -> jax.Array:  # [h, w, 16]
+            return image_tokens(vae.decode(cfg.vae, params["vae"], z[None, None])[0, 0])
+
+        jit_tokens = jax.jit(image_tokens)
 
         def encode_image(image: np.ndarray) -> np.ndarray:
-            return np.asarray(clip_apply(image_encoder.preprocess(image, cfg.image_encoder)[None]))[0]
+            return np.asarray(jit_tokens(jnp.asarray(image)))
 
     return Components(
         encode_text=encode_text,
         encode_video=lambda video: np.asarray(vae_encode(jnp.asarray(video)[None]))[0],
         decode_latents=lambda z: np.asarray(vae_decode(jnp.asarray(z)[None]))[0],
         encode_image=encode_image,
+        latent_to_image_tokens=latent_to_image_tokens,
     )
 
 

@@ -38,7 +38,8 @@ class StoryInputs:
     done: Array  # [S] bool: shot already generated (resume); its latents are in `done_latents`
     done_latents: Array  # [S, T, h, w, C]
     cond: Array | None  # [T, h, w, 20] I2V mask + image latent of shot 1 (zeros: none), or None for T2V
-    image_tokens: Array | None  # [Li, image_dim] CLIP tokens (I2V), or None
+    image_tokens: Array | None  # [Li, image_dim] CLIP tokens of the start image (I2V), or None
+    has_start_image: Array | None = None  # bool scalar (I2V): False = use shot 1's first frame
 
 
 @flax.struct.dataclass
@@ -93,14 +94,18 @@ def next_shot(
     inputs: StoryInputs,
     shot: Array,
     on_step: Callable[[Array], None] | None = None,
+    image_tokens: Array | None = None,
 ) -> tuple[MemoryBank, ShotRecord]:
-    """Generate shot `shot` (traced index) from the bank; returns the updated bank and its record."""
+    """Generate shot `shot` (traced index) from the bank; returns the updated bank and its record.
+
+    image_tokens [Li, image_dim]: the CLIP tokens conditioning this shot (I2V), else None.
+    """
     dit = WanDiT(cfg.dit)
     memory_module = OneStoryMemory(cfg.memory, cfg.dit.dim, cfg.dit.head_dim, cfg.dit.rope_theta)
     caption = inputs.text[shot]
     context, indices, scores, selected = context_for_shot(memory_module, params["memory"], bank, caption, spec)
 
-    image = None if inputs.image_tokens is None else inputs.image_tokens[None]
+    image = None if image_tokens is None else image_tokens[None]
     cond = None
     if inputs.cond is not None:  # I2V channels: shot 1 gets the start image, later shots mask 0
         cond = jnp.where(shot == 0, inputs.cond, jnp.zeros_like(inputs.cond))[None]
@@ -132,20 +137,28 @@ def generate_story(
     inputs: StoryInputs,
     on_shot: Callable[[Array], None] | None = None,
     on_step: Callable[[Array], None] | None = None,
+    image_tokens_fn: Callable[[Array], Array] | None = None,
 ) -> ShotRecord:
     """All shots as one `lax.scan` over the S = max_shots slots; returns stacked ShotRecords [S, ...].
 
     on_shot(shot) / on_step(step): host callbacks (progress bars) when a shot / a denoising step starts.
+    image_tokens_fn(latent_frame [h, w, C]) -> CLIP tokens (I2V): decode + CLIP of a latent frame.
     """
     max_shots, t, h, w, c = inputs.noise.shape
     bank = empty_bank(max_shots, t, h, w, c)
+    tokens = inputs.image_tokens
 
-    def body(bank: MemoryBank, shot: Array) -> tuple[MemoryBank, ShotRecord]:
+    def body(carry: tuple[MemoryBank, Any], shot: Array) -> tuple[tuple[MemoryBank, Any], ShotRecord]:
+        bank, tokens = carry
         if on_shot is not None:
-            jax.debug.callback(on_shot, shot, ordered=True)
-        return next_shot(params, cfg, spec, bank, inputs, shot, on_step)
+            jax.debug.callback(on_shot, shot)
+        bank, record = next_shot(params, cfg, spec, bank, inputs, shot, on_step, tokens)
+        if image_tokens_fn is not None:  # without a start image, later shots see CLIP of shot 1's first frame
+            from_shot1 = (shot == 0) & ~inputs.has_start_image
+            tokens = jax.lax.cond(from_shot1, lambda: image_tokens_fn(record.latents[0]), lambda: tokens)
+        return (bank, tokens), record
 
-    _, records = jax.lax.scan(body, bank, jnp.arange(max_shots))
+    _, records = jax.lax.scan(body, (bank, tokens), jnp.arange(max_shots))
     return records
 
 

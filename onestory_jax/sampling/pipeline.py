@@ -38,6 +38,8 @@ class Components:
     encode_video: Callable[[np.ndarray], np.ndarray]  # [T, H, W, 3] in [-1, 1] -> latents [t, h, w, 16]
     decode_latents: Callable[[np.ndarray], np.ndarray]  # latents [t, h, w, 16] -> [T, H, W, 3] in [-1, 1]
     encode_image: Callable[[np.ndarray], np.ndarray] | None  # [H, W, 3] in [-1, 1] -> CLIP tokens [Li, image_dim]
+    # Traceable: one latent frame [h, w, 16] -> CLIP tokens of its decoded image (I2V), used in the scan.
+    latent_to_image_tokens: Callable[[Any], Any] | None = None
 
 
 def _finished_shots(out: Path, story: Story, latent_shape: tuple[int, ...]) -> list[np.ndarray]:
@@ -100,9 +102,8 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
         if comps.encode_image is not None:
             image_tokens = np.asarray(comps.encode_image(image))
     if cfg.dit.has_image_branch and image_tokens is None:
-        # No start image: CLIP tokens of shot 1's first frame once it exists, else zeros.
-        image_tokens = (np.asarray(comps.encode_image(comps.decode_latents(finished[0][:1])[0]))
-                        if finished and comps.encode_image else np.zeros((257, cfg.dit.image_dim), np.float32))
+        # No start image: shot 1 sees zero CLIP tokens, later shots those of shot 1's first frame (in the scan).
+        image_tokens = np.zeros((cfg.image_encoder.num_tokens, cfg.dit.image_dim), np.float32)
     timings["prepare_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -119,6 +120,7 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
         active=jnp.ones((n,), bool), done=jnp.asarray(done), done_latents=jnp.asarray(done_latents),
         cond=jnp.asarray(_i2v_condition(first_latent, latent_shape)) if cfg.dit.has_image_branch else None,
         image_tokens=None if image_tokens is None else jnp.asarray(image_tokens),
+        has_start_image=jnp.asarray(story.start_image is not None),
     )
     sched = make_schedule("wan" if s.solver == "unipc" else "euler", s.steps, s.shift)
     mem_cfg = dataclasses.replace(cfg.memory, budget=story.memory.budget)
@@ -138,7 +140,9 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
         bar.set_postfix_str(f"shot {int(shot) + 1}/{n}")
 
     t2 = time.perf_counter()
-    run = jax.jit(lambda p, i: generate_story(p, cfg, spec, i, on_shot=on_shot, on_step=lambda step: bar.update(1)))
+    tokens_fn = comps.latent_to_image_tokens if cfg.dit.has_image_branch else None
+    run = jax.jit(lambda p, i: generate_story(p, cfg, spec, i, on_shot=on_shot, on_step=lambda step: bar.update(1),
+                                              image_tokens_fn=tokens_fn))
     records: ShotRecord = jax.device_get(run(params, inputs))
     bar.close()
     timings["generate_s"] = time.perf_counter() - t2
