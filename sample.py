@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     from onestory_jax.sharding import activate
 
     story = load_story(args.story)
+    if story.start_image is not None:  # fail fast, before any model is built
+        from onestory_jax.models.image_encoder import load_image
+
+        load_image(story.start_image)
     cfg, params, comps, mesh = load_for_sampling(args.checkpoint, args.config, args.overrides, args.seed, args.tokenizer)
     with activate(mesh):
         manifest = render_story(cfg, params, comps, story, args.out, progress=not args.no_progress)
