@@ -34,6 +34,17 @@ def dit_forward_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def vae_memory_table(data: dict) -> str:
+    lines = ["| backend | dtype | function | input | peak GiB | temporaries GiB | run s |", "|---|---|---|---|---|---|---|"]
+    for key, r in sorted(data.items()):
+        if "backend" not in r:  # run-only notes (e.g. the capped-pool decode) are described in the prose
+            continue
+        run = r.get("run_seconds")
+        lines.append(f"| {r['backend']} | {r['dtype']} | {key.split('/', 2)[2]} | {r['input_shape']} | "
+                     f"**{r['peak_gib']:.2f}** | {r['temporaries_gib']:.2f} | {run if run is not None else '-'} |")
+    return "\n".join(lines)
+
+
 def generic_table(data: dict) -> str:
     rows = data["rows"] if isinstance(data, dict) and "rows" in data else [data]
     keys = list(rows[0])
@@ -42,7 +53,7 @@ def generic_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"dit_forward_cpu": dit_forward_table, "dit_forward_gpu": dit_forward_table}
+RENDERERS = {"dit_forward_cpu": dit_forward_table, "dit_forward_gpu": dit_forward_table, "vae_memory": vae_memory_table}
 
 
 def main() -> None:
