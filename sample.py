@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         load_image(story.start_image)
     cfg, params, comps, mesh = load_for_sampling(args.checkpoint, args.config, args.overrides, args.seed, args.tokenizer)
     with activate(mesh):
-        manifest = render_story(cfg, params, comps, story, args.out, progress=not args.no_progress)
+        manifest = render_story(cfg, params, comps, story, args.out, progress=not args.no_progress, mesh=mesh)
     print(f"wrote {len(manifest['shots'])} shots to {args.out}/ (story.mp4, contact_sheet.png, manifest.json)")
     return 0
 

@@ -95,10 +95,12 @@ def next_shot(
     shot: Array,
     on_step: Callable[[Array], None] | None = None,
     image_tokens: Array | None = None,
+    pair_sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[MemoryBank, ShotRecord]:
     """Generate shot `shot` (traced index) from the bank; returns the updated bank and its record.
 
     image_tokens [Li, image_dim]: the CLIP tokens conditioning this shot (I2V), else None.
+    pair_sharding: where the [cond; uncond] CFG pair lives, e.g. split over the `data` mesh axis.
     """
     dit = WanDiT(cfg.dit)
     memory_module = OneStoryMemory(cfg.memory, cfg.dit.dim, cfg.dit.head_dim, cfg.dit.rope_theta)
@@ -117,7 +119,8 @@ def next_shot(
 
     # Context tokens, image tokens and I2V channels are shared by both branches; only text differs.
     velocity = guided_velocity_fn(
-        dit_fn, (caption[None], context, image, cond), (inputs.negative[None], context, image, cond), spec.guidance
+        dit_fn, (caption[None], context, image, cond), (inputs.negative[None], context, image, cond), spec.guidance,
+        pair_sharding,
     )
 
     def generate() -> Array:
@@ -138,6 +141,7 @@ def generate_story(
     on_shot: Callable[[Array], None] | None = None,
     on_step: Callable[[Array], None] | None = None,
     image_tokens_fn: Callable[[Array], Array] | None = None,
+    pair_sharding: jax.sharding.Sharding | None = None,
 ) -> ShotRecord:
     """All shots as one `lax.scan` over the S = max_shots slots; returns stacked ShotRecords [S, ...].
 
@@ -152,7 +156,7 @@ def generate_story(
         bank, tokens = carry
         if on_shot is not None:
             jax.debug.callback(on_shot, shot)
-        bank, record = next_shot(params, cfg, spec, bank, inputs, shot, on_step, tokens)
+        bank, record = next_shot(params, cfg, spec, bank, inputs, shot, on_step, tokens, pair_sharding)
         if image_tokens_fn is not None:  # without a start image, later shots see CLIP of shot 1's first frame
             from_shot1 = (shot == 0) & ~inputs.has_start_image
             tokens = jax.lax.cond(from_shot1, lambda: image_tokens_fn(record.latents[0]), lambda: tokens)

@@ -77,8 +77,12 @@ def _load_image(path: Path, width: int, height: int) -> np.ndarray:
     return _resize_frame(image, width, height)
 
 
-def render_story(cfg: Config, params: dict, comps: Components, story: Story, out: Path, progress: bool = True) -> dict[str, Any]:
-    """Generate (or resume) every shot of `story` into `out`; returns the manifest."""
+def render_story(cfg: Config, params: dict, comps: Components, story: Story, out: Path, progress: bool = True,
+                 mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+    """Generate (or resume) every shot of `story` into `out`; returns the manifest.
+
+    On a mesh whose `data` axis has 2 devices, the CFG pair is split across them.
+    """
     s = story.settings
     t_lat, h, w = story.latent_frames, s.height // SPATIAL_DOWN, s.width // SPATIAL_DOWN
     latent_shape = (t_lat, h, w, LATENT_CHANNELS)
@@ -141,8 +145,11 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
 
     t2 = time.perf_counter()
     tokens_fn = comps.latent_to_image_tokens if cfg.dit.has_image_branch else None
+    pair = None
+    if mesh is not None and mesh.shape["data"] == 2:
+        pair = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     run = jax.jit(lambda p, i: generate_story(p, cfg, spec, i, on_shot=on_shot, on_step=lambda step: bar.update(1),
-                                              image_tokens_fn=tokens_fn))
+                                              image_tokens_fn=tokens_fn, pair_sharding=pair))
     records: ShotRecord = jax.device_get(run(params, inputs))
     bar.close()
     timings["generate_s"] = time.perf_counter() - t2

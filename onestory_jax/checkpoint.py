@@ -1,0 +1,149 @@
+"""Model checkpoints: an orbax (tensorstore) param tree under `params/` plus the `config.yaml` it needs.
+
+Writes are atomic: everything goes into a hidden sibling folder that is renamed onto the target at
+the end, so an interrupted or failed save leaves nothing that looks like a checkpoint. Restores go
+straight into the shardings of a mesh (any mesh: the arrays are stored unsharded).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+import yaml
+from jax.sharding import Mesh
+
+from onestory_jax.config import Config, from_dict, to_dict
+from onestory_jax.errors import UserError
+from onestory_jax.models.dit import init_fn as dit_init_fn
+from onestory_jax.sharding import abstract_params
+
+PARAMS, CONFIG = "params", "config.yaml"
+
+
+def check_out_dir(out_dir: str | Path, force: bool) -> Path:
+    """Refuse an existing non-empty `out_dir` unless `force`; returns it as an absolute Path."""
+    out = Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output '{out}' exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"output '{out}' exists and is not empty (pass --force to replace it)")
+    return out
+
+
+def save_model(out_dir: str | Path, params: Any, config: Config, force: bool = False) -> Path:
+    """Write `params` (numpy or jax arrays) and `config` to `out_dir` atomically; returns the folder."""
+    out = check_out_dir(out_dir, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        (tmp / CONFIG).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+            ckptr.save(tmp / PARAMS, args=ocp.args.StandardSave(params))
+        if out.is_dir() and any(out.iterdir()):  # --force: move the old one aside, drop it once replaced
+            out.rename(old)
+        tmp.replace(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _require_checkpoint(ckpt_dir: str | Path) -> Path:
+    path = Path(ckpt_dir)
+    for part in (CONFIG, PARAMS):
+        if not (path / part).exists():
+            raise UserError(f"'{path}' is not a checkpoint: '{part}' is missing")
+    return path
+
+
+def load_config_from_checkpoint(ckpt_dir: str | Path) -> Config:
+    """The `Config` saved with a checkpoint."""
+    path = _require_checkpoint(ckpt_dir) / CONFIG
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read '{path}': {e}") from None
+    try:
+        return from_dict(Config, data or {}).validate()
+    except UserError as e:
+        raise UserError(f"'{path}': {e}") from None
+
+
+def restore_params(ckpt_dir: str | Path, abstract: Any) -> Any:
+    """Restore the param tree into `abstract` (ShapeDtypeStructs with shardings); dtypes are cast."""
+    path = _require_checkpoint(ckpt_dir) / PARAMS
+    _quiet_failed_reads()
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        try:
+            metadata = ckptr.metadata(path).item_metadata
+        except (OSError, ValueError) as e:
+            raise UserError(f"checkpoint '{path}' is unreadable: {_first_line(e)}") from None
+        if metadata is None:  # orbax logs why and returns nothing
+            raise UserError(f"checkpoint '{path}' is corrupt or incomplete: its array metadata cannot be read")
+        stored = metadata.tree
+        _check_tree(path, stored, abstract)
+        try:
+            return ckptr.restore(path, args=ocp.args.StandardRestore(abstract))
+        except (OSError, ValueError) as e:
+            raise UserError(f"checkpoint '{path}' could not be restored: {_first_line(e)}") from None
+
+
+def load_params(ckpt_dir: str | Path, mesh: Mesh, cfg: Config, boxed_init: Callable[..., Any] | None = None) -> Any:
+    """Restore a checkpoint's params sharded on `mesh` (any mesh).
+
+    `boxed_init` (rng -> boxed params) defines the tree and shardings; default: the DiT of `cfg`.
+    """
+    boxed_init = boxed_init or dit_init_fn(cfg.dit)
+    return restore_params(ckpt_dir, abstract_params(boxed_init, mesh, jax.random.key(0)))
+
+
+def _check_tree(path: Path, stored: Any, abstract: Any) -> None:
+    """One `UserError` listing every missing, unexpected or mis-shaped leaf."""
+    have = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
+    problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
+    problems += [f"{k} {have[k]} != expected {want[k]}" for k in sorted(set(want) & set(have)) if have[k] != want[k]]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
+        raise UserError(f"checkpoint '{path}' does not match the config: {shown}")
+
+
+@functools.cache
+def _quiet_failed_reads() -> None:
+    """Drop the noise orbax makes when a read fails, so that our one-line error stands alone.
+
+    Orbax abandons the other tensorstore reads, whose callbacks then hit its closed event loop
+    ("Event loop is closed" as unraisable, "Task exception was never retrieved" from asyncio, both
+    with tracebacks, possibly at exit), and it logs a warning before returning no metadata.
+    """
+    previous = sys.unraisablehook
+
+    def hook(u: Any) -> None:
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+            previous(u)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(
+        lambda r: not ((m := r.getMessage()).startswith("Task exception was never retrieved") and "tensorstore" in m)
+    )
+    logging.getLogger("absl").addFilter(lambda r: not r.getMessage().startswith("Failed to get item metadata"))
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

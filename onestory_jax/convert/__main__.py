@@ -1,0 +1,91 @@
+"""`python -m onestory_jax.convert`: PyTorch checkpoint folder -> orbax checkpoint + config.yaml.
+
+Components register a function `args -> exit status` in `COMPONENTS`; all share the flags below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+from tqdm import tqdm
+
+from onestory_jax.checkpoint import check_out_dir, save_model
+from onestory_jax.config import Config, DiTConfig, load_config
+from onestory_jax.convert.dit import check_keys, convert
+from onestory_jax.convert.dit_keys import key_specs
+from onestory_jax.convert.dit_source import open_dit_source
+from onestory_jax.errors import UserError, run_cli
+from onestory_jax.models.layers import DTYPES
+
+# DiT settings that are not architecture: they come from --config, not from the source.
+RUNTIME_FIELDS = ("dtype", "remat_policy", "attention")
+
+
+def written_config(source: DiTConfig, name: str, preset: str | None, param_dtype: str) -> Config:
+    """The checkpoint's Config: `preset` (default: built-in defaults) with the source's DiT architecture."""
+    base = load_config(preset) if preset else Config()
+    dit = dataclasses.replace(source, param_dtype=param_dtype, **{k: getattr(base.dit, k) for k in RUNTIME_FIELDS})
+    try:
+        return dataclasses.replace(base, name=name, dit=dit).validate()
+    except UserError as e:
+        raise UserError(
+            f"the source DiT does not fit config '{preset or 'defaults'}' ({e}); pick one with --config"
+        ) from None
+
+
+def convert_dit(args: argparse.Namespace) -> int:
+    """The Wan2.1 DiT: diffusers `transformer/` or an original Wan release folder."""
+    out = check_out_dir(args.out, args.force)  # before any work
+    if args.verify:
+        from onestory_jax.convert.dit_verify import require_torch
+
+        require_torch()
+    source = open_dit_source(args.source, args.layout)
+    config = written_config(source.config, Path(args.source).resolve().name, args.config, args.dtype)
+    cfg = config.dit
+    check_keys(cfg, source.tensors.shapes, source.layout)  # a mismatch fails before the progress bar shows
+    per_leaf = {"/".join(s.path): len(s.diffusers) for s in key_specs(cfg)}
+    with tqdm(total=sum(per_leaf.values()), unit="tensor", desc=f"dit ({source.layout})") as bar:
+        params = convert(cfg, source.tensors.shapes, source.tensors.read, source.layout, DTYPES[args.dtype],
+                         progress=lambda path: bar.update(per_leaf[path]))
+    save_model(out, params, config, force=args.force)
+    leaves = jax.tree.leaves(params)
+    print(f"wrote {out}: {cfg.model_type} DiT, {sum(a.size for a in leaves):,} {args.dtype} params "
+          f"({sum(a.nbytes for a in leaves) / 2**20:,.1f} MiB), from {source.root}")
+    if not args.verify:
+        return 0
+    from onestory_jax.convert.dit_verify import verify_dit
+
+    result = verify_dit(out, source)
+    print(result.summary())
+    return 0 if result.ok else 1
+
+
+COMPONENTS: dict[str, Callable[[argparse.Namespace], int]] = {"dit": convert_dit}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m onestory_jax.convert", description=__doc__.splitlines()[0])
+    p.add_argument("--component", choices=sorted(COMPONENTS), default="dit")
+    p.add_argument("--source", required=True, help="checkpoint folder (diffusers repo or original Wan release)")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--config", help="preset or YAML for the non-DiT sections and DiT runtime settings of the "
+                   "written config.yaml (default: built-in defaults, which fit the published Wan2.1 models)")
+    p.add_argument("--layout", choices=("auto", "diffusers", "original"), default="auto")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="stored parameter dtype")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--verify", action="store_true", help="compare with the PyTorch reference (needs the convert extra)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return COMPONENTS[args.component](args)
+
+
+if __name__ == "__main__":
+    run_cli(main)
