@@ -105,19 +105,23 @@ def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args: Any) -> Any:
     Returns the unboxed param tree; no full replica is ever built on one device.
     """
     abstract = jax.eval_shape(init_fn, *args)
-    shardings = nn.meta.unbox(param_shardings(abstract, mesh))
+    shardings = unbox_plain(param_shardings(abstract, mesh))
     with activate(mesh):
         params = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
     return params
 
 
+def unbox_plain(tree: Any) -> Any:
+    """Strip logical-axis boxes without applying sharding constraints (safe inside a mesh context)."""
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree, is_leaf=is_box)
+
+
 def abstract_params(init_fn: Callable[..., Any], mesh: Mesh, *args: Any) -> Any:
     """Shape/dtype/sharding of the params `init_fn` would create, without allocating them."""
     abstract = jax.eval_shape(init_fn, *args)
-    shardings = nn.meta.unbox(param_shardings(abstract, mesh))
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(abstract), shardings
-    )
+    shardings = unbox_plain(param_shardings(abstract, mesh))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unbox_plain(abstract), shardings)
 
 
 def replicated_large_params(params: Any, mesh: Mesh, limit: int = REPLICATION_LIMIT_BYTES) -> list[str]:

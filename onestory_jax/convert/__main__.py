@@ -18,6 +18,7 @@ from onestory_jax.config import Config, DiTConfig, load_config
 from onestory_jax.convert.dit import check_keys, convert
 from onestory_jax.convert.dit_keys import key_specs
 from onestory_jax.convert.dit_source import open_dit_source
+from onestory_jax.convert.frozen_components import FROZEN, convert_frozen
 from onestory_jax.errors import UserError, run_cli
 from onestory_jax.models.layers import DTYPES
 
@@ -65,7 +66,8 @@ def convert_dit(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-COMPONENTS: dict[str, Callable[[argparse.Namespace], int]] = {"dit": convert_dit}
+COMPONENTS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "dit": convert_dit, **{name: convert_frozen for name in FROZEN}}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ docs/design.md, with a warning), or a config preset with random weights.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,29 @@ def random_params(cfg: Config, mesh: jax.sharding.Mesh, seed: int) -> dict[str, 
 
 def _with_overrides(cfg: Config, overrides: list[str]) -> Config:
     return from_dict(Config, apply_overrides(to_dict(cfg), overrides)).validate() if overrides else cfg
+
+
+MODEL_FOLDER_PARTS = ("dit", "vae", "text_encoder", "image_encoder")  # converted checkpoints in one folder
+
+
+def model_folder_config(folder: Path) -> Config:
+    """Config of a folder of converted checkpoints: the DiT's, with each part's own section."""
+    cfg = checkpoint.load_config_from_checkpoint(folder / "dit")
+    sections = {part: getattr(checkpoint.load_config_from_checkpoint(folder / part), part)
+                for part in MODEL_FOLDER_PARTS[1:] if (folder / part).is_dir()}
+    return dataclasses.replace(cfg, **sections).validate()
+
+
+def load_model_folder(folder: Path, cfg: Config, mesh: jax.sharding.Mesh, seed: int) -> dict[str, Any]:
+    """Params from dit/, vae/, text_encoder/ and (I2V) image_encoder/; the memory modules are new."""
+    fns = component_init_fns(cfg)
+    missing = [p for p in fns if p != "memory" and not (folder / p).is_dir()]
+    if missing:
+        raise UserError(f"model folder '{folder}' lacks {', '.join(missing)}/ (see docs/conversion.md)")
+    params = {p: checkpoint.load_params(folder / p, mesh, cfg, fns[p]) for p in fns if p != "memory"}
+    warnings.warn(f"'{folder}' has no OneStory modules: the Frame Selector is random and the patchifiers are "
+                  "initialised from the DiT's patch embedding (docs/design.md)", stacklevel=2)
+    return {**params, "memory": memory_params_from_dit(cfg, params["dit"], jax.random.key(seed + 1))}
 
 
 def load_checkpoint_params(ckpt: Path, cfg: Config, mesh: jax.sharding.Mesh, seed: int) -> dict[str, Any]:
@@ -116,12 +140,16 @@ def load_for_sampling(
     if ckpt is not None:
         if not Path(ckpt).is_dir():
             raise UserError(f"checkpoint directory '{ckpt}' does not exist")
-        cfg = _with_overrides(checkpoint.load_config_from_checkpoint(ckpt), overrides)
+        folder = (Path(ckpt) / "dit").is_dir()
+        base = model_folder_config(Path(ckpt)) if folder else checkpoint.load_config_from_checkpoint(ckpt)
+        cfg = _with_overrides(base, overrides)
     else:
         cfg = load_config(config_name, overrides)
     mesh = make_mesh(cfg.mesh)
     with activate(mesh):
-        if ckpt is not None:
+        if ckpt is not None and folder:
+            params = load_model_folder(Path(ckpt), cfg, mesh, seed)
+        elif ckpt is not None:
             params = load_checkpoint_params(Path(ckpt), cfg, mesh, seed)
         else:
             print(f"note: config '{cfg.name}' with RANDOM weights (seed {seed}): frames will look like noise; "
