@@ -1,11 +1,9 @@
 """Training core: overfitting a batch, the selector learning pseudo-labels, freezing masks."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from onestory_jax.config import load_config
 from onestory_jax.models.onestory import init_params

@@ -10,7 +10,7 @@ import numpy as np
 
 from onestory_jax.config import DiTConfig
 from onestory_jax.convert.dit_keys import Layout, expected_source_shapes, is_ignored, key_specs, source_names, to_flax
-from onestory_jax.errors import UserError
+from onestory_jax.convert.encoder_keys import check_keys as strict_check
 from onestory_jax.models.dit import init_fn
 
 # A source of tensors: name -> shape (cheap) and name -> array (read on demand).
@@ -29,19 +29,7 @@ def check_keys(cfg: DiTConfig, shapes: TensorShapes, layout: Layout, abstract: A
     """Strict check: every missing, unexpected or mis-shaped key is listed in one `UserError`."""
     abstract = abstract if abstract is not None else abstract_tree(cfg)
     expected = dict(expected_source_shapes(cfg, abstract, layout))
-    present = {k: tuple(v) for k, v in shapes.items() if not is_ignored(k, layout)}
-    missing = sorted(set(expected) - set(present))
-    unexpected = sorted(set(present) - set(expected))
-    misshaped = sorted(
-        f"{k} {present[k]} != expected {expected[k]}" for k in set(expected) & set(present) if present[k] != expected[k]
-    )
-    if missing or unexpected or misshaped:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if items:
-                shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
-                parts.append(f"{len(items)} {label}: {shown}")
-        raise UserError(f"checkpoint does not match the {layout} Wan DiT config: " + "; ".join(parts))
+    strict_check(shapes, expected, lambda name: is_ignored(name, layout), f"{layout} Wan DiT config")
 
 
 def convert(

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from onestory_jax.config import VAEConfig
+from onestory_jax.convert.encoder_keys import check_keys as strict_check
 from onestory_jax.errors import UserError
 from onestory_jax.models.vae import init_fn
 
@@ -133,18 +134,7 @@ def _leaves(cfg: VAEConfig, layout: Layout) -> list[tuple[tuple[str, ...], str, 
 
 def check_keys(shapes: TensorShapes, expected: Mapping[str, tuple[int, ...]], layout: Layout) -> None:
     """Strict check: every missing, unexpected or mis-shaped key is listed in one `UserError`."""
-    present = {k: tuple(v) for k, v in shapes.items()}
-    missing = sorted(set(expected) - set(present))
-    unexpected = sorted(set(present) - set(expected))
-    misshaped = sorted(f"{k} {present[k]} != expected {expected[k]}"
-                       for k in set(expected) & set(present) if present[k] != expected[k])
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-        if items:
-            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
-            parts.append(f"{len(items)} {label}: {shown}")
-    if parts:
-        raise UserError(f"checkpoint does not match the {layout} Wan VAE config: " + "; ".join(parts))
+    strict_check(shapes, expected, lambda name: False, f"{layout} Wan VAE config")
 
 
 def convert_vae(cfg: VAEConfig, shapes: TensorShapes, read: ReadTensor, layout: Layout) -> dict:

@@ -73,7 +73,7 @@ class FrameSelector(nn.Module):
 
     @nn.compact
     def __call__(self, caption: Array, memory: Array, valid: Array) -> Array:
-        cfg, (b, f) = self.cfg, memory.shape[:2]
+        cfg, b = self.cfg, memory.shape[0]
         queries = self.param("queries", partitioned(nn.initializers.normal(1.0), ("norm", "embed")), (cfg.num_queries, self.dim))
         seq = ("act_batch", None, "act_embed")  # explicit: GSPMD mis-partitions these when left to infer
         q = constrain(jnp.broadcast_to(queries[None], (b, *queries.shape)), seq)
