@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from onestory_jax.config import CONFIG_DIR
 
 def convert(component, source, out):
     r = subprocess.run([sys.executable, "-m", "onestory_jax.convert", "--component", component, "--source", str(source),
-                        "--out", str(out), "--config", "tiny"], capture_output=True, text=True)
+                        "--out", str(out), "--config", "tiny", "--verify"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return r
 
@@ -34,7 +35,7 @@ def model_folder(tmp_path_factory):
     UMT5EncoderModel(UMT5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
                                 feed_forward_proj="gated-gelu")).save_pretrained(src / "text_encoder")
     CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-                                     image_size=28, patch_size=14)).save_pretrained(src / "image_encoder")
+                                     image_size=28, patch_size=14, hidden_act="gelu")).save_pretrained(src / "image_encoder")
     for component, part in (("dit", "dit"), ("vae", "vae"), ("umt5", "text_encoder"), ("clip", "image_encoder")):
         convert(component, src, folder / part)
     shutil.copytree(CONFIG_DIR / "tokenizers" / "bytes", folder / "tokenizer")
@@ -44,12 +45,14 @@ def model_folder(tmp_path_factory):
 def test_story_from_converted_weights_warns_and_renders(model_folder, tmp_path):
     story = {"settings": {"width": 32, "height": 32, "frames": 5, "steps": 2}, "shots": ["A cat.", "The same cat."]}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(story))
+    env = {**os.environ, "ONESTORY_CACHE": str(tmp_path / "cache")}
     r = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(model_folder), "--story", str(tmp_path / "s.yaml"),
-                        "--out", str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True)
+                        "--out", str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert "no OneStory modules" in r.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["config"]["dit"]["num_layers"] == 2 and len(manifest["shots"]) == 2
+    assert len(list((tmp_path / "cache" / "text_embeddings").glob("*.npy"))) == 3  # 2 captions + negative prompt
 
 
 def test_frozen_component_bad_source(tmp_path):

@@ -99,10 +99,14 @@ def convert_frozen(args: argparse.Namespace) -> int:
     out = check_out_dir(args.out, args.force)
     config: Config = load_config(args.config) if args.config else Config()
     section = getattr(config, comp.section)
-    if args.verify:
-        raise UserError(f"--verify is implemented for the DiT; the {comp.section} conversion is checked by the "
-                        "parity tests (tests/test_vae.py, test_text_encoder.py, test_image_encoder.py)")
     reader, layout = open_frozen_source(comp, Path(args.source), args.layout)
+    if args.verify:
+        from onestory_jax.convert.dit_verify import require_torch
+
+        require_torch()
+        if layout != "diffusers":
+            raise UserError(f"--verify for {args.component} loads the transformers/diffusers module: give the "
+                            f"diffusers-layout source ({comp.diffusers_dir}/), or convert without --verify")
     with tqdm(total=1, unit="component", desc=f"{args.component} ({layout})") as bar:
         params = comp.convert(section, reader.shapes, reader.read, layout)
         bar.update(1)
@@ -113,4 +117,62 @@ def convert_frozen(args: argparse.Namespace) -> int:
     save_model(out, params, dataclasses.replace(config, name=f"{args.component}:{Path(args.source).name}"), force=args.force)
     leaves = jax.tree.leaves(params)
     print(f"wrote {out}: {args.component} ({layout}), {sum(a.size for a in leaves):,} {args.dtype} params")
-    return 0
+    if not args.verify:
+        return 0
+    err, rel = verify_frozen(args.component, out, reader_dir(Path(args.source), comp), config)
+    tol = 1e-4 if args.dtype == "float32" else 2e-2
+    print(f"verify: max |ours - reference| = {err:.3e}, relative {rel:.3e} (tolerance {tol:g}): {'OK' if rel <= tol else 'FAILED'}")
+    return 0 if rel <= tol else 1
+
+
+def reader_dir(source: Path, comp: Frozen) -> Path:
+    """The diffusers/transformers folder of a component under `source` (or `source` itself)."""
+    return source / comp.diffusers_dir if (source / comp.diffusers_dir).is_dir() else source
+
+
+def verify_frozen(comp_name: str, out: Path, source_dir: Path, config: Config, seed: int = 0) -> tuple[float, float]:
+    """Run the written checkpoint and the transformers/diffusers module from `source_dir` on one
+    random input; returns (max abs error, error relative to the reference output's std)."""
+    import torch
+
+    from onestory_jax.checkpoint import restore_params
+    from onestory_jax.config import MeshConfig
+    from onestory_jax.models import image_encoder, text_encoder, vae
+    from onestory_jax.sharding import abstract_params, make_mesh
+
+    rng = np.random.default_rng(seed)
+    mesh = make_mesh(MeshConfig(fsdp=-1), jax.devices()[:1])
+    section = getattr(config, FROZEN[comp_name].section)
+    init = {"vae": vae.init_fn, "umt5": text_encoder.init_fn, "clip": image_encoder.init_fn}[comp_name](section)
+    params = jax.tree.map(lambda a: a.astype(np.float32), restore_params(out, abstract_params(init, mesh, jax.random.key(0))))
+    with torch.no_grad():
+        if comp_name == "vae":
+            from diffusers import AutoencoderKLWan
+
+            ref_model = AutoencoderKLWan.from_pretrained(source_dir, local_files_only=True).float().eval()
+            video = rng.uniform(-1, 1, (1, 5, 16, 16, 3)).astype(np.float32)
+            mu = ref_model.encode(torch.from_numpy(video.transpose(0, 4, 1, 2, 3))).latent_dist.mode().numpy()
+            mean, std = vae.latent_stats(section)
+            ref = (mu.transpose(0, 2, 3, 4, 1) - mean) / std
+            ours = np.asarray(vae.encode(section, params, jnp_f32(video)))
+        elif comp_name == "umt5":
+            from transformers import UMT5EncoderModel
+
+            ref_model = UMT5EncoderModel.from_pretrained(source_dir, local_files_only=True).float().eval()
+            ids = rng.integers(0, section.vocab_size, (1, 12))
+            ref = ref_model(input_ids=torch.from_numpy(ids)).last_hidden_state.numpy()
+            ours = np.asarray(text_encoder.UMT5Encoder(section).apply({"params": params}, ids, np.ones_like(ids, bool)))[:, :12]
+        else:
+            from transformers import CLIPVisionModel
+
+            ref_model = CLIPVisionModel.from_pretrained(source_dir, local_files_only=True).float().eval()
+            px = rng.standard_normal((1, section.image_size, section.image_size, 3)).astype(np.float32)
+            out_ref = ref_model(pixel_values=torch.from_numpy(px.transpose(0, 3, 1, 2)), output_hidden_states=True)
+            ref = out_ref.hidden_states[-2].numpy()
+            ours = np.asarray(image_encoder.CLIPVisionTower(section).apply({"params": params}, px))
+    err = float(np.abs(ours - ref).max())
+    return err, err / float(ref.std())
+
+
+def jnp_f32(x: np.ndarray) -> jax.Array:
+    return jax.numpy.asarray(x, jax.numpy.float32)

@@ -292,7 +292,7 @@ def init_fn(cfg: VAEConfig) -> Any:
     return fn
 
 
-def _stats(cfg: VAEConfig) -> tuple[np.ndarray, np.ndarray]:
+def latent_stats(cfg: VAEConfig) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (mean, std) of the latents; identity when the config gives none."""
     if not cfg.latents_mean:
         return np.zeros(cfg.z_dim, np.float32), np.ones(cfg.z_dim, np.float32)
@@ -327,10 +327,14 @@ def encode(cfg: VAEConfig, params: Any, video: Array) -> Array:
     """
     _, t, h, w, c = video.shape
     sf = cfg.spatial_factor
-    if c != 3 or (t - 1) % ENCODE_CHUNK or h % sf or w % sf:
+    if (t - 1) % ENCODE_CHUNK:
+        k = (t - 1) // ENCODE_CHUNK
+        raise UserError(f"a video of {t} frames cannot be encoded: frame counts must be 4k+1 "
+                        f"(1, 5, 9, ..., {4 * k + 1}, {4 * k + 5}, ...)")
+    if c != 3 or h % sf or w % sf:
         raise UserError(f"VAE encode needs [B, 1+4k, H, W, 3] with H, W divisible by {sf}; got {tuple(video.shape)}")
     mu = _chunks(cfg, params, WanVAE.encode_chunk, video.astype(DTYPES[cfg.dtype]), ENCODE_CHUNK)
-    mean, std = _stats(cfg)
+    mean, std = latent_stats(cfg)
     return (mu - mean) * (1.0 / std)
 
 
@@ -338,6 +342,6 @@ def decode(cfg: VAEConfig, params: Any, latents: Array) -> Array:
     """Normalised latents [B, t, h, w, z] -> video [B, 1+tf(t-1), h*sf, w*sf, 3] clamped to [-1, 1]."""
     if latents.shape[-1] != cfg.z_dim:
         raise UserError(f"VAE decode needs {cfg.z_dim} latent channels; got shape {tuple(latents.shape)}")
-    mean, std = _stats(cfg)
+    mean, std = latent_stats(cfg)
     z = (latents.astype(jnp.float32) * std + mean).astype(DTYPES[cfg.dtype])
     return jnp.clip(_chunks(cfg, params, WanVAE.decode_chunk, z, 1), -1.0, 1.0)

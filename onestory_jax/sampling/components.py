@@ -8,6 +8,7 @@ docs/design.md, with a warning), or a config preset with random weights.
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from onestory_jax.config import CONFIG_DIR, Config, apply_overrides, from_dict, 
 from onestory_jax.errors import UserError
 from onestory_jax.models import image_encoder, text_encoder, vae
 from onestory_jax.models.dit import init_fn as dit_init_fn
+from onestory_jax.models.embedding_cache import EmbeddingCache, encoder_identity
 from onestory_jax.models.onestory import memory_init_fn, memory_params_from_dit
 from onestory_jax.sampling.pipeline import Components
 from onestory_jax.sharding import activate, init_sharded, make_mesh
@@ -97,8 +99,14 @@ def load_checkpoint_params(ckpt: Path, cfg: Config, mesh: jax.sharding.Mesh, see
     return {**rest, "dit": dit, "memory": memory_params_from_dit(cfg, dit, jax.random.key(seed + 1))}
 
 
-def build_components(cfg: Config, params: dict[str, Any], tokenizer_dir: Path) -> Components:
-    """Host-callable encode/decode functions over jitted JAX models."""
+def text_cache(cfg: Config, encoder_weights: Path) -> EmbeddingCache:
+    """Prompt embeddings on disk ($ONESTORY_CACHE or ~/.cache/onestory_jax), keyed by prompt + encoder."""
+    root = Path(os.environ.get("ONESTORY_CACHE", Path.home() / ".cache" / "onestory_jax")) / "text_embeddings"
+    return EmbeddingCache(root, encoder_identity(cfg.text_encoder, encoder_weights))
+
+
+def build_components(cfg: Config, params: dict[str, Any], tokenizer_dir: Path, cache: EmbeddingCache | None = None) -> Components:
+    """Host-callable encode/decode functions over jitted JAX models; text embeddings cached if given."""
     tok = text_encoder.load_tokenizer(tokenizer_dir)
     t5 = text_encoder.UMT5Encoder(cfg.text_encoder)
     t5_apply = jax.jit(lambda ids, mask: t5.apply({"params": params["text_encoder"]}, ids, mask))
@@ -106,7 +114,7 @@ def build_components(cfg: Config, params: dict[str, Any], tokenizer_dir: Path) -
     vae_decode = jax.jit(lambda z: vae.decode(cfg.vae, params["vae"], z))
 
     def encode_text(prompts: list[str]) -> np.ndarray:
-        return text_encoder.encode_prompts(prompts, tok, t5_apply, cfg.text_encoder.text_len)
+        return text_encoder.encode_prompts(prompts, tok, t5_apply, cfg.text_encoder.text_len, cache)
 
     encode_image = latent_to_image_tokens = None
     if cfg.dit.has_image_branch:
@@ -157,4 +165,7 @@ def load_for_sampling(
             params = random_params(cfg, mesh, seed)
     if tokenizer is None:  # a checkpoint ships its tokenizer; random models use the byte tokenizer
         tokenizer = Path(ckpt) / "tokenizer" if ckpt is not None else BYTE_TOKENIZER
-    return cfg, params, build_components(cfg, params, tokenizer), mesh
+    cache = None  # random weights change with every seed: nothing worth caching
+    if ckpt is not None:
+        cache = text_cache(cfg, Path(ckpt) / ("text_encoder" if folder else "") / checkpoint.PARAMS)
+    return cfg, params, build_components(cfg, params, tokenizer, cache), mesh
