@@ -1,23 +1,42 @@
-"""Train OneStory: `python train.py --config configs/train/NAME.yaml --workdir DIR [key=value ...]`.
+"""Train OneStory.
 
-The training loop (grain data, optax, orbax checkpoints, shot inflation, L_sel) is not built yet;
-this entry point says so plainly instead of failing obscurely.
+    python train.py --config configs/train/NAME.yaml --workdir DIR [key=value ...]
+
+Presets: configs/train/tiny.yaml (tests), wan2.1-i2v-14b-480p.yaml (pods),
+wan2.1-i2v-14b-480p-single-gpu.yaml (partial finetune); see docs/training.md. The data is a file of
+prepared records (train.data=PATH). Re-running with the same --workdir resumes from its latest
+checkpoint at the exact data position. --distributed runs jax.distributed.initialize() first
+(multi-host: coordinator and process ids from the environment, e.g. on TPU pods or SLURM).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from onestory_jax.errors import UserError, run_cli
+from onestory_jax.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
-    ap.parse_args(argv)
-    raise UserError("training is not implemented yet in this version of onestory-jax (see docs/design.md)")
+    ap.add_argument("--config", required=True, help="training preset or YAML, e.g. configs/train/tiny.yaml")
+    ap.add_argument("--workdir", required=True, help="checkpoints, metrics.csv and config.yaml go here")
+    ap.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    ap.add_argument("--stop-after", type=int, help="end this run after N steps, with a checkpoint")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.data=data/train.arrayrecord")
+    args = ap.parse_args(argv)
+
+    import jax
+
+    if args.distributed:
+        jax.distributed.initialize()
+    from onestory_jax.config import load_config
+    from onestory_jax.training.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    metrics = train(cfg, args.workdir, progress=not args.no_progress, stop_after=args.stop_after)
+    print("done: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+    return 0
 
 
 if __name__ == "__main__":

@@ -107,9 +107,15 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 = no EMA
     # Regexes over '/'-joined param paths; only matching params train (empty = everything).
     trainable: tuple[str, ...] = ()
+    data: str = ""  # prepared records (ArrayRecord file)
+    insertion_prob: float = 0.5  # two-shot videos: S_syn from another video (else the augmented first shot)
+    swap_order_prob: float = 0.5  # (S_syn, S_first) instead of (S_first, S_syn)
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 10
 
     def validate(self) -> None:
-        for name in ("text_dropout", "context_dropout", "decoupled_warmup"):
+        for name in ("text_dropout", "context_dropout", "decoupled_warmup", "insertion_prob", "swap_order_prob"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise UserError(f"train.{name} must be in [0, 1], got {v}")
@@ -434,10 +440,29 @@ def preset_path(name: str) -> Path:
 
 def load_config(name: str, overrides: list[str] | None = None) -> Config:
     """Load a preset by name or path and apply `key=value` overrides."""
+    data = apply_overrides(_read_preset(name), overrides or [])
+    return from_dict(Config, data).validate()
+
+
+def _read_preset(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset's dict; a top-level `base: NAME` is read first and this file merged over it."""
     path = preset_path(name)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"config file '{path}' is not valid YAML: {e}") from None
-    data = apply_overrides(data, overrides or [])
-    return from_dict(Config, data).validate()
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{path}' must be a mapping")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if base in seen:
+        raise UserError(f"config '{path}' inherits from itself through '{base}'")
+    return _deep_merge(_read_preset(base, seen + (base,)), data)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

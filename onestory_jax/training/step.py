@@ -21,12 +21,12 @@ class TrainState:
     params: Any  # fp32 master weights: {"dit": ..., "memory": ...}
     opt_state: Any
     ema: Any  # EMA of params, or None
-    rng: Array
+    rng: Array  # raw uint32 [2] key (serialisable by orbax)
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int, ema: bool) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema=jax.tree.map(jnp.copy, params) if ema else None, rng=jax.random.key(seed))
+                      ema=jax.tree.map(jnp.copy, params) if ema else None, rng=jax.random.PRNGKey(seed))
 
 
 def make_train_step(cfg: Config, tx: optax.GradientTransformation):

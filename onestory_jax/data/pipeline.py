@@ -1,0 +1,100 @@
+"""The grain training pipeline: seeded shuffle, per-host shards, shot inflation, three-shot examples.
+
+Each example predicts the last of three shots from the two before it. Videos with >= 3 shots give
+real triplets; two-shot videos are inflated with a synthetic shot (paper section 5): a shot from
+another video (pseudo-label -1) or the augmented first shot (pseudo-label 0), in either order.
+Real memory frames are labelled by the cosine similarity of their embedding to the target shot's
+mean embedding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from onestory_jax.config import Config
+from onestory_jax.data.records import decode_record
+from onestory_jax.errors import UserError
+
+Example = dict[str, np.ndarray]
+INSERTED_LABEL, AUGMENTED_LABEL = -1.0, 0.0
+
+
+def cosine_to_target(frames: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """frames [T, E], target [T', E] -> cosine of each frame to the target's mean embedding [T]."""
+    t = target.mean(axis=0)
+    num = frames @ t
+    return (num / (np.linalg.norm(frames, axis=1) * np.linalg.norm(t) + 1e-8)).astype(np.float32)
+
+
+def _padded_text(video: dict[str, np.ndarray], shot: int, text_len: int) -> np.ndarray:
+    n = int(video["text_lengths"][shot])
+    out = np.zeros((text_len, video["text"].shape[-1]), np.float32)
+    out[:n] = video["text"][shot, :n]
+    return out
+
+
+def three_shot_example(video: dict[str, np.ndarray], rng: np.random.Generator, other: Any, cfg: Config) -> Example:
+    """One training example from a video record (see module docstring); `other(rng)` draws another video."""
+    lat, emb, tc = video["latents"], video["frame_embeddings"], cfg.train
+    n_shots, t = lat.shape[:2]
+    if n_shots < 2:
+        raise UserError(f"dataset video '{video['id'].item().decode()}' has {n_shots} shot(s); training needs >= 2")
+    real_prior = np.zeros((2 * t,), bool)
+    if n_shots >= 3:
+        k = int(rng.integers(0, n_shots - 2))
+        last = k + 2
+        memory = [lat[k], lat[k + 1]]
+        labels = [cosine_to_target(emb[k], emb[last]), cosine_to_target(emb[k + 1], emb[last])]
+        real_prior[t:] = True
+    else:
+        last = 1
+        real, real_label = lat[0], cosine_to_target(emb[0], emb[1])
+        if rng.random() < tc.insertion_prob:
+            o = other(rng)
+            syn, syn_label = o["latents"][int(rng.integers(0, o["latents"].shape[0]))], INSERTED_LABEL
+        else:
+            syn, syn_label = video["augmented_first"], AUGMENTED_LABEL
+        syn_labels = np.full((t,), syn_label, np.float32)
+        if rng.random() < tc.swap_order_prob:
+            memory, labels = [syn, real], [syn_labels, real_label]
+            real_prior[t:] = True
+        else:
+            memory, labels = [real, syn], [real_label, syn_labels]
+            real_prior[:t] = True
+    h, w = lat.shape[2:4]
+    example = {
+        "target": lat[last].astype(np.float32),
+        "memory": np.concatenate(memory).astype(np.float32),
+        "memory_valid": np.ones((2 * t,), bool),
+        "labels": np.concatenate(labels).astype(np.float32),
+        "real_prior": real_prior,
+        "text": _padded_text(video, last, cfg.dit.text_len),
+    }
+    if cfg.dit.has_image_branch:
+        example["image"] = video["image_tokens"].astype(np.float32)
+        example["cond"] = np.zeros((t, h, w, 4 + lat.shape[-1]), np.float32)  # later shots: mask 0, no image
+    return example
+
+
+def make_dataset(cfg: Config, batch_size: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Infinite, seeded, per-host iterator of batched three-shot examples."""
+    path = Path(cfg.train.data)
+    if not path.is_file():
+        raise UserError(f"training data '{path}' does not exist (train.data=PATH of prepared records)")
+    source = grain.sources.ArrayRecordDataSource([str(path)])
+    if len(source) == 0:
+        raise UserError(f"training data '{path}' holds no records")
+
+    def other(rng: np.random.Generator) -> dict[str, np.ndarray]:
+        i = int(rng.integers(0, len(source)))
+        return decode_record(source[i], i)
+
+    ds = grain.MapDataset.range(len(source))[process_index::process_count]
+    ds = ds.shuffle(seed=cfg.train.seed).repeat(None)
+    ds = ds.map(lambda i: decode_record(source[int(i)], int(i)))
+    ds = ds.random_map(lambda video, rng: three_shot_example(video, rng, other, cfg), seed=cfg.train.seed)
+    return ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
