@@ -120,7 +120,9 @@ def convert_frozen(args: argparse.Namespace) -> int:
     if not args.verify:
         return 0
     err, rel = verify_frozen(args.component, out, reader_dir(Path(args.source), comp), config)
-    tol = 1e-4 if args.dtype == "float32" else 2e-2
+    from onestory_jax.convert.dit_verify import TOLERANCE
+
+    tol = TOLERANCE[args.dtype]
     print(f"verify: max |ours - reference| = {err:.3e}, relative {rel:.3e} (tolerance {tol:g}): {'OK' if rel <= tol else 'FAILED'}")
     return 0 if rel <= tol else 1
 
