@@ -183,3 +183,18 @@ def test_vae_rejects_bad_inputs():
         VAEConfig(z_dim=4).validate()
     with pytest.raises(UserError, match="temperal_downsample needs 3"):
         VAEConfig(temperal_downsample=(True,)).validate()
+
+
+def test_full_size_key_map_matches_the_published_vae():
+    """Names and shapes of diffusers' AutoencoderKLWan at its defaults (= Wan2.1's VAE), on the meta device."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from onestory_jax.config import VAEConfig
+    from onestory_jax.convert.vae import check_keys, expected_shapes
+
+    with torch.device("meta"):
+        ref = AutoencoderKLWan()
+    shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    check_keys(shapes, expected_shapes(VAEConfig(), "diffusers"), "diffusers")
+    assert len(shapes) == len(expected_shapes(VAEConfig(), "original")) == 194  # the original file's tensor count

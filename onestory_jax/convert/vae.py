@@ -132,6 +132,11 @@ def _leaves(cfg: VAEConfig, layout: Layout) -> list[tuple[tuple[str, ...], str, 
     return out
 
 
+def expected_shapes(cfg: VAEConfig, layout: Layout) -> dict[str, tuple[int, ...]]:
+    """PyTorch name -> shape of every source tensor for this config (no allocation)."""
+    return {name: torch_shape(shape, tf) for _, name, tf, shape in _leaves(cfg, layout)}
+
+
 def check_keys(shapes: TensorShapes, expected: Mapping[str, tuple[int, ...]], layout: Layout) -> None:
     """Strict check: every missing, unexpected or mis-shaped key is listed in one `UserError`."""
     strict_check(shapes, expected, lambda name: False, f"{layout} Wan VAE config")
@@ -142,7 +147,7 @@ def convert_vae(cfg: VAEConfig, shapes: TensorShapes, read: ReadTensor, layout: 
     if layout not in ("diffusers", "original"):
         raise UserError(f"unknown VAE checkpoint layout '{layout}' (diffusers or original)")
     leaves = _leaves(cfg, layout)
-    check_keys(shapes, {name: torch_shape(shape, tf) for _, name, tf, shape in leaves}, layout)
+    check_keys(shapes, expected_shapes(cfg, layout), layout)
     params: dict = {}
     for path, name, tf, _ in leaves:
         node = params
