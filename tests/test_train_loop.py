@@ -78,3 +78,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, reco
     assert r.returncode == 2 and "non-finite loss" in r.stderr and "Traceback" not in r.stderr, r.stderr
     saved = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir() if p.name.isdigit())
     assert all(int(s) < 6 for s in saved)  # nothing saved from the diverged steps
+
+
+def test_trained_model_renders_a_story(tmp_path, records):
+    """train.py exports model/onestory; sample.py renders from it (frozen parts random, with a warning)."""
+    assert run_train(tmp_path / "t", records, "--stop-after", "6").returncode == 0
+    story = tmp_path / "s.yaml"
+    story.write_text("settings: {width: 32, height: 32, frames: 5, steps: 2}\nshots: [A square., The same square.]\n")
+    r = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(tmp_path / "t" / "model"), "--story", str(story),
+                        "--out", str(tmp_path / "out"), "--no-progress", *MESH], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "RANDOM weights" in r.stderr and (tmp_path / "out" / "story.mp4").is_file()

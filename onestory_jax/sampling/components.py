@@ -59,27 +59,41 @@ def _with_overrides(cfg: Config, overrides: list[str]) -> Config:
     return from_dict(Config, apply_overrides(to_dict(cfg), overrides)).validate() if overrides else cfg
 
 
-MODEL_FOLDER_PARTS = ("dit", "vae", "text_encoder", "image_encoder")  # converted checkpoints in one folder
+FROZEN_PARTS = ("vae", "text_encoder", "image_encoder")  # converted checkpoints in a model folder
+
+
+def is_model_folder(path: Path) -> bool:
+    """A folder with onestory/ (trained DiT + memory, from train.py) or dit/ (converted), plus frozen parts."""
+    return (path / "onestory").is_dir() or (path / "dit").is_dir()
 
 
 def model_folder_config(folder: Path) -> Config:
-    """Config of a folder of converted checkpoints: the DiT's, with each part's own section."""
-    cfg = checkpoint.load_config_from_checkpoint(folder / "dit")
+    """Config of a model folder: the onestory/ (or dit/) checkpoint's, with each frozen part's own section."""
+    cfg = checkpoint.load_config_from_checkpoint(folder / ("onestory" if (folder / "onestory").is_dir() else "dit"))
     sections = {part: getattr(checkpoint.load_config_from_checkpoint(folder / part), part)
-                for part in MODEL_FOLDER_PARTS[1:] if (folder / part).is_dir()}
+                for part in FROZEN_PARTS if (folder / part).is_dir()}
     return dataclasses.replace(cfg, **sections).validate()
 
 
 def load_model_folder(folder: Path, cfg: Config, mesh: jax.sharding.Mesh, seed: int) -> dict[str, Any]:
-    """Params from dit/, vae/, text_encoder/ and (I2V) image_encoder/; the memory modules are new."""
+    """Params of a model folder; parts it lacks are initialised (memory from the DiT), with a warning."""
     fns = component_init_fns(cfg)
-    missing = [p for p in fns if p != "memory" and not (folder / p).is_dir()]
+    if (folder / "onestory").is_dir():
+        params = checkpoint.load_params(folder / "onestory", mesh, cfg,
+                                        lambda rng: {"dit": fns["dit"](rng), "memory": fns["memory"](rng)})
+    else:
+        params = {"dit": checkpoint.load_params(folder / "dit", mesh, cfg, fns["dit"])}
+        params["memory"] = memory_params_from_dit(cfg, params["dit"], jax.random.key(seed + 1))
+        warnings.warn(f"'{folder}' has no OneStory modules: the Frame Selector is random and the patchifiers are "
+                      "initialised from the DiT's patch embedding (docs/design.md)", stacklevel=2)
+    frozen = [p for p in FROZEN_PARTS if p in fns]
+    missing = [p for p in frozen if not (folder / p).is_dir()]
     if missing:
-        raise UserError(f"model folder '{folder}' lacks {', '.join(missing)}/ (see docs/conversion.md)")
-    params = {p: checkpoint.load_params(folder / p, mesh, cfg, fns[p]) for p in fns if p != "memory"}
-    warnings.warn(f"'{folder}' has no OneStory modules: the Frame Selector is random and the patchifiers are "
-                  "initialised from the DiT's patch embedding (docs/design.md)", stacklevel=2)
-    return {**params, "memory": memory_params_from_dit(cfg, params["dit"], jax.random.key(seed + 1))}
+        warnings.warn(f"'{folder}' lacks {', '.join(missing)}/: using RANDOM weights for them "
+                      "(convert them into the folder, see docs/conversion.md)", stacklevel=2)
+        params.update({p: v for p, v in random_params(cfg, mesh, seed).items() if p in missing})
+    params.update({p: checkpoint.load_params(folder / p, mesh, cfg, fns[p]) for p in frozen if p not in missing})
+    return params
 
 
 def load_checkpoint_params(ckpt: Path, cfg: Config, mesh: jax.sharding.Mesh, seed: int) -> dict[str, Any]:
@@ -148,7 +162,7 @@ def load_for_sampling(
     if ckpt is not None:
         if not Path(ckpt).is_dir():
             raise UserError(f"checkpoint directory '{ckpt}' does not exist")
-        folder = (Path(ckpt) / "dit").is_dir()
+        folder = is_model_folder(Path(ckpt))
         base = model_folder_config(Path(ckpt)) if folder else checkpoint.load_config_from_checkpoint(ckpt)
         cfg = _with_overrides(base, overrides)
     else:
@@ -164,8 +178,10 @@ def load_for_sampling(
                   "use --checkpoint for a trained model")
             params = random_params(cfg, mesh, seed)
     if tokenizer is None:  # a checkpoint ships its tokenizer; random models use the byte tokenizer
-        tokenizer = Path(ckpt) / "tokenizer" if ckpt is not None else BYTE_TOKENIZER
+        tokenizer = Path(ckpt) / "tokenizer" if ckpt is not None and (Path(ckpt) / "tokenizer").is_dir() else BYTE_TOKENIZER
     cache = None  # random weights change with every seed: nothing worth caching
     if ckpt is not None:
         cache = text_cache(cfg, Path(ckpt) / ("text_encoder" if folder else "") / checkpoint.PARAMS)
+        if folder and not (Path(ckpt) / "text_encoder").is_dir():
+            cache = None  # a random text encoder: nothing worth caching
     return cfg, params, build_components(cfg, params, tokenizer, cache), mesh

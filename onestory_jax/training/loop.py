@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 import yaml
 from tqdm import tqdm
 
+from onestory_jax.checkpoint import save_model
 from onestory_jax.config import Config, to_dict
 from onestory_jax.data.pipeline import make_dataset
 from onestory_jax.errors import UserError
@@ -120,4 +121,7 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, stop_after: i
             log.close()
             manager.wait_until_finished()
             manager.close()
+        if int(state.step) == tc.steps and jax.process_count() == 1:
+            export = state.ema if state.ema is not None else state.params
+            save_model(workdir / "model" / "onestory", export, cfg, force=True)
     return metrics
