@@ -87,7 +87,7 @@ def load_config_from_checkpoint(ckpt_dir: str | Path) -> Config:
 def restore_params(ckpt_dir: str | Path, abstract: Any) -> Any:
     """Restore the param tree into `abstract` (ShapeDtypeStructs with shardings); dtypes are cast."""
     path = _require_checkpoint(ckpt_dir) / PARAMS
-    _quiet_failed_reads()
+    quiet_failed_reads()
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
         try:
             metadata = ckptr.metadata(path).item_metadata
@@ -125,7 +125,7 @@ def _check_tree(path: Path, stored: Any, abstract: Any) -> None:
 
 
 @functools.cache
-def _quiet_failed_reads() -> None:
+def quiet_failed_reads() -> None:
     """Drop the noise orbax makes when a read fails, so that our one-line error stands alone.
 
     Orbax abandons the other tensorstore reads, whose callbacks then hit its closed event loop

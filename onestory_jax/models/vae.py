@@ -330,7 +330,7 @@ def encode(cfg: VAEConfig, params: Any, video: Array) -> Array:
     if (t - 1) % ENCODE_CHUNK:
         k = (t - 1) // ENCODE_CHUNK
         raise UserError(f"a video of {t} frames cannot be encoded: frame counts must be 4k+1 "
-                        f"(1, 5, 9, ..., {4 * k + 1}, {4 * k + 5}, ...)")
+                        f"(1, 5, 9, 13, ...); the nearest are {4 * k + 1} and {4 * k + 5}")
     if c != 3 or h % sf or w % sf:
         raise UserError(f"VAE encode needs [B, 1+4k, H, W, 3] with H, W divisible by {sf}; got {tuple(video.shape)}")
     mu = _chunks(cfg, params, WanVAE.encode_chunk, video.astype(DTYPES[cfg.dtype]), ENCODE_CHUNK)
