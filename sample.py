@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of random weights with --config")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("overrides", nargs="*", help="key=value model config overrides")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # key=value overrides may follow options
 
     from onestory_jax.sampling.components import load_for_sampling  # heavy imports after arg parsing
     from onestory_jax.sampling.pipeline import render_story

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stop-after", type=int, help="end this run after N steps, with a checkpoint")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.data=data/train.arrayrecord")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # key=value overrides may follow options
 
     import jax
 

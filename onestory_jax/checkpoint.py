@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -84,19 +85,24 @@ def load_config_from_checkpoint(ckpt_dir: str | Path) -> Config:
         raise UserError(f"'{path}': {e}") from None
 
 
-def restore_params(ckpt_dir: str | Path, abstract: Any) -> Any:
-    """Restore the param tree into `abstract` (ShapeDtypeStructs with shardings); dtypes are cast."""
-    path = _require_checkpoint(ckpt_dir) / PARAMS
-    quiet_failed_reads()
+def check_stored_tree(path: Path, abstract: Any) -> None:
+    """Compare an orbax item's stored tree with `abstract`; one `UserError` names every mismatch."""
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
         try:
             metadata = ckptr.metadata(path).item_metadata
         except (OSError, ValueError) as e:
             raise UserError(f"checkpoint '{path}' is unreadable: {_first_line(e)}") from None
-        if metadata is None:  # orbax logs why and returns nothing
-            raise UserError(f"checkpoint '{path}' is corrupt or incomplete: its array metadata cannot be read")
-        stored = metadata.tree
-        _check_tree(path, stored, abstract)
+    if metadata is None:  # orbax logs why and returns nothing
+        raise UserError(f"checkpoint '{path}' is corrupt or incomplete: its array metadata cannot be read")
+    _check_tree(path, metadata.tree, abstract)
+
+
+def restore_params(ckpt_dir: str | Path, abstract: Any) -> Any:
+    """Restore the param tree into `abstract` (ShapeDtypeStructs with shardings); dtypes are cast."""
+    path = _require_checkpoint(ckpt_dir) / PARAMS
+    quiet_failed_reads()
+    check_stored_tree(path, abstract)
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
         try:
             return ckptr.restore(path, args=ocp.args.StandardRestore(abstract))
         except (OSError, ValueError) as e:
@@ -114,14 +120,19 @@ def load_params(ckpt_dir: str | Path, mesh: Mesh, cfg: Config, boxed_init: Calla
 
 def _check_tree(path: Path, stored: Any, abstract: Any) -> None:
     """One `UserError` listing every missing, unexpected or mis-shaped leaf."""
-    have = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
-    want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    have = {_key(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    want = {_key(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
     problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
     problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
     problems += [f"{k} {have[k]} != expected {want[k]}" for k in sorted(set(want) & set(have)) if have[k] != want[k]]
     if problems:
         shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
         raise UserError(f"checkpoint '{path}' does not match the config: {shown}")
+
+
+def _key(path: tuple) -> str:
+    """'a/b/0/c' for a key path, whether it holds dict keys, attributes or indices (stored trees are dicts)."""
+    return "/".join(re.findall(r"[A-Za-z0-9_]+", jax.tree_util.keystr(path)))
 
 
 @functools.cache

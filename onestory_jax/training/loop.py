@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import yaml
 from tqdm import tqdm
 
-from onestory_jax.checkpoint import quiet_failed_reads, save_model
+from onestory_jax.checkpoint import check_stored_tree, quiet_failed_reads, save_model
 from onestory_jax.config import Config, to_dict
 from onestory_jax.data.pipeline import make_dataset
 from onestory_jax.errors import UserError
@@ -43,6 +43,7 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState, data_iter: Any) 
     step = manager.latest_step()
     quiet_failed_reads()  # a failed read must end in our one error line, not orbax's leftover tracebacks
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+    check_stored_tree(Path(manager.directory) / str(step) / "state", abstract)  # names mismatches before any read
     try:
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iter)))
