@@ -119,6 +119,23 @@ def text_cache(cfg: Config, encoder_weights: Path) -> EmbeddingCache:
     return EmbeddingCache(root, encoder_identity(cfg.text_encoder, encoder_weights))
 
 
+def clip_functions(cfg: Config, params: dict[str, Any]) -> tuple[Any, Any]:
+    """(host image -> CLIP tokens, traceable latent frame -> CLIP tokens of its decoded image); None for T2V."""
+    if not cfg.dit.has_image_branch:
+        return None, None
+    clip = image_encoder.CLIPVisionTower(cfg.image_encoder)
+
+    def image_tokens(image: jax.Array) -> jax.Array:  # [H, W, 3] in [-1, 1] -> [Li, image_dim]
+        pixels = image_encoder.preprocess(image, cfg.image_encoder)[None]
+        return clip.apply({"params": params["image_encoder"]}, pixels)[0]
+
+    def latent_to_image_tokens(z: jax.Array) -> jax.Array:  # [h, w, 16]
+        return image_tokens(vae.decode(cfg.vae, params["vae"], z[None, None])[0, 0])
+
+    jit_tokens = jax.jit(image_tokens)
+    return (lambda image: np.asarray(jit_tokens(jnp.asarray(image)))), latent_to_image_tokens
+
+
 def build_components(cfg: Config, params: dict[str, Any], tokenizer_dir: Path, cache: EmbeddingCache | None = None) -> Components:
     """Host-callable encode/decode functions over jitted JAX models; text embeddings cached if given."""
     tok = text_encoder.load_tokenizer(tokenizer_dir)
@@ -130,22 +147,7 @@ def build_components(cfg: Config, params: dict[str, Any], tokenizer_dir: Path, c
     def encode_text(prompts: list[str]) -> np.ndarray:
         return text_encoder.encode_prompts(prompts, tok, t5_apply, cfg.text_encoder.text_len, cache)
 
-    encode_image = latent_to_image_tokens = None
-    if cfg.dit.has_image_branch:
-        clip = image_encoder.CLIPVisionTower(cfg.image_encoder)
-
-        def image_tokens(image: jax.Array) -> jax.Array:  # [H, W, 3] in [-1, 1] -> [Li, image_dim]
-            pixels = image_encoder.preprocess(image, cfg.image_encoder)[None]
-            return clip.apply({"params": params["image_encoder"]}, pixels)[0]
-
-        def latent_to_image_tokens(z: jax.Array) -> jax.Array:  # [h, w, 16]
-            return image_tokens(vae.decode(cfg.vae, params["vae"], z[None, None])[0, 0])
-
-        jit_tokens = jax.jit(image_tokens)
-
-        def encode_image(image: np.ndarray) -> np.ndarray:
-            return np.asarray(jit_tokens(jnp.asarray(image)))
-
+    encode_image, latent_to_image_tokens = clip_functions(cfg, params)
     return Components(
         encode_text=encode_text,
         encode_video=lambda video: np.asarray(vae_encode(jnp.asarray(video)[None]))[0],
