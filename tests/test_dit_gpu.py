@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from torch_refs import diffusers_dit, run_diffusers_dit, state_dict_numpy, tiny_dit_config
+from torch_refs import diffusers_dit, random_dit_inputs, run_diffusers_dit, state_dict_numpy, tiny_dit_config
 
 from onestory_jax.convert.dit import convert
 from onestory_jax.models.dit import WanDiT
@@ -18,10 +18,7 @@ def test_bf16_dit_close_to_fp32_reference():
     cfg = dataclasses.replace(tiny_dit_config("i2v", layers=4), num_heads=2, dim=256, ffn_dim=512)
     model = diffusers_dit(cfg)
     sd = state_dict_numpy(model)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 5, 16, 24, cfg.in_dim)).astype(np.float32)
-    text = rng.standard_normal((2, 512, cfg.text_dim)).astype(np.float32)
-    image = rng.standard_normal((2, 257, cfg.image_dim)).astype(np.float32)
+    x, text, image = random_dit_inputs(cfg, (5, 16, 24))
     t = np.array([500, 900], np.int64)
     ref32 = run_diffusers_dit(model, x, t, text, image)
     with torch.no_grad():

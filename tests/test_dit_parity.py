@@ -2,20 +2,20 @@
 
 import numpy as np
 import pytest
-from torch_refs import diffusers_dit, run_diffusers_dit, state_dict_numpy, tiny_dit_config, to_original_layout
+from torch_refs import (
+    diffusers_dit,
+    random_dit_inputs,
+    run_diffusers_dit,
+    state_dict_numpy,
+    tiny_dit_config,
+    to_original_layout,
+)
 
 from onestory_jax.convert.dit import convert
 from onestory_jax.models.dit import WanDiT
 
 # batch 2, odd latent frames (3), non-square latent grid (4 x 6).
 BATCH, LATENT = 2, (3, 4, 6)
-
-
-def _inputs(cfg, rng):
-    x = rng.standard_normal((BATCH, *LATENT, cfg.in_dim)).astype(np.float32)
-    text = rng.standard_normal((BATCH, 512, cfg.text_dim)).astype(np.float32)
-    image = rng.standard_normal((BATCH, 257, cfg.image_dim)).astype(np.float32) if cfg.has_image_branch else None
-    return x, text, image
 
 
 @pytest.fixture(scope="module", params=["i2v", "t2v"])
@@ -31,7 +31,7 @@ def test_dit_matches_diffusers(reference, layout):
     if layout == "original":
         sd = to_original_layout(sd)
     params = convert(cfg, {k: v.shape for k, v in sd.items()}, sd.__getitem__, layout)
-    x, text, image = _inputs(cfg, np.random.default_rng(1))
+    x, text, image = random_dit_inputs(cfg, LATENT, BATCH, seed=1)
     apply = WanDiT(cfg).apply
     for tv in (17, 500, 999):
         t = np.array([tv, tv // 2], np.int64)  # a different timestep per batch row

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from torch_refs import diffusers_dit, run_diffusers_dit, state_dict_numpy, tiny_dit_config
+from torch_refs import diffusers_dit, random_dit_inputs, run_diffusers_dit, state_dict_numpy, tiny_dit_config
 
 from onestory_jax.config import MemoryConfig
 from onestory_jax.convert.dit import convert
@@ -161,10 +161,8 @@ def test_dit_with_empty_or_masked_context_matches_diffusers():
     model = diffusers_dit(cfg)
     sd = state_dict_numpy(model)
     params = convert(cfg, {k: v.shape for k, v in sd.items()}, sd.__getitem__, "diffusers")
+    x, text, image = random_dit_inputs(cfg, (3, 4, 6))
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 3, 4, 6, cfg.in_dim)).astype(np.float32)
-    text = rng.standard_normal((2, 512, cfg.text_dim)).astype(np.float32)
-    image = rng.standard_normal((2, 257, cfg.image_dim)).astype(np.float32)
     t = np.array([500, 250], np.int64)
     ref = run_diffusers_dit(model, x, t, text, image)
     hd2 = cfg.head_dim // 2

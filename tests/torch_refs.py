@@ -34,6 +34,15 @@ def diffusers_dit(cfg: DiTConfig, seed: int = 0) -> WanTransformer3DModel:
     return model
 
 
+def random_dit_inputs(cfg: DiTConfig, latent: tuple[int, int, int], batch: int = 2, seed: int = 0):
+    """Channels-last latents [B, F, H, W, in_dim], 512 text tokens and (I2V) 257 CLIP tokens."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, *latent, cfg.in_dim)).astype(np.float32)
+    text = rng.standard_normal((batch, 512, cfg.text_dim)).astype(np.float32)
+    image = rng.standard_normal((batch, 257, cfg.image_dim)).astype(np.float32) if cfg.has_image_branch else None
+    return x, text, image
+
+
 def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
 
