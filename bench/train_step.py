@@ -1,0 +1,379 @@
+"""Benchmark: the full OneStory train step (loss, gradients, AdamW), as train.py jits it.
+
+    python bench/train_step.py --suite cpu   # tiny + mid-size on this CPU: tokens/s -> bench/results/train_step_cpu.json
+    python bench/train_step.py --suite aot   # Wan2.1-I2V-14B at 480p on 8/64/256 fake CPU devices:
+                                             # compile only, per-device memory -> bench/results/train_step_aot.json
+    python bench/train_step.py --suite aot --devices 8 --sequence 2 --remat full --attention chunked
+
+`cpu` builds the state exactly as onestory_jax/training/loop.py does (init_sharded, the memory
+modules from the DiT's patch embedding, init_state) and jits make_train_step with the same pinned
+in/out shardings and donation, then times steps on synthetic batches of the training shapes.
+
+`aot` never allocates the model: the state and the batch are ShapeDtypeStructs carrying their
+NamedShardings, and `jax.jit(step).lower(state, batch).compile().memory_analysis()` gives the
+per-device sizes. Each mesh size runs in its own process with
+XLA_FLAGS=--xla_force_host_platform_device_count=N (the device count is fixed at JAX start-up).
+The figures are those of the XLA *CPU* compiler: an estimate of what the GPU/TPU compilers would
+allocate, not a measurement on them. `--attention chunked` swaps the DiT's attention for a
+query-chunked, rematerialised stand-in of a flash kernel (see `chunked_attention`), since the CPU
+backend (and TPU, where the library has no splash kernel yet) materialises the full logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from onestory_jax.config import Config, load_config
+from onestory_jax.models import dit as dit_module
+from onestory_jax.models.layers import attention as library_attention
+from onestory_jax.models.layers import constrain
+from onestory_jax.models.memory import frames_per_patchifier, tokens_per_frame
+from onestory_jax.models.onestory import boxed_init_fn, memory_params_from_dit
+from onestory_jax.sharding import abstract_params, activate, batch_sharding, init_sharded, make_mesh
+from onestory_jax.training.optim import make_optimizer
+from onestory_jax.training.step import TrainState, init_state, make_train_step
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GIB = 1 << 30
+# HBM per chip (GiB): H100 SXM 80 GB (nvidia-smi: 81,559 MiB), TPU v5p 95 GB.
+CAPACITY_GIB = {"h100_80gb": 81559 / 1024, "tpu_v5p_95gb": 95.0}
+PRESET_14B = "train/wan2.1-i2v-14b-480p"
+LATENT_480P = (21, 60, 104)  # 81 frames at 480x832
+
+# ---------------------------------------------------------------------------------------------
+# shapes shared by both suites
+
+
+def batch_shapes(cfg: Config, batch: int, latent: tuple[int, int, int]) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """(shape, dtype) of every batch key, as data/pipeline.py three_shot_example builds them
+    (memory = the two prior shots, 2T frames; I2V adds CLIP tokens and the 20 cond channels)."""
+    t, h, w = latent
+    c = cfg.memory.latent_channels
+    shapes: dict[str, tuple[tuple[int, ...], Any]] = {
+        "target": ((batch, t, h, w, c), np.float32),
+        "memory": ((batch, 2 * t, h, w, c), np.float32),
+        "memory_valid": ((batch, 2 * t), np.bool_),
+        "labels": ((batch, 2 * t), np.float32),
+        "real_prior": ((batch, 2 * t), np.bool_),
+        "text": ((batch, cfg.dit.text_len, cfg.dit.text_dim), np.float32),
+    }
+    if cfg.dit.has_image_branch:
+        shapes["image"] = ((batch, cfg.image_encoder.num_tokens, cfg.dit.image_dim), np.float32)
+        shapes["cond"] = ((batch, t, h, w, cfg.dit.in_dim - c), np.float32)
+    return shapes
+
+
+def synthetic_batch(cfg: Config, batch: int, latent: tuple[int, int, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random host arrays of the training shapes (all memory frames valid, the second shot the real prior)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, (shape, dtype) in batch_shapes(cfg, batch, latent).items():
+        out[key] = np.ones(shape, bool) if dtype == np.bool_ else rng.standard_normal(shape).astype(dtype)
+    out["real_prior"][:, : latent[0]] = False
+    out["labels"] = np.clip(out["labels"], -1.0, 1.0)
+    return out
+
+
+def token_counts(cfg: Config, latent: tuple[int, int, int]) -> tuple[int, int]:
+    """(noise tokens, context tokens) per sample."""
+    t, h, w = latent
+    pt, ph, pw = cfg.dit.patch_size
+    counts = frames_per_patchifier(cfg.memory, (h, w))
+    context = sum(n * tokens_per_frame(k, (h, w)) for n, k in zip(counts, cfg.memory.patchifier_kernels))
+    return (t // pt) * (h // ph) * (w // pw), context
+
+
+def step_flops(cfg: Config, batch: int, latent: tuple[int, int, int]) -> float:
+    """Model FLOPs of one train step: 3x the DiT forward's matmuls (fwd + bwd, no remat recompute),
+    self-attention over noise + context tokens; the selector and conditioner are ignored."""
+    d, f, lt = cfg.dit.dim, cfg.dit.ffn_dim, cfg.dit.text_len + (cfg.image_encoder.num_tokens if cfg.dit.has_image_branch else 0)
+    noise, ctx = token_counts(cfg, latent)
+    n = noise + ctx
+    self_attn = 2 * n * 4 * d * d + 4 * n * n * d
+    cross = 2 * n * 2 * d * d + 2 * lt * 2 * d * d + 4 * n * lt * d
+    ffn = 4 * n * d * f
+    return 3.0 * batch * cfg.dit.num_layers * (self_attn + cross + ffn)
+
+
+def jit_step(cfg: Config, tx: optax.GradientTransformation, state_shardings: Any, batch_shardings: Any, mesh: Any) -> Any:
+    """The train step jitted as loop.py does: pinned state layout, donated state, replicated metrics."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(make_train_step(cfg, tx), donate_argnums=0, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, replicated))
+
+
+# ---------------------------------------------------------------------------------------------
+# cpu suite: tokens/s of real steps
+
+
+def build_state(cfg: Config, mesh: Any) -> tuple[TrainState, optax.GradientTransformation]:
+    """Sharded train state, created as loop.py creates it (must run inside `activate(mesh)`)."""
+    params = init_sharded(boxed_init_fn(cfg), mesh, jax.random.key(cfg.train.seed))
+    params["memory"] = memory_params_from_dit(cfg, params["dit"], jax.random.key(cfg.train.seed + 1))
+    tx = make_optimizer(cfg.train, params)
+    return init_state(params, tx, cfg.train.seed, ema=cfg.train.ema_decay > 0), tx
+
+
+def time_case(name: str, cfg: Config, batch: int, latent: tuple[int, int, int], warmup: int, iters: int) -> dict:
+    """Warm up, then time `iters` donated steps; tokens/s counts noise tokens as loop.py does."""
+    mesh = make_mesh(cfg.mesh)
+    host = synthetic_batch(cfg, batch, latent)
+    with activate(mesh):
+        state, tx = build_state(cfg, mesh)
+        gbatch = {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in host.items()}
+        step = jit_step(cfg, tx, jax.tree.map(lambda a: a.sharding, state), jax.tree.map(lambda a: a.sharding, gbatch), mesh)
+        t0 = time.perf_counter()
+        state, metrics = step(state, gbatch)
+        jax.block_until_ready(metrics)
+        compile_s = time.perf_counter() - t0
+        for _ in range(warmup - 1):
+            state, metrics = step(state, gbatch)
+        jax.block_until_ready(metrics)
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            state, metrics = step(state, gbatch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t0)
+    noise, ctx = token_counts(cfg, latent)
+    step_s = statistics.median(times)
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+    row = {
+        "case": name, "dtype": cfg.dit.dtype, "remat": cfg.dit.remat_policy, "dim": cfg.dit.dim, "layers": cfg.dit.num_layers,
+        "heads": cfg.dit.num_heads, "params_m": round(n_params / 1e6, 2), "batch": batch, "latent": list(latent),
+        "noise_tokens": noise, "context_tokens": ctx, "step_s": step_s, "step_s_min": min(times),
+        "tokens_per_s": batch * noise / step_s, "all_tokens_per_s": batch * (noise + ctx) / step_s,
+        "tflop_per_step": step_flops(cfg, batch, latent) / 1e12, "tflops": step_flops(cfg, batch, latent) / step_s / 1e12,
+        "first_step_s": compile_s, "iters": iters, "loss": float(metrics["loss"]),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def cpu_cases() -> list[tuple[str, Config, int, tuple[int, int, int]]]:
+    """tiny preset, and a mid-size model of the 14B's family (dim 512, 8 layers, 8 heads) at ~3.8k tokens."""
+    tiny = load_config("train/tiny")
+    mid = load_config(PRESET_14B, [
+        "dit.dim=512", "dit.ffn_dim=1536", "dit.num_heads=8", "dit.num_layers=8", "dit.dtype=float32",
+        "dit.attention=xla", "mesh.fsdp=-1", "train.batch_size=1",
+    ])
+    return [("tiny", tiny, tiny.train.batch_size, (3, 16, 16)), ("mid-512d-8L", mid, 1, (4, 48, 64))]
+
+
+def run_cpu(args: argparse.Namespace) -> None:
+    rows = [time_case(n, c, b, lat, args.warmup, args.iters) for n, c, b, lat in cpu_cases()]
+    write_json(RESULTS / "train_step_cpu.json", {"meta": meta(), "rows": rows})
+
+
+# ---------------------------------------------------------------------------------------------
+# aot suite: compile-only memory of the 14B step
+
+
+def abstract_state(cfg: Config, mesh: Any) -> tuple[TrainState, optax.GradientTransformation]:
+    """The train state as ShapeDtypeStructs with the shardings loop.py's state gets, allocating nothing.
+
+    Params (and EMA) take their logical shardings; optimizer moments take their param's (optax's
+    tree_map_params); scalars (step, counts, rng) are replicated.
+    """
+    params = abstract_params(boxed_init_fn(cfg), mesh, jax.random.key(0))
+    tx = make_optimizer(cfg.train, params)
+    shapes = jax.eval_shape(lambda p: init_state(p, tx, cfg.train.seed, ema=cfg.train.ema_decay > 0), params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+    param_sh = jax.tree.map(lambda p: p.sharding, params)
+    masked = lambda a: isinstance(a, optax.MaskedNode)  # noqa: E731  (a frozen param's slot in a masked state)
+    opt_state = optax.tree_map_params(tx, lambda a, s: a if masked(a) else sds(a, s), shapes.opt_state, param_sh,
+                                      transform_non_params=lambda a: sds(a, replicated), is_leaf=masked)
+    ema = None if shapes.ema is None else jax.tree.map(sds, shapes.ema, param_sh)
+    return TrainState(step=sds(shapes.step, replicated), params=params, opt_state=opt_state, ema=ema,
+                      rng=sds(shapes.rng, replicated)), tx
+
+
+def abstract_batch(cfg: Config, mesh: Any, batch: int, latent: tuple[int, int, int]) -> dict[str, jax.ShapeDtypeStruct]:
+    """Batch ShapeDtypeStructs split over (data, fsdp) like loop.py's global batch."""
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
+            for k, (shape, dtype) in batch_shapes(cfg, batch, latent).items()}
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla",
+                      kv_mask: jax.Array | None = None, bias: jax.Array | None = None, scale: float | None = None,
+                      block: int = 256) -> jax.Array:
+    """Stand-in for a flash kernel: queries in strided chunks, one rematerialised chunk at a time.
+
+    q [B, L, N, H] is viewed as [B, A, C, N, H] (position = a*C + c) and `lax.map` runs over c, so
+    each chunk holds A = block x sequence-shards queries spread along L (it stays sharded like L).
+    Only one chunk's [B, N, A, Lk] logits live at once, forward and backward. An upper bound on
+    flash memory: a fused kernel keeps no logit block at all.
+    """
+    b, length, n, h = q.shape
+    shards = _sequence_shards()
+    a = block * shards
+    chunks = max(1, math.ceil(length / a))
+    qp = jnp.pad(q, ((0, 0), (0, chunks * a - length), (0, 0), (0, 0)))
+    qc = jnp.moveaxis(qp.reshape(b, a, chunks, n, h), 2, 0)  # [C, B, A, N, H]
+    heads = ("act_batch", "act_length", "act_heads", "act_head_dim")
+
+    @jax.checkpoint
+    def one(qi: jax.Array) -> jax.Array:
+        return constrain(library_attention(constrain(qi, heads), k, v, implementation, kv_mask, bias, scale), heads)
+
+    out = jnp.moveaxis(jax.lax.map(one, qc), 0, 2).reshape(b, chunks * a, n, h)
+    return out[:, :length]
+
+
+def _sequence_shards() -> int:
+    """Size of the `sequence` axis of the mesh in use (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return dict(mesh.shape).get("sequence", 1) if not mesh.empty else 1
+
+
+@contextlib.contextmanager
+def attention_impl(name: str) -> Iterator[None]:
+    """`library`: the DiT as written; `chunked`: its attention swapped for `chunked_attention`."""
+    if name == "library":
+        yield
+        return
+    with mock.patch.object(dit_module, "attention", chunked_attention):
+        yield
+
+
+def aot_config(devices: int, sequence: int, remat: str) -> Config:
+    """The 14B pod preset on `devices` devices: fsdp fills what sequence leaves; one sample per batch shard."""
+    return load_config(PRESET_14B, [f"mesh.sequence={sequence}", "mesh.fsdp=-1", f"dit.remat_policy={remat}",
+                                    f"train.batch_size={devices // sequence}"])
+
+
+def compile_case(devices: int, sequence: int, remat: str, attention: str) -> dict:
+    """Lower + compile the 14B step on abstract inputs; per-device memory analysis in GiB."""
+    cfg = aot_config(devices, sequence, remat)
+    mesh = make_mesh(cfg.mesh)
+    with activate(mesh), attention_impl(attention):
+        state, tx = abstract_state(cfg, mesh)
+        batch = abstract_batch(cfg, mesh, cfg.train.batch_size, LATENT_480P)
+        step = jit_step(cfg, tx, jax.tree.map(lambda a: a.sharding, state), jax.tree.map(lambda a: a.sharding, batch), mesh)
+        t0 = time.perf_counter()
+        lowered = step.lower(state, batch)
+        lower_s = time.perf_counter() - t0
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - t0 - lower_s
+    return memory_row(cfg, mesh, compiled, state) | {"attention": attention, "lower_s": round(lower_s, 1),
+                                                     "compile_s": round(compile_s, 1)}
+
+
+def memory_row(cfg: Config, mesh: Any, compiled: Any, state: TrainState) -> dict:
+    """Per-device sizes from the compiled program, the peak estimate and the fit on each chip."""
+    m = compiled.memory_analysis()
+    sizes = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+             "temporaries": m.temp_size_in_bytes, "aliased": m.alias_size_in_bytes, "code": m.generated_code_size_in_bytes}
+    peak = sizes["arguments"] + sizes["temporaries"] + sizes["outputs"] - sizes["aliased"]
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+    state_bytes = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(state))
+    noise, ctx = token_counts(cfg, LATENT_480P)
+    row = {
+        "devices": mesh.size, "mesh": dict(mesh.shape), "remat": cfg.dit.remat_policy, "batch": cfg.train.batch_size,
+        "samples_per_device": cfg.train.batch_size / mesh.size, "noise_tokens": noise, "context_tokens": ctx,
+        "params_b": round(n_params / 1e9, 3), "state_gib_per_device": round(state_bytes / mesh.size / GIB, 3),
+        **{f"{k}_gib": round(v / GIB, 3) for k, v in sizes.items()}, "peak_gib": round(peak / GIB, 3),
+    }
+    row.update({f"fits_{chip}": peak / GIB <= cap for chip, cap in CAPACITY_GIB.items()})
+    return row
+
+
+def aot_cases(args: argparse.Namespace) -> list[dict]:
+    """Requested (devices, sequence, remat, attention) cases."""
+    return [{"devices": d, "sequence": s, "remat": r, "attention": a}
+            for d in args.devices for s in args.sequence for r in args.remat for a in args.attention if d % s == 0]
+
+
+def case_key(case: dict) -> str:
+    return f"{case['devices']}dev/seq{case['sequence']}/{case['remat']}/{case['attention']}"
+
+
+def run_aot(args: argparse.Namespace) -> None:
+    """One subprocess per case (the fake device count is fixed per process); results merged into the file."""
+    out = RESULTS / "train_step_aot.json"
+    data = json.loads(out.read_text()) if out.exists() else {"meta": meta(), "rows": {}}
+    for case in aot_cases(args):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={case['devices']}".strip()}
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--one-aot", json.dumps(case)], env=env, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode or not lines:
+            err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"{case_key(case)}: failed (rc {proc.returncode}): {err}", flush=True)
+            row = {**case, "error": err[:500]}
+        else:
+            row = json.loads(lines[-1])
+            print(f"{case_key(case)}: peak {row['peak_gib']:.1f} GiB/device ({time.perf_counter() - t0:.0f} s)", flush=True)
+        data["rows"][case_key(case)] = row
+        data["meta"] = meta()
+        write_json(out, data)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def meta() -> dict:
+    return {"jax": jax.__version__, "backend": jax.default_backend(), "machine": platform.machine(), "cpu_count": os.cpu_count()}
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomic write (temp file + rename), then re-render docs/performance.md."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path}", flush=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import report  # bench/report.py, beside this script
+
+    report.main()
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=["cpu", "aot"], default="cpu")
+    ap.add_argument("--warmup", type=int, default=2, help="cpu: untimed steps (the first compiles)")
+    ap.add_argument("--iters", type=int, default=5, help="cpu: timed steps (median reported)")
+    ap.add_argument("--devices", type=ints, default=[8, 64, 256], help="aot: mesh sizes, comma-separated")
+    ap.add_argument("--sequence", type=ints, default=[1], help="aot: sequence-parallel sizes, comma-separated")
+    ap.add_argument("--remat", type=lambda s: s.split(","), default=["dots_no_batch"], help="aot: remat policies")
+    ap.add_argument("--attention", type=lambda s: s.split(","), default=["library", "chunked"],
+                    help="aot: library (the DiT as written) and/or chunked (flash stand-in)")
+    ap.add_argument("--one-aot", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one_aot:
+        case = json.loads(args.one_aot)
+        print(json.dumps(compile_case(case["devices"], case["sequence"], case["remat"], case["attention"])), flush=True)
+    elif args.suite == "cpu":
+        run_cpu(args)
+    else:
+        run_aot(args)
+
+
+if __name__ == "__main__":
+    main()
