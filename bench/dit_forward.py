@@ -26,18 +26,9 @@ from torch_refs import diffusers_dit  # noqa: E402
 from onestory_jax.config import DiTConfig  # noqa: E402
 from onestory_jax.convert.dit import convert  # noqa: E402
 from onestory_jax.models.dit import WanDiT  # noqa: E402
+from onestory_jax.training.metrics import dit_forward_flops, peak_flops  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak (SXM)
-
-
-def forward_flops(cfg: DiTConfig, tokens: int, text_tokens: int, image_tokens: int = 0) -> float:
-    """Matmul FLOPs of one DiT forward (2 per multiply-add; norms and elementwise ignored)."""
-    d, f, n, lt = cfg.dim, cfg.ffn_dim, tokens, text_tokens + image_tokens
-    self_attn = 2 * n * 4 * d * d + 2 * 2 * n * n * d
-    cross = 2 * n * 2 * d * d + 2 * lt * 2 * d * d + 2 * 2 * n * lt * d
-    ffn = 2 * n * 2 * d * f
-    return cfg.num_layers * (self_attn + cross + ffn)
 
 
 def _time(fn, warmup: int, iters: int) -> float:
@@ -89,7 +80,7 @@ def run_case(name: str, cfg: DiTConfig, latent: tuple[int, int, int], device: st
 
     pt, ph, pw = cfg.patch_size
     tokens = (latent[0] // pt) * (latent[1] // ph) * (latent[2] // pw)
-    flops = forward_flops(cfg, tokens, 512, 257 if cfg.has_image_branch else 0)
+    flops = dit_forward_flops(cfg, tokens, 512, 257 if cfg.has_image_branch else 0)
     row = {
         "case": name, "dtype": cfg.dtype, "layers": cfg.num_layers, "dim": cfg.dim, "tokens": tokens,
         "jax_s": jax_s, "torch_s": torch_s, "jax_over_torch": jax_s / torch_s, "tflop": flops / 1e12,
@@ -97,7 +88,7 @@ def run_case(name: str, cfg: DiTConfig, latent: tuple[int, int, int], device: st
     }
     if device == "gpu":
         gpu = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
+        peak = peak_flops(gpu)
         row.update(gpu=gpu, jax_mfu=flops / jax_s / peak if peak else None, torch_mfu=flops / torch_s / peak if peak else None)
     print(json.dumps(row), flush=True)
     return row

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 
 from onestory_jax.config import Config
 from onestory_jax.diffusion.schedule import add_noise, sample_training_sigmas, velocity_target
-from onestory_jax.models.dit import WanDiT
+from onestory_jax.models.dit import ContextTokens, WanDiT
 from onestory_jax.models.memory import OneStoryMemory, num_selected, select_top_k
 
 Array = jax.Array
@@ -39,31 +38,56 @@ def conditioning_frames(scores: Array, batch: Batch, k: int, warm: Array, rng: A
     return indices, selected
 
 
+def _memory(cfg: Config) -> OneStoryMemory:
+    return OneStoryMemory(cfg.memory, cfg.dit.dim, cfg.dit.head_dim, cfg.dit.rope_theta)
+
+
+def select_and_condition(params: dict, batch: Batch, warm: Array, rng: Array, keep: Array,
+                         cfg: Config) -> tuple[Array, ContextTokens]:
+    """Score the memory, pick the conditioning frames, patchify them: -> (L_sel, context tokens).
+
+    keep [B, 1]: samples whose context survives context dropout.
+    """
+    memory = _memory(cfg)
+    scores = memory.apply({"params": params["memory"]}, batch["text"], batch["memory"], batch["memory_valid"], method="score")
+    l_sel = selection_loss(scores, batch["labels"], batch["memory_valid"])
+    k = num_selected(cfg.memory, batch["memory"].shape[2:4])
+    indices, selected = conditioning_frames(scores, batch, k, warm, rng)
+    context = memory.apply({"params": params["memory"]}, batch["memory"], indices, selected & keep, method="condition")
+    return l_sel, context
+
+
+def shot_loss(params: dict, batch: Batch, context: ContextTokens, text: Array, sigma: Array, noise: Array,
+              cfg: Config) -> Array:
+    """Rectified-flow MSE on the target shot's noise tokens at per-sample sigmas [B]."""
+    x0 = batch["target"]
+    x_t = add_noise(x0, noise, sigma)
+    x_in = x_t if "cond" not in batch else jnp.concatenate([x_t, batch["cond"]], axis=-1)
+    v = WanDiT(cfg.dit).apply({"params": params["dit"]}, x_in, sigma * 1000.0, text, batch.get("image"), context=context)
+    return jnp.mean((v.astype(jnp.float32) - velocity_target(x0, noise)) ** 2)
+
+
 def loss_fn(params: dict, batch: Batch, rng: Array, warm: Array, cfg: Config) -> tuple[Array, dict[str, Array]]:
     """Total loss and metrics. `warm` (bool scalar): decoupled-conditioning warm-up is on."""
     tc = cfg.train
-    dit = WanDiT(cfg.dit)
-    memory = OneStoryMemory(cfg.memory, cfg.dit.dim, cfg.dit.head_dim, cfg.dit.rope_theta)
     r_sel, r_sigma, r_noise, r_text, r_ctx = jax.random.split(rng, 5)
     b = batch["target"].shape[0]
-
-    scores = memory.apply({"params": params["memory"]}, batch["text"], batch["memory"], batch["memory_valid"], method="score")
-    l_sel = selection_loss(scores, batch["labels"], batch["memory_valid"])
-
-    k = num_selected(cfg.memory, batch["memory"].shape[2:4])
-    indices, selected = conditioning_frames(scores, batch, k, warm, r_sel)
     keep_ctx = jax.random.uniform(r_ctx, (b, 1)) >= tc.context_dropout
-    context = memory.apply({"params": params["memory"]}, batch["memory"], indices, selected & keep_ctx, method="condition")
-
+    l_sel, context = select_and_condition(params, batch, warm, r_sel, keep_ctx, cfg)
     keep_text = jax.random.uniform(r_text, (b, 1, 1)) >= tc.text_dropout
     text = jnp.where(keep_text, batch["text"], 0.0)
-
-    x0 = batch["target"]
-    noise = jax.random.normal(r_noise, x0.shape, x0.dtype)
+    noise = jax.random.normal(r_noise, batch["target"].shape, batch["target"].dtype)
     sigma = sample_training_sigmas(r_sigma, (b,), tc.timestep_shift)
-    x_t = add_noise(x0, noise, sigma)
-    x_in = x_t if "cond" not in batch else jnp.concatenate([x_t, batch["cond"]], axis=-1)
-    v = dit.apply({"params": params["dit"]}, x_in, sigma * 1000.0, text, batch.get("image"), context=context)
-    l_shot = jnp.mean((v.astype(jnp.float32) - velocity_target(x0, noise)) ** 2)
+    l_shot = shot_loss(params, batch, context, text, sigma, noise, cfg)
     loss = l_shot + tc.selection_weight * l_sel
     return loss, {"loss": loss, "l_shot": l_shot, "l_sel": l_sel}
+
+
+def loss_at_sigmas(params: dict, batch: Batch, sigmas: Array, rng: Array, cfg: Config) -> Array:
+    """L_shot at each fixed sigma [S] -> [S] (validation): selector top-K context, no dropout,
+    one noise draw from `rng` shared by all sigmas."""
+    b = batch["target"].shape[0]
+    _, context = select_and_condition(params, batch, jnp.array(False), rng, jnp.ones((b, 1), bool), cfg)
+    noise = jax.random.normal(rng, batch["target"].shape, batch["target"].dtype)
+    one = lambda s: shot_loss(params, batch, context, batch["text"], jnp.full((b,), s), noise, cfg)
+    return jax.lax.map(one, sigmas)
