@@ -6,7 +6,8 @@ Presets: configs/train/tiny.yaml (tests), wan2.1-i2v-14b-480p.yaml (pods),
 wan2.1-i2v-14b-480p-single-gpu.yaml (partial finetune); see docs/training.md. The data is a file of
 prepared records (train.data=PATH). Re-running with the same --workdir resumes from its latest
 checkpoint at the exact data position. --distributed runs jax.distributed.initialize() first
-(multi-host: coordinator and process ids from the environment, e.g. on TPU pods or SLURM).
+(multi-host: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID from the environment,
+or a detected cluster: TPU pods, SLURM, Open MPI).
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.data=data/train.arrayrecord")
     args = ap.parse_intermixed_args(argv)  # key=value overrides may follow options
 
-    import jax
+    from onestory_jax.config import load_config
+    from onestory_jax.training.loop import initialize_distributed, train
 
     if args.distributed:
-        jax.distributed.initialize()
-    from onestory_jax.config import load_config
-    from onestory_jax.training.loop import train
+        initialize_distributed()
 
     cfg = load_config(args.config, args.overrides)
     metrics = train(cfg, args.workdir, progress=not args.no_progress, stop_after=args.stop_after)

@@ -8,18 +8,21 @@ straight into the shardings of a mesh (any mesh: the arrays are stored unsharded
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import re
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import yaml
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from onestory_jax.config import Config, from_dict, to_dict
@@ -41,27 +44,63 @@ def check_out_dir(out_dir: str | Path, force: bool) -> Path:
 
 
 def save_model(out_dir: str | Path, params: Any, config: Config, force: bool = False) -> Path:
-    """Write `params` (numpy or jax arrays) and `config` to `out_dir` atomically; returns the folder."""
+    """Write `params` (numpy or jax arrays) and `config` to `out_dir` atomically; returns the folder.
+
+    Multi-process: every process calls it (the orbax save is collective); process 0 alone writes
+    the config and moves the folders, after a barrier that follows the save.
+    """
     out = check_out_dir(out_dir, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    lead = jax.process_index() == 0
+    tag = _shared_pid()
+    tmp = out.parent / f".{out.name}.tmp-{tag}"
+    old = out.parent / f".{out.name}.old-{tag}"
+    barrier = _barrier_names("save_model")
     try:
-        tmp.mkdir()
-        (tmp / CONFIG).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        if lead:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            (tmp / CONFIG).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        _sync(next(barrier))
         with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
             ckptr.save(tmp / PARAMS, args=ocp.args.StandardSave(params))
-        if out.is_dir() and any(out.iterdir()):  # --force: move the old one aside, drop it once replaced
-            out.rename(old)
-        tmp.replace(out)
+        _sync(next(barrier))
+        if lead:
+            if out.is_dir() and any(out.iterdir()):  # --force: move the old one aside, drop it once replaced
+                out.rename(old)
+            tmp.replace(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            old.rename(out)
+        if lead:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not out.exists():
+                old.rename(out)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if lead:
+        shutil.rmtree(old, ignore_errors=True)
+    _sync(next(barrier))  # nobody returns before the folder is in place
     return out
+
+
+_barrier_counter = itertools.count()
+
+
+def _barrier_names(prefix: str) -> Iterator[str]:
+    """Unique barrier names for one call (every process makes the same calls in the same order)."""
+    call = next(_barrier_counter)
+    return (f"onestory_{prefix}_{call}_{i}" for i in itertools.count())
+
+
+def _sync(name: str) -> None:
+    """Wait for all processes (nothing to do with one)."""
+    if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes(name)
+
+
+def _shared_pid() -> int:
+    """Process 0's pid, known to every process (names the temporary folders of a save)."""
+    if jax.process_count() == 1:
+        return os.getpid()
+    return int(multihost_utils.broadcast_one_to_all(np.int32(os.getpid())))
 
 
 def _require_checkpoint(ckpt_dir: str | Path) -> Path:

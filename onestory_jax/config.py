@@ -113,6 +113,8 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     log_every: int = 10
+    val_every: int = 0  # validation loss in sigma buckets every N steps (0 = off); workdir/val.csv
+    val_batches: int = 2  # held-out batches per validation
 
     def validate(self) -> None:
         for name in ("text_dropout", "context_dropout", "decoupled_warmup", "insertion_prob", "swap_order_prob"):
@@ -123,6 +125,8 @@ class TrainConfig:
             raise UserError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.steps < 1 or self.batch_size < 1:
             raise UserError("train.steps and train.batch_size must be >= 1")
+        if self.val_every < 0 or self.val_batches < 1:
+            raise UserError(f"train.val_every must be >= 0 and train.val_batches >= 1, got {self.val_every}, {self.val_batches}")
 
 
 # --- VAE config (owned by the VAE work; keep edits inside this section) ---

@@ -6,18 +6,18 @@ A NaN/inf loss stops the run without saving, so the last good checkpoint stays t
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import math
-import time
+import os
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import yaml
-from tqdm import tqdm
 
 from onestory_jax.checkpoint import check_stored_tree, quiet_failed_reads, save_model
 from onestory_jax.config import Config, to_dict
@@ -25,8 +25,36 @@ from onestory_jax.data.pipeline import make_dataset
 from onestory_jax.errors import UserError
 from onestory_jax.models.onestory import boxed_init_fn, memory_params_from_dit
 from onestory_jax.sharding import activate, batch_sharding, init_sharded, make_mesh
-from onestory_jax.training.optim import learning_rate_schedule, make_optimizer
+from onestory_jax.training.losses import loss_at_sigmas
+from onestory_jax.training.metrics import TrainMonitor
+from onestory_jax.training.optim import make_optimizer, trainable_mask
 from onestory_jax.training.step import TrainState, init_state, make_train_step
+
+VAL_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # validation timestep buckets (sigma at each bucket's centre)
+VAL_SEED_OFFSET = 7919  # the validation iterator and noise use train.seed + this
+
+
+def initialize_distributed() -> None:
+    """`jax.distributed.initialize()` for train.py --distributed.
+
+    The coordinator, process count and process id come from JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID when set, else from a detected cluster (SLURM, Open MPI,
+    TPU pods).
+    """
+    try:
+        n, i = (int(v) if (v := os.environ.get(k)) else None for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))
+    except ValueError:
+        raise UserError("JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers") from None
+    try:
+        jax.distributed.initialize(num_processes=n, process_id=i)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"--distributed: {str(e).strip().splitlines()[0]} (set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES "
+                        "and JAX_PROCESS_ID, or run under SLURM, Open MPI or on a TPU pod)") from None
+
+
+def _host_dataset(cfg: Config) -> grain.IterDataset:
+    """This process's share of the global batch."""
+    return make_dataset(cfg, cfg.train.batch_size // jax.process_count(), jax.process_index(), jax.process_count())
 
 
 def _global_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
@@ -34,8 +62,19 @@ def _global_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in batch.items()}
 
 
+def _check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+    if batch_size % jax.process_count():
+        raise UserError(f"train.batch_size={batch_size} is not divisible by {jax.process_count()} processes")
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % shards:
+        raise UserError(f"train.batch_size={batch_size} is not divisible by data x fsdp = {shards} batch shards")
+
+
 def _manager(workdir: Path, cfg: Config) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep_checkpoints, enable_async_checkpointing=True)
+    # cleanup_tmp_directories: a run killed mid-save leaves a '<step>.orbax-checkpoint-tmp-*' folder;
+    # orbax never lists it as a step, and this removes it when the next run starts.
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep_checkpoints, enable_async_checkpointing=True,
+                                           cleanup_tmp_directories=True)
     return ocp.CheckpointManager(workdir / "checkpoints", options=options, item_names=("state", "data"))
 
 
@@ -52,6 +91,56 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState, data_iter: Any) 
     return restored["state"]
 
 
+def _replicate_scalars(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+    """Put leaves made outside the mesh (step, rng, optimizer counts) on it, replicated, so that
+    every leaf is a global array (multi-process) and has one fixed sharding."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    on_mesh = lambda a: isinstance(a.sharding, jax.sharding.NamedSharding) and a.sharding.mesh == mesh
+    return jax.tree.map(lambda a: a if on_mesh(a) else jax.device_put(np.asarray(a), replicated), state)
+
+
+def _initial_state(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
+    """Fresh sharded train state and its optimizer."""
+    tc = cfg.train
+    params = init_sharded(boxed_init_fn(cfg), mesh, jax.random.key(tc.seed))
+    params["memory"] = memory_params_from_dit(cfg, params["dit"], jax.random.key(tc.seed + 1))
+    tx = make_optimizer(tc, params)
+    return _replicate_scalars(init_state(params, tx, tc.seed, ema=tc.ema_decay > 0), mesh), tx
+
+
+def _export_params(state: TrainState) -> Any:
+    """The weights train.py exports (and validates): the EMA if enabled, else the params."""
+    return state.ema if state.ema is not None else state.params
+
+
+class Validator:
+    """L_shot at the fixed sigmas `VAL_SIGMAS` on `train.val_batches` batches drawn once at the start
+    from an iterator with its own seed (the same records, other shuffle and augmentations), with
+    fixed noise and no dropout: successive evaluations differ only by the weights."""
+
+    def __init__(self, cfg: Config, mesh: jax.sharding.Mesh):
+        seed = cfg.train.seed + VAL_SEED_OFFSET
+        data = iter(_host_dataset(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))))
+        self.batches = [_global_batch(next(data), mesh) for _ in range(cfg.train.val_batches)]
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+        def losses(params: Any, batch: dict[str, jax.Array], index: jax.Array) -> jax.Array:
+            rng = jax.random.fold_in(jax.random.key(seed), index)
+            return loss_at_sigmas(params, batch, jnp.asarray(VAL_SIGMAS, jnp.float32), rng, cfg)
+
+        self._losses = jax.jit(losses, out_shardings=replicated)
+
+    def __call__(self, params: Any) -> dict[float, float]:
+        """Mean loss per sigma bucket over the held-out batches."""
+        per_batch = [np.asarray(self._losses(params, b, np.int32(i))) for i, b in enumerate(self.batches)]
+        return dict(zip(VAL_SIGMAS, np.mean(per_batch, axis=0).tolist()))
+
+
+def _due(step: int, every: int, end: int) -> bool:
+    """Whether 1-based `step` is on the interval `every` (0 = never) or the last step `end`."""
+    return every > 0 and (step % every == 0 or step == end)
+
+
 def train(cfg: Config, workdir: str | Path, progress: bool = True, stop_after: int | None = None) -> dict[str, float]:
     """Train to `cfg.train.steps` (resuming if `workdir` has checkpoints); returns the last metrics.
 
@@ -60,20 +149,14 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, stop_after: i
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
-    if tc.batch_size % jax.process_count():
-        raise UserError(f"train.batch_size={tc.batch_size} is not divisible by {jax.process_count()} processes")
     mesh = make_mesh(cfg.mesh)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if tc.batch_size % shards:
-        raise UserError(f"train.batch_size={tc.batch_size} is not divisible by data x fsdp = {shards} batch shards")
-    if jax.process_index() == 0:
+    _check_batch_size(tc.batch_size, mesh)
+    lead = jax.process_index() == 0
+    if lead:
         (workdir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    data_iter = iter(make_dataset(cfg, tc.batch_size // jax.process_count(), jax.process_index(), jax.process_count()))
+    data_iter = iter(_host_dataset(cfg))
     with activate(mesh):
-        params = init_sharded(boxed_init_fn(cfg), mesh, jax.random.key(tc.seed))
-        params["memory"] = memory_params_from_dit(cfg, params["dit"], jax.random.key(tc.seed + 1))
-        tx = make_optimizer(tc, params)
-        state = init_state(params, tx, tc.seed, ema=tc.ema_decay > 0)
+        state, tx = _initial_state(cfg, mesh)
         manager = _manager(workdir, cfg)
         if manager.latest_step() is not None:
             state = _restore(manager, state, data_iter)
@@ -81,49 +164,37 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, stop_after: i
         # executes the very same program as an uninterrupted one (bitwise-equal results on CPU).
         state_shardings = jax.tree.map(lambda a: a.sharding, state)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        step_fn = None
-        lr = learning_rate_schedule(tc)
         start = int(state.step)
         end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
-        metrics: dict[str, float] = {}
-        log = (workdir / "metrics.csv").open("a", newline="")
-        writer = csv.writer(log)
-        bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not progress)
-        t_last, tokens = time.perf_counter(), 0
+        dit_trains = any(jax.tree.leaves(trainable_mask(state.params, tc.trainable)["dit"]))
+        monitor = TrainMonitor(cfg, workdir, start, dit_trains, progress=progress and lead, write=lead)
+        validator = Validator(cfg, mesh) if tc.val_every > 0 else None
+        step_fn, metrics = None, {}
         try:
             for step in range(start, end):
-                batch = next(data_iter)
-                tokens += int(np.prod(batch["target"].shape[:2])) * (batch["target"].shape[2] // 2) * (batch["target"].shape[3] // 2)
-                global_batch = _global_batch(batch, mesh)
+                global_batch = _global_batch(next(data_iter), mesh)
                 if step_fn is None:
                     batch_shardings = jax.tree.map(lambda a: a.sharding, global_batch)
                     step_fn = jax.jit(make_train_step(cfg, tx), donate_argnums=0, in_shardings=(state_shardings, batch_shardings),
                                       out_shardings=(state_shardings, replicated))
                 state, m = step_fn(state, global_batch)
-                if (step + 1) % tc.log_every == 0 or step + 1 == end:
+                monitor.count({k: v.shape for k, v in global_batch.items()})
+                if _due(step + 1, tc.log_every, end):
                     metrics = {k: float(v) for k, v in m.items()}
                     if not all(math.isfinite(v) for v in metrics.values()):
                         raise UserError(f"non-finite loss at step {step + 1} ({metrics}); stopped without saving: the "
                                         f"last good checkpoint is step {manager.latest_step()} in {workdir / 'checkpoints'}")
-                    dt = time.perf_counter() - t_last
-                    rate = tc.log_every / dt if dt > 0 else float("nan")
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", l_sel=f"{metrics['l_sel']:.4f}",
-                                    gnorm=f"{metrics['grad_norm']:.3f}", lr=f"{float(lr(step)):.2e}",
-                                    tok_s=f"{tokens / dt:.0f}" if dt > 0 else "-", step_s=f"{rate:.2f}")
-                    if jax.process_index() == 0:
-                        writer.writerow([step + 1, time.time(), *(f"{metrics[k]:.6g}" for k in sorted(metrics))])
-                        log.flush()
-                    t_last, tokens = time.perf_counter(), 0
-                bar.update(1)
-                if (step + 1) % tc.checkpoint_every == 0 or step + 1 == end:
+                    monitor.log(step + 1, metrics)
+                if validator is not None and _due(step + 1, tc.val_every, tc.steps):
+                    with monitor.paused():
+                        monitor.log_validation(step + 1, validator(_export_params(state)))
+                if _due(step + 1, tc.checkpoint_every, end):
                     manager.save(step + 1, args=ocp.args.Composite(
                         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)))
         finally:
-            bar.close()
-            log.close()
+            monitor.close()
             manager.wait_until_finished()
             manager.close()
-        if int(state.step) == tc.steps and jax.process_count() == 1:
-            export = state.ema if state.ema is not None else state.params
-            save_model(workdir / "model" / "onestory", export, cfg, force=True)
+        if int(state.step) == tc.steps:
+            save_model(workdir / "model" / "onestory", _export_params(state), cfg, force=True)
     return metrics
