@@ -32,9 +32,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.distributed:
         initialize_distributed()
+    from onestory_jax.training.vae_stage import train_vae
 
     cfg = load_config(args.config, args.overrides)
-    metrics = train(cfg, args.workdir, progress=not args.no_progress, stop_after=args.stop_after)
+    metrics = (train_vae if cfg.train.stage == "vae" else train)(cfg, args.workdir, progress=not args.no_progress, stop_after=args.stop_after)
     print("done: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
     return 0
 

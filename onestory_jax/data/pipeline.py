@@ -83,18 +83,23 @@ def three_shot_example(video: dict[str, np.ndarray], rng: np.random.Generator, o
 def make_dataset(cfg: Config, batch_size: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """Infinite, seeded, per-host iterator of batched three-shot examples."""
     path = Path(cfg.train.data)
-    if not path.is_file():
-        raise UserError(f"training data '{path}' does not exist (train.data=PATH of prepared records)")
-    source = grain.sources.ArrayRecordDataSource([str(path)])
+    files = sorted(path.glob("*.arrayrecord")) if path.is_dir() else [path]
+    if not path.exists() or not files:
+        raise UserError(f"training data '{path}' does not exist or holds no .arrayrecord files "
+                        "(train.data=PATH: a records file or folder from onestory_jax.data.prepare)")
+    source = grain.sources.ArrayRecordDataSource([str(f) for f in files])
     if len(source) == 0:
         raise UserError(f"training data '{path}' holds no records")
+    one_per_file = len(source) == len(files)
+
+    def read(i: int) -> dict[str, np.ndarray]:
+        return decode_record(source[i], f"{i} ({files[i].name})" if one_per_file else i)
 
     def other(rng: np.random.Generator) -> dict[str, np.ndarray]:
-        i = int(rng.integers(0, len(source)))
-        return decode_record(source[i], i)
+        return read(int(rng.integers(0, len(source))))
 
     ds = grain.MapDataset.range(len(source))[process_index::process_count]
     ds = ds.shuffle(seed=cfg.train.seed).repeat(None)
-    ds = ds.map(lambda i: decode_record(source[int(i)], int(i)))
+    ds = ds.map(lambda i: read(int(i)))
     ds = ds.random_map(lambda video, rng: three_shot_example(video, rng, other, cfg), seed=cfg.train.seed)
     return ds.batch(batch_size, drop_remainder=True).to_iter_dataset()

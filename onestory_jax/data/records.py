@@ -33,7 +33,7 @@ def encode_record(video: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def decode_record(data: bytes, index: int | None = None) -> dict[str, np.ndarray]:
+def decode_record(data: bytes, index: int | str | None = None) -> dict[str, np.ndarray]:
     """Parse a record; a corrupt one is a UserError naming it."""
     try:
         with np.load(io.BytesIO(data)) as z:

@@ -18,16 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from onestory_jax import checkpoint
-from onestory_jax.config import CONFIG_DIR, Config, apply_overrides, from_dict, load_config, to_dict
+from onestory_jax.config import Config, apply_overrides, from_dict, load_config, to_dict
 from onestory_jax.errors import UserError
-from onestory_jax.models import image_encoder, text_encoder, vae
+from onestory_jax.models import byte_tokenizer, image_encoder, text_encoder, vae
 from onestory_jax.models.dit import init_fn as dit_init_fn
 from onestory_jax.models.embedding_cache import EmbeddingCache, encoder_identity
 from onestory_jax.models.onestory import memory_init_fn, memory_params_from_dit
 from onestory_jax.sampling.pipeline import Components
 from onestory_jax.sharding import activate, init_sharded, make_mesh
 
-BYTE_TOKENIZER = CONFIG_DIR / "tokenizers" / "bytes"  # for random-weight models: any text, no download
+BYTE_TOKENIZER = byte_tokenizer.OUT  # for random-weight models: any text, no download
 
 
 def component_init_fns(cfg: Config) -> dict[str, Any]:
@@ -68,8 +68,12 @@ def is_model_folder(path: Path) -> bool:
 
 
 def model_folder_config(folder: Path) -> Config:
-    """Config of a model folder: the onestory/ (or dit/) checkpoint's, with each frozen part's own section."""
-    cfg = checkpoint.load_config_from_checkpoint(folder / ("onestory" if (folder / "onestory").is_dir() else "dit"))
+    """Config of a model folder: the onestory/ (or dit/, or a frozen part's) checkpoint's, with each
+    frozen part's own section."""
+    base = next((folder / p for p in ("onestory", "dit", *FROZEN_PARTS) if (folder / p).is_dir()), None)
+    if base is None:
+        raise UserError(f"'{folder}' is not a model folder: it has none of onestory/, dit/, {'/, '.join(FROZEN_PARTS)}/")
+    cfg = checkpoint.load_config_from_checkpoint(base)
     sections = {part: getattr(checkpoint.load_config_from_checkpoint(folder / part), part)
                 for part in FROZEN_PARTS if (folder / part).is_dir()}
     return dataclasses.replace(cfg, **sections).validate()
@@ -92,8 +96,14 @@ def load_model_folder(folder: Path, cfg: Config, mesh: jax.sharding.Mesh, seed: 
         warnings.warn(f"'{folder}' lacks {', '.join(missing)}/: using RANDOM weights for them "
                       "(convert them into the folder, see docs/conversion.md)", stacklevel=2)
         params.update({p: v for p, v in random_params(cfg, mesh, seed).items() if p in missing})
-    params.update({p: checkpoint.load_params(folder / p, mesh, cfg, fns[p]) for p in frozen if p not in missing})
+    params.update(load_frozen_parts(folder, cfg, mesh, [p for p in frozen if p not in missing]))
     return params
+
+
+def load_frozen_parts(folder: Path, cfg: Config, mesh: jax.sharding.Mesh, parts: list[str]) -> dict[str, Any]:
+    """The converted or trained frozen parts (vae, text_encoder, image_encoder) of a model folder."""
+    fns = component_init_fns(cfg)
+    return {p: checkpoint.load_params(folder / p, mesh, cfg, fns[p]) for p in parts}
 
 
 def load_checkpoint_params(ckpt: Path, cfg: Config, mesh: jax.sharding.Mesh, seed: int) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from onestory_jax.data.video import read_video  # noqa: F401  (re-exported: outputs are read back)
 from onestory_jax.errors import UserError
 
 
@@ -72,22 +73,6 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
-
-
-def read_video(path: Path) -> np.ndarray:
-    """Read all frames of a video as uint8 [T, H, W, 3]; unreadable files are a UserError."""
-    try:
-        import av
-
-        with av.open(str(path)) as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    except ImportError:
-        raise UserError("reading video needs PyAV: pip install 'onestory-jax[video]'") from None
-    except Exception as e:  # av raises many error types for bad files
-        raise UserError(f"cannot read video '{path}': {e}") from None
-    if not frames:
-        raise UserError(f"video '{path}' has no frames")
-    return np.stack(frames)
 
 
 def contact_sheet(path: Path, shots: Sequence[np.ndarray], per_shot: int = 5, max_width: int = 2000) -> None:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from onestory_jax.config import Config, to_dict
 from onestory_jax.diffusion.schedule import make_schedule
+from onestory_jax.data.video import resize_frame
 from onestory_jax.errors import UserError
 from onestory_jax.models.image_encoder import load_image
 from onestory_jax.models.memory import frames_per_patchifier
@@ -27,7 +28,6 @@ from onestory_jax.sampling.generate import GenerationSpec, ShotRecord, StoryInpu
 from onestory_jax.sampling.story import Story, story_to_dict
 
 LATENT_CHANNELS = 16
-SPATIAL_DOWN = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,7 @@ def _load_image(path: Path, width: int, height: int) -> np.ndarray:
     image = load_image(path)
     if min(image.shape[:2]) < 16:
         raise UserError(f"start image '{path}' is too small ({image.shape[1]}x{image.shape[0]})")
-    return _resize_frame(image, width, height)
+    return resize_frame(image, width, height)
 
 
 def render_story(cfg: Config, params: dict, comps: Components, story: Story, out: Path, progress: bool = True,
@@ -84,7 +84,7 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
     On a mesh whose `data` axis has 2 devices, the CFG pair is split across them.
     """
     s = story.settings
-    t_lat, h, w = story.latent_frames, s.height // SPATIAL_DOWN, s.width // SPATIAL_DOWN
+    t_lat, h, w = story.latent_frames, s.height // cfg.vae.spatial_factor, s.width // cfg.vae.spatial_factor
     latent_shape = (t_lat, h, w, LATENT_CHANNELS)
     n = len(story.shots)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +98,7 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
         frames = s.frames
         if len(video) < frames:
             raise UserError(f"start_video has {len(video)} frames; the story's shots have {frames} (4k+1)")
-        clip = np.stack([_resize_frame(f, s.width, s.height) for f in video[:frames]])
+        clip = np.stack([resize_frame(f, s.width, s.height) for f in video[:frames]])
         finished = [np.asarray(comps.encode_video(clip))]
     if story.start_image is not None:
         image = _load_image(story.start_image, s.width, s.height)
@@ -186,14 +186,3 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
                 "latent_shape": list(latent_shape)}
     outputs.save_json(out / "manifest.json", manifest)
     return manifest
-
-
-def _resize_frame(frame: np.ndarray, width: int, height: int) -> np.ndarray:
-    """uint8 [H, W, 3] -> centre-cropped, resized float [height, width, 3] in [-1, 1]."""
-    from PIL import Image
-
-    img = Image.fromarray(frame)
-    scale = max(width / img.width, height / img.height)
-    img = img.resize((max(width, round(img.width * scale)), max(height, round(img.height * scale))), Image.BICUBIC)
-    left, top = (img.width - width) // 2, (img.height - height) // 2
-    return np.asarray(img.crop((left, top, left + width, top + height)), np.float32) / 127.5 - 1.0

@@ -1,0 +1,216 @@
+"""Prepare training records: videos -> shots -> VAE latents, caption embeddings, pseudo-label features.
+
+    python -m onestory_jax.data.prepare --model DIR --out DIR --videos DIR --captions FILE.jsonl \\
+        [--boundaries FILE.jsonl] [--embedder pixel|dinov2:PATH|clip:PATH ...]
+    python -m onestory_jax.data.prepare --model DIR --out DIR --synthetic N [--seed S]
+
+--model is a model folder holding the frozen parts (vae/, text_encoder/, image_encoder/ for I2V,
+tokenizer/): converted Wan2.1 weights or the embedded default's. --captions has one JSON object a
+line, {"video": "NAME.mp4", "captions": ["shot 1", ...]}; --boundaries, {"video": "NAME.mp4",
+"shots": [[start, end), ...]} in frames; videos without boundaries are cut by a frame-difference
+detector. --synthetic renders procedural stories (onestory_jax.data.synthetic) instead.
+
+Every shot is centre-cropped and resized to --size, sampled to --frames (4k+1) frames and
+VAE-encoded; its caption is encoded by the umT5; each latent frame's middle pixel frame is embedded
+for the pseudo-labels; shot 1 also gets an augmented copy (flip, crop, colour jitter) and CLIP
+tokens of its first frame. Each video becomes DIR/records/ID.arrayrecord (atomic), listed in
+DIR/manifest.json; a re-run skips videos already written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from onestory_jax.data.embedders import Embedder, combined, load_embedder
+from onestory_jax.data.records import write_records
+from onestory_jax.data.video import detect_shots, read_video, resize_frame, sample_frames
+from onestory_jax.errors import UserError, run_cli
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+Shots = list[np.ndarray]  # uint8 [T, H, W, 3] per shot
+
+
+def latent_frame_middles(frames: int) -> list[int]:
+    """Pixel frame at the middle of each latent frame's span (frame 0, then groups of 4)."""
+    return [0] + [4 * j - 2 for j in range(1, (frames - 1) // 4 + 1)]
+
+
+def augment(clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The augmented first shot: horizontal flip, a random crop (80-100%) resized back, colour jitter.
+
+    clip float [T, H, W, 3] in [-1, 1] -> same shape."""
+    t, h, w, _ = clip.shape
+    scale = rng.uniform(0.8, 1.0)
+    ch, cw = int(h * scale), int(w * scale)
+    y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    frames = to_uint8(clip[:, y:y + ch, x:x + cw, ::-1])
+    out = np.stack([resize_frame(f, w, h) for f in frames])
+    brightness, contrast = rng.uniform(-0.15, 0.15), rng.uniform(0.8, 1.2)
+    gains = rng.uniform(0.9, 1.1, 3)
+    mean = out.mean(axis=(1, 2, 3), keepdims=True)
+    return np.clip((out - mean) * contrast + mean + brightness, -1, 1) * gains.clip(max=1.0)
+
+
+def to_uint8(clip: np.ndarray) -> np.ndarray:
+    return np.round((np.clip(clip, -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
+def encode_video(video_id: str, shots: Shots, captions: list[str], comps: Any, embed: Embedder,
+                 frames: int, size: tuple[int, int], seed: int) -> dict[str, np.ndarray]:
+    """One record (onestory_jax.data.records) from a video's shots and captions."""
+    width, height = size
+    clips = [np.stack([resize_frame(f, width, height) for f in sample_frames(s, frames)]) for s in shots]
+    latents = np.stack([comps.encode_video(c) for c in clips])
+    text = np.concatenate([comps.encode_text([c]) for c in captions])  # [S, text_len, D], zero-padded; one shape, one compile
+    lengths = np.maximum((np.abs(text).sum(-1) > 0).sum(-1), 1).astype(np.int32)
+    text = text[:, : int(lengths.max())]
+    middles = latent_frame_middles(frames)
+    embeddings = np.stack([embed(to_uint8(c[middles])) for c in clips])
+    rng = np.random.default_rng([seed, zlib.crc32(video_id.encode())])
+    record = {
+        "latents": latents.astype(np.float32), "text": text.astype(np.float32), "text_lengths": lengths,
+        "frame_embeddings": embeddings, "augmented_first": comps.encode_video(augment(clips[0], rng)).astype(np.float32),
+        "image_tokens": (comps.encode_image(clips[0][0]) if comps.encode_image else np.zeros((1, 1))).astype(np.float32),
+        "id": np.bytes_(video_id),
+    }
+    return record
+
+
+def _jsonl(path: Path | None, key: str) -> dict[str, Any]:
+    """{video name: value of `key`} from a JSONL file; errors name the line."""
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise UserError(f"'{path}' does not exist")
+    out = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out[str(row["video"])] = row[key]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{path}:{n}: expected {{\"video\": ..., \"{key}\": ...}} ({e})") from None
+    return out
+
+
+def real_videos(folder: Path, captions_file: Path, boundaries_file: Path | None) -> Iterator[tuple[str, Any]]:
+    """(id, loader -> (shots, captions)) per video of `folder` that has captions."""
+    if not folder.is_dir():
+        raise UserError(f"--videos '{folder}' is not a directory")
+    captions, bounds = _jsonl(captions_file, "captions"), _jsonl(boundaries_file, "shots")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    if not files:
+        raise UserError(f"--videos '{folder}' holds no videos ({', '.join(VIDEO_SUFFIXES)})")
+    for path in files:
+        if path.name not in captions:
+            raise UserError(f"video '{path.name}' has no captions in '{captions_file}'")
+
+        def load(path: Path = path) -> tuple[Shots, list[str]]:
+            video = read_video(path)
+            spans = [tuple(s) for s in bounds[path.name]] if path.name in bounds else detect_shots(video)
+            caps = list(captions[path.name])
+            if len(caps) != len(spans):
+                raise UserError(f"video '{path.name}': {len(spans)} shots but {len(caps)} captions")
+            bad = [s for s in spans if not 0 <= s[0] < s[1] <= len(video)]
+            if bad:
+                raise UserError(f"video '{path.name}': shot {bad[0]} is outside its {len(video)} frames")
+            return [video[a:b] for a, b in spans], caps
+
+        yield path.stem, load
+
+
+def synthetic_videos(count: int, seed: int, frames: int, size: int) -> Iterator[tuple[str, Any]]:
+    """(id, loader) per procedural story; one in five is a two-shot story (for shot inflation)."""
+    from onestory_jax.data import synthetic
+
+    for i in range(seed, seed + count):
+        def load(i: int = i) -> tuple[Shots, list[str]]:
+            n_shots = 2 if i % 5 == 0 else None
+            story = synthetic.make_story(i, n_shots, "main_subject" if n_shots == 2 else None)
+            return [v for v, _ in synthetic.render_story(story, frames, size)], [s.caption for s in story.shots]
+
+        yield f"synthetic-{i:06d}", load
+
+
+def prepare(args: argparse.Namespace) -> Path:
+    """Write records + manifest; returns the output folder."""
+    if (args.frames - 1) % 4:
+        raise UserError(f"--frames must be 4k+1 (e.g. 17, 81), got {args.frames}")
+    width, height = args.size
+    names, embedders = zip(*[load_embedder(s) for s in args.embedder or ["pixel"]])
+    if args.synthetic:
+        videos = synthetic_videos(args.synthetic, args.seed, args.frames, width)
+    else:
+        if args.videos is None or args.captions is None:
+            raise UserError("give --videos DIR with --captions FILE.jsonl, or --synthetic N")
+        videos = real_videos(args.videos, args.captions, args.boundaries)
+
+    from onestory_jax.sampling.components import FROZEN_PARTS, build_components, load_frozen_parts, model_folder_config
+    from onestory_jax.sharding import activate, make_mesh
+
+    cfg = model_folder_config(args.model)
+    parts = [p for p in FROZEN_PARTS if p != "image_encoder" or cfg.dit.has_image_branch]
+    missing = [p for p in parts + ["tokenizer"] if not (args.model / p).is_dir()]
+    if missing:
+        raise UserError(f"model folder '{args.model}' lacks {', '.join(missing)}/ (see docs/conversion.md)")
+    if width % cfg.vae.spatial_factor or height % cfg.vae.spatial_factor:
+        raise UserError(f"--size must be a multiple of the VAE's {cfg.vae.spatial_factor}")
+    mesh = make_mesh(cfg.mesh)
+    records = args.out / "records"
+    records.mkdir(parents=True, exist_ok=True)
+    embed = combined(list(embedders))
+    done: list[dict[str, Any]] = []
+    with activate(mesh):
+        comps = build_components(cfg, load_frozen_parts(args.model, cfg, mesh, parts), args.model / "tokenizer")
+        videos = list(videos)
+        for video_id, load in tqdm(videos, desc="prepare", unit="video", disable=args.no_progress):
+            path = records / f"{video_id}.arrayrecord"
+            if not path.is_file():
+                shots, captions = load()
+                write_records(path, [encode_video(video_id, shots, captions, comps, embed, args.frames, (width, height), args.seed)])
+            done.append({"id": video_id, "file": str(path.relative_to(args.out))})
+    manifest = {"model": str(args.model), "frames": args.frames, "size": [width, height], "embedders": list(names),
+                "videos": done}
+    tmp = args.out / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(args.out / "manifest.json")
+    return args.out
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got '{text}'") from None
+    return w, h
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True, help="model folder with vae/, text_encoder/, image_encoder/, tokenizer/")
+    ap.add_argument("--out", type=Path, required=True, help="output folder (records/ and manifest.json); re-runs resume")
+    ap.add_argument("--videos", type=Path, help="folder of videos")
+    ap.add_argument("--captions", type=Path, help='JSONL: {"video": NAME, "captions": [...]} per video')
+    ap.add_argument("--boundaries", type=Path, help='JSONL: {"video": NAME, "shots": [[start, end], ...]} (default: detected)')
+    ap.add_argument("--synthetic", type=int, help="render N procedural stories instead of reading videos")
+    ap.add_argument("--seed", type=int, default=0, help="first synthetic story; augmentation seed")
+    ap.add_argument("--frames", type=int, default=17, help="frames per shot (4k+1)")
+    ap.add_argument("--size", type=_size, default=(64, 64), help="WIDTHxHEIGHT (default 64x64)")
+    ap.add_argument("--embedder", action="append", help="pixel (default), dinov2:PATH, clip:PATH; repeat to average")
+    ap.add_argument("--no-progress", action="store_true")
+    out = prepare(ap.parse_args(argv))
+    print(f"records in {out / 'records'}; manifest {out / 'manifest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,99 @@
+"""Data preparation (videos or synthetic stories -> records), the shot detector and the VAE stage."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from onestory_jax.config import load_config
+from onestory_jax.data import synthetic
+from onestory_jax.data.pipeline import make_dataset
+from onestory_jax.data.video import detect_shots
+from onestory_jax.sampling.components import random_params
+from onestory_jax.sampling.outputs import write_mp4
+from onestory_jax.sharding import activate, make_mesh
+from onestory_jax.training.vae_stage import export_frozen_parts, train_vae
+
+SIZE = "32x32"
+
+
+def story_video() -> tuple[np.ndarray, list[str]]:
+    """Three shots of 9 frames at 32x32 in three scenes, cut together, and their captions."""
+    story = synthetic.make_story(0, 3, "insert_recall")
+    shots = synthetic.render_story(story, frames=9, size=32)
+    return np.concatenate([v for v, _ in shots]), [s.caption for s in story.shots]
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    """A tiny model folder of frozen parts (random weights), as the VAE stage exports it."""
+    cfg = load_config("tiny")
+    mesh = make_mesh(cfg.mesh)
+    with activate(mesh):
+        params = random_params(cfg, mesh, 0)
+    return export_frozen_parts(cfg, params, tmp_path_factory.mktemp("model") / "model")
+
+
+def prepare(*args):
+    return subprocess.run([sys.executable, "-m", "onestory_jax.data.prepare", "--no-progress", "--size", SIZE,
+                           "--frames", "5", *map(str, args)], capture_output=True, text=True)
+
+
+def test_shot_detector_finds_the_cuts():
+    video, _ = story_video()
+    assert detect_shots(video) == [(0, 9), (9, 18), (18, 27)]
+
+
+def test_videos_become_records_and_a_rerun_resumes(tmp_path, model_folder):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    video, captions = story_video()
+    write_mp4(videos / "clip.mp4", video, fps=8)
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"video": "clip.mp4", "captions": captions}) + "\n")
+    out = tmp_path / "prepared"
+    r = prepare("--model", model_folder, "--out", out, "--videos", videos, "--captions", tmp_path / "captions.jsonl")
+    assert r.returncode == 0, r.stderr
+    record = out / "records" / "clip.arrayrecord"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [v["id"] for v in manifest["videos"]] == ["clip"] and manifest["embedders"] == ["pixel"]
+    cfg = load_config("configs/train/tiny.yaml", [f"train.data={out / 'records'}", "train.insertion_prob=0"])
+    batch = next(iter(make_dataset(cfg, 2)))
+    assert batch["target"].shape == (2, 2, 4, 4, 16) and batch["memory"].shape == (2, 4, 4, 4, 16)
+    assert np.isfinite(batch["labels"]).all()
+    mtime = record.stat().st_mtime_ns
+    assert prepare("--model", model_folder, "--out", out, "--videos", videos, "--captions", tmp_path / "captions.jsonl").returncode == 0
+    assert record.stat().st_mtime_ns == mtime  # skipped, not rewritten
+
+
+def test_bad_inputs_are_one_clear_line(tmp_path, model_folder):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    video, captions = story_video()
+    write_mp4(videos / "clip.mp4", video, fps=8)
+    (tmp_path / "c.jsonl").write_text(json.dumps({"video": "clip.mp4", "captions": captions[:1]}) + "\n")
+    r = prepare("--model", model_folder, "--out", tmp_path / "o", "--videos", videos, "--captions", tmp_path / "c.jsonl")
+    assert r.returncode == 2 and "3 shots but 1 captions" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = prepare("--model", tmp_path, "--out", tmp_path / "o", "--synthetic", "1")
+    assert r.returncode == 2 and "not a model folder" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_synthetic_stories_prepare(tmp_path, model_folder):
+    r = prepare("--model", model_folder, "--out", tmp_path / "syn", "--synthetic", "2", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "syn" / "records").glob("*.arrayrecord"))) == 2
+
+
+def test_vae_stage_learns_and_exports_the_frozen_parts(tmp_path):
+    cfg = load_config("tiny", ["train.stage=vae", "train.steps=12", "train.batch_size=2", "train.clip_size=16",
+                               "train.learning_rate=3e-3", "train.lr_warmup_steps=1", "train.log_every=1",
+                               "train.checkpoint_every=12"])
+    first = train_vae(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=1)), tmp_path / "one", progress=False)
+    last = train_vae(cfg, tmp_path / "w", progress=False)
+    assert last["mse"] < first["mse"]
+    model = tmp_path / "w" / "model"
+    assert all((model / p).is_dir() for p in ("vae", "text_encoder", "image_encoder", "tokenizer"))
+    saved = (model / "vae" / "config.yaml").read_text()
+    assert "latents_mean: []" not in saved  # measured statistics travel with the VAE
