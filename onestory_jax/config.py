@@ -92,6 +92,9 @@ class MemoryConfig:
 class TrainConfig:
     """Optimisation and OneStory training recipe (paper section 5; DESIGN.md defaults)."""
 
+    # onestory: DiT + memory modules on prepared records; vae: the small VAE of the embedded default
+    # on synthetic story clips (it also writes the frozen random text/image encoders beside it).
+    stage: Literal["onestory", "vae"] = "onestory"
     seed: int = 0
     steps: int = 1000
     batch_size: int = 1
@@ -115,6 +118,12 @@ class TrainConfig:
     log_every: int = 10
     val_every: int = 0  # validation loss in sigma buckets every N steps (0 = off); workdir/val.csv
     val_batches: int = 2  # held-out batches per validation
+    # vae stage: clips of 1 + 4k frames at this size; noise added to latents so the decoder
+    # tolerates imperfect generated latents; weight of the latent L2 penalty.
+    clip_frames: int = 5
+    clip_size: int = 64  # crop of the 64x64 renders
+    latent_noise: float = 0.1
+    latent_penalty: float = 1e-3
 
     def validate(self) -> None:
         for name in ("text_dropout", "context_dropout", "decoupled_warmup", "insertion_prob", "swap_order_prob"):
