@@ -3,6 +3,8 @@
 import os
 import sys
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
@@ -11,3 +13,22 @@ import jax  # noqa: E402
 
 # fp32 parity tests mean fp32: no TF32 matmuls when the suite runs on a GPU.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def records(tmp_path_factory):
+    """Prepared training records for train.py tests (tests/train_runs.py)."""
+    from train_runs import write_test_records
+
+    return write_test_records(tmp_path_factory.mktemp("data") / "train.arrayrecord")
+
+
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory, records):
+    """Workdir of one uninterrupted tiny train.py run (6 steps): the reference of the resume tests."""
+    from train_runs import run_train
+
+    workdir = tmp_path_factory.mktemp("straight") / "w"
+    r = run_train(workdir, records)
+    assert r.returncode == 0, r.stderr
+    return workdir

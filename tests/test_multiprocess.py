@@ -1,0 +1,111 @@
+"""train.py --distributed with 2 processes x 4 CPU devices on localhost (jax.distributed, gloo
+collectives) trains like one process with 8 devices on the same mesh fed the same global batches.
+
+Run as a script (`python tests/test_multiprocess.py WORKDIR RECORDS`), this file is that
+single-process reference: train.py's loop with each global batch made of host 0's rows, then
+host 1's, from the very per-host pipelines the two processes use.
+"""
+
+from __future__ import annotations
+
+import csv
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from train_runs import MESH, ROOT, TINY, assert_same_params, train_cmd, train_env
+
+HOSTS = 2
+EXTRA = ("train.val_every=6", "train.val_batches=1")  # one validation, at the end
+
+
+def two_host_dataset(cfg, batch_size: int, process_index: int = 0, process_count: int = 1):
+    """The global batches of a `HOSTS`-process run, in one process: host 0's rows, then host 1's..."""
+    import grain
+
+    from onestory_jax.data.pipeline import make_dataset
+
+    hosts = [make_dataset(cfg, batch_size // HOSTS, i, HOSTS) for i in range(HOSTS)]
+    merge = lambda b: {k: v.reshape(-1, *v.shape[2:]) for k, v in b.items()}
+    return grain.IterDataset.mix(hosts).batch(HOSTS).map(merge)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_all(procs: list[subprocess.Popen], timeout: float = 400) -> list[str]:
+    """Wait for every process (killing all on a timeout); their outputs, each must have succeeded."""
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out
+    return outs
+
+
+def distributed_run(workdir: Path, records: Path) -> list[str]:
+    coordinator = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen(train_cmd(workdir, records, "--distributed", *EXTRA), cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=train_env(devices=8 // HOSTS, JAX_COORDINATOR_ADDRESS=coordinator,
+                                            JAX_NUM_PROCESSES=str(HOSTS), JAX_PROCESS_ID=str(i)))
+             for i in range(HOSTS)]
+    return run_all(procs)
+
+
+def reference_run(workdir: Path, records: Path) -> list[str]:
+    cmd = [sys.executable, __file__, str(workdir), str(records)]
+    return run_all([subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env=train_env(devices=8))])
+
+
+def column(path: Path, name: str) -> np.ndarray:
+    with path.open(newline="") as f:
+        return np.array([float(row[name]) for row in csv.DictReader(f)])
+
+
+def test_two_processes_match_one(tmp_path, records):
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    distributed_run(multi, records)
+    reference_run(single, records)
+    for name in ("metrics.csv", "val.csv"):
+        np.testing.assert_allclose(column(multi / name, "loss"), column(single / name, "loss"), rtol=1e-6, err_msg=name)
+    assert column(multi / "metrics.csv", "step").tolist() == [1, 2, 3, 4, 5, 6]
+    assert column(multi / "val.csv", "bucket").tolist() == [0.1, 0.3, 0.5, 0.7, 0.9]
+    assert_same_params(multi, single, atol=1e-6)
+    assert (multi / "model" / "onestory" / "config.yaml").is_file()
+    assert not list(multi.joinpath("model").glob(".*"))  # the export's temporary folders are gone
+
+
+def test_distributed_without_a_coordinator_is_one_line(tmp_path, records):
+    env = {k: v for k, v in train_env().items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))}
+    r = subprocess.run(train_cmd(tmp_path / "w", records, "--distributed"), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "JAX_COORDINATOR_ADDRESS" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    env["JAX_PROCESS_ID"] = "first"
+    r = subprocess.run(train_cmd(tmp_path / "w", records, "--distributed"), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "must be integers" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def main(workdir: str, records: str) -> None:
+    """The single-process reference run (see the module docstring)."""
+    from onestory_jax.config import load_config
+    from onestory_jax.training import loop
+
+    loop.make_dataset = two_host_dataset
+    loop.train(load_config(str(ROOT / TINY), [f"train.data={records}", *MESH, *EXTRA]), workdir, progress=False)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

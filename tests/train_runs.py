@@ -1,0 +1,82 @@
+"""Helpers for tests that run train.py as a subprocess on the tiny preset (fixtures: conftest.py)."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from onestory_jax.data.records import synthetic_videos, write_records
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "configs/train/tiny.yaml"
+# 8 host devices (tests/conftest.py): batch over data, tokens over sequence, heads over tensor.
+MESH = ("mesh.data=2", "mesh.fsdp=1", "mesh.sequence=2", "mesh.tensor=2")
+
+# One persistent XLA compilation cache for every train.py of this test session: the runs compile
+# the same programs, and a cached executable is the very same program (bitwise results hold).
+CACHE_DIR = Path(tempfile.mkdtemp(prefix="onestory-jax-cache-"))
+atexit.register(shutil.rmtree, CACHE_DIR, True)
+
+
+def write_test_records(path: Path) -> Path:
+    """Six two-shot and two three-shot synthetic videos (both example kinds, inflation included)."""
+    videos = synthetic_videos(6, 2, 2, (8, 8), 32, (4, 16)) + synthetic_videos(2, 3, 2, (8, 8), 32, (4, 16), seed=1)
+    write_records(path, videos)
+    return path
+
+
+def train_env(devices: int = 8, **extra: str) -> dict[str, str]:
+    """Environment of a train.py subprocess: `devices` host CPU devices, the shared compile cache."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_COMPILATION_CACHE_DIR": str(CACHE_DIR), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **extra}
+
+
+def train_cmd(workdir: Path, records: Path, *extra: str) -> list[str]:
+    return [sys.executable, "train.py", "--config", TINY, "--workdir", str(workdir), "--no-progress",
+            f"train.data={records}", *MESH, *extra]
+
+
+def run_train(workdir: Path, records: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(workdir, records, *extra), capture_output=True, text=True, cwd=ROOT, env=train_env())
+
+
+def start_train(workdir: Path, records: Path, *extra: str, **env: str) -> subprocess.Popen:
+    """train.py in the background (stderr to workdir.log, beside the workdir)."""
+    log = workdir.with_suffix(".log").open("w")
+    return subprocess.Popen(train_cmd(workdir, records, *extra), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                            env=train_env(**env))
+
+
+def final_params(workdir: Path) -> tuple[dict, int]:
+    """Flat params of the latest checkpoint (onto one device, whatever devices saved it), and its step."""
+    with ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data")) as m:
+        step = m.latest_step()
+    path = workdir / "checkpoints" / str(step) / "state"
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(path).item_metadata.tree
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), stored)
+        state = ckptr.restore(path, target)
+    return ocp.tree.to_flat_dict(state["params"]), step
+
+
+def assert_same_params(a: Path, b: Path, atol: float = 0.0) -> None:
+    """The latest checkpoints of two workdirs hold the same step and params (bitwise by default)."""
+    (flat_a, step_a), (flat_b, step_b) = final_params(a), final_params(b)
+    assert step_a == step_b, (step_a, step_b)
+    assert flat_a.keys() == flat_b.keys()
+    for k in flat_a:
+        if atol:
+            np.testing.assert_allclose(np.asarray(flat_a[k]), np.asarray(flat_b[k]), rtol=0, atol=atol, err_msg=str(k))
+        else:
+            np.testing.assert_array_equal(np.asarray(flat_a[k]), np.asarray(flat_b[k]), err_msg=str(k))
