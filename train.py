@@ -13,6 +13,7 @@ or a detected cluster: TPU pods, SLURM, Open MPI).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from onestory_jax.errors import run_cli
 
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     from onestory_jax.training.vae_stage import train_vae
 
     cfg = load_config(args.config, args.overrides)
-    metrics = (train_vae if cfg.train.stage == "vae" else train)(cfg, args.workdir, progress=not args.no_progress, stop_after=args.stop_after)
+    workdir = Path(args.workdir).absolute()  # orbax writes absolute paths only
+    metrics = (train_vae if cfg.train.stage == "vae" else train)(cfg, workdir, progress=not args.no_progress, stop_after=args.stop_after)
     print("done: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
     return 0
 

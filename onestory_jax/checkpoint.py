@@ -104,7 +104,7 @@ def _shared_pid() -> int:
 
 
 def _require_checkpoint(ckpt_dir: str | Path) -> Path:
-    path = Path(ckpt_dir)
+    path = Path(ckpt_dir).absolute()  # orbax reads absolute paths only
     for part in (CONFIG, PARAMS):
         if not (path / part).exists():
             raise UserError(f"'{path}' is not a checkpoint: '{part}' is missing")
