@@ -12,6 +12,7 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 
+from onestory_jax.training.metrics import CsvLog
 from train_runs import assert_same_params, run_train, start_train
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -74,3 +75,21 @@ def test_sigkill_while_a_save_is_in_flight(tmp_path, records, straight_run):
     with ocp.CheckpointManager(w / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state", "data")) as m:
         assert m.latest_step() is None or m.latest_step() < min(partial)
     finish_and_compare(w, records, straight_run, every_step)
+
+
+def test_csv_log_drops_redone_steps(tmp_path):
+    """A resumed run logs the steps after its checkpoint again: earlier rows past it go."""
+    path = tmp_path / "metrics.csv"
+    log = CsvLog(path, 0)
+    for step in range(1, 6):
+        log.write({"step": step, "loss": step / 10})
+    log.close()
+    log = CsvLog(path, 3)
+    log.write({"loss": 0.4, "step": 4})
+    log.close()
+    assert path.read_text().splitlines() == ["step,loss", "1,0.1", "2,0.2", "3,0.3", "4,0.4"]
+    path.write_text("1,0.1\n")  # no header: an older format, kept aside
+    log = CsvLog(path, 1)
+    log.write({"step": 2, "loss": 0.2})
+    log.close()
+    assert path.read_text().splitlines()[0] == "step,loss" and (tmp_path / "metrics.csv.old").read_text() == "1,0.1\n"

@@ -91,14 +91,15 @@ class CsvLog:
     def _keep_rows_until(self, step: int) -> None:
         with self.path.open(newline="") as f:
             rows = list(csv.reader(f))
-        if not rows or rows[0][:1] != ["step"]:  # no header: not ours, start afresh
-            rows = []
+        if not rows or rows[0][:1] != ["step"]:  # no header (an older format): keep it aside, start afresh
+            self.path.replace(self.path.with_name(self.path.name + ".old"))
+            return
         kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         with tmp.open("w", newline="") as f:
             csv.writer(f).writerows(kept)
         tmp.replace(self.path)
-        self.header = kept[0] if kept else None
+        self.header = rows[0]
 
     def write(self, row: Mapping[str, Any]) -> None:
         """Append one row (keys: the header's columns; the first row sets the header)."""
