@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test clean
+.PHONY: demo test clean demo-model
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,19 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[test,convert,video]'
 	touch $@
 
+# The embedded default model when it is in the tree (models/demo), else the tiny config's random weights.
+DEMO_MODEL := $(if $(wildcard models/demo/onestory),--checkpoint models/demo,--config tiny)
 demo: $(STAMP)
-	$(PY) sample.py --config tiny --story configs/stories/demo.yaml --out out/demo
+	$(PY) sample.py $(DEMO_MODEL) --story configs/stories/demo.yaml --out out/demo
+
+# Rebuild the embedded default (docs/demo.md): VAE stage, synthetic records, DiT + memory stage.
+DEMO_STORIES ?= 200
+demo-model: $(STAMP)
+	$(PY) train.py --config configs/train/demo-vae.yaml --workdir runs/demo-vae
+	$(PY) -m onestory_jax.data.prepare --model runs/demo-vae/model --out data/demo --synthetic $(DEMO_STORIES)
+	$(PY) train.py --config configs/train/demo.yaml --workdir runs/demo train.data=data/demo/records
+	rm -rf models/demo.new && cp -r runs/demo-vae/model models/demo.new && cp -r runs/demo/model/onestory models/demo.new/
+	rm -rf models/demo && mv models/demo.new models/demo
 
 test: $(STAMP)
 	$(PY) -m pytest tests

@@ -43,7 +43,7 @@ METRICS = ("character", "character_recall", "environment", "subject", "backgroun
 
 
 def held_out_stories(n: int, shots: int) -> list[synthetic.Story]:
-    """n six-shot stories cycling through the three patterns."""
+    """n stories of `shots` shots cycling through the three patterns."""
     return [synthetic.make_story(HELD_OUT_SEED + i, shots, synthetic.KINDS[i % len(synthetic.KINDS)]) for i in range(n)]
 
 
@@ -87,15 +87,15 @@ def table(results: dict[str, list[dict]], metrics: tuple[str, ...], kind: str | 
         cells = []
         for m in metrics:
             mean, half, n = mean_ci([r.get(m) for r in rows])
-            cells.append("n/a" if n == 0 else f"{mean:.3f} ± {half:.3f}")
+            cells.append("n/a" if n == 0 else f"{mean:.3f}" + (f" ± {half:.3f}" if n > 1 else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
-def write_report(results: dict[str, list[dict]], truth_rows: list[dict], path: Path, n: int, feature: str) -> None:
+def write_report(results: dict[str, list[dict]], truth_rows: list[dict], path: Path, n: int, shots: int, feature: str) -> None:
     """docs/results.md: the overall and insert-and-recall tables, with what each config is."""
     lines = ["# Results: memory strategies on held-out synthetic stories", "",
-             f"{n} held-out six-shot synthetic stories (one third each main_subject, insert_recall, composition), "
+             f"{n} held-out {shots}-shot synthetic stories (one third each main_subject, insert_recall, composition), "
              f"rendered by the embedded default model (`models/demo`) through `sample.py`'s pipeline and scored by "
              f"`onestory_jax.eval` with the `{feature}` feature on the mp4 outputs. Mean ± 95% confidence "
              "interval (1.96 standard errors over stories). Reproduce: `python bench/story_consistency.py "
@@ -137,7 +137,7 @@ def main() -> None:
         file = args.out / f"{name}.json"
         results[name] = json.loads(file.read_text()) if file.is_file() else run_config(name, args.model, stories, args.out, args.steps, features)
         file.write_text(json.dumps(results[name], indent=1))
-        write_report(results, truth_rows, args.report, len(stories), features.name)
+        write_report(results, truth_rows, args.report, len(stories), args.shots, features.name)
     print(f"wrote {args.report}")
 
 
