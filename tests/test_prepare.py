@@ -97,3 +97,28 @@ def test_vae_stage_learns_and_exports_the_frozen_parts(tmp_path):
     assert all((model / p).is_dir() for p in ("vae", "text_encoder", "image_encoder", "tokenizer"))
     saved = (model / "vae" / "config.yaml").read_text()
     assert "latents_mean: []" not in saved  # measured statistics travel with the VAE
+
+
+def test_embedders_average_their_cosines_and_clip_loads_locally(tmp_path):
+    """combined(): cosine of the concatenation = mean of the embedders' cosines (the paper's DINOv2 +
+    CLIP average); a clip:PATH embedder loads a local transformers folder and never downloads."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from onestory_jax.data.embedders import combined, load_embedder
+
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                   num_attention_heads=2, image_size=28, patch_size=14,
+                                                   projection_dim=8)).save_pretrained(tmp_path / "clip")
+    _, clip = load_embedder(f"clip:{tmp_path / 'clip'}")
+    _, pixel = load_embedder("pixel")
+    frames = np.stack([v[0] for v, _ in synthetic.render_story(synthetic.make_story(1, 3), frames=1, size=32)])
+    assert clip(frames).shape == (3, 8)
+
+    def cos(e):
+        f = e(frames)
+        f = f / np.linalg.norm(f, axis=1, keepdims=True)
+        return f[0] @ f[1]
+
+    np.testing.assert_allclose(cos(combined([clip, pixel])), (cos(clip) + cos(pixel)) / 2, rtol=1e-5)
+    with pytest.raises(Exception, match="not a local CLIP model folder"):
+        load_embedder(f"clip:{tmp_path / 'missing'}")
