@@ -19,7 +19,7 @@ import numpy as np
 from train_runs import MESH, ROOT, TINY, assert_same_params, train_cmd, train_env
 
 HOSTS = 2
-EXTRA = ("train.val_every=6", "train.val_batches=1")  # one validation, at the end
+EXTRA = ("train.val_every=6", "train.val_batches=1", "train.checkpoint_every=3")  # one validation, at the end
 
 
 def two_host_dataset(cfg, batch_size: int, process_index: int = 0, process_count: int = 1):
@@ -55,20 +55,21 @@ def run_all(procs: list[subprocess.Popen], timeout: float = 400) -> list[str]:
     return outs
 
 
-def distributed_run(workdir: Path, records: Path) -> list[str]:
+def start(cmd: list[str], **env: str) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=train_env(**env))
+
+
+def distributed_run(workdir: Path, records: Path) -> list[subprocess.Popen]:
+    """train.py --distributed in `HOSTS` processes with 8 / HOSTS devices each."""
     coordinator = f"127.0.0.1:{free_port()}"
-    procs = [subprocess.Popen(train_cmd(workdir, records, "--distributed", *EXTRA), cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env=train_env(devices=8 // HOSTS, JAX_COORDINATOR_ADDRESS=coordinator,
-                                            JAX_NUM_PROCESSES=str(HOSTS), JAX_PROCESS_ID=str(i)))
-             for i in range(HOSTS)]
-    return run_all(procs)
+    return [start(train_cmd(workdir, records, "--distributed", *EXTRA), devices=8 // HOSTS,
+                  JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES=str(HOSTS), JAX_PROCESS_ID=str(i))
+            for i in range(HOSTS)]
 
 
-def reference_run(workdir: Path, records: Path) -> list[str]:
-    cmd = [sys.executable, __file__, str(workdir), str(records)]
-    return run_all([subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     env=train_env(devices=8))])
+def reference_run(workdir: Path, records: Path) -> subprocess.Popen:
+    """This file as a script: one process, 8 devices (see the module docstring)."""
+    return start([sys.executable, __file__, str(workdir), str(records)], devices=8)
 
 
 def column(path: Path, name: str) -> np.ndarray:
@@ -78,8 +79,7 @@ def column(path: Path, name: str) -> np.ndarray:
 
 def test_two_processes_match_one(tmp_path, records):
     multi, single = tmp_path / "multi", tmp_path / "single"
-    distributed_run(multi, records)
-    reference_run(single, records)
+    run_all([*distributed_run(multi, records), reference_run(single, records)])  # all at once: fewer idle cores
     for name in ("metrics.csv", "val.csv"):
         np.testing.assert_allclose(column(multi / name, "loss"), column(single / name, "loss"), rtol=1e-6, err_msg=name)
     assert column(multi / "metrics.csv", "step").tolist() == [1, 2, 3, 4, 5, 6]
