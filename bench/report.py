@@ -45,6 +45,50 @@ def vae_memory_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def train_step_cpu_table(data: dict) -> str:
+    meta = data["meta"]
+    load = f"; load average {meta['load_avg']:.1f} during the run" if meta.get("load_avg") is not None else ""
+    lines = [
+        f"JAX {meta['jax']} on {meta['backend']} ({meta['cpu_count']} CPU cores{load}); median of timed steps after warm-up.",
+        "",
+        "| case | dtype | remat | dim x layers | params | batch x latent | tokens/sample (noise + context) | step s | tokens/s | tokens/s (best step) | all tokens/s | TFLOP/step | TFLOP/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['case']} | {r['dtype']} | {r['remat']} | {r['dim']} x {r['layers']} | {r['params_m']:.3g} M | "
+            f"{r['batch']} x {r['latent']} | {r['noise_tokens']:,} + {r['context_tokens']:,} | {r['step_s']:.3g} | "
+            f"**{r['tokens_per_s']:,.0f}** | {r.get('tokens_per_s_best', float('nan')):,.0f} | {r['all_tokens_per_s']:,.0f} | {r['tflop_per_step']:.3g} | {r['tflops']:.3g} |"
+        )
+    return "\n".join(lines)
+
+
+def _mesh(m: dict) -> str:
+    return " x ".join(str(m[k]) for k in ("data", "fsdp", "sequence", "tensor"))
+
+
+def train_step_aot_table(data: dict) -> str:
+    lines = [
+        "| devices | mesh (data x fsdp x seq x tensor) | batch | remat | attention | state GiB | args GiB | temp GiB | "
+        "out GiB | aliased GiB | **peak GiB** | H100 80 GB | v5p 95 GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = sorted(data["rows"].values(), key=lambda r: (r["devices"], r.get("sequence", r.get("mesh", {}).get("sequence", 1)),
+                                                         r.get("tensor", r.get("mesh", {}).get("tensor", 1)), r["remat"], r["attention"]))
+    yes = lambda ok: "fits" if ok else "no"  # noqa: E731
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['devices']} | seq {r['sequence']}, tensor {r.get('tensor', 1)} | - | {r['remat']} | "
+                         f"{r['attention']} | failed: {r['error'][:80]} | | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['devices']} | {_mesh(r['mesh'])} | {r['batch']} | {r['remat']} | {r['attention']} | {r['state_gib_per_device']:.1f} | "
+            f"{r['arguments_gib']:.1f} | {r['temporaries_gib']:.1f} | {r['outputs_gib']:.1f} | {r['aliased_gib']:.1f} | "
+            f"**{r['peak_gib']:.1f}** | {yes(r['fits_h100_80gb'])} | {yes(r['fits_tpu_v5p_95gb'])} |"
+        )
+    return "\n".join(lines)
+
+
 def generic_table(data: dict) -> str:
     rows = data["rows"] if isinstance(data, dict) and "rows" in data else [data]
     keys = list(rows[0])
@@ -53,7 +97,8 @@ def generic_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"dit_forward_cpu": dit_forward_table, "dit_forward_gpu": dit_forward_table, "vae_memory": vae_memory_table}
+RENDERERS = {"dit_forward_cpu": dit_forward_table, "dit_forward_gpu": dit_forward_table, "vae_memory": vae_memory_table,
+             "train_step_cpu": train_step_cpu_table, "train_step_aot": train_step_aot_table}
 
 
 def main() -> None:
