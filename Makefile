@@ -31,7 +31,7 @@ demo-model: $(STAMP)
 	rm -rf models/demo && mv models/demo.new models/demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=12
 
 clean:
 	rm -rf $(VENV) out
