@@ -289,16 +289,21 @@ def memory_row(cfg: Config, mesh: Any, compiled: Any, state: TrainState) -> dict
              "temporaries": m.temp_size_in_bytes, "aliased": m.alias_size_in_bytes, "code": m.generated_code_size_in_bytes}
     peak = sizes["arguments"] + sizes["temporaries"] + sizes["outputs"] - sizes["aliased"]
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-    state_bytes = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(state))
+    state_bytes = state_bytes_per_device(state)
     noise, ctx = token_counts(cfg, LATENT_480P)
     row = {
         "devices": mesh.size, "mesh": dict(mesh.shape), "remat": cfg.dit.remat_policy, "batch": cfg.train.batch_size,
         "samples_per_device": cfg.train.batch_size / mesh.size, "noise_tokens": noise, "context_tokens": ctx,
-        "params_b": round(n_params / 1e9, 3), "state_gib_per_device": round(state_bytes / mesh.size / GIB, 3),
+        "params_b": round(n_params / 1e9, 3), "state_gib_per_device": round(state_bytes / GIB, 3),
         **{f"{k}_gib": round(v / GIB, 3) for k, v in sizes.items()}, "peak_gib": round(peak / GIB, 3),
     }
     row.update({f"fits_{chip}": peak / GIB <= cap for chip, cap in CAPACITY_GIB.items()})
     return row
+
+
+def state_bytes_per_device(state: TrainState) -> int:
+    """Bytes of one device's shards of the (abstract) state: params are split over fsdp x tensor only."""
+    return sum(int(np.prod(a.sharding.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(state))
 
 
 # (devices, sequence, tensor, remat, attention) of the table in docs/performance.md: the preset and
