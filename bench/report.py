@@ -51,14 +51,16 @@ def train_step_cpu_table(data: dict) -> str:
     lines = [
         f"JAX {meta['jax']} on {meta['backend']} ({meta['cpu_count']} CPU cores{load}); median of timed steps after warm-up.",
         "",
-        "| case | dtype | remat | dim x layers | params | batch x latent | tokens/sample (noise + context) | step s | tokens/s | tokens/s (best step) | all tokens/s | TFLOP/step | TFLOP/s |",
+        "| case | dtype | remat | dim x layers | params | batch x latent | tokens/sample (noise + context) | step s | "
+        "tokens/s | tokens/s (best step) | all tokens/s | TFLOP/step | TFLOP/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
         lines.append(
             f"| {r['case']} | {r['dtype']} | {r['remat']} | {r['dim']} x {r['layers']} | {r['params_m']:.3g} M | "
             f"{r['batch']} x {r['latent']} | {r['noise_tokens']:,} + {r['context_tokens']:,} | {r['step_s']:.3g} | "
-            f"**{r['tokens_per_s']:,.0f}** | {r.get('tokens_per_s_best', float('nan')):,.0f} | {r['all_tokens_per_s']:,.0f} | {r['tflop_per_step']:.3g} | {r['tflops']:.3g} |"
+            f"**{r['tokens_per_s']:,.0f}** | {r.get('tokens_per_s_best', float('nan')):,.0f} | {r['all_tokens_per_s']:,.0f} | "
+            f"{r['tflop_per_step']:.3g} | {r['tflops']:.3g} |"
         )
     return "\n".join(lines)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -171,13 +172,16 @@ def time_case(name: str, cfg: Config, batch: int, latent: tuple[int, int, int], 
 
 
 def cpu_cases() -> list[tuple[str, Config, int, tuple[int, int, int]]]:
-    """tiny preset, and a mid-size model of the 14B's family (dim 512, 8 layers, 8 heads) at ~3.8k tokens."""
+    """tiny preset, and a mid-size model of the 14B's family (dim 512, 8 layers, 8 heads) at ~3.8k tokens,
+    with the preset's remat policy and without remat."""
     tiny = load_config("train/tiny")
     mid = load_config(PRESET_14B, [
         "dit.dim=512", "dit.ffn_dim=1536", "dit.num_heads=8", "dit.num_layers=8", "dit.dtype=float32",
         "dit.attention=xla", "mesh.fsdp=-1", "train.batch_size=1",
     ])
-    return [("tiny", tiny, tiny.train.batch_size, (3, 16, 16)), ("mid-512d-8L", mid, 1, (4, 48, 64))]
+    mid_no_remat = dataclasses.replace(mid, dit=dataclasses.replace(mid.dit, remat_policy="none"))
+    return [("tiny", tiny, tiny.train.batch_size, (3, 16, 16)), ("mid-512d-8L", mid, 1, (4, 48, 64)),
+            ("mid-512d-8L", mid_no_remat, 1, (4, 48, 64))]
 
 
 def run_cpu(args: argparse.Namespace) -> None:
@@ -316,7 +320,8 @@ AOT_MATRIX = (
        (256, 8, 1, "dots_no_batch", "chunked"), (256, 16, 1, "full", "library")]
 )
 CASE_FIELDS = ("devices", "sequence", "tensor", "remat", "attention")
-CASE_DEFAULTS = {"devices": [8, 64, 256], "sequence": [1], "tensor": [1], "remat": ["dots_no_batch"], "attention": ["library", "chunked"]}
+CASE_DEFAULTS = {"devices": [8, 64, 256], "sequence": [1], "tensor": [1], "remat": ["dots_no_batch"],
+                 "attention": ["library", "chunked"]}
 
 
 def aot_cases(args: argparse.Namespace) -> list[dict]:
@@ -396,7 +401,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.one_aot:
         case = json.loads(args.one_aot)
-        print(json.dumps(compile_case(case["devices"], case["sequence"], case["tensor"], case["remat"], case["attention"])), flush=True)
+        print(json.dumps(compile_case(*(case[f] for f in CASE_FIELDS))), flush=True)
     elif args.suite == "cpu":
         run_cpu(args)
     else:
