@@ -15,6 +15,7 @@ import numpy as np
 
 from onestory_jax.data import synthetic
 from onestory_jax.errors import UserError
+from onestory_jax.data.video import read_video
 from onestory_jax.sampling import outputs
 
 
@@ -41,7 +42,7 @@ def load_run(run: Path) -> list[np.ndarray]:
         paths = sorted(run.glob("shot_[0-9][0-9].mp4"))
     if not paths:
         raise UserError(f"run directory '{run}' has no shot_NN.mp4 files (is it a sample.py output directory?)")
-    return [outputs.read_video(p) for p in paths]
+    return [read_video(p) for p in paths]
 
 
 def load_truth(path: Path) -> synthetic.Story:

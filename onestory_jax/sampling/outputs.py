@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from onestory_jax.data.video import read_video  # noqa: F401  (re-exported: outputs are read back)
 from onestory_jax.errors import UserError
 
 

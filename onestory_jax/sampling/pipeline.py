@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from onestory_jax.config import Config, to_dict
 from onestory_jax.diffusion.schedule import make_schedule
-from onestory_jax.data.video import resize_frame
+from onestory_jax.data.video import read_video, resize_frame
 from onestory_jax.errors import UserError
 from onestory_jax.models.image_encoder import load_image
 from onestory_jax.models.memory import frames_per_patchifier
@@ -94,7 +94,7 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
     finished = _finished_shots(out, story, latent_shape)
     first_latent, image_tokens = None, None
     if story.start_video is not None and not finished:
-        video = outputs.read_video(story.start_video)
+        video = read_video(story.start_video)
         frames = s.frames
         if len(video) < frames:
             raise UserError(f"start_video has {len(video)} frames; the story's shots have {frames} (4k+1)")
