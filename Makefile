@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) sample.py $(DEMO_MODEL) --story configs/stories/demo.yaml --out out/demo
 
 # Rebuild the embedded default (docs/demo.md): VAE stage, synthetic records, DiT + memory stage.
-DEMO_STORIES ?= 200
+DEMO_STORIES ?= 600
 demo-model: $(STAMP)
 	$(PY) train.py --config configs/train/demo-vae.yaml --workdir runs/demo-vae
 	$(PY) -m onestory_jax.data.prepare --model runs/demo-vae/model --out data/demo --synthetic $(DEMO_STORIES)

@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     workdir = Path(args.workdir).absolute()  # orbax writes absolute paths only
     metrics = (train_vae if cfg.train.stage == "vae" else train)(cfg, workdir, progress=not args.no_progress, stop_after=args.stop_after)
-    print("done: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+    if metrics:
+        print("done: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+    else:
+        print(f"done: {workdir} had already trained all {cfg.train.steps} steps")
     return 0
 
 

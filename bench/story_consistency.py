@@ -92,6 +92,23 @@ def table(results: dict[str, list[dict]], metrics: tuple[str, ...], kind: str | 
     return lines
 
 
+def paired_differences(results: dict[str, list[dict]], base: str, metrics: tuple[str, ...], kind: str) -> list[str]:
+    """Per-story differences config - `base` on the same `kind` stories: mean ± 95% CI (paired)."""
+    lines = [f"| config - {base} | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
+    ref = {r["story"]: r for r in results[base] if r["kind"] == kind}
+    for name, rows in results.items():
+        if name == base:
+            continue
+        cells = []
+        for m in metrics:
+            diffs = [r[m] - ref[r["story"]][m] for r in rows if r["story"] in ref
+                     and r.get(m) is not None and ref[r["story"]].get(m) is not None]
+            mean, half, n = mean_ci(diffs)
+            cells.append("n/a" if n == 0 else f"{mean:+.3f}" + (f" ± {half:.3f}" if n > 1 else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(results: dict[str, list[dict]], truth_rows: list[dict], path: Path, n: int, shots: int, feature: str) -> None:
     """docs/results.md: the overall and insert-and-recall tables, with what each config is."""
     lines = ["# Results: memory strategies on held-out synthetic stories", "",
@@ -106,6 +123,10 @@ def write_report(results: dict[str, list[dict]], truth_rows: list[dict], path: P
     lines += ["", "## Insert-and-recall stories", "",
               "`character_recall`: the first character's similarity between shots separated by the inserted one.", ""]
     lines += table(results, ("character", "character_recall", "environment", "attribute_character_colour"), "insert_recall")
+    if "last_frame" in results:
+        lines += ["", "Paired differences against last_frame on the same insert-and-recall stories "
+                  "(a difference whose interval excludes 0 is significant at 95%):", ""]
+        lines += paired_differences(results, "last_frame", ("character", "character_recall"), "insert_recall")
     lines += ["", "## Upper bound: the ground-truth renders", "",
               "The same metrics on the stories' own ground-truth frames (no mp4 round trip).", ""]
     lines += table({"ground truth": truth_rows}, METRICS)

@@ -47,9 +47,9 @@ from onestory_jax.config import Config, load_config
 from onestory_jax.models import dit as dit_module
 from onestory_jax.models.layers import attention as library_attention
 from onestory_jax.models.layers import constrain
-from onestory_jax.models.memory import frames_per_patchifier, tokens_per_frame
 from onestory_jax.models.onestory import boxed_init_fn, memory_params_from_dit
 from onestory_jax.sharding import abstract_params, activate, batch_sharding, init_sharded, make_mesh
+from onestory_jax.training.metrics import context_tokens, noise_tokens, train_step_flops
 from onestory_jax.training.optim import make_optimizer
 from onestory_jax.training.step import TrainState, init_state, make_train_step
 
@@ -97,22 +97,13 @@ def synthetic_batch(cfg: Config, batch: int, latent: tuple[int, int, int], seed:
 def token_counts(cfg: Config, latent: tuple[int, int, int]) -> tuple[int, int]:
     """(noise tokens, context tokens) per sample."""
     t, h, w = latent
-    pt, ph, pw = cfg.dit.patch_size
-    counts = frames_per_patchifier(cfg.memory, (h, w))
-    context = sum(n * tokens_per_frame(k, (h, w)) for n, k in zip(counts, cfg.memory.patchifier_kernels))
-    return (t // pt) * (h // ph) * (w // pw), context
+    return noise_tokens(cfg.dit, (1, t, h, w)), context_tokens(cfg.memory, (h, w))
 
 
 def step_flops(cfg: Config, batch: int, latent: tuple[int, int, int]) -> float:
-    """Model FLOPs of one train step: 3x the DiT forward's matmuls (fwd + bwd, no remat recompute),
-    self-attention over noise + context tokens; the selector and conditioner are ignored."""
-    d, f, lt = cfg.dit.dim, cfg.dit.ffn_dim, cfg.dit.text_len + (cfg.image_encoder.num_tokens if cfg.dit.has_image_branch else 0)
-    noise, ctx = token_counts(cfg, latent)
-    n = noise + ctx
-    self_attn = 2 * n * 4 * d * d + 4 * n * n * d
-    cross = 2 * n * 2 * d * d + 2 * lt * 2 * d * d + 4 * n * lt * d
-    ffn = 4 * n * d * f
-    return 3.0 * batch * cfg.dit.num_layers * (self_attn + cross + ffn)
+    """Model FLOPs of one train step (the training loop's MFU model, all DiT weights training)."""
+    shapes = {k: shape for k, (shape, _) in batch_shapes(cfg, batch, latent).items()}
+    return train_step_flops(cfg, shapes, dit_trains=True)
 
 
 def jit_step(cfg: Config, tx: optax.GradientTransformation, state_shardings: Any, batch_shardings: Any, mesh: Any) -> Any:

@@ -28,12 +28,12 @@ COLOURS = {"red": (220, 40, 40), "blue": (40, 70, 230), "yellow": (240, 210, 30)
            "magenta": (210, 40, 200), "cyan": (40, 210, 220), "orange": (245, 130, 20)}
 PATTERNS = ("plain", "striped", "dotted", "checked")
 # name -> (caption phrase, base colour, texture colour, texture kind)
-SCENES = {
-    "snow": ("a snowy field", (235, 240, 245), (190, 200, 215), "dots"),
-    "desert": ("a desert", (215, 180, 120), (185, 145, 90), "dunes"),
-    "forest": ("a green forest", (60, 130, 60), (35, 80, 35), "trunks"),
-    "night": ("a night city", (25, 30, 70), (230, 220, 120), "windows"),
-    "ocean": ("the ocean shore", (60, 140, 200), (230, 220, 170), "waves"),
+SCENES = {  # low-contrast, low-frequency textures: the scenes differ mostly in colour
+    "snow": ("a snowy field", (235, 240, 245), (205, 215, 230), "dots"),
+    "desert": ("a desert", (215, 180, 120), (190, 150, 95), "dunes"),
+    "forest": ("a green forest", (60, 130, 60), (40, 95, 40), "trunks"),
+    "night": ("a night city", (25, 30, 70), (70, 70, 110), "windows"),
+    "ocean": ("the ocean shore", (60, 140, 200), (110, 170, 215), "waves"),
 }
 MOTIONS = {"hops": "hops across", "slides": "slides through", "rests": "rests in", "drifts": "drifts over"}
 PATTERN_WORDS = {"plain": "", "striped": "striped ", "dotted": "dotted ", "checked": "checked "}
@@ -155,15 +155,15 @@ def _background(scene: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Scene texture at world coordinates x, y [H, W] -> [H, W, 3] float in [0, 255]."""
     _, base, tex, kind = SCENES[scene]
     if kind == "dots":
-        on = (np.sin(x * 60) * np.sin(y * 60)) > 0.85
+        on = (np.sin(x * 20) * np.sin(y * 20)) > 0.6
     elif kind == "dunes":
-        on = np.sin(y * 25 + 2 * np.sin(x * 8)) > 0.6
+        on = np.sin(y * 10 + 2 * np.sin(x * 4)) > 0.3
     elif kind == "trunks":
-        on = np.sin(x * 30) > 0.8
+        on = np.sin(x * 12) > 0.5
     elif kind == "windows":
-        on = ((np.floor(x * 12) + np.floor(y * 12)) % 3 == 0) & (np.sin(x * 75) > 0) & (np.sin(y * 75) > 0)
+        on = (np.sin(x * 16) > 0.3) & (np.sin(y * 16) > 0.3)
     else:  # waves
-        on = np.sin(y * 30 + 3 * np.sin(x * 12)) > 0.7
+        on = np.sin(y * 12 + 2 * np.sin(x * 6)) > 0.4
     out = np.where(on[..., None], np.asarray(tex, np.float32), np.asarray(base, np.float32))
     shade = 1.0 - 0.25 * np.clip(y, 0, 1)[..., None]  # a gentle vertical gradient
     return out * shade
@@ -183,11 +183,11 @@ def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 def _pattern(pattern: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Where the pattern darkens the character."""
     if pattern == "striped":
-        return np.sin(u * 9) > 0.3
+        return np.sin(u * 6) > 0.3
     if pattern == "dotted":
-        return (np.sin(u * 10) * np.sin(v * 10)) > 0.5
+        return (np.sin(u * 6) * np.sin(v * 6)) > 0.4
     if pattern == "checked":
-        return (np.floor((u + 1) * 2.5) + np.floor((v + 1) * 2.5)) % 2 == 0
+        return (np.floor((u + 1) * 2) + np.floor((v + 1) * 2)) % 2 == 0
     return np.zeros_like(u, bool)
 
 
@@ -218,7 +218,7 @@ def render_shot(story: Story, index: int, frames: int = 17, size: int = 64) -> t
         for slot, c in enumerate(shot.characters):
             ch = story.characters[c]
             cx, cy = _position(shot.motion, shot.starts[slot], t)
-            radius = 0.12
+            radius = 0.16
             u, v = (wx - cx) / radius, (wy - cy) / radius
             inside = _inside(ch.shape, u, v)
             colour = np.asarray(COLOURS[ch.colour], np.float32)

@@ -125,7 +125,7 @@ def train_vae(cfg: Config, workdir: str | Path, progress: bool = True, stop_afte
                         manager.save(step + 1, args=ocp.args.Composite(
                             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data)))
         if int(state["step"]) == tc.steps:
-            clips = np.stack([synthetic_clip(10**9 + i, 17, 64) for i in range(16)])
+            clips = np.stack([synthetic_clip(10**9 + i, 17, tc.clip_size) for i in range(16)])  # held-out clips
             mean, std = latent_statistics(cfg, state["params"], clips)
             cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, latents_mean=mean, latents_std=std))
             frozen = init_sharded(lambda rng: {"text_encoder": text_encoder.init_fn(cfg.text_encoder)(rng),
