@@ -25,9 +25,10 @@ demo: $(STAMP)
 DEMO_STORIES ?= 600
 demo-model: $(STAMP)
 	$(PY) train.py --config configs/train/demo-vae.yaml --workdir runs/demo-vae
-	$(PY) -m onestory_jax.data.prepare --model runs/demo-vae/model --out data/demo --synthetic $(DEMO_STORIES)
+	$(PY) train.py --config configs/train/demo-vae-long.yaml --workdir runs/demo-vae
+	$(PY) -m onestory_jax.data.prepare --model runs/demo-vae/model --out data/demo --synthetic $(DEMO_STORIES) --frames 9
 	$(PY) train.py --config configs/train/demo.yaml --workdir runs/demo train.data=data/demo/records
-	rm -rf models/demo.new && cp -r runs/demo-vae/model models/demo.new && cp -r runs/demo/model/onestory models/demo.new/
+	mkdir -p models && rm -rf models/demo.new && cp -r runs/demo-vae/model models/demo.new && cp -r runs/demo/model/onestory models/demo.new/
 	rm -rf models/demo && mv models/demo.new models/demo
 
 test: $(STAMP)

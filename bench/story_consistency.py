@@ -47,7 +47,8 @@ def held_out_stories(n: int, shots: int) -> list[synthetic.Story]:
     return [synthetic.make_story(HELD_OUT_SEED + i, shots, synthetic.KINDS[i % len(synthetic.KINDS)]) for i in range(n)]
 
 
-def run_config(name: str, model: Path, stories: list[synthetic.Story], out: Path, steps: int, features: Any) -> list[dict]:
+def run_config(name: str, model: Path, stories: list[synthetic.Story], out: Path, steps: int, frames: int,
+               features: Any) -> list[dict]:
     """Render (or resume) and evaluate every story under one configuration; per-story summaries."""
     from onestory_jax.sampling.components import load_for_sampling
     from onestory_jax.sampling.pipeline import render_story
@@ -58,7 +59,7 @@ def run_config(name: str, model: Path, stories: list[synthetic.Story], out: Path
     cfg, params, comps, mesh = load_for_sampling(model, None, overrides, 0)
     rows = []
     for i, truth in enumerate(stories):
-        spec = synthetic.story_file(truth, steps=steps, seed=i, guidance=cfg.sampler.guidance, fps=8)
+        spec = synthetic.story_file(truth, frames, steps=steps, seed=i, guidance=cfg.sampler.guidance, fps=8)
         story = parse_story({**spec, "memory": memory}, f"story {i}")
         run = out / "runs" / name / f"story_{i:02d}"
         if not (run / "manifest.json").is_file():
@@ -139,6 +140,7 @@ def main() -> None:
     ap.add_argument("--stories", type=int, default=32)
     ap.add_argument("--shots", type=int, default=6)
     ap.add_argument("--steps", type=int, default=20, help="sampler steps per shot")
+    ap.add_argument("--frames", type=int, default=9, help="frames per shot (the demo model trains on 9)")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
     ap.add_argument("--dinov2", type=Path, help="local DINOv2 folder for the features (default: weight-free)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/consistency"))
@@ -149,14 +151,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     truth_rows = []
     for i, story in enumerate(stories):
-        frames, masks = zip(*synthetic.render_story(story))
+        frames, masks = zip(*synthetic.render_story(story, args.frames))
         truth_rows.append({"story": i, "kind": story.kind, **summary(evaluate_story(list(frames), story, features, list(masks)))})
     results = {}
     for name in args.configs.split(","):
         if name not in CONFIGS:
             sys.exit(f"error: unknown config '{name}' (one of {', '.join(CONFIGS)})")
         file = args.out / f"{name}.json"
-        results[name] = json.loads(file.read_text()) if file.is_file() else run_config(name, args.model, stories, args.out, args.steps, features)
+        results[name] = json.loads(file.read_text()) if file.is_file() else run_config(name, args.model, stories, args.out, args.steps, args.frames, features)
         file.write_text(json.dumps(results[name], indent=1))
         write_report(results, truth_rows, args.report, len(stories), args.shots, features.name)
     print(f"wrote {args.report}")
