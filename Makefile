@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml | $(PY)
 # The embedded default model when it is in the tree (models/demo), else the tiny config's random weights.
 DEMO_MODEL := $(if $(wildcard models/demo/onestory),--checkpoint models/demo,--config tiny)
 demo: $(STAMP)
+	rm -rf out/demo  # the demo's own output: always rendered afresh (sample.py would resume into it)
 	$(PY) sample.py $(DEMO_MODEL) --story configs/stories/demo.yaml --out out/demo
 
 # Rebuild the embedded default (docs/demo.md): VAE stage, synthetic records, DiT + memory stage.
