@@ -80,15 +80,20 @@ def mean_ci(values: list[float | None]) -> tuple[float, float, int]:
     return float(v.mean()), float(half), len(v)
 
 
+def cell(values: list[float | None], signed: bool = False) -> str:
+    """'mean ± half-width' of the available values for a table cell ('n/a' when there are none)."""
+    mean, half, n = mean_ci(values)
+    if n == 0:
+        return "n/a"
+    return (f"{mean:+.3f}" if signed else f"{mean:.3f}") + (f" ± {half:.3f}" if n > 1 else "")
+
+
 def table(results: dict[str, list[dict]], metrics: tuple[str, ...], kind: str | None = None) -> list[str]:
     head = "| config | " + " | ".join(metrics) + " |"
     lines = [head, "|" + "---|" * (len(metrics) + 1)]
     for name, rows in results.items():
         rows = [r for r in rows if kind is None or r["kind"] == kind]
-        cells = []
-        for m in metrics:
-            mean, half, n = mean_ci([r.get(m) for r in rows])
-            cells.append("n/a" if n == 0 else f"{mean:.3f}" + (f" ± {half:.3f}" if n > 1 else ""))
+        cells = [cell([r.get(m) for r in rows]) for m in metrics]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -100,12 +105,8 @@ def paired_differences(results: dict[str, list[dict]], base: str, metrics: tuple
     for name, rows in results.items():
         if name == base:
             continue
-        cells = []
-        for m in metrics:
-            diffs = [r[m] - ref[r["story"]][m] for r in rows if r["story"] in ref
-                     and r.get(m) is not None and ref[r["story"]].get(m) is not None]
-            mean, half, n = mean_ci(diffs)
-            cells.append("n/a" if n == 0 else f"{mean:+.3f}" + (f" ± {half:.3f}" if n > 1 else ""))
+        cells = [cell([r[m] - ref[r["story"]][m] for r in rows if r["story"] in ref
+                       and r.get(m) is not None and ref[r["story"]].get(m) is not None], signed=True) for m in metrics]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -146,6 +147,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/consistency"))
     ap.add_argument("--report", type=Path, default=Path("docs/results.md"))
     args = ap.parse_args()
+    if args.frames < 1 or (args.frames - 1) % 4:
+        sys.exit(f"error: --frames must be 4k+1 (e.g. 9, 17), got {args.frames}")
     features = load_features(args.dinov2)
     stories = held_out_stories(args.stories, args.shots)
     args.out.mkdir(parents=True, exist_ok=True)
