@@ -55,7 +55,8 @@ class QueryAttention(nn.Module):
         split = lambda a: constrain(a.reshape(*a.shape[:2], self.heads, self.dim // self.heads), heads)
         h = LayerNorm(1e-6, affine=True, name="norm")(q)
         qq = split(Dense(self.dim, ("embed", "heads"), name="q")(h))
-        k = split(Dense(self.dim, ("embed", "heads"), name="k")(kv))
+        # No key bias: it adds one constant to each query's logits, which softmax cancels (zero gradient).
+        k = split(Dense(self.dim, ("embed", "heads"), use_bias=False, name="k")(kv))
         v = split(Dense(self.dim, ("embed", "heads"), name="v")(kv))
         out = attention(qq, k, v, "xla", kv_mask).reshape(*q.shape[:2], self.dim)
         out = constrain(out, ("act_batch", None, "act_heads"))

@@ -162,7 +162,8 @@ class TrainMonitor:
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         """Write a metrics row for 1-based `step` and refresh the bar."""
         lr, rates = float(self.lr(step - 1)), self.rates()
-        row = {"step": step, "time": f"{time.time():.3f}", **{k: f"{metrics[k]:.6g}" for k in sorted(metrics)},
+        # 9 significant digits: float32 values round-trip exactly (runs compare bitwise-close).
+        row = {"step": step, "time": f"{time.time():.3f}", **{k: f"{metrics[k]:.9g}" for k in sorted(metrics)},
                "lr": f"{lr:.6g}", **{k: "" if v is None else f"{v:.4g}" for k, v in rates.items()}}
         self.metrics_csv.write(row)
         self.postfix.update(loss=f"{metrics['loss']:.4f}", l_sel=f"{metrics['l_sel']:.4f}", gnorm=f"{metrics['grad_norm']:.3f}",
@@ -174,7 +175,7 @@ class TrainMonitor:
     def log_validation(self, step: int, losses: Mapping[float, float]) -> None:
         """Write one val.csv row per sigma bucket; the bar shows their mean."""
         for sigma, loss in losses.items():
-            self.val_csv.write({"step": step, "bucket": f"{sigma:g}", "loss": f"{loss:.6g}"})
+            self.val_csv.write({"step": step, "bucket": f"{sigma:g}", "loss": f"{loss:.9g}"})
         self.postfix["val"] = f"{sum(losses.values()) / len(losses):.4f}"
         self.bar.set_postfix(self.postfix, refresh=True)
 
