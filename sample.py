@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value model config overrides")
     args = ap.parse_intermixed_args(argv)  # key=value overrides may follow options
 
+    from onestory_jax.locking import folder_lock
     from onestory_jax.sampling.components import load_for_sampling  # heavy imports after arg parsing
     from onestory_jax.sampling.pipeline import render_story
     from onestory_jax.sampling.story import load_story
@@ -40,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         from onestory_jax.models.image_encoder import load_image
 
         load_image(story.start_image)
-    cfg, params, comps, mesh = load_for_sampling(args.checkpoint, args.config, args.overrides, args.seed, args.tokenizer)
-    with activate(mesh):
-        manifest = render_story(cfg, params, comps, story, args.out, progress=not args.no_progress, mesh=mesh)
+    with folder_lock(args.out, "--out"):  # one run per --out; also checks it is a writable folder
+        cfg, params, comps, mesh = load_for_sampling(args.checkpoint, args.config, args.overrides, args.seed, args.tokenizer)
+        with activate(mesh):
+            manifest = render_story(cfg, params, comps, story, args.out, progress=not args.no_progress, mesh=mesh)
     print(f"wrote {len(manifest['shots'])} shots to {args.out}/ (story.mp4, contact_sheet.png, manifest.json)")
     return 0
 

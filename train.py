@@ -13,6 +13,7 @@ or a detected cluster: TPU pods, SLURM, Open MPI).
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from onestory_jax.errors import run_cli
@@ -28,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.data=data/train.arrayrecord")
     args = ap.parse_intermixed_args(argv)  # key=value overrides may follow options
 
+    import jax
+
     from onestory_jax.config import load_config
+    from onestory_jax.locking import folder_lock
     from onestory_jax.training.loop import initialize_distributed, train
 
     if args.distributed:
@@ -37,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config, args.overrides)
     workdir = Path(args.workdir).absolute()  # orbax writes absolute paths only
-    metrics = (train_vae if cfg.train.stage == "vae" else train)(cfg, workdir, progress=not args.no_progress, stop_after=args.stop_after)
+    lead = jax.process_index() == 0  # one lock per workdir: process 0 holds it for all processes
+    with folder_lock(workdir, "--workdir") if lead else contextlib.nullcontext():
+        run = train_vae if cfg.train.stage == "vae" else train
+        metrics = run(cfg, workdir, progress=not args.no_progress, stop_after=args.stop_after)
     if metrics:
         print("done: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
     else:

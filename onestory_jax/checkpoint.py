@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import yaml
@@ -34,12 +35,19 @@ PARAMS, CONFIG = "params", "config.yaml"
 
 
 def check_out_dir(out_dir: str | Path, force: bool) -> Path:
-    """Refuse an existing non-empty `out_dir` unless `force`; returns it as an absolute Path."""
+    """Refuse an existing non-empty `out_dir` unless `force` and it holds a checkpoint and nothing
+    else (what `save_model` writes: `config.yaml`, `params/`); returns it as an absolute Path."""
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise UserError(f"output '{out}' exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not force:
         raise UserError(f"output '{out}' exists and is not empty (pass --force to replace it)")
+    others = [name for name in held if name not in (CONFIG, PARAMS)]
+    if others:  # --force replaces a checkpoint, never a model folder or the user's files
+        shown = ", ".join(others[:5]) + (f", ... ({len(others)} in all)" if len(others) > 5 else "")
+        raise UserError(f"output '{out}' holds more than a checkpoint ({shown}): --force replaces only a folder "
+                        f"holding {CONFIG} and {PARAMS}/; pick another --out")
     return out
 
 
@@ -143,9 +151,34 @@ def restore_params(ckpt_dir: str | Path, abstract: Any) -> Any:
     check_stored_tree(path, abstract)
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
         try:
-            return ckptr.restore(path, args=ocp.args.StandardRestore(abstract))
-        except (OSError, ValueError) as e:
-            raise UserError(f"checkpoint '{path}' could not be restored: {_first_line(e)}") from None
+            params = ckptr.restore(path, args=ocp.args.StandardRestore(abstract))
+        except Exception as e:  # tensorstore reports a truncated or damaged data file as a bare Exception
+            raise unreadable_checkpoint(path, e) from None
+    bad = non_finite_leaves(params)
+    if bad:
+        raise UserError(f"checkpoint '{path}' holds NaN or Inf in {len(bad)} arrays ({', '.join(bad[:3])}"
+                        f"{', ...' if len(bad) > 3 else ''}): it is corrupt or was saved from a diverged run")
+    return params
+
+
+def unreadable_checkpoint(path: Path, e: Exception) -> UserError:
+    """The one-line error for a checkpoint whose arrays could not be read."""
+    reason = _first_line(e).split(". See full TensorStore details")[0]
+    return UserError(f"checkpoint '{path}' could not be restored (corrupt or truncated?): {reason}")
+
+
+def non_finite_leaves(tree: Any) -> list[str]:
+    """Paths ('a/b/c') of the floating-point leaves of `tree` that hold a NaN or Inf."""
+    flat = [(k, v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0] if jnp.issubdtype(v.dtype, jnp.inexact)]
+    if not flat:
+        return []
+    finite = np.asarray(_finite_per_leaf([v for _, v in flat]))  # one reduction on device, one transfer
+    return [_key(k) for (k, _), ok in zip(flat, finite) if not ok]
+
+
+@jax.jit
+def _finite_per_leaf(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.isfinite(x).all() for x in leaves])
 
 
 def load_params(ckpt_dir: str | Path, mesh: Mesh, cfg: Config, boxed_init: Callable[..., Any] | None = None) -> Any:

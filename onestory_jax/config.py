@@ -8,6 +8,8 @@ against the dataclass annotations, so an unknown key or a wrongly typed value na
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -136,6 +138,11 @@ class TrainConfig:
             raise UserError("train.steps and train.batch_size must be >= 1")
         if self.val_every < 0 or self.val_batches < 1:
             raise UserError(f"train.val_every must be >= 0 and train.val_batches >= 1, got {self.val_every}, {self.val_batches}")
+        for pattern in self.trainable:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise UserError(f"train.trainable: {pattern!r} is not a valid regex ({e})") from None
 
 
 # --- VAE config (owned by the VAE work; keep edits inside this section) ---
@@ -385,6 +392,9 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         ok, coerced = _type_ok(value, tp)
         if not ok:
             raise UserError(f"config key '{prefix}{key}' has value {value!r}, expected {_type_name(tp)}")
+        values = coerced if isinstance(coerced, tuple) else (coerced,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise UserError(f"config key '{prefix}{key}' must be finite, got {value!r}")
         kwargs[key] = coerced
     return cls(**kwargs)
 

@@ -178,7 +178,11 @@ def test_out_dir_is_not_overwritten_without_force(diffusers_source, tmp_path, ca
     argv = ["--source", str(diffusers_source[2]), "--out", str(out), "--config", "tiny"]
     code, err = _run_cli(argv, capsys)
     assert code == 2 and "--force" in err and (out / "keep.txt").exists()
+    code, err = _run_cli([*argv, "--force"], capsys)  # --force replaces a checkpoint, not the user's files
+    assert code == 2 and "holds more than a checkpoint (keep.txt)" in err and err.count("\n") == 1, err
+    (out / "keep.txt").unlink()
     assert main([*argv, "--force"]) == 0
+    assert main([*argv, "--force"]) == 0  # a checkpoint it wrote is replaced
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "params"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp or old copies left
 

@@ -31,10 +31,24 @@ def test_valid_story_and_defaults(tmp_path):
     ({"memory": {"budget": 5}}, r"memory\.budget"),
     ({"start_image": "missing.png"}, "start_image"),
     ({"plot": "twist"}, "plot"),
+    ({"settings": {"guidance": float("nan")}}, r"settings\.guidance: must be a finite number"),
+    ({"settings": {"guidance": float("inf")}}, r"settings\.guidance: must be a finite number"),
+    ({"settings": {"shift": float("nan")}}, r"settings\.shift: must be a finite number"),
+    ({"settings": {"shift": -1}}, r"settings\.shift: must be > 0"),
 ])
 def test_schema_errors_name_the_field(patch, message):
     with pytest.raises(UserError, match=message):
         parse_story({**GOOD, **patch})
+
+
+def test_non_finite_numbers_in_a_story_file_are_refused(tmp_path):
+    """JSON's NaN and YAML's .inf both parse to floats; they must not reach the sampler."""
+    (tmp_path / "nan.json").write_text('{"settings": {"guidance": NaN}, "shots": ["a"]}')
+    (tmp_path / "inf.yaml").write_text("settings: {shift: .inf}\nshots: [a]\n")
+    with pytest.raises(UserError, match=r"nan\.json: settings\.guidance: must be a finite number, got nan"):
+        load_story(tmp_path / "nan.json")
+    with pytest.raises(UserError, match=r"inf\.yaml: settings\.shift: must be a finite number, got inf"):
+        load_story(tmp_path / "inf.yaml")
 
 
 def test_unreadable_story_file(tmp_path):

@@ -4,9 +4,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from onestory_jax.config import load_config
 from onestory_jax.data.pipeline import make_dataset
+from onestory_jax.errors import UserError
 from train_runs import MESH, assert_same_params, run_train
 
 
@@ -43,11 +45,28 @@ def test_missing_data_and_mismatched_checkpoint_are_clear(tmp_path, records):
     assert "Traceback" not in r.stderr, r.stderr
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, records):
-    r = run_train(tmp_path / "nan", records, "train.learning_rate=1e30", "train.lr_warmup_steps=0")
-    assert r.returncode == 2 and "non-finite loss" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    saved = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir() if p.name.isdigit())
-    assert all(int(s) < 6 for s in saved)  # nothing saved from the diverged steps
+def test_non_finite_state_is_never_saved(tmp_path, records):
+    """Checkpoint steps that are not logging steps are checked too (a NaN state was saved at step 2)."""
+    w = tmp_path / "nan"
+    r = run_train(w, records, "train.learning_rate=1e30", "train.lr_warmup_steps=0", "train.log_every=3",
+                  "train.checkpoint_every=2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "error: non-finite loss at step 2" in r.stderr and "no checkpoint was saved" in r.stderr, r.stderr
+    assert not [p for p in (w / "checkpoints").iterdir() if p.name[0].isdigit()]  # not even a partial save
+
+
+def test_state_to_be_saved_is_checked_even_if_its_loss_is_finite():
+    """A step's loss comes from the params before its update: the updated state is checked too."""
+    from types import SimpleNamespace
+
+    from onestory_jax.training.loop import _check_finite
+
+    manager = SimpleNamespace(latest_step=lambda: 4, directory="w/checkpoints")
+    state = {"params": {"a": np.ones(2, np.float32), "b": np.array([1.0, np.inf], np.float32)}, "step": np.int32(5)}
+    _check_finite(5, {"loss": 0.5}, None, manager)  # a logging step only: the state is not looked at
+    with pytest.raises(UserError, match=r"non-finite state after step 5 \(1 arrays, e.g. params/b\); stopped "
+                                        r"without saving it: the last good checkpoint is step 4 in w/checkpoints"):
+        _check_finite(5, {"loss": 0.5}, state, manager)
 
 
 def test_trained_model_renders_a_story(tmp_path, records):

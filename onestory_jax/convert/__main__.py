@@ -79,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
                    "written config.yaml (default: built-in defaults, which fit the published Wan2.1 models)")
     p.add_argument("--layout", choices=("auto", "diffusers", "original"), default="auto")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="stored parameter dtype")
-    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--force", action="store_true", help="replace a checkpoint at --out (a folder of config.yaml and params/ only)")
     p.add_argument("--verify", action="store_true", help="compare with the PyTorch reference (needs the convert extra)")
     return p
 

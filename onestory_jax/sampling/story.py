@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,6 +81,8 @@ def _check_keys(where: str, data: Any, allowed: set[str]) -> dict:
 def _typed(where: str, value: Any, types: tuple[type, ...]) -> Any:
     if isinstance(value, bool) or not isinstance(value, types):
         raise UserError(f"{where}: expected {'/'.join(t.__name__ for t in types)}, got {value!r}")
+    if types is _FLOAT and not math.isfinite(value):  # NaN would pass every range check and poison the video
+        raise UserError(f"{where}: must be a finite number, got {value!r}")
     return float(value) if types is _FLOAT else value
 
 
@@ -95,6 +98,8 @@ def _settings(src: str, data: Any) -> Settings:
         raise UserError(f"{src}: settings.frames: {s.frames} is not 4k+1 (valid: 1, 5, 9, ..., 77, 81, ...)")
     if s.steps < 1:
         raise UserError(f"{src}: settings.steps: must be >= 1")
+    if s.shift <= 0:
+        raise UserError(f"{src}: settings.shift: must be > 0")
     if s.solver not in SOLVERS:
         raise UserError(f"{src}: settings.solver: {s.solver!r} is not one of {', '.join(SOLVERS)}")
     if s.fps < 1:

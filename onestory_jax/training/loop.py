@@ -1,7 +1,8 @@
 """The training loop: sharded state, grain data, async orbax checkpoints (state + data position).
 
 Re-running with the same workdir resumes from the latest checkpoint at the exact data position.
-A NaN/inf loss stops the run without saving, so the last good checkpoint stays the latest.
+A NaN/inf loss or state stops the run without saving: every step to be saved (or exported) is
+checked first, so the latest checkpoint is always a finite one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 
-from onestory_jax.checkpoint import check_stored_tree, quiet_failed_reads, save_model
+from onestory_jax.checkpoint import (check_stored_tree, non_finite_leaves, quiet_failed_reads, save_model,
+                                     unreadable_checkpoint)
 from onestory_jax.config import Config, to_dict
 from onestory_jax.data.pipeline import make_dataset
 from onestory_jax.errors import UserError
@@ -88,6 +90,8 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState, data_iter: Any) 
             state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iter)))
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"checkpoint at step {step} does not fit this config: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # tensorstore reports a truncated or damaged data file as a bare Exception
+        raise unreadable_checkpoint(Path(manager.directory) / str(step), e) from None
     return restored["state"]
 
 
@@ -141,6 +145,18 @@ def _due(step: int, every: int, end: int) -> bool:
     return every > 0 and (step % every == 0 or step == end)
 
 
+def _check_finite(step: int, metrics: dict[str, float], state: TrainState | None, manager: ocp.CheckpointManager) -> None:
+    """Stop with one line if the step's metrics, or the state (when given), hold a NaN or Inf."""
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    what = f"loss at step {step} ({', '.join(f'{k} {metrics[k]}' for k in bad)})" if bad else ""
+    if not bad and state is not None and (leaves := non_finite_leaves(state)):
+        what = f"state after step {step} ({len(leaves)} arrays, e.g. {leaves[0]})"
+    if what:
+        last = manager.latest_step()
+        raise UserError(f"non-finite {what}; stopped without saving it: " + (
+            f"the last good checkpoint is step {last} in {manager.directory}" if last is not None else "no checkpoint was saved"))
+
+
 def train(cfg: Config, workdir: str | Path, progress: bool = True, stop_after: int | None = None) -> dict[str, float]:
     """Train to `cfg.train.steps` (resuming if `workdir` has checkpoints); returns the last metrics.
 
@@ -179,16 +195,18 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, stop_after: i
                                       out_shardings=(state_shardings, replicated))
                 state, m = step_fn(state, global_batch)
                 monitor.count({k: v.shape for k, v in global_batch.items()})
-                if _due(step + 1, tc.log_every, end):
-                    metrics = {k: float(v) for k, v in m.items()}
-                    if not all(math.isfinite(v) for v in metrics.values()):
-                        raise UserError(f"non-finite loss at step {step + 1} ({metrics}); stopped without saving: the "
-                                        f"last good checkpoint is step {manager.latest_step()} in {workdir / 'checkpoints'}")
-                    monitor.log(step + 1, metrics)
+                log, save = _due(step + 1, tc.log_every, end), _due(step + 1, tc.checkpoint_every, end)
+                kept = save or step + 1 == tc.steps  # saved, or exported as the model
+                if log or kept:  # nothing non-finite is logged as fine, saved or exported
+                    values = {k: float(v) for k, v in m.items()}
+                    _check_finite(step + 1, values, state if kept else None, manager)
+                    if log:
+                        metrics = values
+                        monitor.log(step + 1, metrics)
                 if validator is not None and _due(step + 1, tc.val_every, tc.steps):
                     with monitor.paused():
                         monitor.log_validation(step + 1, validator(_export_params(state)))
-                if _due(step + 1, tc.checkpoint_every, end):
+                if save:
                     manager.save(step + 1, args=ocp.args.Composite(
                         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)))
         finally:

@@ -25,7 +25,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from onestory_jax.checkpoint import save_model
+from onestory_jax.checkpoint import non_finite_leaves, save_model
 from onestory_jax.config import Config
 from onestory_jax.data import synthetic
 from onestory_jax.errors import UserError
@@ -122,6 +122,9 @@ def train_vae(cfg: Config, workdir: str | Path, progress: bool = True, stop_afte
                                         z_rms=f"{metrics['latent_rms']:.2f}")
                     bar.update(1)
                     if (step + 1) % tc.checkpoint_every == 0 or step + 1 == end:
+                        if bad := non_finite_leaves(state):  # never save (or export) a diverged state
+                            raise UserError(f"non-finite VAE state after step {step + 1} ({len(bad)} arrays, e.g. "
+                                            f"{bad[0]}); the last good checkpoint is kept")
                         manager.save(step + 1, args=ocp.args.Composite(
                             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data)))
         if int(state["step"]) == tc.steps:

@@ -1,0 +1,63 @@
+"""Checkpoints and configs a user may break: a damaged or non-finite checkpoint, `--force` onto a
+folder that is not a checkpoint, non-finite numbers and bad regexes in a config: one clear line each."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from onestory_jax.checkpoint import check_out_dir, restore_params, save_model
+from onestory_jax.config import Config, load_config
+from onestory_jax.errors import UserError
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax after a failed read
+
+
+def saved(path, params):
+    """`params` saved as a checkpoint at `path`, and the abstract tree that restores it on one device."""
+    save_model(path, params, Config())
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), params)
+
+
+def test_truncated_checkpoint_is_one_line_naming_it(tmp_path):
+    abstract = saved(tmp_path / "ck", {"w": np.random.default_rng(0).random((64, 256), np.float32)})
+    data = max((p for p in (tmp_path / "ck" / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    os.truncate(data, data.stat().st_size // 2)
+    with pytest.raises(UserError, match=rf"checkpoint '{tmp_path / 'ck' / 'params'}' could not be restored "
+                                        r"\(corrupt or truncated\?\): Encountered error while reading") as e:
+        restore_params(tmp_path / "ck", abstract)
+    assert "\n" not in str(e.value)
+
+
+def test_non_finite_checkpoint_is_refused(tmp_path):
+    w = np.ones((4, 8), np.float32)
+    w[1, 2] = np.nan
+    abstract = saved(tmp_path / "ck", {"ok": np.ones(3, np.float32), "layer": {"w": w}})
+    with pytest.raises(UserError, match=r"holds NaN or Inf in 1 arrays \(layer/w\)"):
+        restore_params(tmp_path / "ck", abstract)
+
+
+def test_force_replaces_only_a_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    saved(ckpt, {"w": np.ones(2, np.float32)})
+    assert check_out_dir(ckpt, force=True) == ckpt
+    model = tmp_path / "model"  # a model folder: --out $M instead of $M/dit
+    for part in ("vae", "tokenizer"):
+        (model / part).mkdir(parents=True)
+    (model / "config.yaml").write_text("name: x\n")
+    (model / "NOTES.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"holds more than a checkpoint \(NOTES.txt, tokenizer, vae\)") as e:
+        check_out_dir(model, force=True)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.learning_rate=.nan", "config key 'train.learning_rate' must be finite, got nan"),
+    ("sampler.guidance=inf", "config key 'sampler.guidance' must be finite, got 'inf'"),
+    ('train.trainable=["^memory/", "(unclosed"]', r"train.trainable: '\(unclosed' is not a valid regex"),
+])
+def test_bad_config_numbers_and_regexes_name_the_value(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config("configs/train/tiny.yaml", [override])
