@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -10,7 +11,10 @@ import pytest
 from onestory_jax.config import load_config
 from onestory_jax.data import synthetic
 from onestory_jax.data.pipeline import make_dataset
+from onestory_jax.data.prepare import augment
+from onestory_jax.data.records import synthetic_videos, write_records
 from onestory_jax.data.video import detect_shots
+from onestory_jax.errors import UserError
 from onestory_jax.sampling.components import random_params
 from onestory_jax.sampling.outputs import write_mp4
 from onestory_jax.sharding import activate, make_mesh
@@ -46,6 +50,21 @@ def test_shot_detector_finds_the_cuts():
     assert detect_shots(video) == [(0, 9), (9, 18), (18, 27)]
 
 
+def test_augment_mirrors_the_width_axis_and_keeps_channel_order():
+    """The augmented first shot is a horizontal flip (plus crop and jitter), never a channel swap:
+    colour is a character's identity in the synthetic world."""
+    red, green, blue, yellow = ([1, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1])
+    clip = np.empty((2, 32, 32, 3), np.float32)
+    clip[:, :16, :16], clip[:, :16, 16:], clip[:, 16:, :16], clip[:, 16:, 16:] = red, green, blue, yellow
+    mirrored = {(0, 0): green, (0, 1): red, (1, 0): yellow, (1, 1): blue}  # (row, column) quadrant -> colour
+    for seed in range(8):
+        out = augment(clip, np.random.default_rng(seed))
+        assert out.shape == clip.shape and np.abs(out).max() <= 1
+        for (r, c), colour in mirrored.items():  # corners: inside their quadrant whatever the 80-100% crop
+            corner = out[:, r * 28:r * 28 + 4, c * 28:c * 28 + 4]
+            np.testing.assert_array_equal(np.sign(corner), np.broadcast_to(np.float32(colour), corner.shape))
+
+
 def test_videos_become_records_and_a_rerun_resumes(tmp_path, model_folder):
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -65,6 +84,38 @@ def test_videos_become_records_and_a_rerun_resumes(tmp_path, model_folder):
     mtime = record.stat().st_mtime_ns
     assert prepare("--model", model_folder, "--out", out, "--videos", videos, "--captions", tmp_path / "captions.jsonl").returncode == 0
     assert record.stat().st_mtime_ns == mtime  # skipped, not rewritten
+
+
+def test_inserted_shot_never_comes_from_the_same_video(tmp_path):
+    """Shot inflation's "shot from another video" (pseudo-label -1) is never the video itself."""
+    videos = synthetic_videos(2, 2, 2, (4, 4), 32, (4, 16))
+    write_records(tmp_path / "two.arrayrecord", videos)
+    cfg = load_config("configs/train/tiny.yaml", [f"train.data={tmp_path / 'two.arrayrecord'}", "train.insertion_prob=1",
+                                                  "train.swap_order_prob=0"])
+    it = iter(make_dataset(cfg, 2))
+    for _ in range(16):
+        batch = next(it)
+        for target, inserted in zip(batch["target"], batch["memory"][:, 2:]):
+            own = next(v for v in videos if np.array_equal(v["latents"][1], target))
+            other = next(v for v in videos if v is not own)
+            assert any(np.array_equal(inserted, shot) for shot in other["latents"])
+    write_records(tmp_path / "one.arrayrecord", videos[:1])
+    cfg = load_config("configs/train/tiny.yaml", [f"train.data={tmp_path / 'one.arrayrecord'}", "train.insertion_prob=1"])
+    with pytest.raises(UserError, match="only one video"):
+        next(iter(make_dataset(cfg, 1)))
+
+
+def test_training_data_warns_when_selection_would_keep_the_whole_memory(tmp_path):
+    """The demo's data (make demo-model: 9-frame shots at 64x64) gives memories of 2 shots x 3 latent frames
+    at 8x8; the shipped demo conditioner keeps K = 10 >= 6 frames there, so selection never drops one."""
+    write_records(tmp_path / "demo.arrayrecord", synthetic_videos(1, 2, 3, (8, 8), 64, (4, 32)))
+    data = f"train.data={tmp_path / 'demo.arrayrecord'}"
+    with pytest.warns(UserWarning, match="K=10 frames at 8x8 latents.*holds 6.*never drops a frame"):
+        make_dataset(load_config("configs/train/demo.yaml", [data]), 1)
+    smaller = load_config("configs/train/demo.yaml", [data, "memory.frames_per_patchifier=[1,4]"])  # K = 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_dataset(smaller, 1)
 
 
 def test_bad_inputs_are_one_clear_line(tmp_path, model_folder):

@@ -9,6 +9,7 @@ mean embedding.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 from onestory_jax.config import Config
 from onestory_jax.data.records import decode_record
 from onestory_jax.errors import UserError
+from onestory_jax.models.memory import num_selected
 
 Example = dict[str, np.ndarray]
 INSERTED_LABEL, AUGMENTED_LABEL = -1.0, 0.0
@@ -80,6 +82,26 @@ def three_shot_example(video: dict[str, np.ndarray], rng: np.random.Generator, o
     return example
 
 
+def other_index(rng: np.random.Generator, n: int, exclude: int) -> int:
+    """A uniform draw from range(n) without `exclude`: the video a cross-video insertion comes from."""
+    if n < 2:
+        raise UserError("shot inflation inserts a shot from another video, but the training data holds only one video "
+                        "(add videos, or set train.insertion_prob=0)")
+    j = int(rng.integers(0, n - 1))
+    return j + (j >= exclude)
+
+
+def warn_if_selection_keeps_everything(cfg: Config, frames_per_shot: int, latent_hw: tuple[int, int]) -> None:
+    """Warn when the conditioner's K is at least a training example's memory (two shots of
+    `frames_per_shot` latent frames): Frame Selection then never drops a frame in training."""
+    k, memory = num_selected(cfg.memory, latent_hw), 2 * frames_per_shot
+    if k >= memory:
+        warnings.warn(f"the Adaptive Conditioner keeps K={k} frames at {latent_hw[0]}x{latent_hw[1]} latents, but a "
+                      f"training example's memory holds {memory} (2 shots x {frames_per_shot} latent frames): Frame "
+                      "Selection never drops a frame in training. Lower memory.frames_per_patchifier or use longer shots.",
+                      stacklevel=3)
+
+
 def make_dataset(cfg: Config, batch_size: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """Infinite, seeded, per-host iterator of batched three-shot examples."""
     path = Path(cfg.train.data)
@@ -95,11 +117,15 @@ def make_dataset(cfg: Config, batch_size: int, process_index: int = 0, process_c
     def read(i: int) -> dict[str, np.ndarray]:
         return decode_record(source[i], f"{i} ({files[i].name})" if one_per_file else i)
 
-    def other(rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return read(int(rng.integers(0, len(source))))
+    latents = read(0)["latents"]
+    warn_if_selection_keeps_everything(cfg, latents.shape[1], latents.shape[2:4])
+
+    def example(item: tuple[int, dict[str, np.ndarray]], rng: np.random.Generator) -> Example:
+        index, video = item
+        return three_shot_example(video, rng, lambda r: read(other_index(r, len(source), index)), cfg)
 
     ds = grain.MapDataset.range(len(source))[process_index::process_count]
     ds = ds.shuffle(seed=cfg.train.seed).repeat(None)
-    ds = ds.map(lambda i: read(int(i)))
-    ds = ds.random_map(lambda video, rng: three_shot_example(video, rng, other, cfg), seed=cfg.train.seed)
+    ds = ds.map(lambda i: (int(i), read(int(i))))
+    ds = ds.random_map(example, seed=cfg.train.seed)
     return ds.batch(batch_size, drop_remainder=True).to_iter_dataset()

@@ -51,7 +51,7 @@ def augment(clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     scale = rng.uniform(0.8, 1.0)
     ch, cw = int(h * scale), int(w * scale)
     y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-    frames = to_uint8(clip[:, y:y + ch, x:x + cw, ::-1])
+    frames = to_uint8(clip[:, y:y + ch, x:x + cw][:, :, ::-1])  # mirror the width axis; channel order kept
     out = np.stack([resize_frame(f, w, h) for f in frames])
     brightness, contrast = rng.uniform(-0.15, 0.15), rng.uniform(0.8, 1.2)
     gains = rng.uniform(0.9, 1.1, 3)
