@@ -14,11 +14,17 @@ from onestory_jax.training.step import init_state, make_train_step
 T, H, W, F = 2, 8, 8, 4
 
 
+def _memory(target, rng):
+    """Memory frames for `target` [B, T, H, W, 16]: two resemble the target shot (labels 1), two are noise (-1)."""
+    memory = rng.standard_normal((target.shape[0], F, H, W, 16)).astype(np.float32)
+    memory[:, :2] = target[:, :2] + 0.1 * memory[:, :2]
+    return memory
+
+
 def _batch(cfg, rng, b=2):
     # Wan's DiT has no absolute position embedding, so a learnable target is one colour per shot.
     target = np.broadcast_to(rng.standard_normal((b, 1, 1, 1, 16)), (b, T, H, W, 16)).astype(np.float32)
-    memory = rng.standard_normal((b, F, H, W, 16)).astype(np.float32)
-    memory[:, :2] = target[:, :2] + 0.1 * memory[:, :2]  # two frames resemble the target shot
+    memory = _memory(target, rng)
     labels = np.array([[1.0, 1.0, -1.0, -1.0]] * b, np.float32)
     return {
         "target": target, "memory": memory, "memory_valid": np.ones((b, F), bool), "labels": labels,
@@ -28,13 +34,15 @@ def _batch(cfg, rng, b=2):
     }
 
 
-def _train(cfg, batch, steps):
+def _train(cfg, batch, steps, fresh_memory=None):
+    """`steps` train steps on `batch`; with a generator `fresh_memory`, each step draws new memory frames."""
     params = init_params(cfg, jax.random.key(0))
     tx = make_optimizer(cfg.train, params)
     state = init_state(jax.tree.map(jnp.copy, params), tx, 0, ema=False)  # the step donates its state
     step = jax.jit(make_train_step(cfg, tx), donate_argnums=0)
     for _ in range(steps):
-        state, metrics = step(state, batch)
+        memory = batch["memory"] if fresh_memory is None else _memory(batch["target"], fresh_memory)
+        state, metrics = step(state, {**batch, "memory": memory})
     return params, state, metrics
 
 
@@ -45,16 +53,19 @@ def test_overfit_one_batch_and_learn_pseudo_labels():
     # Loss at 8 fixed (timestep, noise) draws, before and after training.
     eval_loss = jax.jit(lambda p: jnp.mean(jnp.stack(
         [loss_fn(p, batch, jax.random.key(k), jnp.array(False), cfg)[1]["l_shot"] for k in range(8)])))
-    params, state, metrics = _train(cfg, batch, cfg.train.steps)
+    # Each step sees new memory frames (new noise), so the selector must learn which frames match the
+    # caption's shot rather than memorise the frames it was trained on.
+    params, state, metrics = _train(cfg, batch, cfg.train.steps, fresh_memory=np.random.default_rng(1))
     before, after = float(eval_loss(params)), float(eval_loss(state.params))
     assert after <= 0.5 * before, (before, after)
-    # The selector regresses the pseudo-labels: scores correlate with them (fresh memory too).
+    # The selector regresses the pseudo-labels: its scores correlate with them on fresh memory (never trained on).
     from onestory_jax.models.memory import OneStoryMemory
 
     mem = OneStoryMemory(cfg.memory, cfg.dit.dim, cfg.dit.head_dim)
-    scores = mem.apply({"params": state.params["memory"]}, batch["text"], batch["memory"], batch["memory_valid"], method="score")
+    fresh = _memory(batch["target"], np.random.default_rng(100))
+    scores = mem.apply({"params": state.params["memory"]}, batch["text"], fresh, batch["memory_valid"], method="score")
     r = np.corrcoef(np.asarray(scores).ravel(), batch["labels"].ravel())[0, 1]
-    assert r > 0.9, r
+    assert r > 0.95, r
     assert np.isfinite(float(metrics["grad_norm"]))
 
 
