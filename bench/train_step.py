@@ -15,38 +15,30 @@ per-device sizes. Each mesh size runs in its own process with
 XLA_FLAGS=--xla_force_host_platform_device_count=N (the device count is fixed at JAX start-up).
 The figures are those of the XLA *CPU* compiler: an estimate of what the GPU/TPU compilers would
 allocate, not a measurement on them. `--attention chunked` swaps the DiT's attention for a
-query-chunked, rematerialised stand-in of a flash kernel (see `chunked_attention`), since the CPU
+query-chunked, rematerialised stand-in of a flash kernel (the library's `chunked_attention`), since the CPU
 backend (and TPU, where the library has no splash kernel yet) materialises the full logits.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from onestory_jax.config import Config, load_config
-from onestory_jax.models import dit as dit_module
-from onestory_jax.models.layers import attention as library_attention
-from onestory_jax.models.layers import constrain
 from onestory_jax.models.onestory import boxed_init_fn, memory_params_from_dit
 from onestory_jax.sharding import abstract_params, activate, batch_sharding, init_sharded, make_mesh
 from onestory_jax.training.metrics import context_tokens, noise_tokens, train_step_flops
@@ -211,60 +203,20 @@ def abstract_batch(cfg: Config, mesh: Any, batch: int, latent: tuple[int, int, i
             for k, (shape, dtype) in batch_shapes(cfg, batch, latent).items()}
 
 
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla",
-                      kv_mask: jax.Array | None = None, bias: jax.Array | None = None, scale: float | None = None,
-                      block: int = 256) -> jax.Array:
-    """Stand-in for a flash kernel: queries in strided chunks, one rematerialised chunk at a time.
-
-    q [B, L, N, H] is viewed as [B, A, C, N, H] (position = a*C + c) and `lax.map` runs over c, so
-    each chunk holds A = block x sequence-shards queries spread along L (it stays sharded like L).
-    Only one chunk's [B, N, A, Lk] logits live at once, forward and backward. An upper bound on
-    flash memory: a fused kernel keeps no logit block at all.
-    """
-    b, length, n, h = q.shape
-    shards = _sequence_shards()
-    a = block * shards
-    chunks = max(1, math.ceil(length / a))
-    qp = jnp.pad(q, ((0, 0), (0, chunks * a - length), (0, 0), (0, 0)))
-    qc = jnp.moveaxis(qp.reshape(b, a, chunks, n, h), 2, 0)  # [C, B, A, N, H]
-    heads = ("act_batch", "act_length", "act_heads", "act_head_dim")
-
-    @jax.checkpoint
-    def one(qi: jax.Array) -> jax.Array:
-        return constrain(library_attention(constrain(qi, heads), k, v, implementation, kv_mask, bias, scale), heads)
-
-    out = jnp.moveaxis(jax.lax.map(one, qc), 0, 2).reshape(b, chunks * a, n, h)
-    return out[:, :length]
-
-
-def _sequence_shards() -> int:
-    """Size of the `sequence` axis of the mesh in use (1 outside a mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return dict(mesh.shape).get("sequence", 1) if not mesh.empty else 1
-
-
-@contextlib.contextmanager
-def attention_impl(name: str) -> Iterator[None]:
-    """`library`: the DiT as written; `chunked`: its attention swapped for `chunked_attention`."""
-    if name == "library":
-        yield
-        return
-    with mock.patch.object(dit_module, "attention", chunked_attention):
-        yield
-
-
-def aot_config(devices: int, sequence: int, tensor: int, remat: str) -> Config:
+def aot_config(devices: int, sequence: int, tensor: int, remat: str, attention: str = "library") -> Config:
     """The 14B pod preset on `devices` devices: fsdp fills what sequence x tensor leave; one sample per
-    batch shard (data x fsdp)."""
+    batch shard (data x fsdp). attention `library`: the preset's; `chunked`: the library's chunked path."""
+    chunked = ["dit.attention=chunked"] if attention == "chunked" else []
     return load_config(PRESET_14B, [f"mesh.sequence={sequence}", f"mesh.tensor={tensor}", "mesh.fsdp=-1",
-                                    f"dit.remat_policy={remat}", f"train.batch_size={devices // (sequence * tensor)}"])
+                                    f"dit.remat_policy={remat}", f"train.batch_size={devices // (sequence * tensor)}",
+                                    *chunked])
 
 
 def compile_case(devices: int, sequence: int, tensor: int, remat: str, attention: str) -> dict:
     """Lower + compile the 14B step on abstract inputs; per-device memory analysis in GiB."""
-    cfg = aot_config(devices, sequence, tensor, remat)
+    cfg = aot_config(devices, sequence, tensor, remat, attention)
     mesh = make_mesh(cfg.mesh)
-    with activate(mesh), attention_impl(attention):
+    with activate(mesh):
         state, tx = abstract_state(cfg, mesh)
         batch = abstract_batch(cfg, mesh, cfg.train.batch_size, LATENT_480P)
         step = jit_step(cfg, tx, jax.tree.map(lambda a: a.sharding, state), jax.tree.map(lambda a: a.sharding, batch), mesh)

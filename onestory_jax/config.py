@@ -46,7 +46,7 @@ class DiTConfig:
     # Activation checkpointing per block: none | full | dots | dots_no_batch.
     remat_policy: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     # Attention implementation: xla (reference), cudnn (flash on GPU), auto (let JAX pick).
-    attention: Literal["xla", "cudnn", "auto"] = "xla"
+    attention: Literal["xla", "cudnn", "chunked", "auto"] = "xla"  # models/layers.py: attention
 
     @property
     def head_dim(self) -> int:

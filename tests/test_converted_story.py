@@ -52,7 +52,7 @@ def test_story_from_converted_weights_warns_and_renders(model_folder, tmp_path):
     assert "no OneStory modules" in r.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["config"]["dit"]["num_layers"] == 2 and len(manifest["shots"]) == 2
-    assert len(list((tmp_path / "cache" / "text_embeddings").glob("*.npy"))) == 3  # 2 captions + negative prompt
+    assert len(list((tmp_path / "cache" / "text_embeddings").glob("*.npy"))) == 2  # 2 captions; the default negative prompt "" is the null text (zeros), not encoded
 
 
 def test_frozen_component_bad_source(tmp_path):

@@ -11,6 +11,16 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+def null_text(shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+    """The null caption embedding [..., Lt, text_dim]: all zeros.
+
+    The one unconditional text of this project: training's text dropout replaces a caption with it,
+    and sampling's unconditional CFG branch uses it unless the story sets a negative prompt (Wan's
+    own recipe for its released weights encodes one).
+    """
+    return jnp.zeros(shape, dtype)
+
+
 def cfg_combine(v_cond: Array, v_uncond: Array, scale: float | Array) -> Array:
     """v = v_uncond + scale * (v_cond - v_uncond). Shapes [B, ...]."""
     return v_uncond + scale * (v_cond - v_uncond)

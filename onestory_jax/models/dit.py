@@ -45,7 +45,9 @@ class ContextTokens:
     """Embedded tokens appended after the noise tokens in self-attention.
 
     tokens: [B, Lc, D]; cos, sin: RoPE tables [B, Lc, head_dim // 2]; timestep: [B] (0 = clean);
-    mask: [B, Lc] (False = empty slot, hidden from attention) or None.
+    mask: [B, Lc] (False = empty slot, hidden from attention) or None. Valid tokens come first (the
+    mask is a prefix: the conditioner emits frames in rank order, filled slots first), so attention
+    hides the empty ones by key length, which cuDNN flash attention supports.
     """
 
     tokens: Array
@@ -72,7 +74,7 @@ class SelfAttention(nn.Module):
     cfg: DiTConfig
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, kv_mask: Array | None) -> Array:
+    def __call__(self, x: Array, cos: Array, sin: Array, kv_lengths: Array | None) -> Array:
         cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
         proj = lambda name: Dense(cfg.dim, ("embed", "heads"), dtype=dt, param_dtype=pdt, name=name)
         q = RMSNorm(cfg.eps, "heads", pdt, name="norm_q")(proj("q")(x))
@@ -82,7 +84,7 @@ class SelfAttention(nn.Module):
         q = constrain(apply_rope(split(q), cos, sin), HEADS)
         k = constrain(apply_rope(split(k), cos, sin), KV_HEADS)
         v = constrain(split(v), KV_HEADS)
-        out = attention(q, k, v, cfg.attention, kv_mask)
+        out = attention(q, k, v, cfg.attention, kv_lengths=kv_lengths)
         out = constrain(out.reshape(*out.shape[:2], cfg.dim), ATTN_OUT)
         return Dense(cfg.dim, ("heads", "embed"), dtype=dt, param_dtype=pdt, name="o")(out)
 
@@ -132,7 +134,7 @@ class Block(nn.Module):
         group_onehot: Array | None,
         cos: Array,
         sin: Array,
-        kv_mask: Array | None,
+        kv_lengths: Array | None,
         text: Array,
         image: Array | None,
     ) -> tuple[Array, None]:
@@ -146,7 +148,7 @@ class Block(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = _modulation(table, e0, group_onehot)
         norm = LayerNorm(cfg.eps, affine=False)  # parameter-free, shared
         h = norm(x) * (1 + scale1) + shift1
-        x = x + SelfAttention(cfg, name="self_attn")(h.astype(dt), cos, sin, kv_mask).astype(jnp.float32) * gate1
+        x = x + SelfAttention(cfg, name="self_attn")(h.astype(dt), cos, sin, kv_lengths).astype(jnp.float32) * gate1
         c = LayerNorm(cfg.eps, affine=True, param_dtype=pdt, name="norm_cross")(x)
         x = x + CrossAttention(cfg, name="cross_attn")(c.astype(dt), text, image).astype(jnp.float32)
         f = norm(x) * (1 + scale2) + shift2
@@ -224,7 +226,7 @@ class WanDiT(nn.Module):
 
         time_embedding = TimeEmbedding(cfg, name="time_embedding")
         temb, e0 = time_embedding(t)  # [B, D], [B, 6, D]
-        e0, onehot, kv_mask = e0[:, None], None, None
+        e0, onehot, kv_lengths = e0[:, None], None, None
         if context is not None:
             _, e0_ctx = time_embedding(context.timestep)
             e0 = jnp.concatenate([e0, e0_ctx[:, None]], axis=1)  # [B, 2, 6, D]
@@ -233,8 +235,8 @@ class WanDiT(nn.Module):
             tokens = constrain(jnp.concatenate([tokens, context.tokens.astype(jnp.float32)], axis=1), TOKENS)
             cos, sin = (jnp.concatenate([jnp.broadcast_to(a, (b, *a.shape)), c], axis=1)
                         for a, c in ((cos, context.cos), (sin, context.sin)))
-            if context.mask is not None:
-                kv_mask = jnp.concatenate([jnp.ones((b, n_noise), bool), context.mask], axis=1)
+            if context.mask is not None:  # keys: the noise tokens, then the valid (prefix) context tokens
+                kv_lengths = n_noise + context.mask.sum(axis=1, dtype=jnp.int32)
 
         context_axes = ("act_batch", None, "act_embed")
         text_emb = constrain(TextEmbedding(cfg, name="text_embedding")(text), context_axes)
@@ -252,7 +254,7 @@ class WanDiT(nn.Module):
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="blocks")
-        h, _ = blocks(tokens, e0, onehot, cos, sin, kv_mask, text_emb, image_emb)
+        h, _ = blocks(tokens, e0, onehot, cos, sin, kv_lengths, text_emb, image_emb)
         h = h[:, :n_noise]
 
         # Head: modulated by the time embedding (pre-SiLU), fp32.

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 Array = jax.Array
 AxisNames = tuple[str | None, ...]
@@ -85,25 +86,90 @@ class LayerNorm(nn.Module):
         return y
 
 
+AttentionImpl = Literal["xla", "cudnn", "chunked", "auto"]
+# `auto` lets XLA build full [B, N, Lq, Lk] fp32 logits only up to this many bytes; above it, a flash
+# kernel (cuDNN on GPU) or the chunked path. 34k-token self-attention would need 175 GiB a sample.
+XLA_LOGITS_LIMIT = 2 * 1024**3
+CHUNK_QUERIES = 512  # queries per chunk of the `chunked` implementation (times the sequence shards)
+
+
+def resolve_attention(implementation: AttentionImpl, q: Array, k: Array, kv_mask: Array | None = None,
+                      bias: Array | None = None) -> str:
+    """The concrete implementation `attention` runs: `auto` picks cuDNN flash on a GPU for bf16/fp16
+    inputs (no bias, no general mask), else XLA while its logits fit XLA_LOGITS_LIMIT, else `chunked`."""
+    if implementation == "cudnn" and (kv_mask is not None or bias is not None):
+        raise ValueError("cuDNN flash attention takes no general mask or bias: pass kv_lengths (valid keys first)")
+    if implementation != "auto":
+        return implementation
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and kv_mask is None and bias is None:
+        return "cudnn"
+    logits = q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1] * 4
+    return "xla" if logits <= XLA_LOGITS_LIMIT else "chunked"
+
+
 def attention(
     q: Array,
     k: Array,
     v: Array,
-    implementation: Literal["xla", "cudnn", "auto"] = "xla",
+    implementation: AttentionImpl = "xla",
     kv_mask: Array | None = None,
     bias: Array | None = None,
     scale: float | None = None,
+    kv_lengths: Array | None = None,
 ) -> Array:
     """Softmax attention, [B, Lq, N, H] x [B, Lk, N, H] -> [B, Lq, N, H], scale 1/sqrt(H) by default.
 
-    `xla` is the portable reference, `cudnn` the fused flash kernel on NVIDIA GPUs (bf16/fp16),
-    `auto` lets JAX choose. kv_mask [B, Lk] (True = attend) hides keys, e.g. empty memory slots.
+    Implementations: `xla` (portable reference; builds [B, N, Lq, Lk] logits), `cudnn` (fused flash
+    kernel on NVIDIA GPUs, bf16/fp16), `chunked` (queries in rematerialised chunks: one chunk's logits
+    at a time, forward and backward; for backends without a fused kernel), `auto` (`resolve_attention`).
+    kv_lengths [B] int32: only the first kv_lengths[b] keys are attended (valid keys form a prefix,
+    e.g. noise tokens then the filled memory slots); every implementation, cuDNN flash included.
+    kv_mask [B, Lk] (True = attend): a general key mask (xla / chunked only).
     bias [B or 1, N, Lq, Lk] is added to the logits (T5 relative positions); scale overrides 1/sqrt(H).
     """
-    impl = None if implementation == "auto" else implementation
+    impl = resolve_attention(implementation, q, k, kv_mask, bias)
+    if impl == "chunked":
+        return chunked_attention(q, k, v, kv_mask, bias, scale, kv_lengths)
     mask = None if kv_mask is None else kv_mask[:, None, None, :]
     bias = None if bias is None else bias.astype(q.dtype)
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=impl)
+    lengths = None if kv_lengths is None else kv_lengths.astype(jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=impl,
+                                        key_value_seq_lengths=lengths)
+
+
+def _sequence_shards() -> int:
+    """Size of the `sequence` axis of the mesh in use (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return dict(mesh.shape).get("sequence", 1) if not mesh.empty else 1
+
+
+def chunked_attention(q: Array, k: Array, v: Array, kv_mask: Array | None = None, bias: Array | None = None,
+                      scale: float | None = None, kv_lengths: Array | None = None,
+                      block: int = CHUNK_QUERIES) -> Array:
+    """XLA attention over query chunks, one rematerialised chunk at a time (`lax.map` + checkpoint).
+
+    q [B, L, N, H] is viewed as [B, A, C, N, H] (position = a*C + c) and the map runs over c, so each
+    chunk holds A = block x sequence-shards queries spread along L (it stays sharded like L). Only one
+    chunk's [B, N, A, Lk] logits live at once: memory O(A Lk) instead of O(L Lk).
+    """
+    b, length, n, h = q.shape
+    a = min(block * _sequence_shards(), length)
+    chunks = -(-length // a)
+    qp = jnp.pad(q, ((0, 0), (0, chunks * a - length), (0, 0), (0, 0)))
+    qc = rearrange(qp, "b (a c) n h -> c b a n h", c=chunks)
+    heads = ("act_batch", "act_length", "act_heads", "act_head_dim")
+    bias_c = None
+    if bias is not None:  # [B or 1, N, Lq, Lk] -> per chunk [C, B or 1, N, A, Lk]
+        bp = jnp.pad(bias, ((0, 0), (0, 0), (0, chunks * a - length), (0, 0)))
+        bias_c = rearrange(bp, "b n (a c) k -> c b n a k", c=chunks)
+
+    @jax.checkpoint
+    def one(chunk: tuple[Array, Array | None]) -> Array:
+        qi, bi = chunk
+        return constrain(attention(constrain(qi, heads), k, v, "xla", kv_mask, bi, scale, kv_lengths), heads)
+
+    out = jax.lax.map(one, (qc, bias_c))
+    return rearrange(out, "c b a n h -> b (a c) n h")[:, :length]
 
 
 # ---------------------------------------------------------------------------------------------

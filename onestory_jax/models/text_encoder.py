@@ -74,8 +74,10 @@ class SelfAttention(nn.Module):
         )
         buckets = relative_position_buckets(
             length, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
-        )  # static [L, L]
-        bias = jnp.take(table, jnp.asarray(buckets), axis=0).transpose(2, 0, 1)[None]  # [1, N, Lq, Lk]
+        )  # static [L, L], a function of the offset k - q only: keep one bucket per offset
+        by_offset = jnp.asarray(np.concatenate([buckets[-1, :-1], buckets[0]]), jnp.int32)  # offsets 1-L .. L-1
+        offsets = jnp.arange(length)[None, :] - jnp.arange(length)[:, None] + (length - 1)  # built in the program
+        bias = jnp.take(table, jnp.take(by_offset, offsets), axis=0).transpose(2, 0, 1)[None]  # [1, N, Lq, Lk]
         out = attention(q, k, v, "xla", kv_mask, bias=bias, scale=1.0)
         return dense(cfg.d_model, ("heads", "embed"), "o")(out.reshape(b, length, cfg.inner_dim))
 

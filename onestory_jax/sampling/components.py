@@ -8,9 +8,11 @@ docs/design.md, with a warning), or a config preset with random weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,14 +20,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from onestory_jax import checkpoint
-from onestory_jax.config import Config, apply_overrides, from_dict, load_config, to_dict
+from onestory_jax.config import Config, TextEncoderConfig, VAEConfig, apply_overrides, from_dict, load_config, to_dict
 from onestory_jax.errors import UserError
 from onestory_jax.models import byte_tokenizer, image_encoder, text_encoder, vae
 from onestory_jax.models.dit import init_fn as dit_init_fn
 from onestory_jax.models.embedding_cache import EmbeddingCache, encoder_identity
 from onestory_jax.models.onestory import memory_init_fn, memory_params_from_dit
+from onestory_jax.sampling.generate import image_tokens
 from onestory_jax.sampling.pipeline import Components
 from onestory_jax.sharding import activate, init_sharded, make_mesh
+
+Array = jax.Array
 
 BYTE_TOKENIZER = byte_tokenizer.OUT  # for random-weight models: any text, no download
 
@@ -129,41 +134,52 @@ def text_cache(cfg: Config, encoder_weights: Path) -> EmbeddingCache:
     return EmbeddingCache(root, encoder_identity(cfg.text_encoder, encoder_weights))
 
 
-def clip_functions(cfg: Config, params: dict[str, Any]) -> tuple[Any, Any]:
-    """(host image -> CLIP tokens, traceable latent frame -> CLIP tokens of its decoded image); None for T2V."""
-    if not cfg.dit.has_image_branch:
-        return None, None
-    clip = image_encoder.CLIPVisionTower(cfg.image_encoder)
+# Jitted entry points: parameters are always arguments, never closed over (closed-over arrays are
+# compiled in as constants: 11 GB of umT5 weights at 14B). One compiled function per config.
 
-    def image_tokens(image: jax.Array) -> jax.Array:  # [H, W, 3] in [-1, 1] -> [Li, image_dim]
-        pixels = image_encoder.preprocess(image, cfg.image_encoder)[None]
-        return clip.apply({"params": params["image_encoder"]}, pixels)[0]
 
-    def latent_to_image_tokens(z: jax.Array) -> jax.Array:  # [h, w, 16]
-        return image_tokens(vae.decode(cfg.vae, params["vae"], z[None, None])[0, 0])
+@functools.cache
+def text_encoder_fn(cfg: TextEncoderConfig) -> Callable[[Any, Array, Array], Array]:
+    """jit (params, ids [N, L], mask [N, L]) -> umT5 embeddings [N, L, D]."""
+    t5 = text_encoder.UMT5Encoder(cfg)
+    return jax.jit(lambda params, ids, mask: t5.apply({"params": params}, ids, mask))
 
-    jit_tokens = jax.jit(image_tokens)
-    return (lambda image: np.asarray(jit_tokens(jnp.asarray(image)))), latent_to_image_tokens
+
+@functools.cache
+def vae_encode_fn(cfg: VAEConfig) -> Callable[[Any, Array], Array]:
+    """jit (params, video [B, T, H, W, 3]) -> normalised latents [B, t, h, w, z]."""
+    return jax.jit(functools.partial(vae.encode, cfg))
+
+
+@functools.cache
+def vae_decode_fn(cfg: VAEConfig) -> Callable[[Any, Array], Array]:
+    """jit (params, latents [B, t, h, w, z]) -> video [B, T, H, W, 3] in [-1, 1]."""
+    return jax.jit(functools.partial(vae.decode, cfg))
+
+
+@functools.cache
+def image_tokens_fn(cfg: Config) -> Callable[[dict[str, Any], Array], Array]:
+    """jit (params, image [H, W, 3]) -> CLIP tokens [Li, image_dim]."""
+    return jax.jit(functools.partial(image_tokens, cfg))
 
 
 def build_components(cfg: Config, params: dict[str, Any], tokenizer_dir: Path, cache: EmbeddingCache | None = None) -> Components:
     """Host-callable encode/decode functions over jitted JAX models; text embeddings cached if given."""
     tok = text_encoder.load_tokenizer(tokenizer_dir)
-    t5 = text_encoder.UMT5Encoder(cfg.text_encoder)
-    t5_apply = jax.jit(lambda ids, mask: t5.apply({"params": params["text_encoder"]}, ids, mask))
-    vae_encode = jax.jit(lambda v: vae.encode(cfg.vae, params["vae"], v))
-    vae_decode = jax.jit(lambda z: vae.decode(cfg.vae, params["vae"], z))
+    t5_apply = functools.partial(text_encoder_fn(cfg.text_encoder), params["text_encoder"])
+    encode, decode = vae_encode_fn(cfg.vae), vae_decode_fn(cfg.vae)
 
     def encode_text(prompts: list[str]) -> np.ndarray:
         return text_encoder.encode_prompts(prompts, tok, t5_apply, cfg.text_encoder.text_len, cache)
 
-    encode_image, latent_to_image_tokens = clip_functions(cfg, params)
+    encode_image = None
+    if cfg.dit.has_image_branch:
+        encode_image = lambda image: np.asarray(image_tokens_fn(cfg)({"image_encoder": params["image_encoder"]}, jnp.asarray(image)))
     return Components(
         encode_text=encode_text,
-        encode_video=lambda video: np.asarray(vae_encode(jnp.asarray(video)[None]))[0],
-        decode_latents=lambda z: np.asarray(vae_decode(jnp.asarray(z)[None]))[0],
+        encode_video=lambda video: np.asarray(encode(params["vae"], jnp.asarray(video)[None]))[0],
+        decode_latents=lambda z: np.asarray(decode(params["vae"], jnp.asarray(z)[None]))[0],
         encode_image=encode_image,
-        latent_to_image_tokens=latent_to_image_tokens,
     )
 
 

@@ -9,6 +9,7 @@ so one compiled program serves every story length up to `max_shots` and every re
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,8 @@ import numpy as np
 from onestory_jax.config import Config
 from onestory_jax.diffusion.guidance import guided_velocity_fn
 from onestory_jax.diffusion.loop import sample as denoise
+from onestory_jax.diffusion.schedule import make_schedule
+from onestory_jax.models import image_encoder, vae
 from onestory_jax.models.dit import ContextTokens, WanDiT
 from onestory_jax.models.memory import OneStoryMemory, num_selected, select_top_k
 from onestory_jax.sampling.memory_bank import MemoryBank, baseline_candidates, empty_bank, write_shot
@@ -140,13 +143,12 @@ def generate_story(
     inputs: StoryInputs,
     on_shot: Callable[[Array], None] | None = None,
     on_step: Callable[[Array], None] | None = None,
-    image_tokens_fn: Callable[[Array], Array] | None = None,
     pair_sharding: jax.sharding.Sharding | None = None,
 ) -> ShotRecord:
     """All shots as one `lax.scan` over the S = max_shots slots; returns stacked ShotRecords [S, ...].
 
     on_shot(shot) / on_step(step): host callbacks (progress bars) when a shot / a denoising step starts.
-    image_tokens_fn(latent_frame [h, w, C]) -> CLIP tokens (I2V): decode + CLIP of a latent frame.
+    I2V without a start image: shots after the first see the CLIP tokens of shot 1's decoded first frame.
     """
     max_shots, t, h, w, c = inputs.noise.shape
     bank = empty_bank(max_shots, t, h, w, c)
@@ -157,13 +159,78 @@ def generate_story(
         if on_shot is not None:
             jax.debug.callback(on_shot, shot)
         bank, record = next_shot(params, cfg, spec, bank, inputs, shot, on_step, tokens, pair_sharding)
-        if image_tokens_fn is not None:  # without a start image, later shots see CLIP of shot 1's first frame
+        if cfg.dit.has_image_branch:  # without a start image, later shots see CLIP of shot 1's first frame
             from_shot1 = (shot == 0) & ~inputs.has_start_image
-            tokens = jax.lax.cond(from_shot1, lambda: image_tokens_fn(record.latents[0]), lambda: tokens)
+            tokens = jax.lax.cond(from_shot1, lambda: latent_to_image_tokens(cfg, params, record.latents[0]), lambda: tokens)
         return (bank, tokens), record
 
     _, records = jax.lax.scan(body, (bank, tokens), jnp.arange(max_shots))
     return records
+
+
+class Progress:
+    """Host-side listeners of a running story program (set by the caller, read by its callbacks).
+
+    The compiled program calls the module-level `_on_shot` / `_on_step`, never a closure, so one
+    compiled program serves every call."""
+
+    on_shot: Callable[[int], None] | None = None
+    on_step: Callable[[int], None] | None = None
+
+
+def _on_shot(shot: Any) -> None:
+    if Progress.on_shot is not None:
+        Progress.on_shot(int(shot))
+
+
+def _on_step(step: Any) -> None:
+    if Progress.on_step is not None:
+        Progress.on_step(int(step))
+
+
+@functools.cache
+def story_program(cfg: Config, spec: GenerationSpec, pair_sharding: jax.sharding.Sharding | None = None
+                  ) -> Callable[[dict, StoryInputs], ShotRecord]:
+    """The jitted story program `(params, inputs) -> ShotRecord [S, ...]`, compiled once per static spec.
+
+    Progress is reported through `Progress`. Parameters are arguments: nothing is compiled in.
+    """
+    return jax.jit(lambda params, inputs: generate_story(params, cfg, spec, inputs, _on_shot, _on_step, pair_sharding))
+
+
+def image_tokens(cfg: Config, params: dict[str, Any], image: Array) -> Array:
+    """CLIP tokens [Li, image_dim] of an image [H, W, 3] in [-1, 1] (traceable)."""
+    pixels = image_encoder.preprocess(image, cfg.image_encoder)[None]
+    return image_encoder.CLIPVisionTower(cfg.image_encoder).apply({"params": params["image_encoder"]}, pixels)[0]
+
+
+def latent_to_image_tokens(cfg: Config, params: dict[str, Any], z: Array) -> Array:
+    """CLIP tokens of the decoded image of one latent frame z [h, w, 16] (traceable, used in the scan)."""
+    return image_tokens(cfg, params, vae.decode(cfg.vae, params["vae"], z[None, None])[0, 0])
+
+
+def generation_spec(cfg: Config, strategy: str, k: int | None, latent_hw: tuple[int, int], steps: int, shift: float,
+                    solver: str, guidance: float) -> GenerationSpec:
+    """The static spec of a story program: memory strategy and K, the solver's sigma grid, guidance."""
+    sched = make_schedule("wan" if solver == "unipc" else "euler", steps, shift)
+    return GenerationSpec(strategy=strategy, k=selection_k(cfg, strategy, latent_hw, k),
+                          sigmas=tuple(sched.sigmas.tolist()), timesteps=tuple(sched.timesteps.tolist()),
+                          solver=solver, guidance=guidance)
+
+
+def abstract_story_inputs(cfg: Config, shots: int, latent_shape: tuple[int, int, int, int]) -> StoryInputs:
+    """ShapeDtypeStructs of a story's inputs (for tracing and compiling without data)."""
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    t, h, w, c = latent_shape
+    i2v = cfg.dit.has_image_branch
+    return StoryInputs(
+        text=f32(shots, cfg.dit.text_len, cfg.dit.text_dim), negative=f32(cfg.dit.text_len, cfg.dit.text_dim),
+        noise=f32(shots, *latent_shape), active=jax.ShapeDtypeStruct((shots,), bool),
+        done=jax.ShapeDtypeStruct((shots,), bool), done_latents=f32(shots, *latent_shape),
+        cond=f32(t, h, w, 4 + c) if i2v else None,
+        image_tokens=f32(cfg.image_encoder.num_tokens, cfg.dit.image_dim) if i2v else None,
+        has_start_image=jax.ShapeDtypeStruct((), bool) if i2v else None,
+    )
 
 
 def selection_k(cfg: Config, strategy: str, latent_hw: tuple[int, int], k: int | None) -> int:

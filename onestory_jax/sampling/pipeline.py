@@ -18,16 +18,14 @@ import numpy as np
 from tqdm import tqdm
 
 from onestory_jax.config import Config, to_dict
-from onestory_jax.diffusion.schedule import make_schedule
+from onestory_jax.diffusion.guidance import null_text
 from onestory_jax.data.video import read_video, resize_frame
 from onestory_jax.errors import UserError
 from onestory_jax.models.image_encoder import load_image
 from onestory_jax.models.memory import frames_per_patchifier
 from onestory_jax.sampling import outputs
-from onestory_jax.sampling.generate import GenerationSpec, ShotRecord, StoryInputs, generate_story, selection_k
+from onestory_jax.sampling.generate import Progress, ShotRecord, StoryInputs, generation_spec, story_program
 from onestory_jax.sampling.story import Story, story_to_dict
-
-LATENT_CHANNELS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +36,6 @@ class Components:
     encode_video: Callable[[np.ndarray], np.ndarray]  # [T, H, W, 3] in [-1, 1] -> latents [t, h, w, 16]
     decode_latents: Callable[[np.ndarray], np.ndarray]  # latents [t, h, w, 16] -> [T, H, W, 3] in [-1, 1]
     encode_image: Callable[[np.ndarray], np.ndarray] | None  # [H, W, 3] in [-1, 1] -> CLIP tokens [Li, image_dim]
-    # Traceable: one latent frame [h, w, 16] -> CLIP tokens of its decoded image (I2V), used in the scan.
-    latent_to_image_tokens: Callable[[Any], Any] | None = None
 
 
 def _finished_shots(out: Path, story: Story, latent_shape: tuple[int, ...]) -> list[np.ndarray]:
@@ -59,13 +55,20 @@ def _finished_shots(out: Path, story: Story, latent_shape: tuple[int, ...]) -> l
     return done
 
 
-def _i2v_condition(first_latent: np.ndarray | None, latent_shape: tuple[int, ...]) -> np.ndarray:
-    """Wan I2V channels [T, h, w, 4 mask + 16 image latent]: frame 0 given when there is an image."""
-    t, h, w, _ = latent_shape
-    cond = np.zeros((t, h, w, 4 + LATENT_CHANNELS), np.float32)
-    if first_latent is not None:
+def i2v_condition(encode_video: Callable[[np.ndarray], np.ndarray], image: np.ndarray | None, frames: int,
+                  latent_shape: tuple[int, ...]) -> np.ndarray:
+    """Wan2.1's I2V channels [T, h, w, 4 mask + C latent] for a start image [H, W, 3] (or None).
+
+    As Wan's pipeline: the VAE encodes [image, zeros x (frames - 1)] and all T latent frames are used;
+    the 4 mask channels (one per pixel frame of a latent frame) are 1 on latent frame 0 only.
+    Without an image everything is zero (mask 0: nothing given).
+    """
+    t, h, w, c = latent_shape
+    cond = np.zeros((t, h, w, 4 + c), np.float32)
+    if image is not None:
+        clip = np.concatenate([image[None], np.zeros((frames - 1, *image.shape), image.dtype)])
         cond[0, :, :, :4] = 1.0
-        cond[..., 4:] = first_latent
+        cond[..., 4:] = encode_video(clip)
     return cond
 
 
@@ -85,14 +88,14 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
     """
     s = story.settings
     t_lat, h, w = story.latent_frames, s.height // cfg.vae.spatial_factor, s.width // cfg.vae.spatial_factor
-    latent_shape = (t_lat, h, w, LATENT_CHANNELS)
+    latent_shape = (t_lat, h, w, cfg.vae.z_dim)
     n = len(story.shots)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
     finished = _finished_shots(out, story, latent_shape)
-    first_latent, image_tokens = None, None
+    image, image_tokens = None, None
     if story.start_video is not None and not finished:
         video = read_video(story.start_video)
         frames = s.frames
@@ -102,7 +105,6 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
         finished = [np.asarray(comps.encode_video(clip))]
     if story.start_image is not None:
         image = _load_image(story.start_image, s.width, s.height)
-        first_latent = np.asarray(comps.encode_video(image[None]))[0]
         if comps.encode_image is not None:
             image_tokens = np.asarray(comps.encode_image(image))
     if cfg.dit.has_image_branch and image_tokens is None:
@@ -111,7 +113,10 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
     timings["prepare_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    embeddings = np.asarray(comps.encode_text([shot.caption for shot in story.shots] + [s.negative_prompt]))
+    embeddings = np.asarray(comps.encode_text([shot.caption for shot in story.shots]))
+    negative = null_text(embeddings.shape[1:])
+    if s.negative_prompt:  # Wan's recipe for its own weights; the default "" is the null text training drops to
+        negative = np.asarray(comps.encode_text([s.negative_prompt]))[0]
     timings["encode_text_s"] = time.perf_counter() - t1
 
     done = np.zeros((n,), bool)
@@ -120,38 +125,34 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
         done[i], done_latents[i] = True, lat
     noise = np.stack([np.asarray(jax.random.normal(jax.random.key(story.shot_seed(i)), latent_shape)) for i in range(n)])
     inputs = StoryInputs(
-        text=jnp.asarray(embeddings[:n]), negative=jnp.asarray(embeddings[n]), noise=jnp.asarray(noise),
+        text=jnp.asarray(embeddings), negative=jnp.asarray(negative), noise=jnp.asarray(noise),
         active=jnp.ones((n,), bool), done=jnp.asarray(done), done_latents=jnp.asarray(done_latents),
-        cond=jnp.asarray(_i2v_condition(first_latent, latent_shape)) if cfg.dit.has_image_branch else None,
+        cond=jnp.asarray(i2v_condition(comps.encode_video, image, s.frames, latent_shape)) if cfg.dit.has_image_branch else None,
         image_tokens=None if image_tokens is None else jnp.asarray(image_tokens),
         has_start_image=jnp.asarray(story.start_image is not None),
     )
-    sched = make_schedule("wan" if s.solver == "unipc" else "euler", s.steps, s.shift)
     mem_cfg = dataclasses.replace(cfg.memory, budget=story.memory.budget)
     cfg = dataclasses.replace(cfg, memory=mem_cfg)
-    spec = GenerationSpec(
-        strategy=story.memory.strategy, k=selection_k(cfg, story.memory.strategy, (h, w), story.memory.k),
-        sigmas=tuple(sched.sigmas.tolist()), timesteps=tuple(sched.timesteps.tolist()),
-        solver=s.solver, guidance=s.guidance,
-    )
+    spec = generation_spec(cfg, story.memory.strategy, story.memory.k, (h, w), s.steps, s.shift, s.solver, s.guidance)
 
     to_do = n - len(finished)
     bar = tqdm(total=to_do * s.steps, desc="denoising", unit="step", disable=not progress or to_do == 0)
     shot_started: dict[int, float] = {}
 
-    def on_shot(shot: Any) -> None:
-        shot_started[int(shot)] = time.perf_counter()
-        bar.set_postfix_str(f"shot {int(shot) + 1}/{n}")
+    def on_shot(shot: int) -> None:
+        shot_started[shot] = time.perf_counter()
+        bar.set_postfix_str(f"shot {shot + 1}/{n}")
 
     t2 = time.perf_counter()
-    tokens_fn = comps.latent_to_image_tokens if cfg.dit.has_image_branch else None
     pair = None
     if mesh is not None and mesh.shape["data"] == 2:
         pair = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    run = jax.jit(lambda p, i: generate_story(p, cfg, spec, i, on_shot=on_shot, on_step=lambda step: bar.update(1),
-                                              image_tokens_fn=tokens_fn, pair_sharding=pair))
-    records: ShotRecord = jax.device_get(run(params, inputs))
-    bar.close()
+    Progress.on_shot, Progress.on_step = on_shot, lambda step: bar.update(1)
+    try:
+        records: ShotRecord = jax.device_get(story_program(cfg, spec, pair)(params, inputs))
+    finally:
+        Progress.on_shot = Progress.on_step = None
+        bar.close()
     timings["generate_s"] = time.perf_counter() - t2
 
     manifest_shots = []

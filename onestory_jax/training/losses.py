@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from onestory_jax.config import Config
+from onestory_jax.diffusion.guidance import null_text
 from onestory_jax.diffusion.schedule import add_noise, sample_training_sigmas, velocity_target
 from onestory_jax.models.dit import ContextTokens, WanDiT
 from onestory_jax.models.memory import OneStoryMemory, num_selected, select_top_k
@@ -75,7 +76,7 @@ def loss_fn(params: dict, batch: Batch, rng: Array, warm: Array, cfg: Config) ->
     keep_ctx = jax.random.uniform(r_ctx, (b, 1)) >= tc.context_dropout
     l_sel, context = select_and_condition(params, batch, warm, r_sel, keep_ctx, cfg)
     keep_text = jax.random.uniform(r_text, (b, 1, 1)) >= tc.text_dropout
-    text = jnp.where(keep_text, batch["text"], 0.0)
+    text = jnp.where(keep_text, batch["text"], null_text(batch["text"].shape[1:], batch["text"].dtype))
     noise = jax.random.normal(r_noise, batch["target"].shape, batch["target"].dtype)
     sigma = sample_training_sigmas(r_sigma, (b,), tc.timestep_shift)
     l_shot = shot_loss(params, batch, context, text, sigma, noise, cfg)

@@ -1,0 +1,81 @@
+"""The attention dispatcher: key lengths (the memory bank's filled slots) and the chunked path against
+masked XLA attention (fp32, forward and gradients); `auto` never builds full logits past its limit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from onestory_jax.models import layers
+from onestory_jax.models.dit import ContextTokens, WanDiT
+from torch_refs import tiny_dit_config
+
+B, L, N, H = 2, 37, 3, 8
+
+
+def _qkv(seed: int = 0):
+    r = np.random.default_rng(seed)
+    return tuple(jnp.asarray(r.standard_normal((B, L, N, H)), jnp.float32) for _ in range(3))
+
+
+def _masked_reference(q, k, v, lengths):
+    mask = jnp.arange(L)[None] < lengths[:, None]
+    return layers.attention(q, k, v, "xla", kv_mask=mask)
+
+
+@pytest.mark.parametrize("lengths", [(L, L), (L, 20), (25, 1)], ids=["full bank", "partial", "empty bank"])
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_key_lengths_match_masked_attention(impl, lengths, monkeypatch):
+    monkeypatch.setattr(layers, "CHUNK_QUERIES", 8)  # several chunks, the last one padded
+    q, k, v = _qkv()
+    lengths = jnp.asarray(lengths, jnp.int32)
+    out = layers.attention(q, k, v, impl, kv_lengths=lengths)
+    np.testing.assert_allclose(out, _masked_reference(q, k, v, lengths), atol=1e-5)
+    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+    grads = jax.grad(loss(lambda *a: layers.attention(*a, impl, kv_lengths=lengths)), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(loss(lambda *a: _masked_reference(*a, lengths)), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(grads, ref):
+        np.testing.assert_allclose(g, r, atol=1e-5)
+
+
+def test_chunked_with_mask_and_bias_matches_xla(monkeypatch):
+    monkeypatch.setattr(layers, "CHUNK_QUERIES", 8)
+    q, k, v = _qkv(1)
+    mask = jnp.asarray(np.random.default_rng(2).random((B, L)) > 0.3)
+    bias = jnp.asarray(np.random.default_rng(3).standard_normal((1, N, L, L)), jnp.float32)
+    out = layers.attention(q, k, v, "chunked", kv_mask=mask, bias=bias)
+    np.testing.assert_allclose(out, layers.attention(q, k, v, "xla", kv_mask=mask, bias=bias), atol=1e-5)
+
+
+def test_auto_never_builds_full_logits_past_the_limit():
+    small = jax.ShapeDtypeStruct((1, 64, 2, 8), jnp.float32)
+    big = jax.ShapeDtypeStruct((2, 34304, 40, 128), jnp.float32)  # the 14B model's 480p self-attention
+    assert layers.resolve_attention("auto", small, small) == "xla"
+    assert layers.resolve_attention("auto", big, big) == "chunked"  # on this CPU: no fused kernel
+    with pytest.raises(ValueError, match="kv_lengths"):
+        layers.resolve_attention("cudnn", big, big, kv_mask=jnp.ones((2, 34304), bool))
+
+
+def test_dit_hides_empty_memory_slots_exactly():
+    """Context tokens whose trailing slots are empty = the same context with those slots removed."""
+    cfg = tiny_dit_config("t2v")
+    model = WanDiT(cfg)
+    r = np.random.default_rng(0)
+    x = jnp.asarray(r.standard_normal((2, 2, 4, 4, cfg.in_dim)), jnp.float32)
+    t, text = jnp.asarray([300.0, 700.0]), jnp.asarray(r.standard_normal((2, 6, cfg.text_dim)), jnp.float32)
+    n_ctx = 7
+    tokens = jnp.asarray(r.standard_normal((2, n_ctx, cfg.dim)), jnp.float32)
+    ang = jnp.asarray(r.uniform(-3, 3, (2, n_ctx, cfg.head_dim // 2)), jnp.float32)
+    params = model.init(jax.random.key(0), x, t, text)["params"]
+    valid = [5, 0]  # sample 0: 5 filled slots; sample 1: an empty bank
+
+    def run(ctx: ContextTokens, rows: slice = slice(None)):
+        return model.apply({"params": params}, x[rows], t[rows], text[rows], context=ctx)
+
+    full = ContextTokens(tokens, jnp.cos(ang), jnp.sin(ang), jnp.zeros((2,)), jnp.arange(n_ctx)[None] < jnp.asarray(valid)[:, None])
+    out = run(full)
+    for i, n in enumerate(valid):
+        rows = slice(i, i + 1)
+        truncated = ContextTokens(tokens[rows, :n], jnp.cos(ang)[rows, :n], jnp.sin(ang)[rows, :n], jnp.zeros((1,)))
+        ref = run(truncated, rows) if n else model.apply({"params": params}, x[rows], t[rows], text[rows])
+        np.testing.assert_allclose(out[rows], ref, atol=1e-5)
