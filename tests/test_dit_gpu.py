@@ -34,3 +34,20 @@ def test_bf16_dit_close_to_fp32_reference():
     err_torch = np.abs(torch16 - ref32).max() / ref32.std()
     print(f"bf16 max error relative to output std: jax {err_ours:.3e}, diffusers {err_torch:.3e}")
     assert err_ours < max(2 * err_torch, 2e-2)
+
+
+def test_cudnn_flash_hides_empty_memory_slots_by_key_length():
+    """The memory bank's empty slots, hidden by key length on cuDNN flash = masked fp32 XLA attention."""
+    import jax.numpy as jnp
+
+    from onestory_jax.models.layers import attention
+
+    r = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(r.standard_normal((2, 2048, 8, 128)), jnp.float32) for _ in range(3))
+    lengths = jnp.asarray([2048, 1500], jnp.int32)
+    bf = lambda a: a.astype(jnp.bfloat16)
+    out = attention(bf(q), bf(k), bf(v), "cudnn", kv_lengths=lengths).astype(jnp.float32)
+    ref = attention(q, k, v, "xla", kv_mask=jnp.arange(2048)[None] < lengths[:, None])
+    err = float(jnp.abs(out - ref).max())
+    print(f"cuDNN flash with key lengths vs masked fp32 XLA: max error {err:.2e}")
+    assert err < 3e-2

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from diffusers import WanTransformer3DModel
 
+from onestory_jax.convert.dit_source import diffusers_config
 from onestory_jax.config import DiTConfig
 
 TINY_HEADS, TINY_HEAD_DIM = 2, 12
@@ -20,13 +21,7 @@ def tiny_dit_config(model_type: str = "i2v", layers: int = 2) -> DiTConfig:
 def diffusers_dit(cfg: DiTConfig, seed: int = 0) -> WanTransformer3DModel:
     """A random diffusers WanTransformer3DModel with the same architecture as `cfg`."""
     torch.manual_seed(seed)
-    model = WanTransformer3DModel(
-        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        eps=cfg.eps, rope_max_seq_len=1024, image_dim=cfg.image_dim,
-        added_kv_proj_dim=cfg.dim if cfg.has_image_branch else None,
-    ).eval()
+    model = WanTransformer3DModel(**diffusers_config(cfg)).eval()
     # Default init leaves norms at 1/0 and the tables small; perturb everything so every weight matters.
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -122,6 +122,18 @@ def dit_config_from_diffusers(raw: dict[str, Any]) -> DiTConfig:
     })
 
 
+def diffusers_config(cfg: DiTConfig) -> dict[str, Any]:
+    """Keyword arguments of a diffusers `WanTransformer3DModel` with `cfg`'s architecture (inverse of
+    `dit_config_from_diffusers`), for reference models in parity tests and benchmarks."""
+    return {
+        "patch_size": tuple(cfg.patch_size), "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.head_dim,
+        "in_channels": cfg.in_dim, "out_channels": cfg.out_dim, "text_dim": cfg.text_dim, "freq_dim": cfg.freq_dim,
+        "ffn_dim": cfg.ffn_dim, "num_layers": cfg.num_layers, "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads",
+        "eps": cfg.eps, "rope_max_seq_len": 1024, "image_dim": cfg.image_dim,
+        "added_kv_proj_dim": cfg.dim if cfg.has_image_branch else None,
+    }
+
+
 def dit_config_from_original(raw: dict[str, Any]) -> DiTConfig:
     """DiTConfig from an original Wan `WanModel` config.json."""
     _require(raw, ("dim", "ffn_dim", "freq_dim", "in_dim", "model_type", "num_heads", "num_layers", "out_dim",

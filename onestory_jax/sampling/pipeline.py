@@ -147,13 +147,24 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
     pair = None
     if mesh is not None and mesh.shape["data"] == 2:
         pair = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    Progress.on_shot, Progress.on_step = on_shot, lambda step: bar.update(1)
+    step_times: list[float] = []
+
+    def on_step(step: int) -> None:
+        step_times.append(time.perf_counter())
+        bar.update(1)
+
+    Progress.on_shot, Progress.on_step = on_shot, on_step
     try:
         records: ShotRecord = jax.device_get(story_program(cfg, spec, pair)(params, inputs))
     finally:
         Progress.on_shot = Progress.on_step = None
         bar.close()
     timings["generate_s"] = time.perf_counter() - t2
+    if shot_started:  # compile (and launch): until the program reports its first shot
+        timings["compile_s"] = min(shot_started.values()) - t2
+    intervals = np.diff(step_times)
+    if len(intervals):  # one denoising step (the guided DiT pair), excluding shot boundaries
+        timings["dit_step_s"] = float(np.median(intervals))
 
     manifest_shots = []
     videos = []
@@ -162,9 +173,10 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
     for i in tqdm(range(n), desc="decoding", unit="shot", disable=not progress):
         lat = np.asarray(records.latents[i])
         t3 = time.perf_counter()
+        video = outputs.to_uint8(comps.decode_latents(lat))
+        t4 = time.perf_counter()
         if not done[i]:
             outputs.save_latents(out / outputs.shot_name(i, ".npy"), lat)
-        video = outputs.to_uint8(comps.decode_latents(lat))
         outputs.write_mp4(out / outputs.shot_name(i, ".mp4"), video, s.fps)
         videos.append(video)
         memory = [
@@ -178,7 +190,7 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
             shot_time = end - shot_started[i]
         manifest_shots.append({
             "shot": i + 1, "caption": story.shots[i].caption, "seed": story.shot_seed(i), "resumed": bool(done[i]),
-            "memory": memory, "timings": {"denoise_s": shot_time, "decode_write_s": time.perf_counter() - t3},
+            "memory": memory, "timings": {"denoise_s": shot_time, "decode_s": t4 - t3, "write_s": time.perf_counter() - t4},
         })
     outputs.write_mp4(out / "story.mp4", np.concatenate(videos), s.fps)
     outputs.contact_sheet(out / "contact_sheet.png", videos)
