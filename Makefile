@@ -33,6 +33,7 @@ demo-model: $(STAMP)
 	rm -rf models/demo && mv models/demo.new models/demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests --durations=12
 
 clean:
