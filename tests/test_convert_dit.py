@@ -21,7 +21,7 @@ from torch_refs import diffusers_dit, run_diffusers_dit, state_dict_numpy, to_or
 from onestory_jax.checkpoint import load_config_from_checkpoint, load_params, save_model
 from onestory_jax.config import Config, MeshConfig, load_config
 from onestory_jax.convert.__main__ import main
-from onestory_jax.convert.dit import check_keys, convert
+from onestory_jax.convert.dit import DIT, convert
 from onestory_jax.convert.dit_source import dit_config_from_diffusers, dit_config_from_original
 from onestory_jax.convert.safetensors_io import SafetensorsFile
 from onestory_jax.errors import UserError, run_cli
@@ -247,5 +247,5 @@ def test_full_size_key_map(preset):
     with torch.device("meta"):
         model = WanTransformer3DModel(**diffusers_config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_keys(cfg, shapes, "diffusers")
-    check_keys(cfg, to_original_layout(shapes), "original")
+    DIT.check(cfg, shapes, "diffusers")
+    DIT.check(cfg, to_original_layout(shapes), "original")

@@ -12,7 +12,7 @@ from torch_refs import state_dict_numpy
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from onestory_jax.config import ImageEncoderConfig, MeshConfig
-from onestory_jax.convert.image_encoder import check_clip_keys, convert_clip
+from onestory_jax.convert.image_encoder import CLIP, convert_clip
 from onestory_jax.errors import UserError
 from onestory_jax.models.image_encoder import CLIP_MEAN, CLIP_STD, CLIPVisionTower, init_fn, load_image, preprocess
 from onestory_jax.sharding import abstract_params, make_mesh, replicated_large_params
@@ -122,9 +122,9 @@ def test_full_size_key_map_and_sharding():
     with torch.device("meta"):
         model = CLIPVisionModelWithProjection(hf_config(cfg, projection_dim=1024))
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_clip_keys(cfg, shapes, "diffusers")
+    CLIP.check(cfg, shapes, "diffusers")
     orig = to_original(shapes, cat=_shape_cat, lead=lambda s, n: (1,) * n + s) | unused_original(1280, 1024)
-    check_clip_keys(cfg, orig, "original")
+    CLIP.check(cfg, orig, "original")
     mesh = make_mesh(MeshConfig(fsdp=-1))
     abstract = abstract_params(init_fn(cfg), mesh, jax.random.key(0))
     assert abstract["position_embedding"].shape == (257, 1280)

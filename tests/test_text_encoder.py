@@ -13,7 +13,7 @@ from torch_refs import state_dict_numpy
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from onestory_jax.config import MeshConfig, TextEncoderConfig
-from onestory_jax.convert.text_encoder import check_umt5_keys, convert_umt5
+from onestory_jax.convert.text_encoder import UMT5, convert_umt5
 from onestory_jax.errors import UserError
 from onestory_jax.models.embedding_cache import EmbeddingCache, encoder_identity
 from onestory_jax.models.text_encoder import (
@@ -131,8 +131,8 @@ def test_full_size_key_map_and_sharding():
     with torch.device("meta"):
         model = UMT5EncoderModel(hf_config(cfg))
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_umt5_keys(cfg, shapes, "diffusers")
-    check_umt5_keys(cfg, to_original(shapes), "original")
+    UMT5.check(cfg, shapes, "diffusers")
+    UMT5.check(cfg, to_original(shapes), "original")
     mesh = make_mesh(MeshConfig(fsdp=-1))
     abstract = abstract_params(init_fn(cfg), mesh, jax.random.key(0))
     assert sum(np.prod(a.shape) for a in jax.tree.leaves(abstract)) == pytest.approx(5.68e9, rel=1e-3)

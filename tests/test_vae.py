@@ -11,7 +11,8 @@ from diffusers import AutoencoderKLWan
 from torch_refs import state_dict_numpy
 
 from onestory_jax.config import VAEConfig
-from onestory_jax.convert.vae import abstract_tree, convert_vae
+from onestory_jax.convert.mapping import abstract_tree, expected_shapes
+from onestory_jax.convert.vae import VAE, convert_vae
 from onestory_jax.errors import UserError
 from onestory_jax.models.vae import decode, encode
 
@@ -174,7 +175,7 @@ def test_vae_convert_is_strict():
 
 def test_vae_rejects_bad_inputs():
     cfg = TINY["diffusers_test"]
-    params = abstract_tree(cfg)
+    params = abstract_tree(VAE.init_fn(cfg))
     with pytest.raises(UserError, match=r"4 frames .* 4k\+1 .* nearest are 1 and 5"):
         encode(cfg, params, jax.ShapeDtypeStruct((1, 4, HEIGHT, WIDTH, 3), np.float32))
     with pytest.raises(UserError, match="latent channels"):
@@ -191,10 +192,10 @@ def test_full_size_key_map_matches_the_published_vae():
     from diffusers import AutoencoderKLWan
 
     from onestory_jax.config import VAEConfig
-    from onestory_jax.convert.vae import check_keys, expected_shapes
 
     with torch.device("meta"):
         ref = AutoencoderKLWan()
     shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-    check_keys(shapes, expected_shapes(VAEConfig(), "diffusers"), "diffusers")
-    assert len(shapes) == len(expected_shapes(VAEConfig(), "original")) == 194  # the original file's tensor count
+    _, abstract = VAE.check(VAEConfig(), shapes, "diffusers")
+    original = expected_shapes(VAE.sources(VAEConfig(), "original", shapes, abstract), abstract)
+    assert len(shapes) == len(original) == 194  # the original file's tensor count

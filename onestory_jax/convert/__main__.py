@@ -11,31 +11,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
-from tqdm import tqdm
 
 from onestory_jax.checkpoint import check_out_dir, save_model
-from onestory_jax.config import Config, DiTConfig, load_config
-from onestory_jax.convert.dit import check_keys, convert
-from onestory_jax.convert.dit_keys import key_specs
+from onestory_jax.config import Config, load_config
+from onestory_jax.convert.dit import DIT
 from onestory_jax.convert.dit_source import open_dit_source
 from onestory_jax.convert.frozen_components import FROZEN, convert_frozen
-from onestory_jax.errors import UserError, run_cli
+from onestory_jax.convert.source_config import written_config
+from onestory_jax.errors import run_cli
 from onestory_jax.models.layers import DTYPES
 
 # DiT settings that are not architecture: they come from --config, not from the source.
 RUNTIME_FIELDS = ("dtype", "remat_policy", "attention")
-
-
-def written_config(source: DiTConfig, name: str, preset: str | None, param_dtype: str) -> Config:
-    """The checkpoint's Config: `preset` (default: built-in defaults) with the source's DiT architecture."""
-    base = load_config(preset) if preset else Config()
-    dit = dataclasses.replace(source, param_dtype=param_dtype, **{k: getattr(base.dit, k) for k in RUNTIME_FIELDS})
-    try:
-        return dataclasses.replace(base, name=name, dit=dit).validate()
-    except UserError as e:
-        raise UserError(
-            f"the source DiT does not fit config '{preset or 'defaults'}' ({e}); pick one with --config"
-        ) from None
 
 
 def convert_dit(args: argparse.Namespace) -> int:
@@ -46,13 +33,12 @@ def convert_dit(args: argparse.Namespace) -> int:
 
         require_torch()
     source = open_dit_source(args.source, args.layout)
-    config = written_config(source.config, Path(args.source).resolve().name, args.config, args.dtype)
+    base = load_config(args.config) if args.config else Config()
+    dit = dataclasses.replace(source.config, param_dtype=args.dtype, **{k: getattr(base.dit, k) for k in RUNTIME_FIELDS})
+    config = written_config(base, "dit", dit, Path(args.source).resolve().name, args.config)
     cfg = config.dit
-    check_keys(cfg, source.tensors.shapes, source.layout)  # a mismatch fails before the progress bar shows
-    per_leaf = {"/".join(s.path): len(s.diffusers) for s in key_specs(cfg)}
-    with tqdm(total=sum(per_leaf.values()), unit="tensor", desc=f"dit ({source.layout})") as bar:
-        params = convert(cfg, source.tensors.shapes, source.tensors.read, source.layout, DTYPES[args.dtype],
-                         progress=lambda path: bar.update(per_leaf[path]))
+    params = DIT.convert(cfg, source.tensors.shapes, source.tensors.read, source.layout, DTYPES[args.dtype],
+                         bar=f"dit ({source.layout})")
     save_model(out, params, config, force=args.force)
     leaves = jax.tree.leaves(params)
     print(f"wrote {out}: {cfg.model_type} DiT, {sum(a.size for a in leaves):,} {args.dtype} params "
@@ -75,8 +61,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--component", choices=sorted(COMPONENTS), default="dit")
     p.add_argument("--source", required=True, help="checkpoint folder (diffusers repo or original Wan release)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
-    p.add_argument("--config", help="preset or YAML for the non-DiT sections and DiT runtime settings of the "
-                   "written config.yaml (default: built-in defaults, which fit the published Wan2.1 models)")
+    p.add_argument("--config", help="preset or YAML for what the source cannot say: runtime settings (dtype, attention, "
+                   "text length) and the other components' sections of the written config.yaml; the architecture "
+                   "comes from the source's config.json (default: built-in defaults)")
     p.add_argument("--layout", choices=("auto", "diffusers", "original"), default="auto")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="stored parameter dtype")
     p.add_argument("--force", action="store_true", help="replace a checkpoint at --out (a folder of config.yaml and params/ only)")

@@ -8,13 +8,13 @@ or no class name but the WanModel fields `dim`, `num_heads`, `in_dim`, `model_ty
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 from onestory_jax.config import DiTConfig, from_dict
-from onestory_jax.convert.dit_keys import Layout
+from onestory_jax.convert.mapping import Layout
 from onestory_jax.convert.safetensors_io import SafetensorsReader, open_dir
+from onestory_jax.convert.source_config import read_json, require, unsupported
 from onestory_jax.errors import UserError
 
 CLASS_NAMES: dict[str, Layout] = {"WanTransformer3DModel": "diffusers", "WanModel": "original"}
@@ -38,7 +38,7 @@ def open_dit_source(directory: str | Path, layout: Literal["auto", "diffusers", 
     """Resolve `directory`, check the layout and the architecture, open the weights (lazily)."""
     root = _model_root(Path(directory))
     config_path = root / "config.json"
-    raw = _read_json(config_path)
+    raw = read_json(config_path)
     detected = detect_layout(raw, config_path)
     if layout not in ("auto", detected):
         raise UserError(f"--layout {layout} given, but '{root}' holds a {detected}-layout checkpoint")
@@ -61,16 +61,6 @@ def _model_root(directory: Path) -> Path:
     return directory
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read '{path}' as JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"'{path}' is not a JSON object")
-    return data
-
-
 def detect_layout(raw: dict[str, Any], path: Path) -> Layout:
     """The checkpoint layout a config.json describes; other architectures are a `UserError`."""
     name = raw.get("_class_name")
@@ -82,25 +72,11 @@ def detect_layout(raw: dict[str, Any], path: Path) -> Layout:
     raise UserError(f"'{path}' describes {what}, not a Wan2.1 DiT (WanTransformer3DModel or WanModel)")
 
 
-def _require(raw: dict[str, Any], keys: tuple[str, ...], kind: str) -> None:
-    missing = [k for k in keys if k not in raw]
-    if missing:
-        raise UserError(f"missing field(s) {', '.join(missing)} of a {kind} Wan2.1 DiT config")
-
-
-def _unsupported(raw: dict[str, Any], expected: dict[str, Any]) -> None:
-    """Fields our model cannot vary must hold the Wan2.1 value (absent = the class default)."""
-    for key, value in expected.items():
-        got = tuple(raw[key]) if isinstance(raw.get(key), list) else raw.get(key, value)
-        if got != value:
-            raise UserError(f"{key}={raw[key]!r} is not supported (Wan2.1 uses {value!r})")
-
-
 def dit_config_from_diffusers(raw: dict[str, Any]) -> DiTConfig:
     """DiTConfig from a diffusers `WanTransformer3DModel` config.json."""
-    _require(raw, ("num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
-                   "freq_dim", "ffn_dim", "num_layers", "eps"), "diffusers")
-    _unsupported(raw, {"qk_norm": "rms_norm_across_heads", "cross_attn_norm": True, "pos_embed_seq_len": None})
+    require(raw, ("num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
+                  "freq_dim", "ffn_dim", "num_layers", "eps"), "diffusers Wan2.1 DiT")
+    unsupported(raw, {"qk_norm": "rms_norm_across_heads", "cross_attn_norm": True, "pos_embed_seq_len": None})
     dim = raw["num_attention_heads"] * raw["attention_head_dim"]
     image_dim, added_kv = raw.get("image_dim"), raw.get("added_kv_proj_dim")
     if (image_dim is None) != (added_kv is None) or added_kv not in (None, dim):
@@ -136,11 +112,11 @@ def diffusers_config(cfg: DiTConfig) -> dict[str, Any]:
 
 def dit_config_from_original(raw: dict[str, Any]) -> DiTConfig:
     """DiTConfig from an original Wan `WanModel` config.json."""
-    _require(raw, ("dim", "ffn_dim", "freq_dim", "in_dim", "model_type", "num_heads", "num_layers", "out_dim",
-                   "text_len", "eps"), "original")
+    require(raw, ("dim", "ffn_dim", "freq_dim", "in_dim", "model_type", "num_heads", "num_layers", "out_dim",
+                  "text_len", "eps"), "original Wan2.1 DiT")
     if raw["model_type"] not in ("t2v", "i2v"):
         raise UserError(f"model_type={raw['model_type']!r} is not supported (Wan2.1 t2v or i2v)")
-    _unsupported(raw, {"window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True})
+    unsupported(raw, {"window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True})
     return from_dict(DiTConfig, {
         "model_type": raw["model_type"],
         "in_dim": raw["in_dim"],

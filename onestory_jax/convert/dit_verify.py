@@ -16,8 +16,8 @@ import numpy as np
 
 from onestory_jax.checkpoint import load_config_from_checkpoint, load_params
 from onestory_jax.config import Config, DiTConfig
-from onestory_jax.convert.dit_keys import is_ignored, key_specs
-from onestory_jax.convert.dit_source import DiTSource
+from onestory_jax.convert.dit import is_ignored, original_to_diffusers
+from onestory_jax.convert.dit_source import DiTSource, diffusers_config
 from onestory_jax.errors import UserError
 from onestory_jax.models.dit import WanDiT
 from onestory_jax.sharding import activate, batch_sharding, make_mesh
@@ -105,7 +105,7 @@ def reference_model(source: DiTSource) -> Any:
         rename = {}
     else:
         model_config = diffusers_config(source.config)
-        rename = {o: d for spec in key_specs(source.config) for o, d in zip(spec.original, spec.diffusers)}
+        rename = original_to_diffusers(source.config)
     with torch.device("meta"):
         model = WanTransformer3DModel.from_config(model_config)
     with warnings.catch_warnings():  # the mapped source is read-only; the reference never writes it
@@ -121,17 +121,6 @@ def reference_model(source: DiTSource) -> Any:
             owner, _, leaf = name.rpartition(".")
             model.get_submodule(owner).register_buffer(leaf, twin[name], persistent=False)
     return model.eval()
-
-
-def diffusers_config(cfg: DiTConfig) -> dict[str, Any]:
-    """The diffusers `WanTransformer3DModel` config of the same architecture."""
-    return {
-        "patch_size": list(cfg.patch_size), "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.head_dim,
-        "in_channels": cfg.in_dim, "out_channels": cfg.out_dim, "text_dim": cfg.text_dim, "freq_dim": cfg.freq_dim,
-        "ffn_dim": cfg.ffn_dim, "num_layers": cfg.num_layers, "cross_attn_norm": True,
-        "qk_norm": "rms_norm_across_heads", "eps": cfg.eps, "image_dim": cfg.image_dim,
-        "added_kv_proj_dim": cfg.dim if cfg.has_image_branch else None, "rope_max_seq_len": 1024,
-    }
 
 
 def run_reference(model: Any, inputs: dict[str, np.ndarray | None]) -> np.ndarray:

@@ -3,28 +3,29 @@
 Sources, per component: the original Wan file (`Wan2.1_VAE.pth`, `models_t5_umt5-xxl-enc-bf16.pth`,
 `models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`; a torch pickle, memory-mapped) or the
 diffusers/transformers folder (`vae/`, `text_encoder/`, `image_encoder/` with safetensors). The
-written checkpoint's params are the component's own tree; its config is `--config` (default: the
-published sizes), whose section for the component must fit the weights (strict key/shape check).
+written checkpoint's params are the component's own tree. Its architecture comes from the folder's
+config.json; an original file has none, so there it is `--config`'s section (default: the published
+sizes). Either way the weights are checked against it strictly (keys and shapes).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from onestory_jax.checkpoint import check_out_dir, save_model
 from onestory_jax.config import Config, load_config
-from onestory_jax.convert.image_encoder import convert_clip
+from onestory_jax.convert import image_encoder as clip_map
+from onestory_jax.convert import text_encoder as umt5_map
+from onestory_jax.convert import vae as vae_map
+from onestory_jax.convert.mapping import ModelMap
 from onestory_jax.convert.safetensors_io import open_dir
-from onestory_jax.convert.text_encoder import convert_umt5
-from onestory_jax.convert.vae import convert_vae
+from onestory_jax.convert.source_config import SourceSchema, read_json, written_config
 from onestory_jax.errors import UserError
 from onestory_jax.models.layers import DTYPES
 
@@ -34,13 +35,15 @@ class Frozen:
     section: str  # Config field
     original_file: str
     diffusers_dir: str
-    convert: Callable[..., dict]
+    model: ModelMap
+    config_json: SourceSchema
 
 
 FROZEN = {
-    "vae": Frozen("vae", "Wan2.1_VAE.pth", "vae", convert_vae),
-    "umt5": Frozen("text_encoder", "models_t5_umt5-xxl-enc-bf16.pth", "text_encoder", convert_umt5),
-    "clip": Frozen("image_encoder", "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", "image_encoder", convert_clip),
+    "vae": Frozen("vae", "Wan2.1_VAE.pth", "vae", vae_map.VAE, vae_map.CONFIG_JSON),
+    "umt5": Frozen("text_encoder", "models_t5_umt5-xxl-enc-bf16.pth", "text_encoder", umt5_map.UMT5, umt5_map.CONFIG_JSON),
+    "clip": Frozen("image_encoder", "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", "image_encoder",
+                   clip_map.CLIP, clip_map.CONFIG_JSON),
 }
 
 
@@ -69,8 +72,9 @@ class TorchFile:
         return t.float().numpy() if str(t.dtype) in ("torch.bfloat16", "torch.float16") else t.numpy()
 
 
-def open_frozen_source(comp: Frozen, source: Path, layout: str) -> tuple[Any, str]:
-    """(reader with .shapes/.read, layout) for a file or folder; a wrong path is a UserError."""
+def open_frozen_source(comp: Frozen, source: Path, layout: str) -> tuple[Any, str, Path]:
+    """(reader with .shapes/.read, layout, the file or folder read) for a file or folder; a wrong path
+    is a UserError."""
     if not source.exists():
         raise UserError(f"source '{source}' does not exist")
     candidates = []
@@ -90,16 +94,32 @@ def open_frozen_source(comp: Frozen, source: Path, layout: str) -> tuple[Any, st
                         f"{comp.diffusers_dir}/*.safetensors (diffusers)")
     kind, path = candidates[0]
     reader = TorchFile(path) if path.suffix in (".pth", ".pt", ".bin") else open_dir(path)
-    return reader, kind
+    return reader, kind, path
+
+
+def source_section(comp: Frozen, base: Config, path: Path) -> Any:
+    """The component's config section: the architecture from the folder's config.json when it has
+    one, on `base`'s section (which keeps the runtime settings)."""
+    section = getattr(base, comp.section)
+    config_json = path / "config.json"
+    if not config_json.is_file():
+        return section
+    try:
+        return comp.config_json.section(read_json(config_json), section)
+    except UserError as e:
+        raise UserError(f"'{config_json}': {e}") from None
 
 
 def convert_frozen(args: argparse.Namespace) -> int:
     """One of vae | umt5 | clip: strict, streamed, written atomically."""
     comp = FROZEN[args.component]
     out = check_out_dir(args.out, args.force)
-    config: Config = load_config(args.config) if args.config else Config()
-    section = getattr(config, comp.section)
-    reader, layout = open_frozen_source(comp, Path(args.source), args.layout)
+    base = load_config(args.config) if args.config else Config()
+    reader, layout, path = open_frozen_source(comp, Path(args.source), args.layout)
+    section = source_section(comp, base, path)
+    if hasattr(section, "param_dtype"):
+        section = dataclasses.replace(section, param_dtype=args.dtype)
+    config = written_config(base, comp.section, section, f"{args.component}:{Path(args.source).name}", args.config)
     if args.verify:
         from onestory_jax.convert.dit_verify import require_torch
 
@@ -107,14 +127,9 @@ def convert_frozen(args: argparse.Namespace) -> int:
         if layout != "diffusers":
             raise UserError(f"--verify for {args.component} loads the transformers/diffusers module: give the "
                             f"diffusers-layout source ({comp.diffusers_dir}/), or convert without --verify")
-    with tqdm(total=1, unit="component", desc=f"{args.component} ({layout})") as bar:
-        params = comp.convert(section, reader.shapes, reader.read, layout)
-        bar.update(1)
-    dtype = DTYPES[args.dtype]
-    params = jax.tree.map(lambda a: np.asarray(a, dtype), params)
-    if hasattr(section, "param_dtype"):
-        config = dataclasses.replace(config, **{comp.section: dataclasses.replace(section, param_dtype=args.dtype)})
-    save_model(out, params, dataclasses.replace(config, name=f"{args.component}:{Path(args.source).name}"), force=args.force)
+    params = comp.model.convert(section, reader.shapes, reader.read, layout, DTYPES[args.dtype],
+                                bar=f"{args.component} ({layout})")
+    save_model(out, params, config, force=args.force)
     leaves = jax.tree.leaves(params)
     print(f"wrote {out}: {args.component} ({layout}), {sum(a.size for a in leaves):,} {args.dtype} params")
     if not args.verify:
@@ -144,8 +159,9 @@ def verify_frozen(comp_name: str, out: Path, source_dir: Path, config: Config, s
 
     rng = np.random.default_rng(seed)
     mesh = make_mesh(MeshConfig(fsdp=-1), jax.devices()[:1])
-    section = getattr(config, FROZEN[comp_name].section)
-    init = {"vae": vae.init_fn, "umt5": text_encoder.init_fn, "clip": image_encoder.init_fn}[comp_name](section)
+    comp = FROZEN[comp_name]
+    section = getattr(config, comp.section)
+    init = comp.model.init_fn(section)
     params = jax.tree.map(lambda a: a.astype(np.float32), restore_params(out, abstract_params(init, mesh, jax.random.key(0))))
     with torch.no_grad():
         if comp_name == "vae":

@@ -13,20 +13,19 @@ from __future__ import annotations
 from typing import Any
 
 from onestory_jax.config import ImageEncoderConfig
-from onestory_jax.convert.encoder_keys import (
-    Layout,
-    ReadTensor,
-    Source,
-    TensorShapes,
-    abstract_tree,
-    build_tree,
-    check_keys,
-    check_layout,
-    expected_shapes,
-    ignore_modules,
-)
+from onestory_jax.convert.mapping import Layout, ModelMap, ReadTensor, Source, TensorShapes, ignore_modules
+from onestory_jax.convert.source_config import SourceSchema
 from onestory_jax.models.image_encoder import init_fn
 from onestory_jax.models.layers import DTYPES
+
+# transformers `CLIPVisionConfig` (config.json of `image_encoder/`, or a CLIPConfig's vision_config):
+# our field -> (its key, its default); Wan's tower uses exact GELU on RGB.
+CONFIG_JSON = SourceSchema(
+    "CLIP vision tower (CLIPVisionConfig)", {"model_type": ("clip_vision_model",)},
+    {"image_size": ("image_size", 224), "patch_size": ("patch_size", 32), "hidden_size": ("hidden_size", 768),
+     "intermediate_size": ("intermediate_size", 3072), "num_layers": ("num_hidden_layers", 12),
+     "num_heads": ("num_attention_heads", 12), "eps": ("layer_norm_eps", 1e-5)},
+    fixed={"hidden_act": "gelu", "num_channels": 3}, fixed_defaults={"hidden_act": "quick_gelu"}, nested="vision_config")
 
 _LINEAR = (("kernel", "weight", "linear"), ("bias", "bias", "identity"))
 _NORM = (("scale", "weight", "identity"), ("bias", "bias", "identity"))
@@ -34,8 +33,8 @@ _NORM = (("scale", "weight", "identity"), ("bias", "bias", "identity"))
 # Top-level leaves: (our path, transformers name, original name, transform: transformers, original).
 _TOP = [
     (("patch_embedding", "kernel"), "embeddings.patch_embedding.weight", "visual.patch_embedding.weight", "conv2d", "conv2d"),
-    (("class_embedding",), "embeddings.class_embedding", "visual.cls_embedding", "identity", "rank3"),
-    (("position_embedding",), "embeddings.position_embedding.weight", "visual.pos_embedding", "identity", "rank3"),
+    (("class_embedding",), "embeddings.class_embedding", "visual.cls_embedding", "identity", "leading_ones"),
+    (("position_embedding",), "embeddings.position_embedding.weight", "visual.pos_embedding", "identity", "leading_ones"),
     *[(("pre_norm", ours), f"pre_layrnorm.{t}", f"visual.pre_norm.{t}", tf, tf) for ours, t, tf in _NORM],
 ]
 
@@ -55,7 +54,7 @@ def hf_prefix(shapes: TensorShapes) -> str:
     return "vision_model." if any(k.startswith("vision_model.") for k in shapes) else ""
 
 
-def sources(cfg: ImageEncoderConfig, layout: Layout, shapes: TensorShapes) -> list[Source]:
+def sources(cfg: ImageEncoderConfig, layout: Layout, shapes: TensorShapes, abstract: Any = None) -> list[Source]:
     """Every leaf's PyTorch source (blocks 0 .. num_layers - 2)."""
     original, vm = layout == "original", hf_prefix(shapes)
     out = [Source(path, (orig if original else vm + hf,), tf_orig if original else tf_hf)
@@ -71,24 +70,18 @@ def sources(cfg: ImageEncoderConfig, layout: Layout, shapes: TensorShapes) -> li
     return out
 
 
-def _unused(cfg: ImageEncoderConfig, layout: Layout, shapes: TensorShapes) -> list[str]:
+def _unused(cfg: ImageEncoderConfig, layout: Layout, shapes: TensorShapes):
     last = cfg.num_layers - 1
     if layout == "original":
-        return [f"visual.transformer.{last}", "visual.post_norm", "visual.head", "textual", "log_scale"]
+        return ignore_modules([f"visual.transformer.{last}", "visual.post_norm", "visual.head", "textual", "log_scale"])
     vm = hf_prefix(shapes)
-    return [f"{vm}encoder.layers.{last}", f"{vm}post_layernorm", "visual_projection", f"{vm}embeddings.position_ids"]
+    return ignore_modules([f"{vm}encoder.layers.{last}", f"{vm}post_layernorm", "visual_projection",
+                           f"{vm}embeddings.position_ids"])
 
 
-def check_clip_keys(cfg: ImageEncoderConfig, shapes: TensorShapes, layout: Layout) -> tuple[list[Source], Any]:
-    """Strict key/shape check; returns the sources to read and our abstract tree."""
-    check_layout(layout)
-    srcs, abstract = sources(cfg, layout, shapes), abstract_tree(init_fn(cfg))
-    check_keys(shapes, expected_shapes(srcs, abstract), ignore_modules(_unused(cfg, layout, shapes)),
-               f"{layout} CLIP vision config")
-    return srcs, abstract
+CLIP = ModelMap("CLIP vision", init_fn, sources, _unused)
 
 
 def convert_clip(cfg: ImageEncoderConfig, shapes: TensorShapes, read: ReadTensor, layout: Layout) -> dict:
     """Our CLIP vision param tree (in cfg.param_dtype) from a PyTorch state dict (strict)."""
-    srcs, abstract = check_clip_keys(cfg, shapes, layout)
-    return build_tree(srcs, abstract, read, DTYPES[cfg.param_dtype])
+    return CLIP.convert(cfg, shapes, read, layout, DTYPES[cfg.param_dtype])

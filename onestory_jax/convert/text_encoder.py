@@ -10,20 +10,19 @@ from __future__ import annotations
 from typing import Any
 
 from onestory_jax.config import TextEncoderConfig
-from onestory_jax.convert.encoder_keys import (
-    Layout,
-    ReadTensor,
-    Source,
-    TensorShapes,
-    abstract_tree,
-    build_tree,
-    check_keys,
-    check_layout,
-    expected_shapes,
-    ignore_modules,
-)
+from onestory_jax.convert.mapping import Layout, ModelMap, ReadTensor, Source, TensorShapes, ignore_modules
+from onestory_jax.convert.source_config import SourceSchema
 from onestory_jax.models.layers import DTYPES
 from onestory_jax.models.text_encoder import init_fn
+
+# transformers `UMT5Config` (config.json of `text_encoder/`): our field -> (its key, its default).
+CONFIG_JSON = SourceSchema(
+    "umT5 encoder (UMT5Config)", {"model_type": ("umt5",)},
+    {"vocab_size": ("vocab_size", 250112), "d_model": ("d_model", 512), "d_kv": ("d_kv", 64), "d_ff": ("d_ff", 1024),
+     "num_layers": ("num_layers", 8), "num_heads": ("num_heads", 6),
+     "relative_attention_num_buckets": ("relative_attention_num_buckets", 32),
+     "relative_attention_max_distance": ("relative_attention_max_distance", 128), "eps": ("layer_norm_epsilon", 1e-6)},
+    fixed={"feed_forward_proj": "gated-gelu"})
 
 # The tied copy of `shared.weight` that some transformers files also carry.
 TIED_EMBEDDING = "encoder.embed_tokens.weight"
@@ -41,14 +40,14 @@ _BLOCK = [
 ]
 
 
-def sources(cfg: TextEncoderConfig, layout: Layout, shapes: TensorShapes) -> list[Source]:
+def sources(cfg: TextEncoderConfig, layout: Layout, shapes: TensorShapes, abstract: Any = None) -> list[Source]:
     """Every leaf's PyTorch source; the diffusers embedding may come from either tied name."""
     original = layout == "original"
     embedding = "token_embedding.weight" if original else (
         TIED_EMBEDDING if "shared.weight" not in shapes and TIED_EMBEDDING in shapes else "shared.weight")
     out = [
-        Source(("token_embedding", "embedding"), (embedding,), "identity"),
-        Source(("norm", "scale"), ("norm.weight" if original else "encoder.final_layer_norm.weight",), "identity"),
+        Source(("token_embedding", "embedding"), (embedding,)),
+        Source(("norm", "scale"), ("norm.weight" if original else "encoder.final_layer_norm.weight",)),
     ]
     prefix = "blocks.{}." if original else "encoder.block.{}."
     for path, hf, orig, transform in _BLOCK:
@@ -57,17 +56,14 @@ def sources(cfg: TextEncoderConfig, layout: Layout, shapes: TensorShapes) -> lis
     return out
 
 
-def check_umt5_keys(cfg: TextEncoderConfig, shapes: TensorShapes, layout: Layout) -> tuple[list[Source], Any]:
-    """Strict key/shape check; returns the sources to read and our abstract tree."""
-    check_layout(layout)
-    srcs, abstract = sources(cfg, layout, shapes), abstract_tree(init_fn(cfg))
+def _unused(cfg: TextEncoderConfig, layout: Layout, shapes: TensorShapes):
     tied = layout == "diffusers" and "shared.weight" in shapes
-    check_keys(shapes, expected_shapes(srcs, abstract), ignore_modules([TIED_EMBEDDING] if tied else []),
-               f"{layout} umT5 encoder config")
-    return srcs, abstract
+    return ignore_modules([TIED_EMBEDDING] if tied else [])
+
+
+UMT5 = ModelMap("umT5 encoder", init_fn, sources, _unused)
 
 
 def convert_umt5(cfg: TextEncoderConfig, shapes: TensorShapes, read: ReadTensor, layout: Layout) -> dict:
     """Our umT5 param tree (in cfg.param_dtype) from a PyTorch state dict (strict)."""
-    srcs, abstract = check_umt5_keys(cfg, shapes, layout)
-    return build_tree(srcs, abstract, read, DTYPES[cfg.param_dtype])
+    return UMT5.convert(cfg, shapes, read, layout, DTYPES[cfg.param_dtype])

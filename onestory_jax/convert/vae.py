@@ -9,22 +9,24 @@ in the reference (residual.{0,2,3,6}, middle.{0,1,2}, head.{0,2}, flat decoder `
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 
 from onestory_jax.config import VAEConfig
-from onestory_jax.convert.encoder_keys import check_keys as strict_check
-from onestory_jax.errors import UserError
+from onestory_jax.convert.mapping import Layout, ModelMap, ReadTensor, Source, TensorShapes
+from onestory_jax.convert.source_config import SourceSchema
 from onestory_jax.models.vae import init_fn
 
-Layout = Literal["diffusers", "original"]
-Transform = Literal["conv3d", "conv2d", "dense1x1", "gamma3d", "gamma2d", "identity"]
-TensorShapes = Mapping[str, tuple[int, ...]]
-ReadTensor = Callable[[str], np.ndarray]
+# diffusers `AutoencoderKLWan` config.json: our VAEConfig's architecture fields carry its names and
+# defaults; the Wan2.2 options must be off.
+_ARCHITECTURE = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temperal_downsample", "dropout",
+                 "latents_mean", "latents_std")
+CONFIG_JSON = SourceSchema(
+    "Wan2.1 VAE (AutoencoderKLWan)", {"_class_name": ("AutoencoderKLWan",)},
+    {f: (f, getattr(VAEConfig(), f)) for f in _ARCHITECTURE},
+    fixed={"is_residual": False, "in_channels": 3, "out_channels": 3, "patch_size": None, "decoder_base_dim": None})
 
 # Residual-block parts: our name -> original `residual.N` / `shortcut` name.
 _RESIDUAL_ORIGINAL = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3",
@@ -75,83 +77,30 @@ def original_name(path: tuple[str, ...], cfg: VAEConfig) -> str:
     return ".".join([prefix, *tail, leaf])
 
 
-def transform_of(path: tuple[str, ...], ndim: int) -> Transform:
+def transform_of(path: tuple[str, ...], ndim: int) -> str:
     """How the PyTorch tensor maps onto the Flax leaf at `path` (of rank `ndim`)."""
     if path[-1] == "bias":
         return "identity"
     if path[-1] == "scale":
         return "gamma2d" if "attentions_0" in path else "gamma3d"
     if path[-2] in ("to_qkv", "proj"):
-        return "dense1x1"
+        return "conv1x1"
     return "conv3d" if ndim == 5 else "conv2d"
 
 
-def torch_shape(shape: tuple[int, ...], transform: Transform) -> tuple[int, ...]:
-    """The PyTorch shape that maps onto a Flax leaf of `shape`."""
-    if transform == "conv3d":
-        t, h, w, i, o = shape
-        return (o, i, t, h, w)
-    if transform == "conv2d":
-        h, w, i, o = shape
-        return (o, i, h, w)
-    if transform == "dense1x1":
-        i, o = shape
-        return (o, i, 1, 1)
-    if transform == "gamma3d":
-        return (*shape, 1, 1, 1)
-    if transform == "gamma2d":
-        return (*shape, 1, 1)
-    return tuple(shape)
-
-
-def to_flax(t: np.ndarray, transform: Transform) -> np.ndarray:
-    """PyTorch tensor -> Flax layout."""
-    if transform == "conv3d":
-        return t.transpose(2, 3, 4, 1, 0)
-    if transform == "conv2d":
-        return t.transpose(2, 3, 1, 0)
-    if transform == "dense1x1":
-        return t[:, :, 0, 0].T
-    if transform in ("gamma3d", "gamma2d"):
-        return t.reshape(t.shape[0])
-    return t
-
-
-def abstract_tree(cfg: VAEConfig) -> Any:
-    """Shapes of our param tree for this config (no allocation)."""
-    return nn.meta.unbox(jax.eval_shape(init_fn(cfg), jax.random.key(0)))
-
-
-def _leaves(cfg: VAEConfig, layout: Layout) -> list[tuple[tuple[str, ...], str, Transform, tuple[int, ...]]]:
-    """(Flax path, source name, transform, Flax shape) for every leaf."""
+def sources(cfg: VAEConfig, layout: Layout, shapes: TensorShapes, abstract: Any) -> list[Source]:
+    """Every leaf's PyTorch source, its name derived from its Flax path."""
     out = []
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(abstract_tree(cfg))[0]:
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         path = tuple(k.key for k in kp)
         name = diffusers_name(path) if layout == "diffusers" else original_name(path, cfg)
-        out.append((path, name, transform_of(path, leaf.ndim), tuple(leaf.shape)))
+        out.append(Source(path, (name,), transform_of(path, leaf.ndim)))
     return out
 
 
-def expected_shapes(cfg: VAEConfig, layout: Layout) -> dict[str, tuple[int, ...]]:
-    """PyTorch name -> shape of every source tensor for this config (no allocation)."""
-    return {name: torch_shape(shape, tf) for _, name, tf, shape in _leaves(cfg, layout)}
-
-
-def check_keys(shapes: TensorShapes, expected: Mapping[str, tuple[int, ...]], layout: Layout) -> None:
-    """Strict check: every missing, unexpected or mis-shaped key is listed in one `UserError`."""
-    strict_check(shapes, expected, lambda name: False, f"{layout} Wan VAE config")
+VAE = ModelMap("Wan VAE", init_fn, sources)
 
 
 def convert_vae(cfg: VAEConfig, shapes: TensorShapes, read: ReadTensor, layout: Layout) -> dict:
     """Build our fp32 Flax param tree from a PyTorch VAE state dict (strict)."""
-    if layout not in ("diffusers", "original"):
-        raise UserError(f"unknown VAE checkpoint layout '{layout}' (diffusers or original)")
-    leaves = _leaves(cfg, layout)
-    check_keys(shapes, expected_shapes(cfg, layout), layout)
-    params: dict = {}
-    for path, name, tf, _ in leaves:
-        node = params
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = np.ascontiguousarray(to_flax(np.asarray(read(name), np.float32), tf))
-    return params
+    return VAE.convert(cfg, shapes, read, layout, np.float32)
