@@ -45,8 +45,12 @@ class DiTConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     # Activation checkpointing per block: none | full | dots | dots_no_batch.
     remat_policy: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    # Attention implementation: xla (reference), cudnn (flash on GPU), auto (let JAX pick).
-    attention: Literal["xla", "cudnn", "chunked", "auto"] = "xla"  # models/layers.py: attention
+    # Attention implementation: xla (reference), cudnn (flash on GPU), splash (flash on TPU), chunked,
+    # auto (per backend; never full logits above 2 GiB).
+    attention: Literal["xla", "cudnn", "splash", "chunked", "auto"] = "xla"  # models/layers.py: attention
+    # Self-attention with a mesh `sequence` axis > 1: ulysses (all-to-all to heads; needs num_heads
+    # divisible by sequence x tensor) or gspmd (XLA gathers keys and values along the sequence).
+    sequence_parallel: Literal["ulysses", "gspmd"] = "ulysses"
 
     @property
     def head_dim(self) -> int:
@@ -321,7 +325,17 @@ class Config:
             raise UserError(f"image_encoder.hidden_size={self.image_encoder.hidden_size} != dit.image_dim={self.dit.image_dim}")
         self.sampler.validate()
         self.train.validate()
+        self._check_ulysses()
         return self
+
+    def _check_ulysses(self) -> None:
+        """Ulysses splits the heads over sequence x tensor devices: they must divide num_heads."""
+        split = self.mesh.sequence * self.mesh.tensor
+        if self.dit.sequence_parallel == "ulysses" and self.mesh.sequence > 1 and self.mesh.tensor > 0 \
+                and self.dit.num_heads % split:
+            raise UserError(f"dit.num_heads={self.dit.num_heads} is not divisible by mesh.sequence={self.mesh.sequence}"
+                            f" x mesh.tensor={self.mesh.tensor} (Ulysses splits the heads over them); change"
+                            " the mesh or set dit.sequence_parallel=gspmd")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The attention dispatcher: key lengths (the memory bank's filled slots) and the chunked path against
-masked XLA attention (fp32, forward and gradients); `auto` never builds full logits past its limit."""
+"""The attention dispatcher: key lengths (the memory bank's filled slots), the chunked path and the
+Pallas splash kernel (interpret mode on CPU) against masked XLA attention (fp32, forward and
+gradients); `auto` never builds full logits past its limit and picks splash on TPU."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import pytest
 
 from onestory_jax.models import layers
 from onestory_jax.models.dit import ContextTokens, WanDiT
+from onestory_jax.models.splash import kv_segment_ids, splash_blocks
 from torch_refs import tiny_dit_config
 
 B, L, N, H = 2, 37, 3, 8
@@ -24,7 +26,7 @@ def _masked_reference(q, k, v, lengths):
 
 
 @pytest.mark.parametrize("lengths", [(L, L), (L, 20), (25, 1)], ids=["full bank", "partial", "empty bank"])
-@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("impl", ["xla", "chunked", "splash"])
 def test_key_lengths_match_masked_attention(impl, lengths, monkeypatch):
     monkeypatch.setattr(layers, "CHUNK_QUERIES", 8)  # several chunks, the last one padded
     q, k, v = _qkv()
@@ -35,7 +37,7 @@ def test_key_lengths_match_masked_attention(impl, lengths, monkeypatch):
     grads = jax.grad(loss(lambda *a: layers.attention(*a, impl, kv_lengths=lengths)), argnums=(0, 1, 2))(q, k, v)
     ref = jax.grad(loss(lambda *a: _masked_reference(*a, lengths)), argnums=(0, 1, 2))(q, k, v)
     for g, r in zip(grads, ref):
-        np.testing.assert_allclose(g, r, atol=1e-5)
+        np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-6)  # grads reach ~40: fp32 summation order
 
 
 def test_chunked_with_mask_and_bias_matches_xla(monkeypatch):
@@ -47,6 +49,23 @@ def test_chunked_with_mask_and_bias_matches_xla(monkeypatch):
     np.testing.assert_allclose(out, layers.attention(q, k, v, "xla", kv_mask=mask, bias=bias), atol=1e-5)
 
 
+def test_splash_general_mask_matches_xla():
+    q, k, v = _qkv(4)
+    mask = jnp.asarray(np.random.default_rng(5).random((B, L)) > 0.3)
+    out = layers.attention(q, k, v, "splash", kv_mask=mask, scale=0.2)
+    np.testing.assert_allclose(out, layers.attention(q, k, v, "xla", kv_mask=mask, scale=0.2), atol=1e-5)
+
+
+def test_splash_blocks_and_segment_ids():
+    """Keys past the length, masked keys and block padding get kv segment 1 (queries are all segment 0)."""
+    assert splash_blocks(37) == (128, 128)
+    assert splash_blocks(34304) == (512, 34304)  # 14B 480p: 32,760 noise + 1,544 memory tokens
+    assert splash_blocks(32760) == (512, 32768)
+    mask = jnp.asarray([[True, False, True, True], [True] * 4])
+    ids = kv_segment_ids(6, 4, jnp.asarray([3, 4], jnp.int32), mask, 2)
+    np.testing.assert_array_equal(ids, [[0, 1, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1]])
+
+
 def test_auto_never_builds_full_logits_past_the_limit():
     small = jax.ShapeDtypeStruct((1, 64, 2, 8), jnp.float32)
     big = jax.ShapeDtypeStruct((2, 34304, 40, 128), jnp.float32)  # the 14B model's 480p self-attention
@@ -54,6 +73,15 @@ def test_auto_never_builds_full_logits_past_the_limit():
     assert layers.resolve_attention("auto", big, big) == "chunked"  # on this CPU: no fused kernel
     with pytest.raises(ValueError, match="kv_lengths"):
         layers.resolve_attention("cudnn", big, big, kv_mask=jnp.ones((2, 34304), bool))
+    with pytest.raises(ValueError, match="bias"):
+        layers.resolve_attention("splash", small, small, bias=jnp.zeros((1, 2, 64, 64)))
+
+
+def test_auto_picks_splash_on_tpu(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    big = jax.ShapeDtypeStruct((2, 34304, 40, 128), jnp.bfloat16)
+    assert layers.resolve_attention("auto", big, big) == "splash"
+    assert layers.resolve_attention("auto", big, big, bias=jnp.zeros(())) == "chunked"  # T5's bias: no splash
 
 
 def test_dit_hides_empty_memory_slots_exactly():

@@ -18,8 +18,9 @@ from onestory_jax.data.records import synthetic_videos, write_records
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "configs/train/tiny.yaml"
-# 8 host devices (tests/conftest.py): batch over data, tokens over sequence, heads over tensor.
-MESH = ("mesh.data=2", "mesh.fsdp=1", "mesh.sequence=2", "mesh.tensor=2")
+# 8 host devices (tests/conftest.py): batch over data, tokens over sequence, heads over tensor. The
+# tiny DiT's 2 heads cannot split over sequence x tensor = 4 (Ulysses), so GSPMD sequence sharding.
+MESH = ("mesh.data=2", "mesh.fsdp=1", "mesh.sequence=2", "mesh.tensor=2", "dit.sequence_parallel=gspmd")
 
 # One persistent XLA compilation cache for every train.py of this test session: the runs compile
 # the same programs, and a cached executable is the very same program (bitwise results hold).

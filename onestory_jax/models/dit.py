@@ -31,7 +31,9 @@ from onestory_jax.models.layers import (
     remat_policy,
     rope_tables,
     timestep_sinusoid,
+    ulysses_attention,
 )
+from onestory_jax.models.sequence_parallel import sequence_shards
 
 Array = jax.Array
 TOKENS = ("act_batch", "act_length", "act_embed")
@@ -81,10 +83,12 @@ class SelfAttention(nn.Module):
         k = RMSNorm(cfg.eps, "heads", pdt, name="norm_k")(proj("k")(x))
         v = proj("v")(x)
         split = lambda a: a.reshape(*a.shape[:2], cfg.num_heads, cfg.head_dim)  # [B, L, N, H]
+        ulysses = cfg.sequence_parallel == "ulysses" and sequence_shards() > 1
+        kv_axes = HEADS if ulysses else KV_HEADS  # Ulysses: keys stay sequence-sharded until its all-to-all
         q = constrain(apply_rope(split(q), cos, sin), HEADS)
-        k = constrain(apply_rope(split(k), cos, sin), KV_HEADS)
-        v = constrain(split(v), KV_HEADS)
-        out = attention(q, k, v, cfg.attention, kv_lengths=kv_lengths)
+        k = constrain(apply_rope(split(k), cos, sin), kv_axes)
+        v = constrain(split(v), kv_axes)
+        out = (ulysses_attention if ulysses else attention)(q, k, v, cfg.attention, kv_lengths=kv_lengths)
         out = constrain(out.reshape(*out.shape[:2], cfg.dim), ATTN_OUT)
         return Dense(cfg.dim, ("heads", "embed"), dtype=dt, param_dtype=pdt, name="o")(out)
 

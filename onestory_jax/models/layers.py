@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -9,6 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
+
+from onestory_jax.models import sequence_parallel
+from onestory_jax.models.splash import splash_attention
 
 Array = jax.Array
 AxisNames = tuple[str | None, ...]
@@ -22,7 +26,9 @@ def partitioned(init: Any, axes: AxisNames) -> Any:
 
 
 def constrain(x: Array, axes: AxisNames) -> Array:
-    """Constrain an activation's sharding by logical names (a no-op outside a mesh)."""
+    """Constrain an activation's sharding by logical names (a no-op outside a mesh or inside `shard_map`)."""
+    if jax.sharding.get_abstract_mesh().manual_axes:
+        return x
     return nn.with_logical_constraint(x, axes)
 
 
@@ -86,21 +92,26 @@ class LayerNorm(nn.Module):
         return y
 
 
-AttentionImpl = Literal["xla", "cudnn", "chunked", "auto"]
+AttentionImpl = Literal["xla", "cudnn", "splash", "chunked", "auto"]
 # `auto` lets XLA build full [B, N, Lq, Lk] fp32 logits only up to this many bytes; above it, a flash
-# kernel (cuDNN on GPU) or the chunked path. 34k-token self-attention would need 175 GiB a sample.
+# kernel (cuDNN on GPU, splash on TPU) or the chunked path. 34k-token self-attention would need 175 GiB a sample.
 XLA_LOGITS_LIMIT = 2 * 1024**3
 CHUNK_QUERIES = 512  # queries per chunk of the `chunked` implementation (times the sequence shards)
 
 
 def resolve_attention(implementation: AttentionImpl, q: Array, k: Array, kv_mask: Array | None = None,
                       bias: Array | None = None) -> str:
-    """The concrete implementation `attention` runs: `auto` picks cuDNN flash on a GPU for bf16/fp16
-    inputs (no bias, no general mask), else XLA while its logits fit XLA_LOGITS_LIMIT, else `chunked`."""
+    """The concrete implementation `attention` runs: `auto` picks splash on a TPU (no bias), cuDNN flash
+    on a GPU for bf16/fp16 inputs (no bias, no general mask), else XLA while its logits fit
+    XLA_LOGITS_LIMIT, else `chunked`."""
     if implementation == "cudnn" and (kv_mask is not None or bias is not None):
         raise ValueError("cuDNN flash attention takes no general mask or bias: pass kv_lengths (valid keys first)")
+    if implementation == "splash" and bias is not None:
+        raise ValueError("splash attention takes no logit bias (use xla or chunked)")
     if implementation != "auto":
         return implementation
+    if jax.default_backend() == "tpu" and bias is None:
+        return "splash"
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and kv_mask is None and bias is None:
         return "cudnn"
     logits = q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1] * 4
@@ -120,14 +131,18 @@ def attention(
     """Softmax attention, [B, Lq, N, H] x [B, Lk, N, H] -> [B, Lq, N, H], scale 1/sqrt(H) by default.
 
     Implementations: `xla` (portable reference; builds [B, N, Lq, Lk] logits), `cudnn` (fused flash
-    kernel on NVIDIA GPUs, bf16/fp16), `chunked` (queries in rematerialised chunks: one chunk's logits
-    at a time, forward and backward; for backends without a fused kernel), `auto` (`resolve_attention`).
+    kernel on NVIDIA GPUs, bf16/fp16), `splash` (Pallas TPU flash kernel, `models/splash.py`; per
+    device under `shard_map` in a mesh; Pallas interpret mode off TPU, for tests), `chunked` (queries
+    in rematerialised chunks: one chunk's logits at a time, forward and backward; for backends without
+    a fused kernel), `auto` (`resolve_attention`).
     kv_lengths [B] int32: only the first kv_lengths[b] keys are attended (valid keys form a prefix,
     e.g. noise tokens then the filled memory slots); every implementation, cuDNN flash included.
-    kv_mask [B, Lk] (True = attend): a general key mask (xla / chunked only).
+    kv_mask [B, Lk] (True = attend): a general key mask (xla / splash / chunked).
     bias [B or 1, N, Lq, Lk] is added to the logits (T5 relative positions); scale overrides 1/sqrt(H).
     """
     impl = resolve_attention(implementation, q, k, kv_mask, bias)
+    if impl == "splash":
+        return sequence_parallel.per_device(partial(splash_attention, scale=scale), q, k, v, kv_mask, kv_lengths)
     if impl == "chunked":
         return chunked_attention(q, k, v, kv_mask, bias, scale, kv_lengths)
     mask = None if kv_mask is None else kv_mask[:, None, None, :]
@@ -137,10 +152,13 @@ def attention(
                                         key_value_seq_lengths=lengths)
 
 
-def _sequence_shards() -> int:
-    """Size of the `sequence` axis of the mesh in use (1 outside a mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return dict(mesh.shape).get("sequence", 1) if not mesh.empty else 1
+def ulysses_attention(q: Array, k: Array, v: Array, implementation: AttentionImpl = "xla",
+                      kv_lengths: Array | None = None, scale: float | None = None) -> Array:
+    """Self-attention with Ulysses sequence parallelism over the mesh's `sequence` axis
+    (`models/sequence_parallel.py: ulysses`); inside, `attention` with `implementation` on whole
+    sequences and N / sequence heads. Without a sequence axis > 1 it is `attention`."""
+    inner = lambda q, k, v, mask, lengths: attention(q, k, v, implementation, mask, None, scale, lengths)
+    return sequence_parallel.ulysses(inner, q, k, v, None, kv_lengths)
 
 
 def chunked_attention(q: Array, k: Array, v: Array, kv_mask: Array | None = None, bias: Array | None = None,
@@ -153,7 +171,7 @@ def chunked_attention(q: Array, k: Array, v: Array, kv_mask: Array | None = None
     chunk's [B, N, A, Lk] logits live at once: memory O(A Lk) instead of O(L Lk).
     """
     b, length, n, h = q.shape
-    a = min(block * _sequence_shards(), length)
+    a = min(block * sequence_parallel.sequence_shards(), length)
     chunks = -(-length // a)
     qp = jnp.pad(q, ((0, 0), (0, chunks * a - length), (0, 0), (0, 0)))
     qc = rearrange(qp, "b (a c) n h -> c b a n h", c=chunks)
