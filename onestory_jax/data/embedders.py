@@ -15,12 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from onestory_jax.errors import UserError
-from onestory_jax.eval.features import (IMAGENET_MEAN, IMAGENET_STD, DinoV2Features, HistogramFeatures, l2_normalise,
+from onestory_jax.data.features import (IMAGENET_MEAN, IMAGENET_STD, DinoV2Features, HistogramFeatures, l2_normalise,
                                          masked_image)
 
 Embedder = Callable[[np.ndarray], np.ndarray]  # uint8 frames [N, H, W, 3] -> features [N, E]
-CLIP_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.asarray([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
 def _whole_frames(features: Callable[[np.ndarray, np.ndarray, bool], np.ndarray]) -> Embedder:
@@ -35,6 +33,8 @@ def clip_embedder(path: Path) -> Embedder:
         import torch
         from transformers import CLIPVisionModelWithProjection
 
+        from onestory_jax.models.image_encoder import CLIP_MEAN, CLIP_STD
+
         model = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True).eval()
     except ImportError:
         raise UserError("the clip embedder needs torch and transformers: pip install 'onestory-jax[convert]'") from None
@@ -44,7 +44,7 @@ def clip_embedder(path: Path) -> Embedder:
 
     def embed(frames: np.ndarray) -> np.ndarray:
         images = np.stack([masked_image(f, np.ones(f.shape[:2], bool), False, size) for f in frames])
-        images = ((images * IMAGENET_STD + IMAGENET_MEAN) - CLIP_MEAN) / CLIP_STD
+        images = ((images * IMAGENET_STD + IMAGENET_MEAN) - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
         with torch.no_grad():
             out = model(pixel_values=torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2)).image_embeds
         return out.float().numpy()

@@ -5,6 +5,6 @@
 """
 
 from onestory_jax.eval.evaluate import evaluate_story, summary
-from onestory_jax.eval.features import DinoV2Features, FeatureExtractor, HistogramFeatures, load_features
+from onestory_jax.data.features import DinoV2Features, FeatureExtractor, HistogramFeatures, load_features
 
 __all__ = ["evaluate_story", "summary", "load_features", "FeatureExtractor", "HistogramFeatures", "DinoV2Features"]

@@ -20,7 +20,7 @@ from typing import Any
 from onestory_jax.errors import UserError, run_cli
 from onestory_jax.eval import loading, metrics
 from onestory_jax.eval.evaluate import evaluate_story
-from onestory_jax.eval.features import FeatureExtractor, load_features
+from onestory_jax.data.features import FeatureExtractor, load_features
 from onestory_jax.sampling.outputs import save_json
 
 

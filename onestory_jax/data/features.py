@@ -1,4 +1,5 @@
-"""Region features for similarity metrics: DINOv2 from local weights, or a weight-free fallback.
+"""Frame and region features, for the evaluator's similarity metrics and the pseudo-label embedders:
+DINOv2 from local weights, or a weight-free fallback.
 
 A `FeatureExtractor` maps frames uint8 [N, H, W, 3] and region masks bool [N, H, W] to L2-normalised
 features [N, D]; a frame whose region is empty gets a zero row (cosine 0 with anything).
