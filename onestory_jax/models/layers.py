@@ -96,7 +96,7 @@ AttentionImpl = Literal["xla", "cudnn", "splash", "chunked", "auto"]
 # `auto` lets XLA build full [B, N, Lq, Lk] fp32 logits only up to this many bytes; above it, a flash
 # kernel (cuDNN on GPU, splash on TPU) or the chunked path. 34k-token self-attention would need 175 GiB a sample.
 XLA_LOGITS_LIMIT = 2 * 1024**3
-CHUNK_QUERIES = 512  # queries per chunk of the `chunked` implementation (times the sequence shards)
+CHUNK_QUERIES = 256  # queries per chunk of the `chunked` implementation (times the sequence shards)
 
 
 def resolve_attention(implementation: AttentionImpl, q: Array, k: Array, kv_mask: Array | None = None,

@@ -16,6 +16,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.experimental import io_callback
 import numpy as np
 
 from onestory_jax.config import Config
@@ -144,10 +145,12 @@ def generate_story(
     on_shot: Callable[[Array], None] | None = None,
     on_step: Callable[[Array], None] | None = None,
     pair_sharding: jax.sharding.Sharding | None = None,
+    on_shot_done: Callable[[Array, Array, Array], None] | None = None,
 ) -> ShotRecord:
     """All shots as one `lax.scan` over the S = max_shots slots; returns stacked ShotRecords [S, ...].
 
     on_shot(shot) / on_step(step): host callbacks (progress bars) when a shot / a denoising step starts.
+    on_shot_done(shot, new, latents): ordered host callback after each shot (new: it was generated now).
     I2V without a start image: shots after the first see the CLIP tokens of shot 1's decoded first frame.
     """
     max_shots, t, h, w, c = inputs.noise.shape
@@ -159,6 +162,9 @@ def generate_story(
         if on_shot is not None:
             jax.debug.callback(on_shot, shot)
         bank, record = next_shot(params, cfg, spec, bank, inputs, shot, on_step, tokens, pair_sharding)
+        if on_shot_done is not None:  # hand a newly generated shot to the host now (e.g. to save it)
+            new = inputs.active[shot] & ~inputs.done[shot]
+            io_callback(on_shot_done, None, shot, new, record.latents, ordered=True)
         if cfg.dit.has_image_branch:  # without a start image, later shots see CLIP of shot 1's first frame
             from_shot1 = (shot == 0) & ~inputs.has_start_image
             tokens = jax.lax.cond(from_shot1, lambda: latent_to_image_tokens(cfg, params, record.latents[0]), lambda: tokens)
@@ -171,11 +177,17 @@ def generate_story(
 class Progress:
     """Host-side listeners of a running story program (set by the caller, read by its callbacks).
 
-    The compiled program calls the module-level `_on_shot` / `_on_step`, never a closure, so one
-    compiled program serves every call."""
+    The compiled program calls the module-level `_on_shot` / `_on_step` / `_on_shot_done`, never a
+    closure, so one compiled program serves every call."""
 
     on_shot: Callable[[int], None] | None = None
     on_step: Callable[[int], None] | None = None
+    on_shot_done: Callable[[int, np.ndarray], None] | None = None  # a newly generated shot's latents
+
+
+def _on_shot_done(shot: Any, new: Any, latents: Any) -> None:
+    if Progress.on_shot_done is not None and bool(new):
+        Progress.on_shot_done(int(shot), np.asarray(latents))
 
 
 def _on_shot(shot: Any) -> None:
@@ -195,7 +207,8 @@ def story_program(cfg: Config, spec: GenerationSpec, pair_sharding: jax.sharding
 
     Progress is reported through `Progress`. Parameters are arguments: nothing is compiled in.
     """
-    return jax.jit(lambda params, inputs: generate_story(params, cfg, spec, inputs, _on_shot, _on_step, pair_sharding))
+    return jax.jit(lambda params, inputs: generate_story(params, cfg, spec, inputs, _on_shot, _on_step, pair_sharding,
+                                                        _on_shot_done))
 
 
 def image_tokens(cfg: Config, params: dict[str, Any], image: Array) -> Array:

@@ -23,7 +23,7 @@ from onestory_jax.data.video import read_video, resize_frame
 from onestory_jax.errors import UserError
 from onestory_jax.models.image_encoder import load_image
 from onestory_jax.models.memory import frames_per_patchifier
-from onestory_jax.sampling import outputs
+from onestory_jax.sampling import outputs, resume
 from onestory_jax.sampling.generate import Progress, ShotRecord, StoryInputs, generation_spec, story_program
 from onestory_jax.sampling.story import Story, story_to_dict
 
@@ -36,23 +36,6 @@ class Components:
     encode_video: Callable[[np.ndarray], np.ndarray]  # [T, H, W, 3] in [-1, 1] -> latents [t, h, w, 16]
     decode_latents: Callable[[np.ndarray], np.ndarray]  # latents [t, h, w, 16] -> [T, H, W, 3] in [-1, 1]
     encode_image: Callable[[np.ndarray], np.ndarray] | None  # [H, W, 3] in [-1, 1] -> CLIP tokens [Li, image_dim]
-
-
-def _finished_shots(out: Path, story: Story, latent_shape: tuple[int, ...]) -> list[np.ndarray]:
-    """Latents of the leading shots already on disk (resume), in order; stops at the first gap."""
-    done = []
-    for i in range(len(story.shots)):
-        path = out / outputs.shot_name(i, ".npy")
-        if not path.is_file():
-            break
-        try:
-            lat = np.load(path)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot resume: '{path}' is unreadable ({e}); delete it to regenerate that shot") from None
-        if lat.shape != latent_shape:
-            raise UserError(f"cannot resume: '{path}' has shape {lat.shape}, this story needs {latent_shape}; use another --out")
-        done.append(lat)
-    return done
 
 
 def i2v_condition(encode_video: Callable[[np.ndarray], np.ndarray], image: np.ndarray | None, frames: int,
@@ -81,10 +64,13 @@ def _load_image(path: Path, width: int, height: int) -> np.ndarray:
 
 
 def render_story(cfg: Config, params: dict, comps: Components, story: Story, out: Path, progress: bool = True,
-                 mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+                 mesh: jax.sharding.Mesh | None = None, model_id: str = "", redo: int | None = None) -> dict[str, Any]:
     """Generate (or resume) every shot of `story` into `out`; returns the manifest.
 
-    On a mesh whose `data` axis has 2 devices, the CFG pair is split across them.
+    Each shot is saved (latents + record, `resume.py`) as soon as it is denoised. Saved shots whose
+    fingerprint matches (same inputs, same model `model_id`, same earlier shots) are kept; from the
+    first mismatch (or shot `redo`, 1-based) on, shots are regenerated. On a mesh whose `data` axis has
+    2 devices, the CFG pair is split across them.
     """
     s = story.settings
     t_lat, h, w = story.latent_frames, s.height // cfg.vae.spatial_factor, s.width // cfg.vae.spatial_factor
@@ -94,15 +80,18 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    finished = _finished_shots(out, story, latent_shape)
+    shot_inputs, prints = resume.story_fingerprints(story, model_id)
+    finished, reasons = resume.reusable_shots(out, story, model_id, latent_shape, redo)
     image, image_tokens = None, None
-    if story.start_video is not None and not finished:
+    if story.start_video is not None and not finished:  # shot 1 is the start video: encoded and saved as a shot
         video = read_video(story.start_video)
         frames = s.frames
         if len(video) < frames:
             raise UserError(f"start_video has {len(video)} frames; the story's shots have {frames} (4k+1)")
         clip = np.stack([resize_frame(f, s.width, s.height) for f in video[:frames]])
         finished = [np.asarray(comps.encode_video(clip))]
+        resume.save_shot(out, 0, finished[0], shot_inputs[0], prints[0])
+        reasons[0] = "encoded from start_video"
     if story.start_image is not None:
         image = _load_image(story.start_image, s.width, s.height)
         if comps.encode_image is not None:
@@ -153,12 +142,24 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
         step_times.append(time.perf_counter())
         bar.update(1)
 
-    Progress.on_shot, Progress.on_step = on_shot, on_step
+    bad: list[int] = []
+
+    def on_shot_done(shot: int, latents: np.ndarray) -> None:
+        """Save a shot the moment it is denoised; nothing of a non-finite shot or of those after it."""
+        if bad or not np.isfinite(latents).all():
+            bad.append(shot + 1)
+            return
+        resume.save_shot(out, shot, latents, shot_inputs[shot], prints[shot])
+
+    Progress.on_shot, Progress.on_step, Progress.on_shot_done = on_shot, on_step, on_shot_done
     try:
         records: ShotRecord = jax.device_get(story_program(cfg, spec, pair)(params, inputs))
     finally:
-        Progress.on_shot = Progress.on_step = None
+        Progress.on_shot = Progress.on_step = Progress.on_shot_done = None
         bar.close()
+    if bad:
+        raise UserError(f"shot {bad[0]} came out with non-finite values (NaN/Inf) and was not saved (shots before it "
+                        "are). Check the model's weights and the story's numbers")
     timings["generate_s"] = time.perf_counter() - t2
     if shot_started:  # compile (and launch): until the program reports its first shot
         timings["compile_s"] = min(shot_started.values()) - t2
@@ -175,8 +176,6 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
         t3 = time.perf_counter()
         video = outputs.to_uint8(comps.decode_latents(lat))
         t4 = time.perf_counter()
-        if not done[i]:
-            outputs.save_latents(out / outputs.shot_name(i, ".npy"), lat)
         outputs.write_mp4(out / outputs.shot_name(i, ".mp4"), video, s.fps)
         videos.append(video)
         memory = [
@@ -190,6 +189,7 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
             shot_time = end - shot_started[i]
         manifest_shots.append({
             "shot": i + 1, "caption": story.shots[i].caption, "seed": story.shot_seed(i), "resumed": bool(done[i]),
+            "generated_because": reasons[i], "fingerprint": prints[i],
             "memory": memory, "timings": {"denoise_s": shot_time, "decode_s": t4 - t3, "write_s": time.perf_counter() - t4},
         })
     outputs.write_mp4(out / "story.mp4", np.concatenate(videos), s.fps)

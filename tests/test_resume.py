@@ -1,0 +1,99 @@
+"""Resume keyed by content (sampling/resume.py) and shots saved as they finish (sample.py, SIGKILL)."""
+
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from onestory_jax.sampling import resume
+from onestory_jax.sampling.story import Settings, Shot, Story, MemorySettings
+
+SHAPE = (2, 3, 4, 16)
+
+
+def _story(**changes) -> Story:
+    shots = tuple(Shot(c) for c in ("A red square.", "It rests in a desert.", "It returns."))
+    story = Story(settings=Settings(width=32, height=24, frames=5), memory=MemorySettings(), shots=shots)
+    return dataclasses.replace(story, **changes)
+
+
+def _save_all(out: Path, story: Story, model: str = "m") -> list[np.ndarray]:
+    inputs, prints = resume.story_fingerprints(story, model)
+    lats = [np.full(SHAPE, i, np.float32) for i in range(len(story.shots))]
+    for i, lat in enumerate(lats):
+        resume.save_shot(out, i, lat, inputs[i], prints[i])
+    return lats
+
+
+def test_unchanged_story_keeps_every_shot(tmp_path):
+    lats = _save_all(tmp_path, _story())
+    kept, reasons = resume.reusable_shots(tmp_path, _story(), "m", SHAPE)
+    assert reasons == [None, None, None]
+    for a, b in zip(kept, lats):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_edit_regenerates_from_the_first_changed_shot(tmp_path):
+    _save_all(tmp_path, _story())
+    edited = _story(shots=(Shot("A red square."), Shot("It rests in a jungle."), Shot("It returns.")))
+    kept, reasons = resume.reusable_shots(tmp_path, edited, "m", SHAPE)
+    assert len(kept) == 1 and reasons[0] is None
+    assert reasons[1] == "changed: caption" and reasons[2] == "an earlier shot is regenerated"
+
+
+def test_settings_seed_and_model_changes_are_seen(tmp_path):
+    _save_all(tmp_path, _story())
+    _, reasons = resume.reusable_shots(tmp_path, _story(settings=Settings(width=32, height=24, frames=5, steps=7)), "m", SHAPE)
+    assert reasons[0] == "changed: settings"
+    shots = (Shot("A red square."), Shot("It rests in a desert.", seed=9), Shot("It returns."))
+    _, reasons = resume.reusable_shots(tmp_path, _story(shots=shots), "m", SHAPE)
+    assert reasons[:2] == [None, "changed: seed"]
+    _, reasons = resume.reusable_shots(tmp_path, _story(), "another model", SHAPE)
+    assert reasons[0] == "changed: model"
+
+
+def test_redo_and_damaged_or_partial_shots_are_regenerated(tmp_path):
+    _save_all(tmp_path, _story())
+    _, reasons = resume.reusable_shots(tmp_path, _story(), "m", SHAPE, redo=3)
+    assert reasons == [None, None, "--redo 3"]
+    np.save(tmp_path / "shot_02.npy", np.full(SHAPE, np.nan, np.float32))
+    _, reasons = resume.reusable_shots(tmp_path, _story(), "m", SHAPE)
+    assert reasons == [None, "saved latents hold non-finite values", "an earlier shot is regenerated"]
+    (tmp_path / "shot_01.json").unlink()  # latents without their record: a crash between the two writes
+    _, reasons = resume.reusable_shots(tmp_path, _story(), "m", SHAPE)
+    assert reasons[0] == "not generated yet"
+
+
+STORY = {"settings": {"width": 32, "height": 48, "frames": 5, "steps": 150, "seed": 3},
+         "shots": [{"caption": f"Shot {i}: a red square."} for i in range(1, 4)]}
+
+
+def _sample(story: Path, out: Path, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "sample.py", "--config", "tiny", "--story", str(story), "--out", str(out),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigkill_keeps_finished_shots_and_the_rerun_is_bitwise_equal(tmp_path):
+    """Killed while shot 3 of 3 denoises: shots 1-2 are on disk; the re-run equals an uninterrupted run."""
+    story = tmp_path / "story.yaml"
+    story.write_text(yaml.safe_dump(STORY))
+    reference, killed = _sample(story, tmp_path / "ref"), _sample(story, tmp_path / "out")
+    while not (tmp_path / "out" / "shot_02.json").exists():
+        assert killed.poll() is None, killed.communicate()
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "out" / "shot_03.npy").exists(), "shot 3 finished before the kill: the test is too fast"
+    assert reference.wait() == 0, reference.communicate()
+    rerun = _sample(story, tmp_path / "out")
+    assert rerun.wait() == 0, rerun.communicate()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [s["resumed"] for s in manifest["shots"]] == [True, True, False]
+    for i in (1, 2, 3):
+        np.testing.assert_array_equal(np.load(tmp_path / "out" / f"shot_0{i}.npy"), np.load(tmp_path / "ref" / f"shot_0{i}.npy"))
