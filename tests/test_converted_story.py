@@ -60,3 +60,25 @@ def test_frozen_component_bad_source(tmp_path):
                         "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2 and "no vae weights" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_model_folder_without_tokenizer_is_one_line(model_folder, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(model_folder, folder)
+    shutil.rmtree(folder / "tokenizer")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"shots": ["A cat."]}))
+    r = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(folder), "--story", str(tmp_path / "s.yaml"),
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 2 and "no tokenizer/" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_embedding_cache_is_keyed_by_the_tokenizer(model_folder, tmp_path):
+    from onestory_jax.config import load_config
+    from onestory_jax.sampling.components import text_cache
+
+    cfg, weights = load_config("tiny"), model_folder / "text_encoder" / "params"
+    other = tmp_path / "tok"
+    shutil.copytree(model_folder / "tokenizer", other)
+    (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text().replace('"a"', '"b"', 1) + " ")
+    assert text_cache(cfg, weights, model_folder / "tokenizer").identity != text_cache(cfg, weights, other).identity
+    assert text_cache(cfg, weights, model_folder / "tokenizer").identity == text_cache(cfg, weights, model_folder / "tokenizer").identity

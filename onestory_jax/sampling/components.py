@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -128,10 +129,14 @@ def load_checkpoint_params(ckpt: Path, cfg: Config, mesh: jax.sharding.Mesh, see
     return {**rest, "dit": dit, "memory": memory_params_from_dit(cfg, dit, jax.random.key(seed + 1))}
 
 
-def text_cache(cfg: Config, encoder_weights: Path) -> EmbeddingCache:
-    """Prompt embeddings on disk ($ONESTORY_CACHE or ~/.cache/onestory_jax), keyed by prompt + encoder."""
+def text_cache(cfg: Config, encoder_weights: Path, tokenizer_dir: Path) -> EmbeddingCache:
+    """Prompt embeddings on disk ($ONESTORY_CACHE or ~/.cache/onestory_jax), keyed by prompt, encoder
+    and tokenizer (its files by content)."""
     root = Path(os.environ.get("ONESTORY_CACHE", Path.home() / ".cache" / "onestory_jax")) / "text_embeddings"
-    return EmbeddingCache(root, encoder_identity(cfg.text_encoder, encoder_weights))
+    tok = hashlib.sha256()
+    for f in sorted(p for p in Path(tokenizer_dir).rglob("*") if p.is_file()):
+        tok.update(f.name.encode() + f.read_bytes())
+    return EmbeddingCache(root, encoder_identity(cfg.text_encoder, encoder_weights) + tok.hexdigest()[:16])
 
 
 # Jitted entry points: parameters are always arguments, never closed over (closed-over arrays are
@@ -191,6 +196,10 @@ def load_for_sampling(
         if not Path(ckpt).is_dir():
             raise UserError(f"checkpoint directory '{ckpt}' does not exist")
         folder = is_model_folder(Path(ckpt))
+        trained_text = folder and (Path(ckpt) / "text_encoder").is_dir()
+        if tokenizer is None and trained_text and not (Path(ckpt) / "tokenizer").is_dir():
+            raise UserError(f"model folder '{ckpt}' has a text encoder but no tokenizer/: copy the tokenizer there "
+                            "or pass --tokenizer DIR (another tokenizer would silently mis-encode every caption)")
         base = model_folder_config(Path(ckpt)) if folder else checkpoint.load_config_from_checkpoint(ckpt)
         cfg = _with_overrides(base, overrides)
     else:
@@ -209,7 +218,7 @@ def load_for_sampling(
         tokenizer = Path(ckpt) / "tokenizer" if ckpt is not None and (Path(ckpt) / "tokenizer").is_dir() else BYTE_TOKENIZER
     cache = None  # random weights change with every seed: nothing worth caching
     if ckpt is not None:
-        cache = text_cache(cfg, Path(ckpt) / ("text_encoder" if folder else "") / checkpoint.PARAMS)
+        cache = text_cache(cfg, Path(ckpt) / ("text_encoder" if folder else "") / checkpoint.PARAMS, tokenizer)
         if folder and not (Path(ckpt) / "text_encoder").is_dir():
             cache = None  # a random text encoder: nothing worth caching
     return cfg, params, build_components(cfg, params, tokenizer, cache), mesh
