@@ -39,6 +39,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from onestory_jax.config import Config, load_config
+from onestory_jax.io import save_json
 from onestory_jax.models.onestory import boxed_init_fn, memory_params_from_dit
 from onestory_jax.sharding import abstract_params, activate, batch_sharding, init_sharded, make_mesh
 from onestory_jax.training.metrics import context_tokens, noise_tokens, train_step_flops
@@ -312,14 +313,10 @@ def meta() -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Atomic write (temp file + rename), then re-render docs/performance.md."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    """Atomic write, then re-render docs/performance.md."""
+    save_json(path, data)
     print(f"wrote {path}", flush=True)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import report  # bench/report.py, beside this script
+    import report  # bench/report.py, beside this script (its folder is sys.path[0])
 
     report.main()
 

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from onestory_jax.data import synthetic
+from onestory_jax.data.video import write_mp4
 from onestory_jax.errors import UserError, run_cli
 from onestory_jax.eval import HistogramFeatures, evaluate_story, load_features, metrics, regions
 from onestory_jax.eval.__main__ import main
-from onestory_jax.sampling import outputs
+from onestory_jax.io import shot_name
 
 FRAMES, SIZE = 9, 48
 FEATURES = HistogramFeatures()
@@ -134,7 +135,7 @@ def test_unknown_inputs_are_value_errors():
 
 def _write_run(folder: Path, frames: list[np.ndarray]) -> Path:
     for i, f in enumerate(frames):
-        outputs.write_mp4(folder / outputs.shot_name(i, ".mp4"), f, 8)
+        write_mp4(folder / shot_name(i, ".mp4"), f, 8)
     (folder / "manifest.json").write_text(json.dumps({"shots": [{"shot": i + 1} for i in range(len(frames))]}))
     return folder
 

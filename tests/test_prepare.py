@@ -7,16 +7,16 @@ import warnings
 
 import numpy as np
 import pytest
+from train_runs import random_videos
 
 from onestory_jax.config import load_config
 from onestory_jax.data import synthetic
 from onestory_jax.data.pipeline import make_dataset
 from onestory_jax.data.prepare import augment
-from onestory_jax.data.records import synthetic_videos, write_records
-from onestory_jax.data.video import detect_shots
+from onestory_jax.data.records import write_records
+from onestory_jax.data.video import detect_shots, write_mp4
 from onestory_jax.errors import UserError
 from onestory_jax.sampling.components import random_params
-from onestory_jax.sampling.outputs import write_mp4
 from onestory_jax.sharding import activate, make_mesh
 from onestory_jax.training.vae_stage import export_frozen_parts, train_vae
 
@@ -88,7 +88,7 @@ def test_videos_become_records_and_a_rerun_resumes(tmp_path, model_folder):
 
 def test_inserted_shot_never_comes_from_the_same_video(tmp_path):
     """Shot inflation's "shot from another video" (pseudo-label -1) is never the video itself."""
-    videos = synthetic_videos(2, 2, 2, (4, 4), 32, (4, 16))
+    videos = random_videos(2, 2, 2, (4, 4), 32, (4, 16))
     write_records(tmp_path / "two.arrayrecord", videos)
     cfg = load_config("configs/train/tiny.yaml", [f"train.data={tmp_path / 'two.arrayrecord'}", "train.insertion_prob=1",
                                                   "train.swap_order_prob=0"])
@@ -108,7 +108,7 @@ def test_inserted_shot_never_comes_from_the_same_video(tmp_path):
 def test_training_data_warns_when_selection_would_keep_the_whole_memory(tmp_path):
     """The demo's data (make demo-model: 9-frame shots at 64x64) gives memories of 2 shots x 3 latent frames
     at 8x8; the shipped demo conditioner keeps K = 10 >= 6 frames there, so selection never drops one."""
-    write_records(tmp_path / "demo.arrayrecord", synthetic_videos(1, 2, 3, (8, 8), 64, (4, 32)))
+    write_records(tmp_path / "demo.arrayrecord", random_videos(1, 2, 3, (8, 8), 64, (4, 32)))
     data = f"train.data={tmp_path / 'demo.arrayrecord'}"
     with pytest.warns(UserWarning, match="K=10 frames at 8x8 latents.*holds 6.*never drops a frame"):
         make_dataset(load_config("configs/train/demo.yaml", [data]), 1)

@@ -31,8 +31,9 @@ from tqdm import tqdm
 
 from onestory_jax.data.embedders import Embedder, combined, load_embedder
 from onestory_jax.data.records import write_records
-from onestory_jax.data.video import detect_shots, read_video, resize_frame, sample_frames
+from onestory_jax.data.video import detect_shots, read_video, resize_frame, sample_frames, to_uint8
 from onestory_jax.errors import UserError, run_cli
+from onestory_jax.io import save_json
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 Shots = list[np.ndarray]  # uint8 [T, H, W, 3] per shot
@@ -57,10 +58,6 @@ def augment(clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     gains = rng.uniform(0.9, 1.1, 3)
     mean = out.mean(axis=(1, 2, 3), keepdims=True)
     return np.clip((out - mean) * contrast + mean + brightness, -1, 1) * gains.clip(max=1.0)
-
-
-def to_uint8(clip: np.ndarray) -> np.ndarray:
-    return np.round((np.clip(clip, -1, 1) + 1) * 127.5).astype(np.uint8)
 
 
 def encode_video(video_id: str, shots: Shots, captions: list[str], comps: Any, embed: Embedder,
@@ -180,9 +177,7 @@ def prepare(args: argparse.Namespace) -> Path:
             done.append({"id": video_id, "file": str(path.relative_to(args.out))})
     manifest = {"model": str(args.model), "frames": args.frames, "size": [width, height], "embedders": list(names),
                 "videos": done}
-    tmp = args.out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(args.out / "manifest.json")
+    save_json(args.out / "manifest.json", manifest)
     return args.out
 
 

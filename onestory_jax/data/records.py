@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from onestory_jax.errors import UserError
+from onestory_jax.io import atomic_path
 
 RECORD_KEYS = ("latents", "text", "text_lengths", "frame_embeddings", "augmented_first", "image_tokens", "id")
 
@@ -47,41 +48,11 @@ def write_records(path: str | Path, videos: Iterable[dict[str, np.ndarray]]) -> 
     """Write videos to an ArrayRecord file atomically; returns how many were written."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    writer = ArrayRecordWriter(str(tmp), "group_size:1")
     n = 0
-    try:
+    with atomic_path(Path(path)) as tmp:
+        writer = ArrayRecordWriter(str(tmp), "group_size:1")
         for video in videos:
             writer.write(encode_record(video))
             n += 1
         writer.close()
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return n
-
-
-def synthetic_videos(n: int, shots: int, frames: int, hw: tuple[int, int], text_dim: int, image_tokens: tuple[int, int],
-                     seed: int = 0, embed_dim: int = 8) -> list[dict[str, np.ndarray]]:
-    """Random but structured videos for tests: each shot has a colour; embeddings follow it."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for v in range(n):
-        colours = rng.standard_normal((shots, 1, 1, 1, 16)).astype(np.float32)
-        latents = colours + 0.1 * rng.standard_normal((shots, frames, *hw, 16)).astype(np.float32)
-        lengths = rng.integers(3, 9, shots)
-        text = np.zeros((shots, int(lengths.max()), text_dim), np.float32)
-        for s, n_tok in enumerate(lengths):
-            text[s, :n_tok] = rng.standard_normal((n_tok, text_dim))
-        emb = np.repeat(colours[:, :, 0, 0, :embed_dim], frames, axis=1)  # [S, T, E]
-        out.append({
-            "latents": latents, "text": text, "text_lengths": lengths.astype(np.int32),
-            "frame_embeddings": emb + 0.05 * rng.standard_normal(emb.shape).astype(np.float32),
-            "augmented_first": latents[0, :, :, ::-1],  # a horizontal flip
-            "image_tokens": rng.standard_normal(image_tokens).astype(np.float32),
-            "id": np.bytes_(f"synthetic-{v:04d}"),
-        })
-    return out

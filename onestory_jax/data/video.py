@@ -1,5 +1,6 @@
-"""Video frames in and out of the model's format: reading, centre crop + resize, frame sampling,
-and a frame-difference shot detector for videos given without shot boundaries."""
+"""Video frames in and out of the model's format: reading and writing mp4, centre crop + resize to
+[-1, 1] and back to uint8, frame sampling, and a frame-difference shot detector for videos given
+without shot boundaries."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from onestory_jax.errors import UserError
+from onestory_jax.io import atomic_path
 
 
 def read_video(path: Path) -> np.ndarray:
@@ -24,6 +26,30 @@ def read_video(path: Path) -> np.ndarray:
     if not frames:
         raise UserError(f"video '{path}' has no frames")
     return np.stack(frames)
+
+
+def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
+    """Write uint8 frames [T, H, W, 3] as H.264 mp4 (yuv420p), atomically."""
+    try:
+        import av
+    except ImportError:
+        raise UserError("writing mp4 needs PyAV: pip install 'onestory-jax[video]'") from None
+    with atomic_path(path) as tmp:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.height, stream.width = frames.shape[1:3]
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": "18"}
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+
+
+def to_uint8(video: np.ndarray) -> np.ndarray:
+    """[-1, 1] float frames [..., 3] -> uint8, rounded to nearest (the inverse of `resize_frame`'s scaling)."""
+    return np.clip((np.asarray(video, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
 def resize_frame(frame: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -17,11 +17,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from onestory_jax.data.features import FeatureExtractor, load_features
 from onestory_jax.errors import UserError, run_cli
 from onestory_jax.eval import loading, metrics
 from onestory_jax.eval.evaluate import evaluate_story
-from onestory_jax.data.features import FeatureExtractor, load_features
-from onestory_jax.sampling.outputs import save_json
+from onestory_jax.io import save_json
 
 
 def _evaluate(frames: list, truth: Any, features: FeatureExtractor, masks: list | None = None) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from onestory_jax.data import synthetic
-from onestory_jax.eval import metrics, regions
 from onestory_jax.data.features import FeatureExtractor
+from onestory_jax.eval import metrics, regions
 
 INTRA_FRAMES = 32  # frames per shot (evenly spaced) for intra-shot consistency and segmentation
 PAIR_FRAMES = 8  # of those, frames per shot compared all-pairs across shots

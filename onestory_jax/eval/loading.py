@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from onestory_jax.data import synthetic
-from onestory_jax.errors import UserError
 from onestory_jax.data.video import read_video
-from onestory_jax.sampling import outputs
+from onestory_jax.errors import UserError
+from onestory_jax.io import shot_name
 
 
 def _folder(path: Path, what: str) -> Path:
@@ -34,7 +34,7 @@ def load_run(run: Path) -> list[np.ndarray]:
             n = len(json.loads(manifest.read_text())["shots"])
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"'{manifest}' is not a sample.py manifest ({type(e).__name__}: {e})") from None
-        paths = [run / outputs.shot_name(i, ".mp4") for i in range(n)]
+        paths = [run / shot_name(i, ".mp4") for i in range(n)]
         missing = [p.name for p in paths if not p.is_file()]
         if missing:
             raise UserError(f"run directory '{run}' lacks {', '.join(missing)} named by its manifest.json")

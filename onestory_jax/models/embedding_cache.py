@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from onestory_jax.io import save_npy
 
 
 def encoder_identity(cfg: Any, checkpoint: str | Path) -> str:
@@ -45,13 +45,5 @@ class EmbeddingCache:
             return None
 
     def put(self, prompt: str, value: np.ndarray) -> None:
-        """Store atomically: write a temp file in the same directory, then rename over the target."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, np.asarray(value))
-            os.replace(tmp, self.path(prompt))
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        """Store atomically (a temp file in the same directory, renamed over the target)."""
+        save_npy(self.path(prompt), value)

@@ -13,8 +13,6 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-STRATEGY_IDS = {"onestory": 0, "last_frame": 1, "uniform": 2, "recent": 3, "none": 4}
-
 
 @flax.struct.dataclass
 class MemoryBank:

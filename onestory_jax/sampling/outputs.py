@@ -1,77 +1,21 @@
-"""Story outputs, each written atomically (temp file in the same directory, then rename).
+"""Story outputs, each written atomically (`onestory_jax.io.atomic_path`).
 
-shot_NN.mp4, story.mp4, contact_sheet.png, shot_NN.npy (latents) and manifest.json.
+shot_NN.mp4, story.mp4, contact_sheet.png, shot_NN.npy (latents) and manifest.json. The file names,
+the atomic write and the video encoding live in lower modules (the evaluator reads them too).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from onestory_jax.errors import UserError
+from onestory_jax.data.video import to_uint8, write_mp4
+from onestory_jax.io import atomic_path, save_json, shot_name
+from onestory_jax.io import save_npy as save_latents
 
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def shot_name(i: int, suffix: str) -> str:
-    return f"shot_{i + 1:02d}{suffix}"
-
-
-def save_latents(path: Path, latents: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, latents)
-
-
-def save_json(path: Path, data: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-
-
-def to_uint8(video: np.ndarray) -> np.ndarray:
-    """[-1, 1] float frames [T, H, W, 3] -> uint8."""
-    return np.clip((np.asarray(video, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-
-
-def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
-    """Write uint8 frames [T, H, W, 3] as H.264 mp4 (yuv420p)."""
-    try:
-        import av
-    except ImportError:
-        raise UserError("writing mp4 needs PyAV: pip install 'onestory-jax[video]'") from None
-    with atomic_path(path) as tmp:
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=fps)
-            stream.height, stream.width = frames.shape[1:3]
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": "18"}
-            for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
+__all__ = ["atomic_path", "contact_sheet", "save_json", "save_latents", "shot_name", "to_uint8", "write_mp4"]
 
 
 def contact_sheet(path: Path, shots: Sequence[np.ndarray], per_shot: int = 5, max_width: int = 2000) -> None:

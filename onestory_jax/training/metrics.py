@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import os
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -14,6 +13,7 @@ import jax
 from tqdm import tqdm
 
 from onestory_jax.config import Config, DiTConfig, MemoryConfig
+from onestory_jax.io import atomic_path
 from onestory_jax.models.memory import frames_per_patchifier, tokens_per_frame
 from onestory_jax.training.optim import learning_rate_schedule
 
@@ -95,10 +95,8 @@ class CsvLog:
             self.path.replace(self.path.with_name(self.path.name + ".old"))
             return
         kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with tmp.open("w", newline="") as f:
+        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as f:
             csv.writer(f).writerows(kept)
-        tmp.replace(self.path)
         self.header = rows[0]
 
     def write(self, row: Mapping[str, Any]) -> None:
