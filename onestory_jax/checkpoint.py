@@ -28,7 +28,6 @@ from jax.sharding import Mesh
 
 from onestory_jax.config import Config, from_dict, to_dict
 from onestory_jax.errors import UserError
-from onestory_jax.models.dit import init_fn as dit_init_fn
 from onestory_jax.sharding import abstract_params
 
 PARAMS, CONFIG = "params", "config.yaml"
@@ -181,12 +180,12 @@ def _finite_per_leaf(leaves: list[jax.Array]) -> jax.Array:
     return jnp.stack([jnp.isfinite(x).all() for x in leaves])
 
 
-def load_params(ckpt_dir: str | Path, mesh: Mesh, cfg: Config, boxed_init: Callable[..., Any] | None = None) -> Any:
+def load_params(ckpt_dir: str | Path, mesh: Mesh, cfg: Config, boxed_init: Callable[..., Any]) -> Any:
     """Restore a checkpoint's params sharded on `mesh` (any mesh).
 
-    `boxed_init` (rng -> boxed params) defines the tree and shardings; default: the DiT of `cfg`.
+    `boxed_init` (rng -> boxed params, e.g. `models.dit.init_fn(cfg.dit)`) defines the tree and its
+    shardings: checkpoint I/O knows no model. `cfg` is not read; it stays until the callers drop it.
     """
-    boxed_init = boxed_init or dit_init_fn(cfg.dit)
     return restore_params(ckpt_dir, abstract_params(boxed_init, mesh, jax.random.key(0)))
 
 

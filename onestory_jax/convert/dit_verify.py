@@ -19,7 +19,7 @@ from onestory_jax.config import Config, DiTConfig
 from onestory_jax.convert.dit import is_ignored, original_to_diffusers
 from onestory_jax.convert.dit_source import DiTSource, diffusers_config
 from onestory_jax.errors import UserError
-from onestory_jax.models.dit import WanDiT
+from onestory_jax.models.dit import WanDiT, init_fn
 from onestory_jax.sharding import activate, batch_sharding, make_mesh
 
 # Max |ours - reference| relative to the reference output's std, by stored dtype.
@@ -88,7 +88,7 @@ def run_checkpoint(ckpt_dir: str | Path, cfg: Config, inputs: dict[str, np.ndarr
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = {k: None if v is None else np.repeat(v, n, axis=0) for k, v in inputs.items()}
     batch["t"] = np.full((n,), TIMESTEP, np.float32)
-    params = load_params(ckpt_dir, mesh, cfg)
+    params = load_params(ckpt_dir, mesh, cfg, init_fn(dit))
     with activate(mesh), jax.default_matmul_precision("highest"):  # fp32 means fp32 on GPUs too (no TF32)
         batch = {k: None if v is None else jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
         out = jax.jit(WanDiT(dit).apply)({"params": params}, **batch)
