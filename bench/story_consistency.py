@@ -19,11 +19,9 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from onestory_jax.data import synthetic  # noqa: E402
-from onestory_jax.eval import evaluate_story, load_features, summary  # noqa: E402
-from onestory_jax.eval.loading import load_run  # noqa: E402
+from onestory_jax.data import synthetic
+from onestory_jax.eval import evaluate_story, load_features, summary
+from onestory_jax.eval.loading import load_run
 
 HELD_OUT_SEED = 1_000_000
 # name -> (memory settings of the story, model overrides, what it stands for)
