@@ -51,6 +51,11 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("act_head_dim", None),
 )
 
+# Activation layouts the transformer models constrain with (logical names from the table above).
+TOKENS = ("act_batch", "act_length", "act_embed")
+HEADS = ("act_batch", "act_length", "act_heads", "act_head_dim")
+KV_HEADS = ("act_batch", "act_kv_length", "act_heads", "act_head_dim")
+
 # Parameters larger than this must not be replicated when fsdp > 1.
 REPLICATION_LIMIT_BYTES = 1 << 20
 

@@ -23,11 +23,9 @@ import numpy as np
 from onestory_jax.config import ImageEncoderConfig
 from onestory_jax.errors import UserError
 from onestory_jax.models.layers import DTYPES, Dense, LayerNorm, attention, constrain, partitioned
+from onestory_jax.sharding import HEADS, KV_HEADS, TOKENS
 
 Array = jax.Array
-TOKENS = ("act_batch", "act_length", "act_embed")
-HEADS = ("act_batch", "act_length", "act_heads", "act_head_dim")
-KV_HEADS = ("act_batch", "act_kv_length", "act_heads", "act_head_dim")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -25,11 +25,9 @@ from onestory_jax.config import TextEncoderConfig
 from onestory_jax.errors import UserError
 from onestory_jax.models.embedding_cache import EmbeddingCache
 from onestory_jax.models.layers import DTYPES, Dense, RMSNorm, attention, constrain, partitioned
+from onestory_jax.sharding import HEADS, KV_HEADS, TOKENS
 
 Array = jax.Array
-TOKENS = ("act_batch", "act_length", "act_embed")
-HEADS = ("act_batch", "act_length", "act_heads", "act_head_dim")
-KV_HEADS = ("act_batch", "act_kv_length", "act_heads", "act_head_dim")
 
 TOKENIZER_FILES = "tokenizer.json, tokenizer_config.json, special_tokens_map.json, spiece.model"
 
