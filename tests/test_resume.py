@@ -70,7 +70,7 @@ def test_redo_and_damaged_or_partial_shots_are_regenerated(tmp_path):
     assert reasons[0] == "not generated yet"
 
 
-STORY = {"settings": {"width": 32, "height": 48, "frames": 5, "steps": 150, "seed": 3},
+STORY = {"settings": {"width": 32, "height": 48, "frames": 5, "steps": 100, "seed": 3},
          "shots": [{"caption": f"Shot {i}: a red square."} for i in range(1, 4)]}
 
 

@@ -34,11 +34,9 @@ from onestory_jax.models.layers import (
     ulysses_attention,
 )
 from onestory_jax.models.sequence_parallel import sequence_shards
+from onestory_jax.sharding import HEADS, KV_HEADS, TOKENS
 
 Array = jax.Array
-TOKENS = ("act_batch", "act_length", "act_embed")
-HEADS = ("act_batch", "act_length", "act_heads", "act_head_dim")
-KV_HEADS = ("act_batch", "act_kv_length", "act_heads", "act_head_dim")
 ATTN_OUT = ("act_batch", "act_length", "act_heads")  # before the output projection
 
 
