@@ -208,9 +208,11 @@ def aot_config(devices: int, sequence: int, tensor: int, remat: str, attention: 
     """The 14B pod preset on `devices` devices: fsdp fills what sequence x tensor leave; one sample per
     batch shard (data x fsdp). attention `library`: the preset's; `chunked`: the library's chunked path."""
     chunked = ["dit.attention=chunked"] if attention == "chunked" else []
+    # The recorded table was compiled with GSPMD sequence sharding; Ulysses needs heads (40) divisible
+    # by the sequence axis, which 16 is not.
     return load_config(PRESET_14B, [f"mesh.sequence={sequence}", f"mesh.tensor={tensor}", "mesh.fsdp=-1",
                                     f"dit.remat_policy={remat}", f"train.batch_size={devices // (sequence * tensor)}",
-                                    *chunked])
+                                    "dit.sequence_parallel=gspmd", *chunked])
 
 
 def compile_case(devices: int, sequence: int, tensor: int, remat: str, attention: str) -> dict:
