@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from onestory_jax.sampling.components import load_for_sampling  # heavy imports after arg parsing
     from onestory_jax.config import to_dict
     from onestory_jax.sampling.pipeline import render_story
+    from onestory_jax.sampling.feasibility import check_story_fits
     from onestory_jax.sampling.resume import model_identity
     from onestory_jax.sampling.story import load_story
     from onestory_jax.sharding import activate
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
         load_image(story.start_image)
     with folder_lock(args.out, "--out"):  # one run per --out; also checks it is a writable folder
-        cfg, params, comps, mesh = load_for_sampling(args.checkpoint, args.config, args.overrides, args.seed, args.tokenizer)
+        cfg, params, comps, mesh = load_for_sampling(args.checkpoint, args.config, args.overrides, args.seed, args.tokenizer,
+                                                     check=lambda cfg: check_story_fits(story, cfg))
         model_id = model_identity(args.checkpoint, to_dict(cfg), args.seed)
         with activate(mesh):
             manifest = render_story(cfg, params, comps, story, args.out, progress=not args.no_progress, mesh=mesh,

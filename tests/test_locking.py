@@ -1,5 +1,6 @@
 """One run per output folder: sample.py --out and train.py --workdir are locked; a stale lock from
-a dead process is taken over; an --out that cannot be written fails before any model is built."""
+a dead process is taken over; an --out that cannot be written, or a story that cannot fit, fails
+before any model is built."""
 
 import importlib.util
 import json
@@ -82,3 +83,16 @@ def test_cli_refuses_a_locked_or_unwritable_folder_before_any_model(tmp_path, ca
                               f"train.data={tmp_path}"], capsys)
     assert code == 2 and f"--workdir '{busy}' is in use" in err and err.count("\n") == 1, err
     assert [p.name for p in busy.iterdir()] == [LOCK_NAME]  # nothing written, the holder's lock kept
+
+
+def test_cli_refuses_a_story_that_cannot_fit_before_any_model(tmp_path, capsys, monkeypatch):
+    from onestory_jax.sampling import components
+
+    def no_model(*args):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(components, "random_params", no_model)
+    (tmp_path / "s.yaml").write_text(STORY.replace("width: 32, height: 32", "width: 1048576, height: 1048576"))
+    code, err = cli("sample", ["--config", "tiny", "--story", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "a 1048576x1048576 story of 2 shots of 5 frames needs at least" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()

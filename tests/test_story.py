@@ -35,6 +35,11 @@ def test_valid_story_and_defaults(tmp_path):
     ({"settings": {"guidance": float("inf")}}, r"settings\.guidance: must be a finite number"),
     ({"settings": {"shift": float("nan")}}, r"settings\.shift: must be a finite number"),
     ({"settings": {"shift": -1}}, r"settings\.shift: must be > 0"),
+    ({"settings": {"steps": 10**9}}, r"settings\.steps: 1000000000 is not in 1\.\.1000"),
+    ({"settings": {"seed": -5}}, r"settings\.seed: -5 is not in 0\.\.4294967295"),
+    ({"settings": {"seed": 2**32}}, r"settings\.seed: 4294967296 is not in"),  # jax would make it seed 0
+    ({"shots": [{"caption": "a", "seed": -2**70}]}, r"shots\[1\]\.seed: -1180591620717411303424 is not in"),
+    ({"settings": {"seed": 2**32 - 1}, "shots": ["a", "b"]}, r"shots\[2\] seed \(settings\.seed \+ 1\): 4294967296 is not in"),
 ])
 def test_schema_errors_name_the_field(patch, message):
     with pytest.raises(UserError, match=message):
@@ -58,3 +63,25 @@ def test_unreadable_story_file(tmp_path):
         load_story(p)
     with pytest.raises(UserError, match="does not exist"):
         load_story(tmp_path / "nope.yaml")
+
+
+def test_sizes_must_suit_the_model_and_fit_in_memory():
+    """Values that pass the story schema but not this model or machine are refused before any weights
+    load: sizes off the VAE x patch grid, an I2V story below CLIP's minimum, a story that cannot fit."""
+    from onestory_jax.config import load_config
+    from onestory_jax.sampling.feasibility import GIB, check_story_fits, estimate_bytes
+
+    tiny = load_config("tiny")
+    sized = lambda w, h, frames=5: parse_story({"settings": {"width": w, "height": h, "frames": frames}, "shots": ["a", "b"]})
+    check_story_fits(sized(32, 48), tiny, available=GIB)
+    coarse = load_config("tiny", ["vae.dim_mult=[1,1,1,1,1]", "vae.temperal_downsample=[false,true,true,false]"])
+    with pytest.raises(UserError, match=r"settings\.width: 48 is not a multiple of 32 \(this model's VAE factor 16 x patch 2\)"):
+        check_story_fits(sized(48, 64), coarse, available=GIB)
+    with pytest.raises(UserError, match=r"settings\.height: 16 is below 32 px: this I2V model encodes shot 1's first frame"):
+        check_story_fits(sized(32, 16), tiny, available=GIB)
+    huge = sized(100_000, 100_000)  # the probe's 100000 px story: an 18.6 GiB allocation error after the model loaded
+    assert estimate_bytes(huge, tiny)["latents"] == 2 * 2 * 12500**2 * (2 * 16 + 20) * 4
+    with pytest.raises(UserError, match=r"a 100000x100000 story of 2 shots of 5 frames needs at least \d+\.\d GiB "
+                                        r"\(latents 121\.1, .*weights not counted\) but the devices have 64\.0 GiB in all") as e:
+        check_story_fits(huge, tiny, available=64 * GIB)
+    assert "\n" not in str(e.value)

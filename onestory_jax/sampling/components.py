@@ -189,9 +189,11 @@ def build_components(cfg: Config, params: dict[str, Any], tokenizer_dir: Path, c
 
 
 def load_for_sampling(
-    ckpt: Path | None, config_name: str | None, overrides: list[str], seed: int, tokenizer: Path | None = None
+    ckpt: Path | None, config_name: str | None, overrides: list[str], seed: int, tokenizer: Path | None = None,
+    check: Callable[[Config], None] | None = None,
 ) -> tuple[Config, dict[str, Any], Components, jax.sharding.Mesh]:
-    """(config, params on the mesh, components, mesh) from a checkpoint or a preset."""
+    """(config, params on the mesh, components, mesh) from a checkpoint or a preset; `check` sees the
+    config before any weights are built or read."""
     if ckpt is not None:
         if not Path(ckpt).is_dir():
             raise UserError(f"checkpoint directory '{ckpt}' does not exist")
@@ -204,6 +206,8 @@ def load_for_sampling(
         cfg = _with_overrides(base, overrides)
     else:
         cfg = load_config(config_name, overrides)
+    if check is not None:
+        check(cfg)
     mesh = make_mesh(cfg.mesh)
     with activate(mesh):
         if ckpt is not None and folder:

@@ -18,6 +18,8 @@ from onestory_jax.errors import UserError
 
 STRATEGIES = ("onestory", "last_frame", "uniform", "recent", "none")
 SOLVERS = ("unipc", "euler")
+SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1: jax.random.key keeps 32 bits, so 2**32 would repeat seed 0
+MAX_STEPS = 1000  # the flow-matching grid has 1000 training timesteps; more steps repeat timesteps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +88,11 @@ def _typed(where: str, value: Any, types: tuple[type, ...]) -> Any:
     return float(value) if types is _FLOAT else value
 
 
+def _check_seed(where: str, seed: int) -> None:
+    if not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"{where}: {seed} is not in 0..{SEED_LIMIT - 1}")
+
+
 def _settings(src: str, data: Any) -> Settings:
     data = _check_keys(f"{src}: settings", data or {}, set(_SETTING_TYPES))
     kw = {k: _typed(f"{src}: settings.{k}", v, _SETTING_TYPES[k]) for k, v in data.items()}
@@ -96,8 +103,9 @@ def _settings(src: str, data: Any) -> Settings:
             raise UserError(f"{src}: settings.{name}: {v} is not a positive multiple of 16")
     if s.frames < 1 or (s.frames - 1) % 4:
         raise UserError(f"{src}: settings.frames: {s.frames} is not 4k+1 (valid: 1, 5, 9, ..., 77, 81, ...)")
-    if s.steps < 1:
-        raise UserError(f"{src}: settings.steps: must be >= 1")
+    if not 1 <= s.steps <= MAX_STEPS:
+        raise UserError(f"{src}: settings.steps: {s.steps} is not in 1..{MAX_STEPS}")
+    _check_seed(f"{src}: settings.seed", s.seed)
     if s.shift <= 0:
         raise UserError(f"{src}: settings.shift: must be > 0")
     if s.solver not in SOLVERS:
@@ -133,7 +141,7 @@ def _shot(src: str, i: int, data: Any) -> Shot:
         raise UserError(f"{where}.caption: must be a non-empty string")
     seed = data.get("seed")
     if seed is not None:
-        _typed(f"{where}.seed", seed, _INT)
+        _check_seed(f"{where}.seed", _typed(f"{where}.seed", seed, _INT))
     return Shot(caption=caption.strip(), seed=seed)
 
 
@@ -163,6 +171,8 @@ def parse_story(data: Any, src: str = "story", base: Path = Path(".")) -> Story:
     )
     if story.start_image and story.start_video:
         raise UserError(f"{src}: give start_image or start_video, not both")
+    for i in range(len(story.shots)):  # a shot without its own seed takes settings.seed + i
+        _check_seed(f"{src}: shots[{i + 1}] seed (settings.seed + {i})", story.shot_seed(i))
     return story
 
 

@@ -1,0 +1,90 @@
+"""Whether a story fits the model and the machine: checked by sample.py before any weights load.
+
+Sizes: width and height must be multiples of the VAE's spatial factor times the DiT's patch (16 for
+Wan2.1), and an I2V model encodes shot 1's first frame with CLIP for the later shots, so its short
+side needs `MIN_IMAGE_SIDE` pixels.
+
+Memory: `estimate_bytes` is a lower bound of what one story needs at once (weights not counted):
+  latents     every shot's noise, finished latents and (I2V) condition: S x T x h x w x (2C + 4 + C) fp32
+  activations one DiT forward of the CFG pair: 2 x N x (dim + ffn_dim) in the compute dtype, for
+              N = T x (h / patch) x (w / patch) tokens of one shot (memory tokens not counted)
+  attention   the CFG pair's logits for all heads: N x N (attention=xla), 256 x N (chunked, auto), 0 (flash)
+  vae decode  the decoder's full-resolution stage on one 4-frame chunk: 2 x 4 x H x W x base_dim fp32
+A story whose bound exceeds the memory of all devices together cannot fit whatever the mesh: it is
+refused with the estimate.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from onestory_jax.config import Config
+from onestory_jax.errors import UserError
+from onestory_jax.models.image_encoder import MIN_IMAGE_SIDE
+from onestory_jax.sampling.story import Story
+
+CHUNK = 256  # query block of chunked attention (models/layers.py)
+GIB = 2**30
+
+
+def check_story_fits(story: Story, cfg: Config, available: int | None = None) -> None:
+    """Raise a `UserError` if the story's sizes do not suit the model, or cannot fit in memory
+    (`available` bytes; default: all devices together)."""
+    check_sizes(story, cfg)
+    check_memory(story, cfg, device_memory() if available is None else available)
+
+
+def check_sizes(story: Story, cfg: Config) -> None:
+    """Width and height divisible into whole patches; the CLIP minimum for an I2V model."""
+    s = story.settings
+    step = cfg.vae.spatial_factor * max(cfg.dit.patch_size[1:])
+    for name in ("width", "height"):
+        value = getattr(s, name)
+        if value % step:
+            raise UserError(f"settings.{name}: {value} is not a multiple of {step} (this model's VAE factor "
+                            f"{cfg.vae.spatial_factor} x patch {max(cfg.dit.patch_size[1:])})")
+        if cfg.dit.has_image_branch and value < MIN_IMAGE_SIDE:
+            raise UserError(f"settings.{name}: {value} is below {MIN_IMAGE_SIDE} px: this I2V model encodes shot 1's "
+                            "first frame with CLIP for the later shots")
+
+
+def estimate_bytes(story: Story, cfg: Config) -> dict[str, int]:
+    """The lower bound of the module docstring, per part."""
+    s, d = story.settings, cfg.dit
+    t, h, w = story.latent_frames, s.height // cfg.vae.spatial_factor, s.width // cfg.vae.spatial_factor
+    z = cfg.vae.z_dim
+    channels = 2 * z + (4 + z if d.has_image_branch else 0)
+    tokens = t * (h // d.patch_size[1]) * (w // d.patch_size[2])
+    compute = 2 if d.dtype == "bfloat16" else 4
+    queries = {"xla": tokens, "chunked": min(CHUNK, tokens), "auto": min(CHUNK, tokens)}.get(d.attention, 0)
+    return {
+        "latents": len(story.shots) * t * h * w * channels * 4,
+        "activations": 2 * tokens * (d.dim + d.ffn_dim) * compute,
+        "attention": 2 * d.num_heads * queries * tokens * 4,
+        "vae decode": 2 * 4 * s.height * s.width * cfg.vae.base_dim * 4,
+    }
+
+
+def check_memory(story: Story, cfg: Config, available: int) -> None:
+    """Refuse a story whose lower-bound estimate exceeds `available` bytes, naming the parts."""
+    parts = estimate_bytes(story, cfg)
+    need = sum(parts.values())
+    if need > available:
+        s = story.settings
+        shown = ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts.items())
+        raise UserError(f"a {s.width}x{s.height} story of {len(story.shots)} shots of {s.frames} frames needs at least "
+                        f"{need / GIB:.1f} GiB ({shown}; weights not counted) but the devices have {available / GIB:.1f} "
+                        "GiB in all: lower the width, height or frames")
+
+
+def device_memory() -> int:
+    """Bytes of memory of all devices together (host RAM for CPU devices)."""
+    total = 0
+    for device in jax.devices():
+        stats = device.memory_stats() or {}
+        if "bytes_limit" not in stats:  # CPU: the devices share the host's memory
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total += stats["bytes_limit"]
+    return total
