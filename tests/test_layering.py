@@ -117,3 +117,13 @@ def test_benchmarks_import_the_library_not_the_tests():
     hacks = [f"{f.name}:{i}" for f in sorted((ROOT / "bench").glob("*.py"))
              for i, line in enumerate(f.read_text().splitlines(), 1) if "sys.path.insert" in line or "torch_refs" in line]
     assert not hacks, hacks
+
+
+def test_one_onestory_forward():
+    """Only models/onestory.py assembles the model (select, condition, DiT): loss and sampler call it."""
+    modules = {"WanDiT", "OneStoryMemory"}
+    found = [f"{file.relative_to(ROOT)}:{node.lineno} {node.id}"
+             for package in ("onestory_jax.training", "onestory_jax.sampling", "onestory_jax.eval")
+             for file in _files(package) for node in ast.walk(ast.parse(file.read_text()))
+             if isinstance(node, ast.Name) and node.id in modules]
+    assert not found, found

@@ -1,4 +1,13 @@
-"""The OneStory model's parameter tree: {"dit": Wan DiT, "memory": selector + conditioner}."""
+"""The OneStory model: its parameter tree {"dit": Wan DiT, "memory": selector + conditioner}, and
+its one forward pass, shared by the training loss and the sampler:
+
+    scores = memory_scores(...)        # Frame Selection reads the caption, then the memory
+    context = memory_context(...)      # top-K by a ranking (the scores, or a baseline's), patchified
+    v = velocity(..., context)         # the DiT on [noise tokens; context tokens]
+
+Training ranks by the scores (or, in the decoupled warm-up, randomly); sampling by the scores
+or a baseline strategy's. Everything else is the same code.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +18,21 @@ import jax
 import jax.numpy as jnp
 
 from onestory_jax.config import Config
+from onestory_jax.models.dit import ContextTokens, WanDiT
 from onestory_jax.models.dit import init_fn as dit_init_fn
-from onestory_jax.models.memory import OneStoryMemory, conditioner_from_patch_embedding
+from onestory_jax.models.memory import OneStoryMemory, conditioner_from_patch_embedding, num_selected, select_top_k
 
 Array = jax.Array
 
 
+def memory_module(cfg: Config) -> OneStoryMemory:
+    """The selector + conditioner module of this config (holds no params)."""
+    return OneStoryMemory(cfg.memory, cfg.dit.dim, cfg.dit.head_dim, cfg.dit.rope_theta)
+
+
 def memory_init_fn(cfg: Config):
     """rng -> boxed params of the memory modules (random; see `memory_params_from_dit`)."""
-    module = OneStoryMemory(cfg.memory, cfg.dit.dim, cfg.dit.head_dim, cfg.dit.rope_theta)
+    module = memory_module(cfg)
     c = cfg.memory.latent_channels
     caption = jnp.zeros((1, 4, cfg.dit.text_dim))
     memory = jnp.zeros((1, 2, 16, 16, c))  # shapes of params do not depend on the memory size
@@ -51,3 +66,53 @@ def init_params(cfg: Config, rng: Array) -> dict[str, Any]:
     r_dit, r_mem = jax.random.split(rng)
     dit = nn.meta.unbox(jax.jit(dit_init_fn(cfg.dit))(r_dit))
     return {"dit": dit, "memory": memory_params_from_dit(cfg, dit, r_mem)}
+
+
+def memory_scores(params: dict[str, Any], cfg: Config, caption: Array, memory: Array, valid: Array) -> Array:
+    """Frame Selection: caption [B, Lt, text_dim], memory [B, F, h, w, C], valid [B, F] -> scores [B, F]."""
+    return memory_module(cfg).apply({"params": params["memory"]}, caption, memory, valid, method="score")
+
+
+def memory_context(
+    params: dict[str, Any],
+    cfg: Config,
+    memory: Array,
+    ranking: Array,
+    candidates: Array,
+    k: int | None = None,
+    keep: Array | None = None,
+) -> tuple[ContextTokens, Array, Array, Array]:
+    """Top frames of memory [B, F, h, w, C] by ranking [B, F] among candidates [B, F], patchified
+    by the Adaptive Conditioner (best = finest).
+
+    k: use at most k frames (default: the conditioner's capacity); keep [B, 1]: samples whose
+    context survives (context dropout). Returns (context, indices [B, K], their ranking [B, K],
+    selected [B, K]: slot really used; the used slots are a prefix).
+    """
+    capacity = num_selected(cfg.memory, memory.shape[2:4])
+    indices, top, selected = select_top_k(ranking, candidates, capacity)
+    if k is not None:
+        selected = selected & (jnp.arange(capacity) < k)
+    if keep is not None:
+        selected = selected & keep
+    context = memory_module(cfg).apply({"params": params["memory"]}, memory, indices, selected, method="condition")
+    return context, indices, top, selected
+
+
+def velocity(
+    params: dict[str, Any],
+    cfg: Config,
+    x_t: Array,
+    timestep: Array,
+    text: Array,
+    image: Array | None,
+    cond: Array | None,
+    context: ContextTokens | None,
+) -> Array:
+    """The DiT's velocity for noisy latents x_t [B, T, h, w, C] at model timesteps [B].
+
+    text [B, Lt, text_dim]; image [B, Li, image_dim] CLIP tokens and cond [B, T, h, w, 4 + C] the
+    I2V mask + image latents (None for T2V); context: memory tokens appended to the sequence.
+    """
+    x_in = x_t if cond is None else jnp.concatenate([x_t, cond], axis=-1)
+    return WanDiT(cfg.dit).apply({"params": params["dit"]}, x_in, timestep, text, image, context=context)

@@ -24,8 +24,9 @@ from onestory_jax.diffusion.guidance import guided_velocity_fn
 from onestory_jax.diffusion.loop import sample as denoise
 from onestory_jax.diffusion.schedule import make_schedule
 from onestory_jax.models import image_encoder, vae
-from onestory_jax.models.dit import ContextTokens, WanDiT
-from onestory_jax.models.memory import OneStoryMemory, num_selected, select_top_k
+from onestory_jax.models.dit import ContextTokens
+from onestory_jax.models.memory import num_selected
+from onestory_jax.models.onestory import memory_context, memory_scores, velocity
 from onestory_jax.sampling.memory_bank import MemoryBank, baseline_candidates, empty_bank, write_shot
 
 Array = jax.Array
@@ -69,8 +70,8 @@ class GenerationSpec:
 
 
 def context_for_shot(
-    memory_module: OneStoryMemory,
-    memory_params: Any,
+    params: dict,
+    cfg: Config,
     bank: MemoryBank,
     caption: Array,
     spec: GenerationSpec,
@@ -78,15 +79,11 @@ def context_for_shot(
     """Choose memory frames for the next shot and patchify them: (context, indices, scores, selected)."""
     latents, valid = bank.latents[None], bank.valid[None]
     if spec.strategy == "onestory":
-        scores = memory_module.apply({"params": memory_params}, caption[None], latents, valid, method="score")
-        candidates = valid
+        scores, candidates = memory_scores(params, cfg, caption[None], latents, valid), valid
     else:
         s, c = baseline_candidates(spec.strategy, bank.valid, spec.k)
         scores, candidates = s[None], c[None]
-    capacity = num_selected(memory_module.cfg, bank.latents.shape[1:3])
-    indices, top, selected = select_top_k(scores, candidates, capacity)
-    selected = selected & (jnp.arange(capacity) < spec.k)
-    context = memory_module.apply({"params": memory_params}, latents, indices, selected, method="condition")
+    context, indices, top, selected = memory_context(params, cfg, latents, scores, candidates, k=spec.k)
     return context, indices[0], top[0], selected[0]
 
 
@@ -106,10 +103,8 @@ def next_shot(
     image_tokens [Li, image_dim]: the CLIP tokens conditioning this shot (I2V), else None.
     pair_sharding: where the [cond; uncond] CFG pair lives, e.g. split over the `data` mesh axis.
     """
-    dit = WanDiT(cfg.dit)
-    memory_module = OneStoryMemory(cfg.memory, cfg.dit.dim, cfg.dit.head_dim, cfg.dit.rope_theta)
     caption = inputs.text[shot]
-    context, indices, scores, selected = context_for_shot(memory_module, params["memory"], bank, caption, spec)
+    context, indices, scores, selected = context_for_shot(params, cfg, bank, caption, spec)
 
     image = None if image_tokens is None else image_tokens[None]
     cond = None
@@ -118,18 +113,17 @@ def next_shot(
 
     def dit_fn(x: Array, t: Array, conditioning: tuple[Array, ContextTokens, Any, Any]) -> Array:
         text, ctx, img, y = conditioning  # batch 2B: [cond; uncond]
-        xin = x if y is None else jnp.concatenate([x, y], axis=-1)
-        return dit.apply({"params": params["dit"]}, xin, jnp.full(x.shape[:1], t), text, img, context=ctx)
+        return velocity(params, cfg, x, jnp.full(x.shape[:1], t), text, img, y, ctx)
 
     # Context tokens, image tokens and I2V channels are shared by both branches; only text differs.
-    velocity = guided_velocity_fn(
+    guided = guided_velocity_fn(
         dit_fn, (caption[None], context, image, cond), (inputs.negative[None], context, image, cond), spec.guidance,
         pair_sharding,
     )
 
     def generate() -> Array:
         x_t = inputs.noise[shot][None]
-        return denoise(velocity, x_t, np.asarray(spec.sigmas), spec.solver, np.asarray(spec.timesteps), on_step=on_step)[0]
+        return denoise(guided, x_t, np.asarray(spec.sigmas), spec.solver, np.asarray(spec.timesteps), on_step=on_step)[0]
 
     skip = lambda: jnp.where(inputs.done[shot], inputs.done_latents[shot], 0.0)
     latents = jax.lax.cond(inputs.active[shot] & ~inputs.done[shot], generate, skip)

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 from onestory_jax.config import Config
 from onestory_jax.diffusion.guidance import null_text
 from onestory_jax.diffusion.schedule import add_noise, sample_training_sigmas, velocity_target
-from onestory_jax.models.dit import ContextTokens, WanDiT
-from onestory_jax.models.memory import OneStoryMemory, num_selected, select_top_k
+from onestory_jax.models.dit import ContextTokens
+from onestory_jax.models.onestory import memory_context, memory_scores, velocity
 
 Array = jax.Array
 
@@ -29,32 +29,18 @@ def selection_loss(scores: Array, labels: Array, valid: Array) -> Array:
     return err.sum() / jnp.maximum(valid.sum(), 1)
 
 
-def conditioning_frames(scores: Array, batch: Batch, k: int, warm: Array, rng: Array) -> tuple[Array, Array]:
-    """Top-k frames by the selector, or (during the decoupled warm-up) k random frames of the
-    real prior shot. Returns (indices [B, k], selected [B, k])."""
-    random_scores = jax.random.uniform(rng, scores.shape)
-    ranking = jnp.where(warm, random_scores, scores)
-    candidates = jnp.where(warm, batch["real_prior"] & batch["memory_valid"], batch["memory_valid"])
-    indices, _, selected = select_top_k(ranking, candidates, k)
-    return indices, selected
-
-
-def _memory(cfg: Config) -> OneStoryMemory:
-    return OneStoryMemory(cfg.memory, cfg.dit.dim, cfg.dit.head_dim, cfg.dit.rope_theta)
-
-
 def select_and_condition(params: dict, batch: Batch, warm: Array, rng: Array, keep: Array,
                          cfg: Config) -> tuple[Array, ContextTokens]:
     """Score the memory, pick the conditioning frames, patchify them: -> (L_sel, context tokens).
 
-    keep [B, 1]: samples whose context survives context dropout.
+    The frames are the selector's top K, or, during the decoupled warm-up (`warm`), K random frames
+    of the real prior shot. keep [B, 1]: samples whose context survives context dropout.
     """
-    memory = _memory(cfg)
-    scores = memory.apply({"params": params["memory"]}, batch["text"], batch["memory"], batch["memory_valid"], method="score")
+    scores = memory_scores(params, cfg, batch["text"], batch["memory"], batch["memory_valid"])
     l_sel = selection_loss(scores, batch["labels"], batch["memory_valid"])
-    k = num_selected(cfg.memory, batch["memory"].shape[2:4])
-    indices, selected = conditioning_frames(scores, batch, k, warm, rng)
-    context = memory.apply({"params": params["memory"]}, batch["memory"], indices, selected & keep, method="condition")
+    ranking = jnp.where(warm, jax.random.uniform(rng, scores.shape), scores)
+    candidates = jnp.where(warm, batch["real_prior"] & batch["memory_valid"], batch["memory_valid"])
+    context, *_ = memory_context(params, cfg, batch["memory"], ranking, candidates, keep=keep)
     return l_sel, context
 
 
@@ -62,9 +48,7 @@ def shot_loss(params: dict, batch: Batch, context: ContextTokens, text: Array, s
               cfg: Config) -> Array:
     """Rectified-flow MSE on the target shot's noise tokens at per-sample sigmas [B]."""
     x0 = batch["target"]
-    x_t = add_noise(x0, noise, sigma)
-    x_in = x_t if "cond" not in batch else jnp.concatenate([x_t, batch["cond"]], axis=-1)
-    v = WanDiT(cfg.dit).apply({"params": params["dit"]}, x_in, sigma * 1000.0, text, batch.get("image"), context=context)
+    v = velocity(params, cfg, add_noise(x0, noise, sigma), sigma * 1000.0, text, batch.get("image"), batch.get("cond"), context)
     return jnp.mean((v.astype(jnp.float32) - velocity_target(x0, noise)) ** 2)
 
 
