@@ -2,6 +2,9 @@
 
 Every file the project writes goes through `atomic_path`: a temp file in the target's directory,
 renamed onto the target only when writing succeeded, so a reader never sees a half-written file.
+A full disk, a read-only or unwritable folder, or a path under a file is one `UserError` naming the
+file, and the temp file is gone. `require_writable` checks a folder before any work (CLIs call it
+before building a model); `require_free_space` checks that a large write (a checkpoint) can fit.
 A run folder (sample.py's output, read back by the evaluator) names shot i's files `shot_NN.*`
 (1-based).
 """
@@ -9,8 +12,10 @@ A run folder (sample.py's output, read back by the evaluator) names shot i's fil
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,13 +23,49 @@ from typing import Any
 
 import numpy as np
 
+from onestory_jax.errors import UserError
+
+# The OS's "this place cannot take the file" errors: full disk or quota, read-only, no permission,
+# too large a file, a path through a file.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                          errno.ENOTDIR, errno.EEXIST})
+
+
+def cannot_write(path: Path, e: OSError) -> UserError:
+    """The one line for a write the OS refused (`e.errno` in `WRITE_ERRNOS`)."""
+    reason = "a part of its path is a file, not a folder" if e.errno in (errno.ENOTDIR, errno.EEXIST) else e.strerror or e
+    return UserError(f"cannot write '{path}': {reason}")
+
+
+def require_writable(folder: str | Path, what: str) -> Path:
+    """Create `folder` if needed and check a file can be made in it; `what` names it in the error."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{what} '{folder}' exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"{what} '{folder}' is not writable: {e.strerror or e}") from None
+    return folder
+
+
+def require_free_space(folder: str | Path, nbytes: int, what: str) -> None:
+    """Refuse to start writing `what` (`nbytes`) into `folder` when its disk has less free space."""
+    free = shutil.disk_usage(folder).free
+    if free < nbytes:
+        raise UserError(f"'{folder}' has {free / 2**30:.2f} GiB free but {what} needs {nbytes / 2**30:.2f} GiB")
+
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    except OSError as e:
+        raise cannot_write(path, e) from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -32,6 +73,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise cannot_write(path, e) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

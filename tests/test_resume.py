@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from onestory_jax.sampling import resume
@@ -97,3 +98,24 @@ def test_sigkill_keeps_finished_shots_and_the_rerun_is_bitwise_equal(tmp_path):
     assert [s["resumed"] for s in manifest["shots"]] == [True, True, False]
     for i in (1, 2, 3):
         np.testing.assert_array_equal(np.load(tmp_path / "out" / f"shot_0{i}.npy"), np.load(tmp_path / "ref" / f"shot_0{i}.npy"))
+
+
+def test_full_disk_while_saving_a_shot_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """ENOSPC mid-write (the probe's full tmpfs): one line naming the file, no partial or temp file, no record."""
+    import errno
+
+    import onestory_jax.io
+    from onestory_jax.errors import UserError
+
+    def half_then_full(f, array):
+        f.write(b"\x93NUMPY")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onestory_jax.io.np, "save", half_then_full)
+    inputs, prints = resume.story_fingerprints(_story(), "m")
+    with pytest.raises(UserError, match=rf"cannot write '{tmp_path / 'shot_01.npy'}': No space left on device") as e:
+        resume.save_shot(tmp_path, 0, np.zeros(SHAPE, np.float32), inputs[0], prints[0])
+    assert "\n" not in str(e.value) and list(tmp_path.iterdir()) == []
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="cannot write .*afile/shot_01.npy': a part of its path is a file, not a folder"):
+        resume.save_shot(tmp_path / "afile", 0, np.zeros(SHAPE, np.float32), inputs[0], prints[0])

@@ -21,21 +21,12 @@ from onestory_jax.config import Config, to_dict
 from onestory_jax.diffusion.guidance import null_text
 from onestory_jax.data.video import read_video, resize_frame
 from onestory_jax.errors import UserError
+from onestory_jax.models.frozen import Components
 from onestory_jax.models.image_encoder import load_image
 from onestory_jax.models.memory import frames_per_patchifier
 from onestory_jax.sampling import outputs, resume
 from onestory_jax.sampling.generate import Progress, ShotRecord, StoryInputs, generation_spec, story_program
 from onestory_jax.sampling.story import Story, story_to_dict
-
-
-@dataclasses.dataclass(frozen=True)
-class Components:
-    """The encoders and decoder a story needs, as host-callable functions."""
-
-    encode_text: Callable[[list[str]], np.ndarray]  # prompts -> [N, Lt, text_dim]
-    encode_video: Callable[[np.ndarray], np.ndarray]  # [T, H, W, 3] in [-1, 1] -> latents [t, h, w, 16]
-    decode_latents: Callable[[np.ndarray], np.ndarray]  # latents [t, h, w, 16] -> [T, H, W, 3] in [-1, 1]
-    encode_image: Callable[[np.ndarray], np.ndarray] | None  # [H, W, 3] in [-1, 1] -> CLIP tokens [Li, image_dim]
 
 
 def i2v_condition(encode_video: Callable[[np.ndarray], np.ndarray], image: np.ndarray | None, frames: int,
@@ -142,14 +133,20 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
         step_times.append(time.perf_counter())
         bar.update(1)
 
-    bad: list[int] = []
+    failed: list[UserError] = []  # raised once the program returns (an error inside a callback is a traceback)
 
     def on_shot_done(shot: int, latents: np.ndarray) -> None:
-        """Save a shot the moment it is denoised; nothing of a non-finite shot or of those after it."""
-        if bad or not np.isfinite(latents).all():
-            bad.append(shot + 1)
+        """Save a shot the moment it is denoised; nothing of a non-finite or unsaveable shot or of those after it."""
+        if failed:
             return
-        resume.save_shot(out, shot, latents, shot_inputs[shot], prints[shot])
+        if not np.isfinite(latents).all():
+            failed.append(UserError(f"shot {shot + 1} came out with non-finite values (NaN/Inf) and was not saved "
+                                    "(shots before it are). Check the model's weights and the story's numbers"))
+            return
+        try:
+            resume.save_shot(out, shot, latents, shot_inputs[shot], prints[shot])
+        except UserError as e:  # a full disk: the shots before it are kept
+            failed.append(e)
 
     Progress.on_shot, Progress.on_step, Progress.on_shot_done = on_shot, on_step, on_shot_done
     try:
@@ -157,9 +154,8 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
     finally:
         Progress.on_shot = Progress.on_step = Progress.on_shot_done = None
         bar.close()
-    if bad:
-        raise UserError(f"shot {bad[0]} came out with non-finite values (NaN/Inf) and was not saved (shots before it "
-                        "are). Check the model's weights and the story's numbers")
+    if failed:
+        raise failed[0]
     timings["generate_s"] = time.perf_counter() - t2
     if shot_started:  # compile (and launch): until the program reports its first shot
         timings["compile_s"] = min(shot_started.values()) - t2
