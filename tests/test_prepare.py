@@ -173,3 +173,28 @@ def test_embedders_average_their_cosines_and_clip_loads_locally(tmp_path):
     np.testing.assert_allclose(cos(combined([clip, pixel])), (cos(clip) + cos(pixel)) / 2, rtol=1e-5)
     with pytest.raises(Exception, match="not a local CLIP model folder"):
         load_embedder(f"clip:{tmp_path / 'missing'}")
+
+
+def test_damaged_or_foreign_records_are_one_line_naming_the_file(tmp_path):
+    """The probe's truncated, bit-flipped, random and PNG record files (riegeli RuntimeError tracebacks before),
+    and records prepared for another model (a flax shape traceback before)."""
+    write_records(tmp_path / "good.arrayrecord", random_videos(3, 2, 2, (4, 4), 32, (4, 16)))
+    data = (tmp_path / "good.arrayrecord").read_bytes()
+    flipped = bytearray(data)
+    flipped[1000:1400] = bytes(b ^ 0xFF for b in flipped[1000:1400])
+    damaged = {"trunc": data[:len(data) // 2], "flip": bytes(flipped),
+               "garbage": np.random.default_rng(0).bytes(5000), "png": b"\x89PNG\r\n\x1a\n" + bytes(100)}
+    for name, content in damaged.items():
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / "train.arrayrecord"
+        path.write_bytes(content)
+        cfg = load_config("configs/train/tiny.yaml", [f"train.data={tmp_path / name}"])
+        with pytest.raises(UserError, match=rf"'{path}' (is not a readable ArrayRecord file|cannot be read) \(corrupt or "
+                                            r"truncated\?\)") as e:
+            next(iter(make_dataset(cfg, 1)))
+        assert "\n" not in str(e.value), name
+    write_records(tmp_path / "other.arrayrecord", random_videos(2, 2, 2, (4, 4), 64, (4, 16)))
+    cfg = load_config("configs/train/tiny.yaml", [f"train.data={tmp_path / 'other.arrayrecord'}"])
+    with pytest.raises(UserError, match=r"other.arrayrecord' was prepared for another model: its text have width 64, "
+                                        r"this config's dit.text_dim is 32"):
+        make_dataset(cfg, 1)

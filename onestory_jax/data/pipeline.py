@@ -17,7 +17,7 @@ import grain
 import numpy as np
 
 from onestory_jax.config import Config
-from onestory_jax.data.records import decode_record
+from onestory_jax.data.records import RecordFiles, check_record_fits
 from onestory_jax.errors import UserError
 from onestory_jax.models.memory import num_selected
 
@@ -109,23 +109,20 @@ def make_dataset(cfg: Config, batch_size: int, process_index: int = 0, process_c
     if not path.exists() or not files:
         raise UserError(f"training data '{path}' does not exist or holds no .arrayrecord files "
                         "(train.data=PATH: a records file or folder from onestory_jax.data.prepare)")
-    source = grain.sources.ArrayRecordDataSource([str(f) for f in files])
+    source = RecordFiles(files)  # a damaged file or record: one line naming it
     if len(source) == 0:
         raise UserError(f"training data '{path}' holds no records")
-    one_per_file = len(source) == len(files)
-
-    def read(i: int) -> dict[str, np.ndarray]:
-        return decode_record(source[i], f"{i} ({files[i].name})" if one_per_file else i)
-
-    latents = read(0)["latents"]
+    first = source[0]
+    check_record_fits(first, cfg, f"'{files[0]}'")
+    latents = first["latents"]
     warn_if_selection_keeps_everything(cfg, latents.shape[1], latents.shape[2:4])
 
     def example(item: tuple[int, dict[str, np.ndarray]], rng: np.random.Generator) -> Example:
         index, video = item
-        return three_shot_example(video, rng, lambda r: read(other_index(r, len(source), index)), cfg)
+        return three_shot_example(video, rng, lambda r: source[other_index(r, len(source), index)], cfg)
 
     ds = grain.MapDataset.range(len(source))[process_index::process_count]
     ds = ds.shuffle(seed=cfg.train.seed).repeat(None)
-    ds = ds.map(lambda i: (int(i), read(int(i))))
+    ds = ds.map(lambda i: (int(i), source[int(i)]))
     ds = ds.random_map(example, seed=cfg.train.seed)
     return ds.batch(batch_size, drop_remainder=True).to_iter_dataset()

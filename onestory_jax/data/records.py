@@ -12,12 +12,15 @@ A video record (S shots of T latent frames of h x w):
 
 from __future__ import annotations
 
+import bisect
 import io
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from onestory_jax.config import Config
 from onestory_jax.errors import UserError
 from onestory_jax.io import atomic_path
 
@@ -44,6 +47,18 @@ def decode_record(data: bytes, index: int | str | None = None) -> dict[str, np.n
     return video
 
 
+def check_record_fits(video: dict[str, np.ndarray], cfg: Config, name: str) -> None:
+    """Refuse a record prepared for another model (latent channels, text or image feature widths)."""
+    widths = {"latents": (video["latents"].shape[-1], cfg.vae.z_dim, "vae.z_dim"),
+              "text": (video["text"].shape[-1], cfg.dit.text_dim, "dit.text_dim")}
+    if cfg.dit.has_image_branch:
+        widths["image_tokens"] = (video["image_tokens"].shape[-1], cfg.dit.image_dim, "dit.image_dim")
+    for key, (got, want, field) in widths.items():
+        if got != want:
+            raise UserError(f"training data {name} was prepared for another model: its {key} have width {got}, this "
+                            f"config's {field} is {want} (prepare the data with this model's folder)")
+
+
 def write_records(path: str | Path, videos: Iterable[dict[str, np.ndarray]]) -> int:
     """Write videos to an ArrayRecord file atomically; returns how many were written."""
     from array_record.python.array_record_module import ArrayRecordWriter
@@ -56,3 +71,49 @@ def write_records(path: str | Path, videos: Iterable[dict[str, np.ndarray]]) -> 
             n += 1
         writer.close()
     return n
+
+
+class RecordFiles:
+    """Prepared record files read as one sequence of decoded videos. A file that cannot be opened,
+    or a record that cannot be read or decoded, is a `UserError` naming the file (and the record)."""
+
+    def __init__(self, files: Sequence[Path]):
+        self.files = [Path(f) for f in files]
+        self._sources = [_open_records(f) for f in self.files]
+        self._starts = [0, *itertools.accumulate(len(s) for s in self._sources)]
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(file number, record number in that file) of record `index` of the sequence."""
+        k = bisect.bisect_right(self._starts, index) - 1
+        return k, index - self._starts[k]
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        k, j = self.locate(index)
+        path = self.files[k]
+        try:
+            data = self._sources[k][j]
+        except Exception as e:  # riegeli reports a damaged chunk as a bare RuntimeError
+            raise UserError(f"record {j} of '{path}' cannot be read (corrupt or truncated?): {_reason(e)}") from None
+        return decode_record(data, f"{j} of '{path}'")
+
+
+def read_records(path: str | Path) -> list[dict[str, np.ndarray]]:
+    """Every video of one record file (a damaged file is one `UserError` naming it)."""
+    files = RecordFiles([Path(path)])
+    return [files[i] for i in range(len(files))]
+
+
+def _open_records(path: Path):  # -> grain's ArrayRecordDataSource
+    import grain
+
+    try:
+        return grain.sources.ArrayRecordDataSource([str(path)])
+    except Exception as e:  # a truncated or foreign file: RuntimeError, often without a message
+        raise UserError(f"'{path}' is not a readable ArrayRecord file (corrupt or truncated?): {_reason(e)}") from None
+
+
+def _reason(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
