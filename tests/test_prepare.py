@@ -1,6 +1,7 @@
 """Data preparation (videos or synthetic stories -> records), the shot detector and the VAE stage."""
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -12,7 +13,8 @@ from train_runs import random_videos
 from onestory_jax.config import load_config
 from onestory_jax.data import synthetic
 from onestory_jax.data.pipeline import make_dataset
-from onestory_jax.data.prepare import augment
+from onestory_jax.data.prepare import augment, real_videos
+from onestory_jax.data.prepare import main as prepare_main
 from onestory_jax.data.records import write_records
 from onestory_jax.data.video import detect_shots, write_mp4
 from onestory_jax.errors import UserError
@@ -134,6 +136,49 @@ def test_synthetic_stories_prepare(tmp_path, model_folder):
     r = prepare("--model", model_folder, "--out", tmp_path / "syn", "--synthetic", "2", "--seed", "1")
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "syn" / "records").glob("*.arrayrecord"))) == 2
+    # A re-run with other --frames/--size would mix record shapes: refused from the manifest, before any model...
+    again = ["--model", str(model_folder), "--out", str(tmp_path / "syn"), "--synthetic", "3", "--seed", "1", "--no-progress"]
+    with pytest.raises(UserError, match=r"was prepared with other settings \(frames 5 -> 9, size \[32, 32\] -> \[64, 64\]\)"):
+        prepare_main([*again, "--frames", "9", "--size", "64x64"])
+    # ...and from each kept record when the manifest is gone (a first run killed before writing it)
+    (tmp_path / "syn" / "manifest.json").unlink()
+    with pytest.raises(UserError, match=r"synthetic-000001.arrayrecord' holds latents of 2 frames of 4x4 but this run "
+                                        r"makes 3 of 4x4 \(other --frames or --size\)"):
+        prepare_main([*again, "--frames", "9", "--size", "32x32"])
+    record = tmp_path / "syn" / "records" / "synthetic-000002.arrayrecord"
+    os.truncate(record, record.stat().st_size // 2)  # a damaged record is named, not a riegeli traceback
+    with pytest.raises(UserError, match=rf"'{record}' is not a readable ArrayRecord file \(corrupt or truncated\?\)"):
+        prepare_main([*again, "--frames", "5", "--size", "32x32"])
+
+
+def test_video_names_sharing_a_stem_are_refused(tmp_path):
+    """`a.mp4` and `a.mov` would both be records/a.arrayrecord: the second was silently dropped."""
+    for name in ("a.mp4", "a.mov", "b.mp4"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"video": n, "captions": ["x"]}) + "\n" for n in ("a.mp4", "a.mov", "b.mp4")))
+    with pytest.raises(UserError, match=r"videos a.mov and a.mp4 would both become records/a.arrayrecord: rename one"):
+        list(real_videos(tmp_path, tmp_path / "c.jsonl", None))
+
+
+@pytest.mark.parametrize("args,rows,message", [
+    (["--frames", "-3"], {}, r"--frames must be 4k\+1 \(e.g. 17, 81\), got -3"),
+    (["--size", "0x0"], {}, r"--size must be positive, got 0x0"),
+    (["--synthetic", "-5"], {}, r"--synthetic must be >= 1, got -5"),
+    ([], {"captions": "one two three"}, r"c.jsonl:1: .*captions must be a list of non-empty strings, got 'one two three'"),
+    ([], {"shots": "0-5"}, r"b.jsonl:1: .*shots must be a list of \[start, end\] frame pairs of integers, got '0-5'"),
+    ([], {"shots": [[0.5, 5], [5, 9]]}, r"b.jsonl:1: .*got \[\[0.5, 5\], \[5, 9\]\]"),
+    ([], {"shots": [[0], [5, 9]]}, r"b.jsonl:1: .*frame pairs of integers"),
+])
+def test_bad_arguments_and_jsonl_values_are_one_line_before_any_model(tmp_path, args, rows, message):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "clip.mp4").write_bytes(b"")  # never read: the inputs are refused first
+    (tmp_path / "c.jsonl").write_text(json.dumps({"video": "clip.mp4", "captions": rows.get("captions", ["a", "b"])}) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"video": "clip.mp4", "shots": rows.get("shots", [[0, 5], [5, 9]])}) + "\n")
+    source = ["--videos", str(videos), "--captions", str(tmp_path / "c.jsonl"), "--boundaries", str(tmp_path / "b.jsonl")]
+    with pytest.raises(UserError, match=message) as e:
+        prepare_main(["--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"), *(args if "--synthetic" in args else source + args)])
+    assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
 
 
 def test_vae_stage_learns_and_exports_the_frozen_parts(tmp_path):

@@ -14,7 +14,8 @@ Every shot is centre-cropped and resized to --size, sampled to --frames (4k+1) f
 VAE-encoded; its caption is encoded by the umT5; each latent frame's middle pixel frame is embedded
 for the pseudo-labels; shot 1 also gets an augmented copy (flip, crop, colour jitter) and CLIP
 tokens of its first frame. Each video becomes DIR/records/ID.arrayrecord (atomic), listed in
-DIR/manifest.json; a re-run skips videos already written.
+DIR/manifest.json; a re-run skips videos already written, and refuses other --frames, --size or
+--embedder than they were prepared with (data/prepare_checks.py). One run at a time per --out (a lock).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,13 @@ import numpy as np
 from tqdm import tqdm
 
 from onestory_jax.data.embedders import Embedder, combined, load_embedder
+from onestory_jax.data.prepare_checks import (captions_value, check_existing_record, check_numbers, check_settings,
+                                             check_unique_ids, shots_value)
 from onestory_jax.data.records import write_records
 from onestory_jax.data.video import detect_shots, read_video, resize_frame, sample_frames, to_uint8
 from onestory_jax.errors import UserError, run_cli
 from onestory_jax.io import save_json
+from onestory_jax.locking import folder_lock
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 Shots = list[np.ndarray]  # uint8 [T, H, W, 3] per shot
@@ -81,8 +85,8 @@ def encode_video(video_id: str, shots: Shots, captions: list[str], comps: Any, e
     return record
 
 
-def _jsonl(path: Path | None, key: str) -> dict[str, Any]:
-    """{video name: value of `key`} from a JSONL file; errors name the line."""
+def _jsonl(path: Path | None, key: str, parse: Callable[[Any], Any]) -> dict[str, Any]:
+    """{video name: parse(value of `key`)} from a JSONL file; errors name the line."""
     if path is None:
         return {}
     if not path.is_file():
@@ -93,8 +97,8 @@ def _jsonl(path: Path | None, key: str) -> dict[str, Any]:
             continue
         try:
             row = json.loads(line)
-            out[str(row["video"])] = row[key]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            out[str(row["video"])] = parse(row[key])
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
             raise UserError(f"{path}:{n}: expected {{\"video\": ..., \"{key}\": ...}} ({e})") from None
     return out
 
@@ -103,10 +107,11 @@ def real_videos(folder: Path, captions_file: Path, boundaries_file: Path | None)
     """(id, loader -> (shots, captions)) per video of `folder` that has captions."""
     if not folder.is_dir():
         raise UserError(f"--videos '{folder}' is not a directory")
-    captions, bounds = _jsonl(captions_file, "captions"), _jsonl(boundaries_file, "shots")
+    captions, bounds = _jsonl(captions_file, "captions", captions_value), _jsonl(boundaries_file, "shots", shots_value)
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
     if not files:
         raise UserError(f"--videos '{folder}' holds no videos ({', '.join(VIDEO_SUFFIXES)})")
+    check_unique_ids(files)
     for path in files:
         if path.name not in captions:
             raise UserError(f"video '{path.name}' has no captions in '{captions_file}'")
@@ -140,16 +145,16 @@ def synthetic_videos(count: int, seed: int, frames: int, size: int) -> Iterator[
 
 def prepare(args: argparse.Namespace) -> Path:
     """Write records + manifest; returns the output folder."""
-    if (args.frames - 1) % 4:
-        raise UserError(f"--frames must be 4k+1 (e.g. 17, 81), got {args.frames}")
+    check_numbers(args.frames, args.size, args.synthetic)
     width, height = args.size
     names, embedders = zip(*[load_embedder(s) for s in args.embedder or ["pixel"]])
+    check_settings(args.out, {"frames": args.frames, "size": [width, height], "embedders": list(names)})
     if args.synthetic:
         videos = synthetic_videos(args.synthetic, args.seed, args.frames, width)
     else:
         if args.videos is None or args.captions is None:
             raise UserError("give --videos DIR with --captions FILE.jsonl, or --synthetic N")
-        videos = real_videos(args.videos, args.captions, args.boundaries)
+        videos = list(real_videos(args.videos, args.captions, args.boundaries))  # checked before any model loads
 
     from onestory_jax.sampling.components import FROZEN_PARTS, build_components, load_frozen_parts, model_folder_config
     from onestory_jax.sharding import activate, make_mesh
@@ -171,7 +176,9 @@ def prepare(args: argparse.Namespace) -> Path:
         videos = list(videos)
         for video_id, load in tqdm(videos, desc="prepare", unit="video", disable=args.no_progress):
             path = records / f"{video_id}.arrayrecord"
-            if not path.is_file():
+            if path.is_file():
+                check_existing_record(path, args.frames, (width, height), cfg.vae)
+            else:
                 shots, captions = load()
                 write_records(path, [encode_video(video_id, shots, captions, comps, embed, args.frames, (width, height), args.seed)])
             done.append({"id": video_id, "file": str(path.relative_to(args.out))})
@@ -202,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=_size, default=(64, 64), help="WIDTHxHEIGHT (default 64x64)")
     ap.add_argument("--embedder", action="append", help="pixel (default), dinov2:PATH, clip:PATH; repeat to average")
     ap.add_argument("--no-progress", action="store_true")
-    out = prepare(ap.parse_args(argv))
+    args = ap.parse_args(argv)
+    with folder_lock(args.out, "--out"):  # one run per --out; a folder that cannot be written fails here
+        out = prepare(args)
     print(f"records in {out / 'records'}; manifest {out / 'manifest.json'}")
     return 0
 
