@@ -94,7 +94,7 @@ def test_dit_converts_without_a_matching_config(model_folder, source):
 
 
 def test_the_parts_form_one_model_folder(model_folder):
-    from onestory_jax.sampling.components import model_folder_config
+    from onestory_jax.models.frozen import model_folder_config
 
     cfg = model_folder_config(model_folder)
     assert (cfg.vae, cfg.text_encoder, cfg.image_encoder) == tuple(EXPECTED[c][1] for c in ("vae", "umt5", "clip"))

@@ -27,15 +27,6 @@ TIERS = [
     ("sampling", "training", "eval"),
 ]
 PACKAGES = [f"onestory_jax.{name}" for tier in TIERS for name in tier]
-# Upward imports still to be removed: file -> what has to move.
-KNOWN = {
-    "onestory_jax/data/prepare.py": (
-        "data/prepare.py loads the frozen parts through sampling/components.py (FROZEN_PARTS, build_components, "
-        "load_frozen_parts, model_folder_config): they, with sampling/pipeline.py's Components and "
-        "sampling/generate.py's image_tokens, still have to move to a low onestory_jax/components.py"),
-}
-
-
 def blocked(package: str) -> tuple[str, ...]:
     """The packages `package` must not import: every higher tier, and its siblings in the top tier."""
     name = package.removeprefix("onestory_jax.")
@@ -104,13 +95,8 @@ def upward_imports(package: str) -> list[str]:
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_no_import_statement_reaches_a_layer_above(package):
-    found = [f for f in upward_imports(package) if f.split(":")[0] not in KNOWN]
+    found = upward_imports(package)
     assert not found, "\n".join(found)
-
-
-@pytest.mark.xfail(strict=True, reason=" ".join(KNOWN.values()))
-def test_known_upward_imports_are_gone():
-    assert not [f for p in PACKAGES for f in upward_imports(p) if f.split(":")[0] in KNOWN]
 
 
 def test_benchmarks_import_the_library_not_the_tests():

@@ -13,6 +13,7 @@ import pytest
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_checks
 
 from onestory_jax.config import load_config
+from onestory_jax.models import frozen, onestory
 from onestory_jax.sampling import components
 from onestory_jax.sampling.generate import abstract_story_inputs, generation_spec, story_program
 from onestory_jax.sharding import abstract_params, make_mesh
@@ -50,10 +51,10 @@ def test_encoders_and_decoder_take_params_as_arguments(tiny):
     ids, mask = jnp.zeros((2, cfg.text_encoder.text_len), jnp.int32), jnp.ones((2, cfg.text_encoder.text_len), jnp.int32)
     video = jnp.zeros((1, 5, 48, 32, 3))
     traced = [
-        components.text_encoder_fn(cfg.text_encoder).trace(params["text_encoder"], ids, mask),
-        components.vae_encode_fn(cfg.vae).trace(params["vae"], video),
-        components.vae_decode_fn(cfg.vae).trace(params["vae"], jnp.zeros((1, 2, 6, 4, 16))),
-        components.image_tokens_fn(cfg).trace(params, jnp.zeros((48, 32, 3))),
+        frozen.text_encoder_fn(cfg.text_encoder).trace(params["text_encoder"], ids, mask),
+        frozen.vae_encode_fn(cfg.vae).trace(params["vae"], video),
+        frozen.vae_decode_fn(cfg.vae).trace(params["vae"], jnp.zeros((1, 2, 6, 4, 16))),
+        frozen.image_tokens_fn(cfg).trace(params, jnp.zeros((48, 32, 3))),
     ]
     for t in traced:
         assert_no_params_captured(t, params)
@@ -78,10 +79,10 @@ def test_14b_story_program_traces_at_real_size():
     cfg = load_config("wan2.1-i2v-14b-480p", ["dit.attention=cudnn", "dit.param_dtype=bfloat16"])
     mesh = make_mesh(cfg.mesh)
     with as_on_a_gpu():
-        params = abstract_params(components.full_init_fn(cfg), mesh, jax.random.key(0))
+        params = abstract_params(onestory.full_init_fn(cfg), mesh, jax.random.key(0))
         n_params = sum(np.prod(a.shape) for a in jax.tree.leaves(params["dit"]))
         assert 16e9 < n_params < 17e9, n_params  # Wan2.1-I2V-14B: 16.4B with its image branch
-        params["memory"] = jax.eval_shape(lambda p: components.memory_params_from_dit(cfg, p, jax.random.key(1)), params["dit"])
+        params["memory"] = jax.eval_shape(lambda p: onestory.memory_params_from_dit(cfg, p, jax.random.key(1)), params["dit"])
         latent = (21, 60, 104, 16)  # 81 frames of 480x832
         spec = generation_spec(cfg, "onestory", None, latent[1:3], steps=40, shift=3.0, solver="unipc", guidance=5.0)
         inputs = abstract_story_inputs(cfg, shots=3, latent_shape=latent)
@@ -92,9 +93,9 @@ def test_14b_story_program_traces_at_real_size():
 def test_14b_encoders_trace_at_real_size():
     cfg = load_config("wan2.1-i2v-14b-480p", ["text_encoder.param_dtype=bfloat16"])
     mesh = make_mesh(cfg.mesh)
-    params = abstract_params(components.full_init_fn(cfg), mesh, jax.random.key(0))
+    params = abstract_params(onestory.full_init_fn(cfg), mesh, jax.random.key(0))
     tl = cfg.text_encoder.text_len
     ids = jax.ShapeDtypeStruct((4, tl), jnp.int32)
-    assert components.text_encoder_fn(cfg.text_encoder).trace(params["text_encoder"], ids, ids).out_info.shape == (4, tl, 4096)
+    assert frozen.text_encoder_fn(cfg.text_encoder).trace(params["text_encoder"], ids, ids).out_info.shape == (4, tl, 4096)
     z = jax.ShapeDtypeStruct((1, 21, 60, 104, 16), jnp.float32)
-    assert components.vae_decode_fn(cfg.vae).trace(params["vae"], z).out_info.shape == (1, 81, 480, 832, 3)
+    assert frozen.vae_decode_fn(cfg.vae).trace(params["vae"], z).out_info.shape == (1, 81, 480, 832, 3)

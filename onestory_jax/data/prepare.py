@@ -2,13 +2,17 @@
 
     python -m onestory_jax.data.prepare --model DIR --out DIR --videos DIR --captions FILE.jsonl \\
         [--boundaries FILE.jsonl] [--embedder pixel|dinov2:PATH|clip:PATH ...]
-    python -m onestory_jax.data.prepare --model DIR --out DIR --synthetic N [--seed S]
+    python -m onestory_jax.data.prepare --model DIR --out DIR --synthetic N [--seed S] [--kinds K,...]
+        [--character-weight W]
 
 --model is a model folder holding the frozen parts (vae/, text_encoder/, image_encoder/ for I2V,
 tokenizer/): converted Wan2.1 weights or the embedded default's. --captions has one JSON object a
 line, {"video": "NAME.mp4", "captions": ["shot 1", ...]}; --boundaries, {"video": "NAME.mp4",
 "shots": [[start, end), ...]} in frames; videos without boundaries are cut by a frame-difference
-detector. --synthetic renders procedural stories (onestory_jax.data.synthetic) instead.
+detector. --synthetic renders procedural stories (onestory_jax.data.synthetic) instead; --kinds
+cycles through the given story patterns (default: a random one per story), and --character-weight W
+makes the pseudo-label features character-aware: the rendered characters' pixels (weight W) mixed
+with the whole frame (1 - W), see `embedders.with_character_regions`.
 
 Every shot is centre-cropped and resized to --size, sampled to --frames (4k+1) frames and
 VAE-encoded; its caption is encoded by the umT5; each latent frame's middle pixel frame is embedded
@@ -30,7 +34,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from onestory_jax.data.embedders import Embedder, combined, load_embedder
+from onestory_jax.data.embedders import Embedder, combined, load_embedder, with_character_regions
 from onestory_jax.data.prepare_checks import (captions_value, check_existing_record, check_numbers, check_settings,
                                              check_unique_ids, shots_value)
 from onestory_jax.data.records import write_records
@@ -41,6 +45,7 @@ from onestory_jax.locking import folder_lock
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 Shots = list[np.ndarray]  # uint8 [T, H, W, 3] per shot
+Masks = list[np.ndarray] | None  # per shot: character ids uint8 [T, H, W] (0 = background), when known
 
 
 def latent_frame_middles(frames: int) -> list[int]:
@@ -64,17 +69,30 @@ def augment(clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip((out - mean) * contrast + mean + brightness, -1, 1) * gains.clip(max=1.0)
 
 
+def label_embeddings(clips: list[np.ndarray], masks: Masks, embed: Embedder, frames: int,
+                     character_weight: float) -> np.ndarray:
+    """Pseudo-label features [S, T, E] of each latent frame's middle pixel frame: whole frames, or
+    (character_weight > 0) mixed with the characters' regions of `masks` (same size as the clips)."""
+    middles = latent_frame_middles(frames)
+    if character_weight == 0.0:
+        return np.stack([embed(to_uint8(c[middles])) for c in clips])
+    if masks is None:
+        raise UserError("--character-weight needs character masks, which only --synthetic stories have")
+    region_embed = with_character_regions(embed, character_weight)
+    return np.stack([region_embed(to_uint8(c[middles]), sample_frames(m, frames)[middles] > 0) for c, m in zip(clips, masks)])
+
+
 def encode_video(video_id: str, shots: Shots, captions: list[str], comps: Any, embed: Embedder,
-                 frames: int, size: tuple[int, int], seed: int) -> dict[str, np.ndarray]:
-    """One record (onestory_jax.data.records) from a video's shots and captions."""
+                 frames: int, size: tuple[int, int], seed: int, masks: Masks = None,
+                 character_weight: float = 0.0) -> dict[str, np.ndarray]:
+    """One record (onestory_jax.data.records) from a video's shots, captions and (optional) character masks."""
     width, height = size
     clips = [np.stack([resize_frame(f, width, height) for f in sample_frames(s, frames)]) for s in shots]
     latents = np.stack([comps.encode_video(c) for c in clips])
     text = np.concatenate([comps.encode_text([c]) for c in captions])  # [S, text_len, D], zero-padded; one shape, one compile
     lengths = np.maximum((np.abs(text).sum(-1) > 0).sum(-1), 1).astype(np.int32)
     text = text[:, : int(lengths.max())]
-    middles = latent_frame_middles(frames)
-    embeddings = np.stack([embed(to_uint8(c[middles])) for c in clips])
+    embeddings = label_embeddings(clips, masks, embed, frames, character_weight)
     rng = np.random.default_rng([seed, zlib.crc32(video_id.encode())])
     record = {
         "latents": latents.astype(np.float32), "text": text.astype(np.float32), "text_lengths": lengths,
@@ -104,7 +122,7 @@ def _jsonl(path: Path | None, key: str, parse: Callable[[Any], Any]) -> dict[str
 
 
 def real_videos(folder: Path, captions_file: Path, boundaries_file: Path | None) -> Iterator[tuple[str, Any]]:
-    """(id, loader -> (shots, captions)) per video of `folder` that has captions."""
+    """(id, loader -> (shots, captions, no masks)) per video of `folder` that has captions."""
     if not folder.is_dir():
         raise UserError(f"--videos '{folder}' is not a directory")
     captions, bounds = _jsonl(captions_file, "captions", captions_value), _jsonl(boundaries_file, "shots", shots_value)
@@ -116,7 +134,7 @@ def real_videos(folder: Path, captions_file: Path, boundaries_file: Path | None)
         if path.name not in captions:
             raise UserError(f"video '{path.name}' has no captions in '{captions_file}'")
 
-        def load(path: Path = path) -> tuple[Shots, list[str]]:
+        def load(path: Path = path) -> tuple[Shots, list[str], Masks]:
             video = read_video(path)
             spans = [tuple(s) for s in bounds[path.name]] if path.name in bounds else detect_shots(video)
             caps = list(captions[path.name])
@@ -125,20 +143,26 @@ def real_videos(folder: Path, captions_file: Path, boundaries_file: Path | None)
             bad = [s for s in spans if not 0 <= s[0] < s[1] <= len(video)]
             if bad:
                 raise UserError(f"video '{path.name}': shot {bad[0]} is outside its {len(video)} frames")
-            return [video[a:b] for a, b in spans], caps
+            return [video[a:b] for a, b in spans], caps, None
 
         yield path.stem, load
 
 
-def synthetic_videos(count: int, seed: int, frames: int, size: int) -> Iterator[tuple[str, Any]]:
-    """(id, loader) per procedural story; one in five is a two-shot story (for shot inflation)."""
+def synthetic_videos(count: int, seed: int, frames: int, size: int, kinds: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]:
+    """(id, loader -> (shots, captions, masks)) per procedural story; one in five is a two-shot story
+    (for shot inflation); the others cycle through `kinds` (default: a random pattern each)."""
     from onestory_jax.data import synthetic
 
-    for i in range(seed, seed + count):
-        def load(i: int = i) -> tuple[Shots, list[str]]:
+    bad = [k for k in kinds if k not in synthetic.KINDS]
+    if bad:
+        raise UserError(f"--kinds: unknown story pattern '{bad[0]}' (one of {', '.join(synthetic.KINDS)})")
+    for n, i in enumerate(range(seed, seed + count)):
+        def load(i: int = i, n: int = n) -> tuple[Shots, list[str], Masks]:
             n_shots = 2 if i % 5 == 0 else None
-            story = synthetic.make_story(i, n_shots, "main_subject" if n_shots == 2 else None)
-            return [v for v, _ in synthetic.render_story(story, frames, size)], [s.caption for s in story.shots]
+            kind = "main_subject" if n_shots == 2 else (kinds[n % len(kinds)] if kinds else None)
+            story = synthetic.make_story(i, n_shots, kind)
+            shots, masks = zip(*synthetic.render_story(story, frames, size))
+            return list(shots), [s.caption for s in story.shots], list(masks)
 
         yield f"synthetic-{i:06d}", load
 
@@ -149,14 +173,16 @@ def prepare(args: argparse.Namespace) -> Path:
     width, height = args.size
     names, embedders = zip(*[load_embedder(s) for s in args.embedder or ["pixel"]])
     check_settings(args.out, {"frames": args.frames, "size": [width, height], "embedders": list(names)})
+    if args.character_weight and width != height:
+        raise UserError(f"--character-weight needs square frames (the synthetic masks are square), got --size {width}x{height}")
     if args.synthetic:
-        videos = synthetic_videos(args.synthetic, args.seed, args.frames, width)
+        videos = synthetic_videos(args.synthetic, args.seed, args.frames, width, tuple(args.kinds.split(",")) if args.kinds else ())
     else:
         if args.videos is None or args.captions is None:
             raise UserError("give --videos DIR with --captions FILE.jsonl, or --synthetic N")
         videos = list(real_videos(args.videos, args.captions, args.boundaries))  # checked before any model loads
 
-    from onestory_jax.sampling.components import FROZEN_PARTS, build_components, load_frozen_parts, model_folder_config
+    from onestory_jax.models.frozen import FROZEN_PARTS, build_components, load_frozen_parts, model_folder_config
     from onestory_jax.sharding import activate, make_mesh
 
     cfg = model_folder_config(args.model)
@@ -179,10 +205,12 @@ def prepare(args: argparse.Namespace) -> Path:
             if path.is_file():
                 check_existing_record(path, args.frames, (width, height), cfg.vae)
             else:
-                shots, captions = load()
-                write_records(path, [encode_video(video_id, shots, captions, comps, embed, args.frames, (width, height), args.seed)])
+                shots, captions, masks = load()
+                write_records(path, [encode_video(video_id, shots, captions, comps, embed, args.frames, (width, height),
+                                                  args.seed, masks, args.character_weight)])
             done.append({"id": video_id, "file": str(path.relative_to(args.out))})
     manifest = {"model": str(args.model), "frames": args.frames, "size": [width, height], "embedders": list(names),
+                "character_weight": args.character_weight, "kinds": args.kinds or "random",
                 "videos": done}
     save_json(args.out / "manifest.json", manifest)
     return args.out
@@ -208,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=17, help="frames per shot (4k+1)")
     ap.add_argument("--size", type=_size, default=(64, 64), help="WIDTHxHEIGHT (default 64x64)")
     ap.add_argument("--embedder", action="append", help="pixel (default), dinov2:PATH, clip:PATH; repeat to average")
+    ap.add_argument("--kinds", help="synthetic: comma-separated story patterns to cycle through (default: random)")
+    ap.add_argument("--character-weight", type=float, default=0.0,
+                    help="synthetic: weight of the characters' regions in the pseudo-label features (0: whole frames)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     with folder_lock(args.out, "--out"):  # one run per --out; a folder that cannot be written fails here

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from onestory_jax.config import Config
+from onestory_jax.models import image_encoder, text_encoder, vae
 from onestory_jax.models.dit import ContextTokens, WanDiT
 from onestory_jax.models.dit import init_fn as dit_init_fn
 from onestory_jax.models.memory import OneStoryMemory, conditioner_from_patch_embedding, num_selected, select_top_k
@@ -66,6 +67,25 @@ def init_params(cfg: Config, rng: Array) -> dict[str, Any]:
     r_dit, r_mem = jax.random.split(rng)
     dit = nn.meta.unbox(jax.jit(dit_init_fn(cfg.dit))(r_dit))
     return {"dit": dit, "memory": memory_params_from_dit(cfg, dit, r_mem)}
+
+
+def component_init_fns(cfg: Config) -> dict[str, Any]:
+    """rng -> boxed params, per component of a full OneStory model."""
+    fns = {"dit": dit_init_fn(cfg.dit), "memory": memory_init_fn(cfg), "vae": vae.init_fn(cfg.vae),
+           "text_encoder": text_encoder.init_fn(cfg.text_encoder)}
+    if cfg.dit.has_image_branch:
+        fns["image_encoder"] = image_encoder.init_fn(cfg.image_encoder)
+    return fns
+
+
+def full_init_fn(cfg: Config):
+    fns = component_init_fns(cfg)
+
+    def fn(rng: jax.Array) -> dict[str, Any]:
+        keys = jax.random.split(rng, len(fns))
+        return {name: f(k) for (name, f), k in zip(sorted(fns.items()), keys)}
+
+    return fn
 
 
 def memory_scores(params: dict[str, Any], cfg: Config, caption: Array, memory: Array, valid: Array) -> Array:

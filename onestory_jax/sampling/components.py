@@ -7,8 +7,6 @@ docs/design.md, with a warning), or a config preset with random weights.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import hashlib
 import os
 import warnings
@@ -17,42 +15,21 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from onestory_jax import checkpoint
-from onestory_jax.config import Config, TextEncoderConfig, VAEConfig, apply_overrides, from_dict, load_config, to_dict
+from onestory_jax.config import Config, apply_overrides, from_dict, load_config, to_dict
 from onestory_jax.errors import UserError
-from onestory_jax.models import byte_tokenizer, image_encoder, text_encoder, vae
+from onestory_jax.models import byte_tokenizer
 from onestory_jax.models.dit import init_fn as dit_init_fn
 from onestory_jax.models.embedding_cache import EmbeddingCache, encoder_identity
-from onestory_jax.models.onestory import memory_init_fn, memory_params_from_dit
-from onestory_jax.sampling.generate import image_tokens
-from onestory_jax.sampling.pipeline import Components
+from onestory_jax.models.frozen import (FROZEN_PARTS, Components, build_components, is_model_folder, load_frozen_parts,
+                                        model_folder_config)
+from onestory_jax.models.onestory import component_init_fns, full_init_fn, memory_params_from_dit
 from onestory_jax.sharding import activate, init_sharded, make_mesh
 
 Array = jax.Array
 
 BYTE_TOKENIZER = byte_tokenizer.OUT  # for random-weight models: any text, no download
-
-
-def component_init_fns(cfg: Config) -> dict[str, Any]:
-    """rng -> boxed params, per component of a full OneStory model."""
-    fns = {"dit": dit_init_fn(cfg.dit), "memory": memory_init_fn(cfg), "vae": vae.init_fn(cfg.vae),
-           "text_encoder": text_encoder.init_fn(cfg.text_encoder)}
-    if cfg.dit.has_image_branch:
-        fns["image_encoder"] = image_encoder.init_fn(cfg.image_encoder)
-    return fns
-
-
-def full_init_fn(cfg: Config):
-    fns = component_init_fns(cfg)
-
-    def fn(rng: jax.Array) -> dict[str, Any]:
-        keys = jax.random.split(rng, len(fns))
-        return {name: f(k) for (name, f), k in zip(sorted(fns.items()), keys)}
-
-    return fn
 
 
 def random_params(cfg: Config, mesh: jax.sharding.Mesh, seed: int) -> dict[str, Any]:
@@ -63,26 +40,6 @@ def random_params(cfg: Config, mesh: jax.sharding.Mesh, seed: int) -> dict[str, 
 
 def _with_overrides(cfg: Config, overrides: list[str]) -> Config:
     return from_dict(Config, apply_overrides(to_dict(cfg), overrides)).validate() if overrides else cfg
-
-
-FROZEN_PARTS = ("vae", "text_encoder", "image_encoder")  # converted checkpoints in a model folder
-
-
-def is_model_folder(path: Path) -> bool:
-    """A folder with onestory/ (trained DiT + memory, from train.py) or dit/ (converted), plus frozen parts."""
-    return (path / "onestory").is_dir() or (path / "dit").is_dir()
-
-
-def model_folder_config(folder: Path) -> Config:
-    """Config of a model folder: the onestory/ (or dit/, or a frozen part's) checkpoint's, with each
-    frozen part's own section."""
-    base = next((folder / p for p in ("onestory", "dit", *FROZEN_PARTS) if (folder / p).is_dir()), None)
-    if base is None:
-        raise UserError(f"'{folder}' is not a model folder: it has none of onestory/, dit/, {'/, '.join(FROZEN_PARTS)}/")
-    cfg = checkpoint.load_config_from_checkpoint(base)
-    sections = {part: getattr(checkpoint.load_config_from_checkpoint(folder / part), part)
-                for part in FROZEN_PARTS if (folder / part).is_dir()}
-    return dataclasses.replace(cfg, **sections).validate()
 
 
 def load_model_folder(folder: Path, cfg: Config, mesh: jax.sharding.Mesh, seed: int) -> dict[str, Any]:
@@ -104,12 +61,6 @@ def load_model_folder(folder: Path, cfg: Config, mesh: jax.sharding.Mesh, seed: 
         params.update({p: v for p, v in random_params(cfg, mesh, seed).items() if p in missing})
     params.update(load_frozen_parts(folder, cfg, mesh, [p for p in frozen if p not in missing]))
     return params
-
-
-def load_frozen_parts(folder: Path, cfg: Config, mesh: jax.sharding.Mesh, parts: list[str]) -> dict[str, Any]:
-    """The converted or trained frozen parts (vae, text_encoder, image_encoder) of a model folder."""
-    fns = component_init_fns(cfg)
-    return {p: checkpoint.load_params(folder / p, mesh, cfg, fns[p]) for p in parts}
 
 
 def load_checkpoint_params(ckpt: Path, cfg: Config, mesh: jax.sharding.Mesh, seed: int) -> dict[str, Any]:
@@ -137,55 +88,6 @@ def text_cache(cfg: Config, encoder_weights: Path, tokenizer_dir: Path) -> Embed
     for f in sorted(p for p in Path(tokenizer_dir).rglob("*") if p.is_file()):
         tok.update(f.name.encode() + f.read_bytes())
     return EmbeddingCache(root, encoder_identity(cfg.text_encoder, encoder_weights) + tok.hexdigest()[:16])
-
-
-# Jitted entry points: parameters are always arguments, never closed over (closed-over arrays are
-# compiled in as constants: 11 GB of umT5 weights at 14B). One compiled function per config.
-
-
-@functools.cache
-def text_encoder_fn(cfg: TextEncoderConfig) -> Callable[[Any, Array, Array], Array]:
-    """jit (params, ids [N, L], mask [N, L]) -> umT5 embeddings [N, L, D]."""
-    t5 = text_encoder.UMT5Encoder(cfg)
-    return jax.jit(lambda params, ids, mask: t5.apply({"params": params}, ids, mask))
-
-
-@functools.cache
-def vae_encode_fn(cfg: VAEConfig) -> Callable[[Any, Array], Array]:
-    """jit (params, video [B, T, H, W, 3]) -> normalised latents [B, t, h, w, z]."""
-    return jax.jit(functools.partial(vae.encode, cfg))
-
-
-@functools.cache
-def vae_decode_fn(cfg: VAEConfig) -> Callable[[Any, Array], Array]:
-    """jit (params, latents [B, t, h, w, z]) -> video [B, T, H, W, 3] in [-1, 1]."""
-    return jax.jit(functools.partial(vae.decode, cfg))
-
-
-@functools.cache
-def image_tokens_fn(cfg: Config) -> Callable[[dict[str, Any], Array], Array]:
-    """jit (params, image [H, W, 3]) -> CLIP tokens [Li, image_dim]."""
-    return jax.jit(functools.partial(image_tokens, cfg))
-
-
-def build_components(cfg: Config, params: dict[str, Any], tokenizer_dir: Path, cache: EmbeddingCache | None = None) -> Components:
-    """Host-callable encode/decode functions over jitted JAX models; text embeddings cached if given."""
-    tok = text_encoder.load_tokenizer(tokenizer_dir)
-    t5_apply = functools.partial(text_encoder_fn(cfg.text_encoder), params["text_encoder"])
-    encode, decode = vae_encode_fn(cfg.vae), vae_decode_fn(cfg.vae)
-
-    def encode_text(prompts: list[str]) -> np.ndarray:
-        return text_encoder.encode_prompts(prompts, tok, t5_apply, cfg.text_encoder.text_len, cache)
-
-    encode_image = None
-    if cfg.dit.has_image_branch:
-        encode_image = lambda image: np.asarray(image_tokens_fn(cfg)({"image_encoder": params["image_encoder"]}, jnp.asarray(image)))
-    return Components(
-        encode_text=encode_text,
-        encode_video=lambda video: np.asarray(encode(params["vae"], jnp.asarray(video)[None]))[0],
-        decode_latents=lambda z: np.asarray(decode(params["vae"], jnp.asarray(z)[None]))[0],
-        encode_image=encode_image,
-    )
 
 
 def load_for_sampling(

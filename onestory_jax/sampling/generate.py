@@ -23,8 +23,9 @@ from onestory_jax.config import Config
 from onestory_jax.diffusion.guidance import guided_velocity_fn
 from onestory_jax.diffusion.loop import sample as denoise
 from onestory_jax.diffusion.schedule import make_schedule
-from onestory_jax.models import image_encoder, vae
+from onestory_jax.models import vae
 from onestory_jax.models.dit import ContextTokens
+from onestory_jax.models.frozen import image_tokens
 from onestory_jax.models.memory import num_selected
 from onestory_jax.models.onestory import memory_context, memory_scores, velocity
 from onestory_jax.sampling.memory_bank import MemoryBank, baseline_candidates, empty_bank, write_shot
@@ -145,7 +146,8 @@ def generate_story(
 
     on_shot(shot) / on_step(step): host callbacks (progress bars) when a shot / a denoising step starts.
     on_shot_done(shot, new, latents): ordered host callback after each shot (new: it was generated now).
-    I2V without a start image: shots after the first see the CLIP tokens of shot 1's decoded first frame.
+    I2V without a start image: shots after the first see the CLIP tokens of shot 1's decoded first frame,
+    or none at all when memory.later_shots_see_first_image is off.
     """
     max_shots, t, h, w, c = inputs.noise.shape
     bank = empty_bank(max_shots, t, h, w, c)
@@ -159,7 +161,9 @@ def generate_story(
         if on_shot_done is not None:  # hand a newly generated shot to the host now (e.g. to save it)
             new = inputs.active[shot] & ~inputs.done[shot]
             io_callback(on_shot_done, None, shot, new, record.latents, ordered=True)
-        if cfg.dit.has_image_branch:  # without a start image, later shots see CLIP of shot 1's first frame
+        if cfg.dit.has_image_branch and not cfg.memory.later_shots_see_first_image:
+            tokens = jnp.zeros_like(tokens)  # memory is the later shots' only visual input (as in training)
+        elif cfg.dit.has_image_branch:  # without a start image, later shots see CLIP of shot 1's first frame
             from_shot1 = (shot == 0) & ~inputs.has_start_image
             tokens = jax.lax.cond(from_shot1, lambda: latent_to_image_tokens(cfg, params, record.latents[0]), lambda: tokens)
         return (bank, tokens), record
@@ -203,12 +207,6 @@ def story_program(cfg: Config, spec: GenerationSpec, pair_sharding: jax.sharding
     """
     return jax.jit(lambda params, inputs: generate_story(params, cfg, spec, inputs, _on_shot, _on_step, pair_sharding,
                                                         _on_shot_done))
-
-
-def image_tokens(cfg: Config, params: dict[str, Any], image: Array) -> Array:
-    """CLIP tokens [Li, image_dim] of an image [H, W, 3] in [-1, 1] (traceable)."""
-    pixels = image_encoder.preprocess(image, cfg.image_encoder)[None]
-    return image_encoder.CLIPVisionTower(cfg.image_encoder).apply({"params": params["image_encoder"]}, pixels)[0]
 
 
 def latent_to_image_tokens(cfg: Config, params: dict[str, Any], z: Array) -> Array:

@@ -21,21 +21,12 @@ from onestory_jax.config import Config, to_dict
 from onestory_jax.diffusion.guidance import null_text
 from onestory_jax.data.video import read_video, resize_frame
 from onestory_jax.errors import UserError
+from onestory_jax.models.frozen import Components
 from onestory_jax.models.image_encoder import load_image
 from onestory_jax.models.memory import frames_per_patchifier
 from onestory_jax.sampling import outputs, resume
 from onestory_jax.sampling.generate import Progress, ShotRecord, StoryInputs, generation_spec, story_program
 from onestory_jax.sampling.story import Story, story_to_dict
-
-
-@dataclasses.dataclass(frozen=True)
-class Components:
-    """The encoders and decoder a story needs, as host-callable functions."""
-
-    encode_text: Callable[[list[str]], np.ndarray]  # prompts -> [N, Lt, text_dim]
-    encode_video: Callable[[np.ndarray], np.ndarray]  # [T, H, W, 3] in [-1, 1] -> latents [t, h, w, 16]
-    decode_latents: Callable[[np.ndarray], np.ndarray]  # latents [t, h, w, 16] -> [T, H, W, 3] in [-1, 1]
-    encode_image: Callable[[np.ndarray], np.ndarray] | None  # [H, W, 3] in [-1, 1] -> CLIP tokens [Li, image_dim]
 
 
 def i2v_condition(encode_video: Callable[[np.ndarray], np.ndarray], image: np.ndarray | None, frames: int,

@@ -1,0 +1,117 @@
+"""The frozen parts of a OneStory model (Wan-VAE, umT5, CLIP): where a model folder keeps them, how
+they load, and their jitted encode/decode functions as host callables (`Components`).
+
+Sampling and data preparation (which encodes training data with the same parts) both use them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from onestory_jax import checkpoint
+from onestory_jax.config import Config, TextEncoderConfig, VAEConfig
+from onestory_jax.errors import UserError
+from onestory_jax.models import image_encoder, text_encoder, vae
+from onestory_jax.models.embedding_cache import EmbeddingCache
+from onestory_jax.models.onestory import component_init_fns
+
+Array = jax.Array
+
+
+FROZEN_PARTS = ("vae", "text_encoder", "image_encoder")  # converted checkpoints in a model folder
+
+
+def is_model_folder(path: Path) -> bool:
+    """A folder with onestory/ (trained DiT + memory, from train.py) or dit/ (converted), plus frozen parts."""
+    return (path / "onestory").is_dir() or (path / "dit").is_dir()
+
+
+def model_folder_config(folder: Path) -> Config:
+    """Config of a model folder: the onestory/ (or dit/, or a frozen part's) checkpoint's, with each
+    frozen part's own section."""
+    base = next((folder / p for p in ("onestory", "dit", *FROZEN_PARTS) if (folder / p).is_dir()), None)
+    if base is None:
+        raise UserError(f"'{folder}' is not a model folder: it has none of onestory/, dit/, {'/, '.join(FROZEN_PARTS)}/")
+    cfg = checkpoint.load_config_from_checkpoint(base)
+    sections = {part: getattr(checkpoint.load_config_from_checkpoint(folder / part), part)
+                for part in FROZEN_PARTS if (folder / part).is_dir()}
+    return dataclasses.replace(cfg, **sections).validate()
+
+
+def load_frozen_parts(folder: Path, cfg: Config, mesh: jax.sharding.Mesh, parts: list[str]) -> dict[str, Any]:
+    """The converted or trained frozen parts (vae, text_encoder, image_encoder) of a model folder."""
+    fns = component_init_fns(cfg)
+    return {p: checkpoint.load_params(folder / p, mesh, cfg, fns[p]) for p in parts}
+
+
+@dataclasses.dataclass(frozen=True)
+class Components:
+    """The encoders and decoder a story needs, as host-callable functions."""
+
+    encode_text: Callable[[list[str]], np.ndarray]  # prompts -> [N, Lt, text_dim]
+    encode_video: Callable[[np.ndarray], np.ndarray]  # [T, H, W, 3] in [-1, 1] -> latents [t, h, w, 16]
+    decode_latents: Callable[[np.ndarray], np.ndarray]  # latents [t, h, w, 16] -> [T, H, W, 3] in [-1, 1]
+    encode_image: Callable[[np.ndarray], np.ndarray] | None  # [H, W, 3] in [-1, 1] -> CLIP tokens [Li, image_dim]
+
+
+def image_tokens(cfg: Config, params: dict[str, Any], image: Array) -> Array:
+    """CLIP tokens [Li, image_dim] of an image [H, W, 3] in [-1, 1] (traceable)."""
+    pixels = image_encoder.preprocess(image, cfg.image_encoder)[None]
+    return image_encoder.CLIPVisionTower(cfg.image_encoder).apply({"params": params["image_encoder"]}, pixels)[0]
+
+
+# Jitted entry points: parameters are always arguments, never closed over (closed-over arrays are
+# compiled in as constants: 11 GB of umT5 weights at 14B). One compiled function per config.
+
+
+@functools.cache
+def text_encoder_fn(cfg: TextEncoderConfig) -> Callable[[Any, Array, Array], Array]:
+    """jit (params, ids [N, L], mask [N, L]) -> umT5 embeddings [N, L, D]."""
+    t5 = text_encoder.UMT5Encoder(cfg)
+    return jax.jit(lambda params, ids, mask: t5.apply({"params": params}, ids, mask))
+
+
+@functools.cache
+def vae_encode_fn(cfg: VAEConfig) -> Callable[[Any, Array], Array]:
+    """jit (params, video [B, T, H, W, 3]) -> normalised latents [B, t, h, w, z]."""
+    return jax.jit(functools.partial(vae.encode, cfg))
+
+
+@functools.cache
+def vae_decode_fn(cfg: VAEConfig) -> Callable[[Any, Array], Array]:
+    """jit (params, latents [B, t, h, w, z]) -> video [B, T, H, W, 3] in [-1, 1]."""
+    return jax.jit(functools.partial(vae.decode, cfg))
+
+
+@functools.cache
+def image_tokens_fn(cfg: Config) -> Callable[[dict[str, Any], Array], Array]:
+    """jit (params, image [H, W, 3]) -> CLIP tokens [Li, image_dim]."""
+    return jax.jit(functools.partial(image_tokens, cfg))
+
+
+def build_components(cfg: Config, params: dict[str, Any], tokenizer_dir: Path, cache: EmbeddingCache | None = None) -> Components:
+    """Host-callable encode/decode functions over jitted JAX models; text embeddings cached if given."""
+    tok = text_encoder.load_tokenizer(tokenizer_dir)
+    t5_apply = functools.partial(text_encoder_fn(cfg.text_encoder), params["text_encoder"])
+    encode, decode = vae_encode_fn(cfg.vae), vae_decode_fn(cfg.vae)
+
+    def encode_text(prompts: list[str]) -> np.ndarray:
+        return text_encoder.encode_prompts(prompts, tok, t5_apply, cfg.text_encoder.text_len, cache)
+
+    encode_image = None
+    if cfg.dit.has_image_branch:
+        encode_image = lambda image: np.asarray(image_tokens_fn(cfg)({"image_encoder": params["image_encoder"]}, jnp.asarray(image)))
+    return Components(
+        encode_text=encode_text,
+        encode_video=lambda video: np.asarray(encode(params["vae"], jnp.asarray(video)[None]))[0],
+        decode_latents=lambda z: np.asarray(decode(params["vae"], jnp.asarray(z)[None]))[0],
+        encode_image=encode_image,
+    )
