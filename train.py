@@ -16,7 +16,7 @@ import argparse
 import contextlib
 from pathlib import Path
 
-from onestory_jax.errors import run_cli
+from onestory_jax.errors import UserError, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.data=data/train.arrayrecord")
     args = ap.parse_intermixed_args(argv)  # key=value overrides may follow options
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UserError(f"--stop-after must be >= 1, got {args.stop_after}")
 
     import jax
 

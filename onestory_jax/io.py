@@ -54,7 +54,16 @@ def require_free_space(folder: str | Path, nbytes: int, what: str) -> None:
     """Refuse to start writing `what` (`nbytes`) into `folder` when its disk has less free space."""
     free = shutil.disk_usage(folder).free
     if free < nbytes:
-        raise UserError(f"'{folder}' has {free / 2**30:.2f} GiB free but {what} needs {nbytes / 2**30:.2f} GiB")
+        raise UserError(f"'{folder}' has {human_bytes(free)} free but {what} needs {human_bytes(nbytes)}")
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 @contextlib.contextmanager

@@ -2,7 +2,6 @@
 a dead process is taken over; an --out that cannot be written, or a story that cannot fit, fails
 before any model is built."""
 
-import importlib.util
 import json
 import os
 import socket
@@ -12,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from onestory_jax.errors import UserError, run_cli
+from onestory_jax.errors import UserError
 from onestory_jax.locking import LOCK_NAME, folder_lock
+from train_runs import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 STORY = "settings: {width: 32, height: 32, frames: 5, steps: 2}\nshots: [A square., The same square.]\n"
@@ -24,16 +24,6 @@ def dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", ""])
     p.wait()
     return p.pid
-
-
-def cli(script: str, argv: list[str], capsys) -> tuple[int, str]:
-    """Run sample.py's or train.py's main in this process as its CLI does: (exit status, stderr)."""
-    spec = importlib.util.spec_from_file_location(script, ROOT / f"{script}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    with pytest.raises(SystemExit) as exit_:
-        run_cli(module.main, argv)
-    return exit_.value.code, capsys.readouterr().err
 
 
 def test_second_holder_is_refused_and_the_lock_is_released(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from onestory_jax.config import load_config
 from onestory_jax.data.pipeline import make_dataset
 from onestory_jax.errors import UserError
-from train_runs import MESH, assert_same_params, run_train
+from train_runs import MESH, TINY, assert_same_params, cli, run_train
 
 
 def test_resume_reaches_the_same_params_bitwise(tmp_path, records, straight_run):
@@ -43,6 +43,23 @@ def test_missing_data_and_mismatched_checkpoint_are_clear(tmp_path, records):
     r = run_train(tmp_path / "w2", records, "dit.ffn_dim=48")
     assert r.returncode == 2 and "does not match the config" in r.stderr and "ffn/fc1" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
+    assert "ffn_dim: 32" in (tmp_path / "w2" / "config.yaml").read_text()  # still describes its checkpoints
+
+
+def test_bad_stop_after_and_a_disk_without_room_are_refused(tmp_path, records, capsys, monkeypatch):
+    """--stop-after 0 trained nothing and said "had already trained all 6 steps"; a disk that cannot hold one
+    checkpoint gave 1661 lines of orbax tracebacks at the first save."""
+    import shutil
+    from types import SimpleNamespace
+
+    from onestory_jax.training import loop
+
+    code, err = cli("train", ["--config", TINY, "--workdir", str(tmp_path / "w"), "--stop-after", "0"], capsys)
+    assert code == 2 and err == "error: --stop-after must be >= 1, got 0\n"
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    with pytest.raises(UserError, match=r"'.*w' has 1000.0 B free but a checkpoint of the train state needs \d+\.\d MiB"):
+        loop.train(load_config(TINY, [f"train.data={records}", *MESH]), tmp_path / "w", progress=False)
+    assert not (tmp_path / "w" / "config.yaml").exists()
 
 
 def test_non_finite_state_is_never_saved(tmp_path, records):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -13,8 +14,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from onestory_jax.data.records import write_records
+from onestory_jax.errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "configs/train/tiny.yaml"
@@ -68,6 +71,16 @@ def train_env(devices: int = 8, **extra: str) -> dict[str, str]:
 def train_cmd(workdir: Path, records: Path, *extra: str) -> list[str]:
     return [sys.executable, "train.py", "--config", TINY, "--workdir", str(workdir), "--no-progress",
             f"train.data={records}", *MESH, *extra]
+
+
+def cli(script: str, argv: list[str], capsys) -> tuple[int, str]:
+    """Run sample.py's or train.py's main in this process as its CLI does: (exit status, stderr)."""
+    spec = importlib.util.spec_from_file_location(script, ROOT / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(module.main, argv)
+    return exit_.value.code, capsys.readouterr().err
 
 
 def run_train(workdir: Path, records: Path, *extra: str) -> subprocess.CompletedProcess:

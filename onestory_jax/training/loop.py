@@ -25,6 +25,7 @@ from onestory_jax.checkpoint import (check_stored_tree, non_finite_leaves, quiet
 from onestory_jax.config import Config, to_dict
 from onestory_jax.data.pipeline import make_dataset
 from onestory_jax.errors import UserError
+from onestory_jax.io import require_free_space
 from onestory_jax.models.onestory import boxed_init_fn, memory_params_from_dit
 from onestory_jax.sharding import activate, batch_sharding, init_sharded, make_mesh
 from onestory_jax.training.losses import loss_at_sigmas
@@ -168,14 +169,15 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, stop_after: i
     mesh = make_mesh(cfg.mesh)
     _check_batch_size(tc.batch_size, mesh)
     lead = jax.process_index() == 0
-    if lead:
-        (workdir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     data_iter = iter(_host_dataset(cfg))
     with activate(mesh):
         state, tx = _initial_state(cfg, mesh)
         manager = _manager(workdir, cfg)
         if manager.latest_step() is not None:
             state = _restore(manager, state, data_iter)
+        if lead:  # the workdir's config.yaml describes its checkpoints: written once this config fits them
+            require_free_space(workdir, sum(a.nbytes for a in jax.tree.leaves(state)), "a checkpoint of the train state")
+            (workdir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         # Pinned shardings: the state keeps one layout across steps and restarts, so a resumed run
         # executes the very same program as an uninterrupted one (bitwise-equal results on CPU).
         state_shardings = jax.tree.map(lambda a: a.sharding, state)
