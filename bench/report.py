@@ -91,6 +91,25 @@ def train_step_aot_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def train_step_presets_table(data: dict) -> str:
+    lines = [
+        "| preset | devices | mesh (data x fsdp x seq x tensor) | batch | remat | trainable | state GiB | temp GiB | "
+        "**peak GiB / device** | device | capacity GiB | headroom | fits (>= 10% free) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in sorted(data.get("presets", {}).items(), key=lambda kv: -kv[1]["devices"]):
+        if "error" in r:
+            lines.append(f"| {name} | {r['devices']} | failed: {r['error'][:80]} | | | | | | | | | | |")
+            continue
+        trainable = ", ".join(f"`{t}`" for t in r["trainable"]) or "all"
+        lines.append(
+            f"| `{name.removeprefix('train/')}` | {r['devices']} | {_mesh(r['mesh'])} | {r['batch']} | {r['remat']} | {trainable} | "
+            f"{r['state_gib_per_device']:.1f} | {r['temporaries_gib']:.1f} | **{r['peak_gib']:.1f}** | {r['chip']} | "
+            f"{r['capacity_gib']:.1f} | {r['headroom']:.0%} | {'yes' if r['fits'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
 def generic_table(data: dict) -> str:
     rows = data["rows"] if isinstance(data, dict) and "rows" in data else [data]
     keys = list(rows[0])
@@ -100,16 +119,19 @@ def generic_table(data: dict) -> str:
 
 
 RENDERERS = {"dit_forward_cpu": dit_forward_table, "dit_forward_gpu": dit_forward_table, "vae_memory": vae_memory_table,
-             "train_step_cpu": train_step_cpu_table, "train_step_aot": train_step_aot_table}
+             "train_step_cpu": train_step_cpu_table, "train_step_aot": train_step_aot_table,
+             "train_step_aot_presets": train_step_presets_table}
+# Tables drawn from another table's results file: table name -> results file stem.
+SOURCES = {"train_step_aot_presets": "train_step_aot"}
 
 
 def main() -> None:
     text = DOC.read_text()
-    for path in sorted(RESULTS.glob("*.json")):
-        name = path.stem
-        pattern = re.compile(rf"(<!-- table:{name} -->).*?(<!-- /table:{name} -->)", re.S)
-        if not pattern.search(text):
+    for name in re.findall(r"<!-- table:(\w+) -->", text):
+        path = RESULTS / f"{SOURCES.get(name, name)}.json"
+        if not path.exists():
             continue
+        pattern = re.compile(rf"(<!-- table:{name} -->).*?(<!-- /table:{name} -->)", re.S)
         table = RENDERERS.get(name, generic_table)(json.loads(path.read_text()))
         text = pattern.sub(lambda m: m.group(1) + "\n" + table + "\n" + m.group(2), text)
     DOC.write_text(text)

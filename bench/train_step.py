@@ -1,22 +1,25 @@
 """Benchmark: the full OneStory train step (loss, gradients, AdamW), as train.py jits it.
 
     python bench/train_step.py --suite cpu   # tiny + mid-size on this CPU: tokens/s -> bench/results/train_step_cpu.json
-    python bench/train_step.py --suite aot   # Wan2.1-I2V-14B at 480p on 8/64/256 fake CPU devices:
-                                             # compile only, per-device memory -> bench/results/train_step_aot.json
+    python bench/train_step.py --suite aot   # the shipped 14B presets, each on its target device count
+                                             # (fake CPU devices): compile only, per-device memory and
+                                             # fit with 10% headroom -> bench/results/train_step_aot.json
+    python bench/train_step.py --suite aot --preset train/wan2.1-i2v-14b-480p-v5p   # one preset
+    python bench/train_step.py --suite aot --matrix  # the exploration matrix of meshes x remat x attention
     python bench/train_step.py --suite aot --devices 8 --sequence 2 --remat full --attention chunked
 
 `cpu` builds the state exactly as onestory_jax/training/loop.py does (init_sharded, the memory
 modules from the DiT's patch embedding, init_state) and jits make_train_step with the same pinned
 in/out shardings and donation, then times steps on synthetic batches of the training shapes.
 
-`aot` never allocates the model: the state and the batch are ShapeDtypeStructs carrying their
-NamedShardings, and `jax.jit(step).lower(state, batch).compile().memory_analysis()` gives the
-per-device sizes. Each mesh size runs in its own process with
+`aot` never allocates the model (onestory_jax/training/aot.py): the state and the batch are
+ShapeDtypeStructs carrying their NamedShardings, and `jax.jit(step).lower(state, batch).compile()
+.memory_analysis()` gives the per-device sizes. Each mesh size runs in its own process with
 XLA_FLAGS=--xla_force_host_platform_device_count=N (the device count is fixed at JAX start-up).
 The figures are those of the XLA *CPU* compiler: an estimate of what the GPU/TPU compilers would
 allocate, not a measurement on them. `--attention chunked` swaps the DiT's attention for a
-query-chunked, rematerialised stand-in of a flash kernel (the library's `chunked_attention`), since the CPU
-backend (and TPU, where the library has no splash kernel yet) materialises the full logits.
+query-chunked, rematerialised stand-in of a flash kernel (the library's `chunked_attention`); the
+presets' `attention: auto` takes that path on CPU too (cuDNN on GPU, splash on TPU).
 """
 
 from __future__ import annotations
@@ -36,44 +39,22 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from onestory_jax.config import Config, load_config
 from onestory_jax.io import save_json
 from onestory_jax.models.onestory import boxed_init_fn, memory_params_from_dit
-from onestory_jax.sharding import abstract_params, activate, batch_sharding, init_sharded, make_mesh
+from onestory_jax.sharding import activate, batch_sharding, init_sharded, make_mesh
+from onestory_jax.training import aot
+from onestory_jax.training.aot import CAPACITY_GIB, LATENT_480P, batch_shapes, jit_step
 from onestory_jax.training.metrics import context_tokens, noise_tokens, train_step_flops
 from onestory_jax.training.optim import make_optimizer
-from onestory_jax.training.step import TrainState, init_state, make_train_step
+from onestory_jax.training.step import TrainState, init_state
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GIB = 1 << 30
-# HBM per chip (GiB): H100 SXM 80 GB (nvidia-smi: 81,559 MiB), TPU v5p 95 GB.
-CAPACITY_GIB = {"h100_80gb": 81559 / 1024, "tpu_v5p_95gb": 95.0}
 PRESET_14B = "train/wan2.1-i2v-14b-480p"
-LATENT_480P = (21, 60, 104)  # 81 frames at 480x832
 
 # ---------------------------------------------------------------------------------------------
 # shapes shared by both suites
-
-
-def batch_shapes(cfg: Config, batch: int, latent: tuple[int, int, int]) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """(shape, dtype) of every batch key, as data/pipeline.py three_shot_example builds them
-    (memory = the two prior shots, 2T frames; I2V adds CLIP tokens and the 20 cond channels)."""
-    t, h, w = latent
-    c = cfg.memory.latent_channels
-    shapes: dict[str, tuple[tuple[int, ...], Any]] = {
-        "target": ((batch, t, h, w, c), np.float32),
-        "memory": ((batch, 2 * t, h, w, c), np.float32),
-        "memory_valid": ((batch, 2 * t), np.bool_),
-        "labels": ((batch, 2 * t), np.float32),
-        "real_prior": ((batch, 2 * t), np.bool_),
-        "text": ((batch, cfg.dit.text_len, cfg.dit.text_dim), np.float32),
-    }
-    if cfg.dit.has_image_branch:
-        shapes["image"] = ((batch, cfg.image_encoder.num_tokens, cfg.dit.image_dim), np.float32)
-        shapes["cond"] = ((batch, t, h, w, cfg.dit.in_dim - c), np.float32)
-    return shapes
 
 
 def synthetic_batch(cfg: Config, batch: int, latent: tuple[int, int, int], seed: int = 0) -> dict[str, np.ndarray]:
@@ -97,13 +78,6 @@ def step_flops(cfg: Config, batch: int, latent: tuple[int, int, int]) -> float:
     """Model FLOPs of one train step (the training loop's MFU model, all DiT weights training)."""
     shapes = {k: shape for k, (shape, _) in batch_shapes(cfg, batch, latent).items()}
     return train_step_flops(cfg, shapes, dit_trains=True)
-
-
-def jit_step(cfg: Config, tx: optax.GradientTransformation, state_shardings: Any, batch_shardings: Any, mesh: Any) -> Any:
-    """The train step jitted as loop.py does: pinned state layout, donated state, replicated metrics."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(make_train_step(cfg, tx), donate_argnums=0, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, replicated))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,32 +152,6 @@ def run_cpu(args: argparse.Namespace) -> None:
 # aot suite: compile-only memory of the 14B step
 
 
-def abstract_state(cfg: Config, mesh: Any) -> tuple[TrainState, optax.GradientTransformation]:
-    """The train state as ShapeDtypeStructs with the shardings loop.py's state gets, allocating nothing.
-
-    Params (and EMA) take their logical shardings; optimizer moments take their param's (optax's
-    tree_map_params); scalars (step, counts, rng) are replicated.
-    """
-    params = abstract_params(boxed_init_fn(cfg), mesh, jax.random.key(0))
-    tx = make_optimizer(cfg.train, params)
-    shapes = jax.eval_shape(lambda p: init_state(p, tx, cfg.train.seed, ema=cfg.train.ema_decay > 0), params)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
-    param_sh = jax.tree.map(lambda p: p.sharding, params)
-    masked = lambda a: isinstance(a, optax.MaskedNode)  # noqa: E731  (a frozen param's slot in a masked state)
-    opt_state = optax.tree_map_params(tx, lambda a, s: a if masked(a) else sds(a, s), shapes.opt_state, param_sh,
-                                      transform_non_params=lambda a: sds(a, replicated), is_leaf=masked)
-    ema = None if shapes.ema is None else jax.tree.map(sds, shapes.ema, param_sh)
-    return TrainState(step=sds(shapes.step, replicated), params=params, opt_state=opt_state, ema=ema,
-                      rng=sds(shapes.rng, replicated)), tx
-
-
-def abstract_batch(cfg: Config, mesh: Any, batch: int, latent: tuple[int, int, int]) -> dict[str, jax.ShapeDtypeStruct]:
-    """Batch ShapeDtypeStructs split over (data, fsdp) like loop.py's global batch."""
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
-            for k, (shape, dtype) in batch_shapes(cfg, batch, latent).items()}
-
-
 def aot_config(devices: int, sequence: int, tensor: int, remat: str, attention: str = "library") -> Config:
     """The 14B pod preset on `devices` devices: fsdp fills what sequence x tensor leave; one sample per
     batch shard (data x fsdp). attention `library`: the preset's; `chunked`: the library's chunked path."""
@@ -215,45 +163,38 @@ def aot_config(devices: int, sequence: int, tensor: int, remat: str, attention: 
                                     "dit.sequence_parallel=gspmd", *chunked])
 
 
-def compile_case(devices: int, sequence: int, tensor: int, remat: str, attention: str) -> dict:
-    """Lower + compile the 14B step on abstract inputs; per-device memory analysis in GiB."""
-    cfg = aot_config(devices, sequence, tensor, remat, attention)
-    mesh = make_mesh(cfg.mesh)
-    with activate(mesh):
-        state, tx = abstract_state(cfg, mesh)
-        batch = abstract_batch(cfg, mesh, cfg.train.batch_size, LATENT_480P)
-        step = jit_step(cfg, tx, jax.tree.map(lambda a: a.sharding, state), jax.tree.map(lambda a: a.sharding, batch), mesh)
-        t0 = time.perf_counter()
-        lowered = step.lower(state, batch)
-        lower_s = time.perf_counter() - t0
-        compiled = lowered.compile()
-        compile_s = time.perf_counter() - t0 - lower_s
-    return memory_row(cfg, mesh, compiled, state) | {"attention": attention, "lower_s": round(lower_s, 1),
-                                                     "compile_s": round(compile_s, 1)}
-
-
-def memory_row(cfg: Config, mesh: Any, compiled: Any, state: TrainState) -> dict:
-    """Per-device sizes from the compiled program, the peak estimate and the fit on each chip."""
-    m = compiled.memory_analysis()
-    sizes = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-             "temporaries": m.temp_size_in_bytes, "aliased": m.alias_size_in_bytes, "code": m.generated_code_size_in_bytes}
-    peak = sizes["arguments"] + sizes["temporaries"] + sizes["outputs"] - sizes["aliased"]
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-    state_bytes = state_bytes_per_device(state)
+def analyse(cfg: Config) -> dict:
+    """Compile the 14B step of `cfg` on all (fake) devices at 480p; per-device memory in GiB."""
+    t0 = time.perf_counter()
+    compiled, state, mesh = aot.compile_train_step(cfg, LATENT_480P)
+    compile_s = time.perf_counter() - t0
     noise, ctx = token_counts(cfg, LATENT_480P)
-    row = {
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+    return {
         "devices": mesh.size, "mesh": dict(mesh.shape), "remat": cfg.dit.remat_policy, "batch": cfg.train.batch_size,
         "samples_per_device": cfg.train.batch_size / mesh.size, "noise_tokens": noise, "context_tokens": ctx,
-        "params_b": round(n_params / 1e9, 3), "state_gib_per_device": round(state_bytes / GIB, 3),
-        **{f"{k}_gib": round(v / GIB, 3) for k, v in sizes.items()}, "peak_gib": round(peak / GIB, 3),
+        "params_b": round(n_params / 1e9, 3), "state_gib_per_device": round(aot.state_gib_per_device(state), 3),
+        **{f"{k}_gib": round(v, 3) for k, v in aot.memory_gib(compiled).items()}, "compile_s": round(compile_s, 1),
     }
-    row.update({f"fits_{chip}": peak / GIB <= cap for chip, cap in CAPACITY_GIB.items()})
-    return row
 
 
-def state_bytes_per_device(state: TrainState) -> int:
-    """Bytes of one device's shards of the (abstract) state: params are split over fsdp x tensor only."""
-    return sum(int(np.prod(a.sharding.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(state))
+def compile_case(devices: int, sequence: int, tensor: int, remat: str, attention: str) -> dict:
+    """One case of the exploration matrix, and whether its peak fits each chip (no headroom asked)."""
+    row = analyse(aot_config(devices, sequence, tensor, remat, attention))
+    fits = {f"fits_{chip}": row["peak_gib"] <= CAPACITY_GIB[chip] for chip in ("h100_80gb", "tpu_v5p_95gb")}
+    return row | {"attention": attention} | fits
+
+
+def compile_preset(preset: str) -> dict:
+    """A shipped preset exactly as written, on its target device count, and its fit with 10% headroom."""
+    target = next(t for t in aot.PRESET_TARGETS if t.preset == preset)
+    cfg = load_config(preset)
+    row = analyse(cfg)
+    free = aot.headroom(row["peak_gib"], target.chip)
+    return {"preset": preset, "chip": target.chip, "capacity_gib": round(CAPACITY_GIB[target.chip], 2), **row,
+            "attention": cfg.dit.attention, "sequence_parallel": cfg.dit.sequence_parallel,
+            "param_dtype": cfg.dit.param_dtype, "trainable": list(cfg.train.trainable),
+            "headroom": round(free, 4), "fits": free >= aot.HEADROOM, "fingerprint": aot.fingerprint(cfg)}
 
 
 # (devices, sequence, tensor, remat, attention) of the table in docs/performance.md: the preset and
@@ -285,24 +226,35 @@ def case_key(case: dict) -> str:
     return f"{case['devices']}dev/seq{case['sequence']}{tp}/{case['remat']}/{case['attention']}"
 
 
+def run_isolated(devices: int, flag: str, payload: str) -> dict | str:
+    """`--FLAG PAYLOAD` of this script in a process with `devices` fake CPU devices (fixed at JAX
+    start-up): its JSON row, or the error line."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()}
+    proc = subprocess.run([sys.executable, __file__, flag, payload], env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        return f"rc {proc.returncode}: " + (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return json.loads(lines[-1])
+
+
 def run_aot(args: argparse.Namespace) -> None:
-    """One subprocess per case (the fake device count is fixed per process); results merged into the file."""
+    """The presets (default) or the exploration matrix, one subprocess each, merged into the results file."""
     out = RESULTS / "train_step_aot.json"
     data = json.loads(out.read_text()) if out.exists() else {"meta": meta(), "rows": {}}
-    for case in aot_cases(args):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={case['devices']}".strip()}
+    matrix = args.matrix or any(getattr(args, f) is not None for f in CASE_FIELDS)
+    jobs = ([("rows", case_key(c), c["devices"], "--one-aot", json.dumps(c)) for c in aot_cases(args)] if matrix else
+            [("presets", t.preset, t.devices, "--one-preset", t.preset) for t in aot.PRESET_TARGETS
+             if args.preset in (None, t.preset)])
+    for table, key, devices, flag, payload in jobs:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--one-aot", json.dumps(case)], env=env, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode or not lines:
-            err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            print(f"{case_key(case)}: failed (rc {proc.returncode}): {err}", flush=True)
-            row = {**case, "error": err[:500]}
+        row = run_isolated(devices, flag, payload)
+        if isinstance(row, str):
+            print(f"{key}: failed ({row})", flush=True)
+            row = {**json.loads(payload), "error": row[:500]} if matrix else {"preset": key, "devices": devices, "error": row[:500]}
         else:
-            row = json.loads(lines[-1])
-            print(f"{case_key(case)}: peak {row['peak_gib']:.1f} GiB/device ({time.perf_counter() - t0:.0f} s)", flush=True)
-        data["rows"][case_key(case)] = row
+            print(f"{key}: peak {row['peak_gib']:.1f} GiB/device ({time.perf_counter() - t0:.0f} s)", flush=True)
+        data.setdefault(table, {})[key] = row
         data["meta"] = meta()
         write_json(out, data)
 
@@ -339,11 +291,16 @@ def main() -> None:
     ap.add_argument("--remat", type=lambda s: s.split(","), help="aot: remat policies (default dots_no_batch)")
     ap.add_argument("--attention", type=lambda s: s.split(","),
                     help="aot: library (the DiT as written) and/or chunked (flash stand-in); default both")
+    ap.add_argument("--preset", help="aot: only this shipped preset (default: all of training/aot.py PRESET_TARGETS)")
+    ap.add_argument("--matrix", action="store_true", help="aot: the exploration matrix instead of the presets")
     ap.add_argument("--one-aot", help=argparse.SUPPRESS)
+    ap.add_argument("--one-preset", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one_aot:
         case = json.loads(args.one_aot)
         print(json.dumps(compile_case(*(case[f] for f in CASE_FIELDS))), flush=True)
+    elif args.one_preset:
+        print(json.dumps(compile_preset(args.one_preset)), flush=True)
     elif args.suite == "cpu":
         run_cpu(args)
     else:

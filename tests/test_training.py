@@ -79,6 +79,20 @@ def test_freezing_mask_keeps_frozen_params():
     assert changed["dit"]["blocks"]["ffn"]["fc1"]["kernel"] and changed["memory"]["selector"]["queries"]
 
 
+
+def test_frozen_params_cost_no_weight_gradients():
+    """Frozen params are cut from differentiation: the step has fewer matmuls than with all params
+    training (no weight-gradient dots for the frozen DiT)."""
+    def step_jaxpr(trainable: str) -> str:
+        cfg = load_config("tiny", [f"train.trainable={trainable}"])
+        params = init_params(cfg, jax.random.key(0))
+        tx = make_optimizer(cfg.train, params)
+        return str(jax.make_jaxpr(make_train_step(cfg, tx))(init_state(params, tx, 0, ema=False),
+                                                            _batch(cfg, np.random.default_rng(0))))
+
+    frozen, everything = step_jaxpr("['^memory/']").count("dot_general"), step_jaxpr("[]").count("dot_general")
+    assert frozen < 0.8 * everything, (frozen, everything)
+
 def test_sharded_train_step_equals_unsharded():
     """Loss and gradients of the step on a (data, fsdp, tensor) mesh equal the single-device ones.
 

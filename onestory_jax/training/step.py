@@ -11,6 +11,7 @@ import optax
 
 from onestory_jax.config import Config
 from onestory_jax.training.losses import Batch, loss_fn
+from onestory_jax.training.optim import trainable_mask
 
 Array = jax.Array
 
@@ -29,14 +30,26 @@ def init_state(params: Any, tx: optax.GradientTransformation, seed: int, ema: bo
                       ema=jax.tree.map(jnp.copy, params) if ema else None, rng=jax.random.PRNGKey(seed))
 
 
+def stop_frozen_gradients(params: Any, patterns: tuple[str, ...]) -> Any:
+    """`params` with `lax.stop_gradient` on every param `patterns` freeze (see `optim.trainable_mask`).
+
+    Differentiating through it computes no weight gradient of a frozen param (its gradient is a
+    constant zero), so a frozen DiT costs no gradient memory or backward weight matmuls.
+    """
+    return jax.tree.map(lambda p, train: p if train else jax.lax.stop_gradient(p), params, trainable_mask(params, patterns))
+
+
 def make_train_step(cfg: Config, tx: optax.GradientTransformation):
     """state, batch -> (state, metrics). Jit it with `donate_argnums=0`."""
     warm_steps = int(round(cfg.train.decoupled_warmup * cfg.train.steps))
 
+    def loss(params: Any, batch: Batch, rng: Array, warm: Array) -> tuple[Array, dict[str, Array]]:
+        return loss_fn(stop_frozen_gradients(params, cfg.train.trainable), batch, rng, warm, cfg)
+
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
         rng, step_rng = jax.random.split(state.rng)
         warm = state.step < warm_steps
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, step_rng, warm, cfg)
+        grads, metrics = jax.grad(loss, has_aux=True)(state.params, batch, step_rng, warm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema
