@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 
 from onestory_jax.config import Config, from_dict, to_dict
 from onestory_jax.errors import UserError
+from onestory_jax.io import require_free_space, require_writable
 from onestory_jax.sharding import abstract_params
 
 PARAMS, CONFIG = "params", "config.yaml"
@@ -35,7 +36,8 @@ PARAMS, CONFIG = "params", "config.yaml"
 
 def check_out_dir(out_dir: str | Path, force: bool) -> Path:
     """Refuse an existing non-empty `out_dir` unless `force` and it holds a checkpoint and nothing
-    else (what `save_model` writes: `config.yaml`, `params/`); returns it as an absolute Path."""
+    else (what `save_model` writes: `config.yaml`, `params/`), or one whose parent cannot be written;
+    returns it as an absolute Path."""
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise UserError(f"output '{out}' exists and is not a directory")
@@ -47,6 +49,7 @@ def check_out_dir(out_dir: str | Path, force: bool) -> Path:
         shown = ", ".join(others[:5]) + (f", ... ({len(others)} in all)" if len(others) > 5 else "")
         raise UserError(f"output '{out}' holds more than a checkpoint ({shown}): --force replaces only a folder "
                         f"holding {CONFIG} and {PARAMS}/; pick another --out")
+    require_writable(out.parent, "the output's parent folder")
     return out
 
 
@@ -57,6 +60,7 @@ def save_model(out_dir: str | Path, params: Any, config: Config, force: bool = F
     the config and moves the folders, after a barrier that follows the save.
     """
     out = check_out_dir(out_dir, force)
+    require_free_space(out.parent, sum(a.nbytes for a in jax.tree.leaves(params)), f"checkpoint '{out}'")
     lead = jax.process_index() == 0
     tag = _shared_pid()
     tmp = out.parent / f".{out.name}.tmp-{tag}"

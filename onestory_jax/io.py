@@ -3,8 +3,8 @@
 Every file the project writes goes through `atomic_path`: a temp file in the target's directory,
 renamed onto the target only when writing succeeded, so a reader never sees a half-written file.
 A full disk, a read-only or unwritable folder, or a path under a file is one `UserError` naming the
-file, and the temp file is gone. `require_writable` checks a folder before any work (CLIs call it
-before building a model); `require_free_space` checks that a large write (a checkpoint) can fit.
+file, and the temp file is gone. `require_writable` (a folder) and `require_writable_file` check
+an output before any work (CLIs call them before building a model); `require_free_space` checks that a large write (a checkpoint) can fit.
 A run folder (sample.py's output, read back by the evaluator) names shot i's files `shot_NN.*`
 (1-based).
 """
@@ -48,6 +48,15 @@ def require_writable(folder: str | Path, what: str) -> Path:
     except OSError as e:
         raise UserError(f"{what} '{folder}' is not writable: {e.strerror or e}") from None
     return folder
+
+
+def require_writable_file(path: str | Path, what: str) -> Path:
+    """Check `path` can be written as a file: not a folder, in a writable folder (created if needed)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} '{path}' is a folder: give a file name")
+    require_writable(path.parent, f"the folder of {what}")
+    return path
 
 
 def require_free_space(folder: str | Path, nbytes: int, what: str) -> None:

@@ -61,3 +61,18 @@ def test_force_replaces_only_a_checkpoint(tmp_path):
 def test_bad_config_numbers_and_regexes_name_the_value(override, message):
     with pytest.raises(UserError, match=message):
         load_config("configs/train/tiny.yaml", [override])
+
+
+def test_unwritable_output_or_a_full_disk_is_one_line_before_writing(tmp_path, monkeypatch):
+    """convert --out under a file gave a NotADirectoryError traceback after the conversion; a full disk gave
+    353 lines of orbax tracebacks. Both are refused before anything is written."""
+    import shutil
+    from types import SimpleNamespace
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match=r"the output's parent folder '.*afile' exists and is not a folder"):
+        check_out_dir(tmp_path / "afile" / "dit", force=False)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=100))
+    with pytest.raises(UserError, match=rf"'{tmp_path}' has 100.0 B free but checkpoint '{tmp_path / 'ck'}' needs 1.0 KiB"):
+        save_model(tmp_path / "ck", {"w": np.ones(256, np.float32)}, Config())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

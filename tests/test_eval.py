@@ -168,12 +168,16 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: run directory '{tmp_path / 'missing'}' does not exist or is not a directory"]
-    for argv in (["--run", str(tmp_path), "--dinov2", str(tmp_path / "nowhere")], ["--stories", str(tmp_path)]):
+    (tmp_path / "afile").write_text("x")
+    for argv, message in [(["--run", str(tmp_path), "--dinov2", str(tmp_path / "nowhere")], ""), (["--stories", str(tmp_path)], ""),
+                          # --out a folder or under a file: tracebacks once the run was scored; now refused first
+                          (["--run", str(tmp_path), "--out", str(tmp_path)], f"--out '{tmp_path}' is a folder"),
+                          (["--run", str(tmp_path), "--out", str(tmp_path / "afile" / "r.json")], "the folder of --out")]:
         with pytest.raises(SystemExit) as e:
             run_cli(main, argv)
         assert e.value.code == 2
         err = capsys.readouterr().err
-        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
 def test_dinov2_missing_folder():

@@ -21,7 +21,7 @@ from onestory_jax.data.features import FeatureExtractor, load_features
 from onestory_jax.errors import UserError, run_cli
 from onestory_jax.eval import loading, metrics
 from onestory_jax.eval.evaluate import evaluate_story
-from onestory_jax.io import save_json
+from onestory_jax.io import require_writable_file, save_json
 
 
 def _evaluate(frames: list, truth: Any, features: FeatureExtractor, masks: list | None = None) -> dict[str, Any]:
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.segment and args.stories is None:
         raise UserError("--segment goes with --stories")
 
+    if args.out is not None:  # before any model or video is loaded
+        require_writable_file(args.out, "--out")
     features = load_features(args.dinov2)
     if args.run is not None:
         result = evaluate_run(args.run, args.truth, features)
