@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from onestory_jax.config import to_dict
     from onestory_jax.sampling.pipeline import render_story
     from onestory_jax.sampling.feasibility import check_story_fits
-    from onestory_jax.sampling.resume import model_identity
+    from onestory_jax.sampling.resume import check_not_foreign, model_identity
     from onestory_jax.sampling.story import load_story
     from onestory_jax.sharding import activate
 
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
         load_image(story.start_image)
     with folder_lock(args.out, "--out"):  # one run per --out; also checks it is a writable folder
+        check_not_foreign(args.out)
         cfg, params, comps, mesh = load_for_sampling(args.checkpoint, args.config, args.overrides, args.seed, args.tokenizer,
                                                      check=lambda cfg: check_story_fits(story, cfg))
         model_id = model_identity(args.checkpoint, to_dict(cfg), args.seed)

@@ -75,7 +75,7 @@ def test_cli_refuses_a_locked_or_unwritable_folder_before_any_model(tmp_path, ca
     assert [p.name for p in busy.iterdir()] == [LOCK_NAME]  # nothing written, the holder's lock kept
 
 
-def test_cli_refuses_a_story_that_cannot_fit_before_any_model(tmp_path, capsys, monkeypatch):
+def test_cli_refuses_a_story_that_cannot_fit_or_a_foreign_out_before_any_model(tmp_path, capsys, monkeypatch):
     from onestory_jax.sampling import components
 
     def no_model(*args):
@@ -86,3 +86,9 @@ def test_cli_refuses_a_story_that_cannot_fit_before_any_model(tmp_path, capsys, 
     code, err = cli("sample", ["--config", "tiny", "--story", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "a 1048576x1048576 story of 2 shots of 5 frames needs at least" in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
+    (tmp_path / "mine").mkdir()  # the user's own manifest.json was overwritten
+    (tmp_path / "mine" / "manifest.json").write_text('{"notes": "mine"}')
+    (tmp_path / "s.yaml").write_text(STORY)
+    code, err = cli("sample", ["--config", "tiny", "--story", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "mine")], capsys)
+    assert code == 2 and "holds a manifest.json that sample.py did not write" in err and err.count("\n") == 1, err
+    assert (tmp_path / "mine" / "manifest.json").read_text() == '{"notes": "mine"}'

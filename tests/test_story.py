@@ -35,6 +35,7 @@ def test_valid_story_and_defaults(tmp_path):
     ({"settings": {"guidance": float("inf")}}, r"settings\.guidance: must be a finite number"),
     ({"settings": {"shift": float("nan")}}, r"settings\.shift: must be a finite number"),
     ({"settings": {"shift": -1}}, r"settings\.shift: must be > 0"),
+    ({"shots": [{"caption": True}]}, r"shots\[1\]\.caption: must be a non-empty string, got True \(YAML reads yes/no"),
     ({"settings": {"steps": 10**9}}, r"settings\.steps: 1000000000 is not in 1\.\.1000"),
     ({"settings": {"seed": -5}}, r"settings\.seed: -5 is not in 0\.\.4294967295"),
     ({"settings": {"seed": 2**32}}, r"settings\.seed: 4294967296 is not in"),  # jax would make it seed 0
@@ -85,3 +86,14 @@ def test_sizes_must_suit_the_model_and_fit_in_memory():
                                         r"\(latents 121\.1, .*weights not counted\) but the devices have 64\.0 GiB in all") as e:
         check_story_fits(huge, tiny, available=64 * GIB)
     assert "\n" not in str(e.value)
+
+
+def test_story_settings_override_the_model_sampler():
+    """One sampler config: the model's `sampler`, with each setting a story gives taking precedence."""
+    from onestory_jax.config import SamplerConfig
+    from onestory_jax.sampling.story import with_sampler
+
+    story = with_sampler(parse_story({**GOOD, "settings": {**GOOD["settings"], "steps": 7}}),
+                         SamplerConfig(steps=20, guidance=3.0, negative_prompt="blur"))
+    s = story.settings
+    assert (s.steps, s.guidance, s.shift, s.solver, s.negative_prompt) == (7, 3.0, 3.0, "unipc", "blur")

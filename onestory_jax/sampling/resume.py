@@ -79,6 +79,20 @@ def _changed(saved: dict[str, Any], now: dict[str, Any]) -> str:
     return "changed: " + ", ".join(keys) if keys else "an earlier shot changed"
 
 
+def check_not_foreign(out: Path) -> None:
+    """Refuse an --out whose manifest.json sample.py did not write: a run would overwrite it (and story.mp4)."""
+    manifest = out / "manifest.json"
+    if not manifest.is_file():
+        return
+    try:
+        ours = {"story", "shots"} <= set(json.loads(manifest.read_text()))
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise UserError(f"--out '{out}' holds a manifest.json that sample.py did not write: a run would overwrite it "
+                        "(and story.mp4, contact_sheet.png); pick another --out")
+
+
 def reusable_shots(out: Path, story: Story, model_id: str, latent_shape: tuple[int, ...],
                    redo: int | None = None) -> tuple[list[np.ndarray], list[str | None]]:
     """(latents of the leading shots that can be kept, per shot the reason it is (re)generated or None).

@@ -137,6 +137,9 @@ def _shot(src: str, i: int, data: Any) -> Shot:
         data = {"caption": data}
     data = _check_keys(where, data, {"caption", "seed"})
     caption = data.get("caption")
+    if isinstance(caption, bool):  # YAML 1.1: `caption: yes` is True
+        raise UserError(f"{where}.caption: must be a non-empty string, got {caption} (YAML reads yes/no/on/off as "
+                        "booleans: quote the caption)")
     if not isinstance(caption, str) or not caption.strip():
         raise UserError(f"{where}.caption: must be a non-empty string")
     seed = data.get("seed")
