@@ -63,6 +63,13 @@ def test_bad_config_numbers_and_regexes_name_the_value(override, message):
         load_config("configs/train/tiny.yaml", [override])
 
 
+def test_a_preset_section_that_is_not_a_mapping_is_one_line(tmp_path):
+    """The probe's `train: [1, 2]` preset (a TypeError traceback then)."""
+    (tmp_path / "bad.yaml").write_text("base: tiny\ntrain: [1, 2]\n")
+    with pytest.raises(UserError, match="config section 'train' must be a mapping"):
+        load_config(str(tmp_path / "bad.yaml"))
+
+
 def test_unwritable_output_or_a_full_disk_is_one_line_before_writing(tmp_path, monkeypatch):
     """convert --out under a file gave a NotADirectoryError traceback after the conversion; a full disk gave
     353 lines of orbax tracebacks. Both are refused before anything is written."""

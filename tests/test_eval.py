@@ -180,6 +180,16 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
+def test_a_gap_in_a_run_without_manifest_is_named(tmp_path):
+    """shot_03.mp4 missing: shots 1, 2 and 4 were scored as a 3-shot story without a word."""
+    from onestory_jax.eval.loading import load_run
+
+    for i in (0, 1, 3):
+        (tmp_path / shot_name(i, ".mp4")).write_bytes(b"")  # never read: the gap is found first
+    with pytest.raises(UserError, match=r"lacks shot_03.mp4 \(it has shot_01.mp4, shot_02.mp4, shot_04.mp4\)"):
+        load_run(tmp_path)
+
+
 def test_dinov2_missing_folder():
     with pytest.raises(UserError, match="no config.json"):
         load_features(Path("/nonexistent/dinov2"))

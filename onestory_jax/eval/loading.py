@@ -40,6 +40,9 @@ def load_run(run: Path) -> list[np.ndarray]:
             raise UserError(f"run directory '{run}' lacks {', '.join(missing)} named by its manifest.json")
     else:
         paths = sorted(run.glob("shot_[0-9][0-9].mp4"))
+        gaps = [shot_name(i, ".mp4") for i in range(len(paths)) if paths[i].name != shot_name(i, ".mp4")]
+        if gaps:  # scoring the shots around a gap would pair the wrong shots
+            raise UserError(f"run directory '{run}' lacks {gaps[0]} (it has {', '.join(p.name for p in paths)})")
     if not paths:
         raise UserError(f"run directory '{run}' has no shot_NN.mp4 files (is it a sample.py output directory?)")
     return [read_video(p) for p in paths]
