@@ -110,6 +110,24 @@ def train_step_presets_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def sample_story_multi_table(data: dict) -> str:
+    one, many = data["rows"]
+    ratio = lambda k: f"{many[k]:.2f}x" if many.get(k) is not None else "-"  # noqa: E731
+    lines = [
+        f"JAX {data['jax']} on {data['device']} ({data['cpu_count']} CPU cores shared by all forced devices); "
+        f"`{data['suite']}` story, latent {data['latent']}, {one['steps']} steps x {one['shots']} shots.",
+        "",
+        "| run | compile s | DiT step s | denoise s | story s |",
+        "|---|---|---|---|---|",
+    ]
+    for r in (one, many):
+        lines.append(f"| {r['name']} | {r['compile_s']:.2f} | {r['dit_step_s']:.4f} | {r['denoise_s']:.3f} | {r['story_s']:.2f} |")
+    lines.append(f"| **ratio** (multi / 1 device) | {ratio('compile_s_ratio')} | {ratio('dit_step_s_ratio')} | "
+                 f"{ratio('denoise_s_ratio')} | {ratio('story_s_ratio')} |")
+    lines += ["", f"Largest latent difference, multi-device vs 1 device: {many['max_latent_diff_rel']:.1e} of the latents' scale."]
+    return "\n".join(lines)
+
+
 def generic_table(data: dict) -> str:
     rows = data["rows"] if isinstance(data, dict) and "rows" in data else [data]
     keys = list(rows[0])
@@ -120,7 +138,7 @@ def generic_table(data: dict) -> str:
 
 RENDERERS = {"dit_forward_cpu": dit_forward_table, "dit_forward_gpu": dit_forward_table, "vae_memory": vae_memory_table,
              "train_step_cpu": train_step_cpu_table, "train_step_aot": train_step_aot_table,
-             "train_step_aot_presets": train_step_presets_table}
+             "train_step_aot_presets": train_step_presets_table, "sample_story_multi": sample_story_multi_table}
 # Tables drawn from another table's results file: table name -> results file stem.
 SOURCES = {"train_step_aot_presets": "train_step_aot"}
 

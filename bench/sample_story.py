@@ -3,17 +3,24 @@
     python bench/sample_story.py --suite cpu                 # tiny preset, 3 shots (CI-sized)
     python bench/sample_story.py --suite gpu [--steps 40]    # 14B I2V at 480p, 81 frames, 3 shots, CFG 5,
                                                              # UniPC, onestory memory; + diffusers' DiT pair
+    python bench/sample_story.py --suite cpu --devices 4     # the story on 1 and on 4 forced host devices
+                                                             # (CFG pair over data 2, Ulysses sequence 2)
 Stages: build/init, text encoding, compile, DiT seconds per step (the guided pair), VAE decode, writing
 outputs, peak device memory. With fewer than 40 steps the 40-step story time is also extrapolated
 (measured total + the missing steps x the measured step). `--diffusers` times diffusers'
 WanTransformer3DModel (same DiT config, bf16, two batch-1 forwards a step, as its pipeline) in a
 second process. Results: bench/results/sample_story_<suite>.json (and a markdown table on stdout).
+`--devices N` runs the suite's story twice, each in its own process with N or 1 forced host devices
+(XLA_FLAGS; CPU): sample.py's multi-device layout (`mesh.data=2` splits the guided pair,
+`mesh.sequence=N/2` shards the tokens, Ulysses inside attention) against one device, with the time
+ratios and how far the latents differ -> bench/results/sample_story_multi.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -43,7 +50,7 @@ def peak_device_gib() -> float | None:
     return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
 
 
-def run_story(suite: dict, steps: int, out: Path) -> dict:
+def run_story(suite: dict, steps: int, out: Path, overrides: tuple[str, ...] = ()) -> dict:
     """Load (random weights) and render a 3-shot story through sample.py's own functions."""
     from onestory_jax.sampling.components import load_for_sampling
     from onestory_jax.sampling.pipeline import render_story
@@ -51,7 +58,7 @@ def run_story(suite: dict, steps: int, out: Path) -> dict:
     from onestory_jax.sharding import activate
 
     t0 = time.perf_counter()
-    cfg, params, comps, mesh = load_for_sampling(None, suite["config"], suite["overrides"], seed=0)
+    cfg, params, comps, mesh = load_for_sampling(None, suite["config"], [*suite["overrides"], *overrides], seed=0)
     import jax
 
     jax.block_until_ready(params)
@@ -111,6 +118,34 @@ def diffusers_pair_step(config: str, overrides: list[str], latent: tuple[int, in
     return {"diffusers_pair_step_s": statistics.median(times), "diffusers_peak_gib": peak}
 
 
+def multi_device_rows(suite_name: str, steps: int, devices: int) -> list[dict]:
+    """The story on 1 device and on `devices` (data 2 x sequence devices/2), each in a process with that
+    many forced host devices; the second row carries its time ratios to the first and the latent difference."""
+    import numpy as np
+
+    layouts = {1: ("mesh.data=1", "mesh.fsdp=1", "mesh.sequence=1"),
+               devices: ("mesh.data=2", "mesh.fsdp=1", f"mesh.sequence={devices // 2}")}
+    rows, outs = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, mesh in layouts.items():
+            out = Path(tmp) / f"{n}dev"
+            env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+            r = subprocess.run([sys.executable, __file__, "--suite", suite_name, "--steps", str(steps), "--one-story", str(out),
+                                *(f"--override={o}" for o in mesh)], env=env, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"{n}-device story failed:\n{r.stderr[-3000:]}")
+            rows.append({"name": f"{n} device{'s' if n > 1 else ''} ({' '.join(o.removeprefix('mesh.') for o in mesh)})",
+                         **json.loads(r.stdout.strip().splitlines()[-1])})
+            outs.append(sorted(out.glob("shot_*.npy")))
+        ref = [np.load(f) for f in outs[0]]
+        scale = max(float(np.abs(a).max()) for a in ref)
+        diff = max(float(np.abs(np.load(f) - a).max()) for f, a in zip(outs[1], ref))
+    for key in ("compile_s", "dit_step_s", "denoise_s", "story_s"):
+        rows[1][f"{key}_ratio"] = rows[1][key] / rows[0][key] if rows[0].get(key) and rows[1].get(key) else None
+    rows[1]["max_latent_diff_rel"] = diff / scale
+    return rows
+
+
 def latent_of(suite: dict, cfg_name: str) -> tuple[int, int, int]:
     from onestory_jax.config import load_config
 
@@ -119,7 +154,7 @@ def latent_of(suite: dict, cfg_name: str) -> tuple[int, int, int]:
 
 
 def table(rows: list[dict]) -> str:
-    keys = [k for k in rows[0] if k != "name"]
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "name"]
     fmt = lambda v: "" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
     lines = ["| case | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     lines += ["| " + r["name"] + " | " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
@@ -133,15 +168,30 @@ def main() -> None:
     ap.add_argument("--diffusers", action="store_true", help="also time diffusers' DiT pair (second process)")
     ap.add_argument("--diffusers-iters", type=int, default=2)
     ap.add_argument("--out", type=Path, help="results JSON (default bench/results/sample_story_<suite>.json)")
+    ap.add_argument("--devices", type=int, help="cpu: the story on 1 vs this many forced host devices (even, >= 2)")
     ap.add_argument("--diffusers-only", action="store_true", help=argparse.SUPPRESS)  # the second process
+    ap.add_argument("--one-story", type=Path, help=argparse.SUPPRESS)  # a multi-device run: its output folder
+    ap.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
     suite = SUITES[args.suite]
     latent = latent_of(suite, suite["config"])
     if args.diffusers_only:
         print(json.dumps(diffusers_pair_step(suite["config"], suite["overrides"], latent, args.diffusers_iters)))
         return
+    steps = args.steps or suite["steps"]
+    if args.one_story:
+        print(json.dumps(run_story(suite, steps, args.one_story, tuple(args.override))))
+        return
+    import jax
+
+    meta = {"suite": args.suite, "device": jax.devices()[0].device_kind, "jax": jax.__version__, "host": platform.node(),
+            "latent": latent}
+    if args.devices:
+        rows = multi_device_rows(args.suite, steps, args.devices)
+        write_results(RESULTS / "sample_story_multi.json", {**meta, "cpu_count": os.cpu_count(), "rows": rows})
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        row = {"name": f"onestory-jax {suite['config']}", **run_story(suite, args.steps or suite["steps"], Path(tmp) / "story")}
+        row = {"name": f"onestory-jax {suite['config']}", **run_story(suite, steps, Path(tmp) / "story")}
     if args.diffusers:  # in a fresh process: JAX keeps its device memory pool until exit
         r = subprocess.run([sys.executable, __file__, "--suite", args.suite, "--diffusers-only",
                             "--diffusers-iters", str(args.diffusers_iters)], capture_output=True, text=True)
@@ -150,14 +200,13 @@ def main() -> None:
         row.update(json.loads(r.stdout.strip().splitlines()[-1]))
         if row["dit_step_s"]:
             row["speedup_vs_diffusers"] = row["diffusers_pair_step_s"] / row["dit_step_s"]
-    import jax
+    write_results(args.out or RESULTS / f"sample_story_{args.suite}.json", {**meta, "rows": [row]})
 
-    result = {"suite": args.suite, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-              "host": platform.node(), "latent": latent, "rows": [row]}
-    out = args.out or RESULTS / f"sample_story_{args.suite}.json"
+
+def write_results(out: Path, result: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(table([row]))
+    print(table(result["rows"]))
     print(f"wrote {out}")
 
 
