@@ -78,8 +78,9 @@ def test_sizes_must_suit_the_model_and_fit_in_memory():
     coarse = load_config("tiny", ["vae.dim_mult=[1,1,1,1,1]", "vae.temperal_downsample=[false,true,true,false]"])
     with pytest.raises(UserError, match=r"settings\.width: 48 is not a multiple of 32 \(this model's VAE factor 16 x patch 2\)"):
         check_story_fits(sized(48, 64), coarse, available=GIB)
-    with pytest.raises(UserError, match=r"settings\.height: 16 is below 32 px: this I2V model encodes shot 1's first frame"):
+    with pytest.raises(UserError, match=r"settings\.height: 16 is below 32 px: this I2V model encodes the story's first frame"):
         check_story_fits(sized(32, 16), tiny, available=GIB)
+    check_story_fits(parse_story({"settings": {"width": 32, "height": 16, "frames": 5}, "shots": ["a"]}), tiny, available=GIB)
     huge = sized(100_000, 100_000)  # the probe's 100000 px story: an 18.6 GiB allocation error after the model loaded
     assert estimate_bytes(huge, tiny)["latents"] == 2 * 2 * 12500**2 * (2 * 16 + 20) * 4
     with pytest.raises(UserError, match=r"a 100000x100000 story of 2 shots of 5 frames needs at least \d+\.\d GiB "

@@ -1,8 +1,8 @@
 """Whether a story fits the model and the machine: checked by sample.py before any weights load.
 
 Sizes: width and height must be multiples of the VAE's spatial factor times the DiT's patch (16 for
-Wan2.1), and an I2V model encodes shot 1's first frame with CLIP for the later shots, so its short
-side needs `MIN_IMAGE_SIDE` pixels.
+Wan2.1), and an I2V model encodes the story's first frame with CLIP (for the later shots, or the
+start image), so then its short side needs `MIN_IMAGE_SIDE` pixels.
 
 Memory: `estimate_bytes` is a lower bound of what one story needs at once (weights not counted):
   latents     every shot's noise, finished latents and (I2V) condition: S x T x h x w x (2C + 4 + C) fp32
@@ -40,14 +40,15 @@ def check_sizes(story: Story, cfg: Config) -> None:
     """Width and height divisible into whole patches; the CLIP minimum for an I2V model."""
     s = story.settings
     step = cfg.vae.spatial_factor * max(cfg.dit.patch_size[1:])
+    uses_clip = cfg.dit.has_image_branch and (len(story.shots) > 1 or story.start_image is not None)
     for name in ("width", "height"):
         value = getattr(s, name)
         if value % step:
             raise UserError(f"settings.{name}: {value} is not a multiple of {step} (this model's VAE factor "
                             f"{cfg.vae.spatial_factor} x patch {max(cfg.dit.patch_size[1:])})")
-        if cfg.dit.has_image_branch and value < MIN_IMAGE_SIDE:
-            raise UserError(f"settings.{name}: {value} is below {MIN_IMAGE_SIDE} px: this I2V model encodes shot 1's "
-                            "first frame with CLIP for the later shots")
+        if uses_clip and value < MIN_IMAGE_SIDE:
+            raise UserError(f"settings.{name}: {value} is below {MIN_IMAGE_SIDE} px: this I2V model encodes the story's "
+                            "first frame with CLIP (for the later shots, or the start image)")
 
 
 def estimate_bytes(story: Story, cfg: Config) -> dict[str, int]:
