@@ -22,11 +22,12 @@ import numpy as np
 from onestory_jax.data import synthetic
 from onestory_jax.eval import evaluate_story, load_features, summary
 from onestory_jax.eval.loading import load_run
+from onestory_jax.eval.recall import recall_metrics
 
 HELD_OUT_SEED = 1_000_000
 # name -> (memory settings of the story, model overrides, what it stands for)
 CONFIGS: dict[str, tuple[dict[str, Any], list[str], str]] = {
-    "none": ({"strategy": "none"}, [], "no memory (text only)"),
+    "none": ({"strategy": "none"}, [], "no memory frames; later shots still see shot 1's CLIP tokens (not text only)"),
     "last_frame": ({"strategy": "last_frame"}, [], "last frame of the previous shot (Table 2a baseline)"),
     "recent": ({"strategy": "recent"}, [], "most recent K frames, adaptive patchifiers"),
     "uniform": ({"strategy": "uniform"}, [], "K frames uniform over all earlier shots, adaptive patchifiers (AC only)"),
@@ -40,20 +41,39 @@ METRICS = ("character", "character_recall", "environment", "subject", "backgroun
            "attribute_character_colour", "attribute_scene")
 
 
-def held_out_stories(n: int, shots: int) -> list[synthetic.Story]:
-    """n stories of `shots` shots cycling through the three patterns."""
-    return [synthetic.make_story(HELD_OUT_SEED + i, shots, synthetic.KINDS[i % len(synthetic.KINDS)]) for i in range(n)]
+def held_out_stories(n: int, shots: int, kinds: tuple[str, ...] = synthetic.KINDS) -> list[synthetic.Story]:
+    """n stories of `shots` shots cycling through `kinds` (default: the three patterns)."""
+    return [synthetic.make_story(HELD_OUT_SEED + i, shots, kinds[i % len(kinds)]) for i in range(n)]
+
+
+# docs/results.md keeps bench/memory_ablation.py's section between these lines when rewritten here.
+SECTION_BEGIN, SECTION_END = "<!-- memory-ablation: begin (bench/memory_ablation.py) -->", "<!-- memory-ablation: end -->"
+
+
+def marked_section(path: Path) -> str:
+    """The marked section of a report (markers included), or ''."""
+    text = path.read_text() if path.is_file() else ""
+    start, end = text.find(SECTION_BEGIN), text.find(SECTION_END)
+    return text[start:end + len(SECTION_END)] + "\n" if 0 <= start < end else ""
+
+
+def write_section(path: Path, body: list[str]) -> None:
+    """Put `body` in the report's marked section (replaced, or appended)."""
+    text = path.read_text() if path.is_file() else ""
+    old = marked_section(path)
+    new = "\n".join([SECTION_BEGIN, *body, SECTION_END]) + "\n"
+    path.write_text(text.replace(old, new) if old else text + "\n" + new)
 
 
 def run_config(name: str, model: Path, stories: list[synthetic.Story], out: Path, steps: int, frames: int,
-               features: Any) -> list[dict]:
-    """Render (or resume) and evaluate every story under one configuration; per-story summaries."""
+               features: Any, memory: dict[str, Any], overrides: list[str]) -> list[dict]:
+    """Render (or resume) and evaluate every story under one configuration (story `memory`
+    settings, model `overrides`); per-story summaries with the recall-shot metrics."""
     from onestory_jax.sampling.components import load_for_sampling
     from onestory_jax.sampling.pipeline import render_story
     from onestory_jax.sampling.story import parse_story
     from onestory_jax.sharding import activate
 
-    memory, overrides, _ = CONFIGS[name]
     cfg, params, comps, mesh = load_for_sampling(model, None, overrides, 0)
     rows = []
     for i, truth in enumerate(stories):
@@ -63,9 +83,11 @@ def run_config(name: str, model: Path, stories: list[synthetic.Story], out: Path
         if not (run / "manifest.json").is_file():
             with activate(mesh):
                 render_story(cfg, params, comps, story, run, progress=False, mesh=mesh)
-        result = summary(evaluate_story(load_run(run), truth, features))
-        rows.append({"story": i, "kind": truth.kind, **result})
-        print(f"{name} story {i}: character {result['character']}", flush=True)
+        result = evaluate_story(load_run(run), truth, features)
+        manifest = json.loads((run / "manifest.json").read_text())
+        row = {"story": i, "kind": truth.kind, **summary(result), **recall_metrics(truth, result, manifest)}
+        rows.append(row)
+        print(f"{name} story {i}: character {row['character']}", flush=True)
     return rows
 
 
@@ -96,10 +118,10 @@ def table(results: dict[str, list[dict]], metrics: tuple[str, ...], kind: str | 
     return lines
 
 
-def paired_differences(results: dict[str, list[dict]], base: str, metrics: tuple[str, ...], kind: str) -> list[str]:
-    """Per-story differences config - `base` on the same `kind` stories: mean ± 95% CI (paired)."""
+def paired_differences(results: dict[str, list[dict]], base: str, metrics: tuple[str, ...], kind: str | None) -> list[str]:
+    """Per-story differences config - `base` on the same `kind` stories (None: all): mean ± 95% CI (paired)."""
     lines = [f"| config - {base} | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
-    ref = {r["story"]: r for r in results[base] if r["kind"] == kind}
+    ref = {r["story"]: r for r in results[base] if kind is None or r["kind"] == kind}
     for name, rows in results.items():
         if name == base:
             continue
@@ -130,7 +152,8 @@ def write_report(results: dict[str, list[dict]], truth_rows: list[dict], path: P
     lines += ["", "## Upper bound: the ground-truth renders", "",
               "The same metrics on the stories' own ground-truth frames (no mp4 round trip).", ""]
     lines += table({"ground truth": truth_rows}, METRICS)
-    path.write_text("\n".join(lines) + "\n")
+    kept = marked_section(path)
+    path.write_text("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
 
 
 def main() -> None:
@@ -159,7 +182,8 @@ def main() -> None:
         if name not in CONFIGS:
             sys.exit(f"error: unknown config '{name}' (one of {', '.join(CONFIGS)})")
         file = args.out / f"{name}.json"
-        results[name] = json.loads(file.read_text()) if file.is_file() else run_config(name, args.model, stories, args.out, args.steps, args.frames, features)
+        results[name] = json.loads(file.read_text()) if file.is_file() else run_config(
+            name, args.model, stories, args.out, args.steps, args.frames, features, *CONFIGS[name][:2])
         file.write_text(json.dumps(results[name], indent=1))
         write_report(results, truth_rows, args.report, len(stories), args.shots, features.name)
     print(f"wrote {args.report}")

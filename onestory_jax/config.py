@@ -83,6 +83,13 @@ class MemoryConfig:
     # Frames per patchifier for one latent-frame budget (multiplied by `budget`).
     frames_per_patchifier: tuple[int, ...] = (2, 6, 5)
     budget: int = 1  # latent-frame equivalents of context tokens: 1, 2 or 3
+    # How training picks the K conditioning frames (the paper's ablation trains each variant with its
+    # own scheme, section 5.3): onestory = the selector's top-K; uniform, last_frame, none as in
+    # models.memory.baseline_candidates. The selector learns from L_sel under every scheme.
+    train_strategy: Literal["onestory", "uniform", "last_frame", "recent", "none"] = "onestory"
+    # I2V: shots after the first see the CLIP tokens of the start image (or of shot 1's first frame),
+    # in training too. False: later shots get zero CLIP tokens, so memory is their only visual input.
+    later_shots_see_first_image: bool = True
 
     def validate(self) -> None:
         if len(self.patchifier_kernels) != len(self.frames_per_patchifier):
@@ -117,6 +124,9 @@ class TrainConfig:
     # Regexes over '/'-joined param paths; only matching params train (empty = everything).
     trainable: tuple[str, ...] = ()
     data: str = ""  # prepared records (ArrayRecord file)
+    # A model folder (e.g. models/demo) whose DiT starts the run (same dit config); the memory modules
+    # start fresh, the patchifiers from its patch embedding. Empty: everything random.
+    init_from: str = ""
     insertion_prob: float = 0.5  # two-shot videos: S_syn from another video (else the augmented first shot)
     swap_order_prob: float = 0.5  # (S_syn, S_first) instead of (S_first, S_syn)
     checkpoint_every: int = 100

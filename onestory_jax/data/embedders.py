@@ -19,6 +19,8 @@ from onestory_jax.data.features import (IMAGENET_MEAN, IMAGENET_STD, DinoV2Featu
                                          masked_image)
 
 Embedder = Callable[[np.ndarray], np.ndarray]  # uint8 frames [N, H, W, 3] -> features [N, E]
+# uint8 frames [N, H, W, 3], character masks bool [N, H, W] -> features [N, E]
+RegionEmbedder = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def _whole_frames(features: Callable[[np.ndarray, np.ndarray, bool], np.ndarray]) -> Embedder:
@@ -62,6 +64,22 @@ def load_embedder(spec: str) -> tuple[str, Embedder]:
     if kind == "clip" and path:
         return f"clip:{Path(path).name}", clip_embedder(Path(path))
     raise UserError(f"unknown embedder '{spec}': use pixel, dinov2:PATH or clip:PATH")
+
+
+def with_character_regions(frames_embedder: Embedder, weight: float) -> RegionEmbedder:
+    """Character-aware features: the characters' pixels (colour + gradient histograms over the
+    masks) with squared weight `weight`, the whole-frame features with 1 - weight. Both parts are
+    L2-normalised, so the cosine of two features is weight x (character cosine) + (1 - weight) x
+    (frame cosine); a frame without a character has a zero character part."""
+    if not 0.0 < weight < 1.0:
+        raise UserError(f"the character weight must be in (0, 1), got {weight}")
+    regions = HistogramFeatures()
+
+    def embed(frames: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        parts = [np.sqrt(weight) * regions(frames, masks, True), np.sqrt(1.0 - weight) * l2_normalise(frames_embedder(frames))]
+        return np.concatenate(parts, axis=-1).astype(np.float32)
+
+    return embed
 
 
 def combined(embedders: list[Embedder]) -> Embedder:

@@ -77,7 +77,9 @@ def three_shot_example(video: dict[str, np.ndarray], rng: np.random.Generator, o
         "text": _padded_text(video, last, cfg.dit.text_len),
     }
     if cfg.dit.has_image_branch:
-        example["image"] = video["image_tokens"].astype(np.float32)
+        # The target is never shot 1: CLIP tokens of shot 1's first frame, unless later shots see none
+        tokens = video["image_tokens"].astype(np.float32)
+        example["image"] = tokens if cfg.memory.later_shots_see_first_image else np.zeros_like(tokens)
         example["cond"] = np.zeros((t, h, w, 4 + lat.shape[-1]), np.float32)  # later shots: mask 0, no image
     return example
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import io
 import itertools
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -37,10 +38,16 @@ def encode_record(video: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
+# np.load parses .npy headers with ast.literal_eval, which CPython < 3.12.1 does not make thread-safe
+# (gh-106905: "SystemError: AST constructor recursion depth mismatch" when grain's threads decode
+# records at once; a 1000-step demo run died of it at step 525).
+_NPY_HEADER_LOCK = threading.Lock()
+
+
 def decode_record(data: bytes, index: int | str | None = None) -> dict[str, np.ndarray]:
     """Parse a record; a corrupt one is a UserError naming it."""
     try:
-        with np.load(io.BytesIO(data)) as z:
+        with _NPY_HEADER_LOCK, np.load(io.BytesIO(data)) as z:
             video = {k: z[k] for k in RECORD_KEYS}
     except Exception as e:  # zip/npy errors come in many types
         raise UserError(f"dataset record {index if index is not None else '?'} is corrupt: {e}") from None

@@ -107,6 +107,30 @@ def select_top_k(scores: Array, valid: Array, k: int) -> tuple[Array, Array, Arr
     return jnp.minimum(idx, n - 1), jnp.where(ok, top, 0.0), ok
 
 
+def baseline_candidates(strategy: str, valid: Array, k: int) -> tuple[Array, Array]:
+    """(ranking score [S], candidate mask [S]) of a baseline strategy (not onestory).
+
+    recent: the k latest frames, latest first (FramePack-style recency).
+    last_frame: only the latest frame.
+    uniform: k frames spread evenly over the whole memory, latest first.
+    none: nothing.
+    """
+    slots = jnp.arange(valid.shape[0])
+    recency = slots.astype(jnp.float32)  # later slot = more recent = ranked higher
+    n = valid.sum()
+    if strategy == "recent":
+        return recency, valid
+    if strategy == "last_frame":
+        return recency, valid & (slots == n - 1)
+    if strategy == "uniform":
+        targets = jnp.round(jnp.linspace(0.0, 1.0, k) * (n - 1).astype(jnp.float32)).astype(slots.dtype)
+        chosen = jnp.any(slots[:, None] == targets[None, :], axis=1)
+        return recency, valid & chosen
+    if strategy == "none":
+        return recency, jnp.zeros_like(valid)
+    raise ValueError(f"unknown baseline strategy {strategy!r}")
+
+
 def frames_per_patchifier(cfg: MemoryConfig, latent_hw: tuple[int, int], patch_hw: tuple[int, int] = (2, 2)) -> tuple[int, ...]:
     """Frames assigned to each patchifier so the context fits `budget` latent-frame equivalents.
 

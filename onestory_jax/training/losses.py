@@ -9,6 +9,7 @@ from onestory_jax.config import Config
 from onestory_jax.diffusion.guidance import null_text
 from onestory_jax.diffusion.schedule import add_noise, sample_training_sigmas, velocity_target
 from onestory_jax.models.dit import ContextTokens
+from onestory_jax.models.memory import baseline_candidates, num_selected
 from onestory_jax.models.onestory import memory_context, memory_scores, velocity
 
 Array = jax.Array
@@ -29,17 +30,27 @@ def selection_loss(scores: Array, labels: Array, valid: Array) -> Array:
     return err.sum() / jnp.maximum(valid.sum(), 1)
 
 
+def training_ranking(scores: Array, batch: Batch, warm: Array, rng: Array, cfg: Config) -> tuple[Array, Array]:
+    """(ranking [B, F], candidates [B, F]) of the conditioning frames: the selector's scores or,
+    during the decoupled warm-up (`warm`), random among the real prior shot's frames. A baseline
+    memory.train_strategy (the paper's ablation trains each variant with its own scheme, section
+    5.3) ranks by its own rule, without warm-up."""
+    valid, strategy = batch["memory_valid"], cfg.memory.train_strategy
+    if strategy != "onestory":
+        k = num_selected(cfg.memory, batch["memory"].shape[2:4])
+        return jax.vmap(lambda v: baseline_candidates(strategy, v, k))(valid)
+    ranking = jnp.where(warm, jax.random.uniform(rng, scores.shape), scores)
+    return ranking, jnp.where(warm, batch["real_prior"] & valid, valid)
+
+
 def select_and_condition(params: dict, batch: Batch, warm: Array, rng: Array, keep: Array,
                          cfg: Config) -> tuple[Array, ContextTokens]:
-    """Score the memory, pick the conditioning frames, patchify them: -> (L_sel, context tokens).
-
-    The frames are the selector's top K, or, during the decoupled warm-up (`warm`), K random frames
-    of the real prior shot. keep [B, 1]: samples whose context survives context dropout.
+    """Score the memory, pick the conditioning frames (`training_ranking`), patchify them:
+    -> (L_sel, context tokens). keep [B, 1]: samples whose context survives context dropout.
     """
     scores = memory_scores(params, cfg, batch["text"], batch["memory"], batch["memory_valid"])
     l_sel = selection_loss(scores, batch["labels"], batch["memory_valid"])
-    ranking = jnp.where(warm, jax.random.uniform(rng, scores.shape), scores)
-    candidates = jnp.where(warm, batch["real_prior"] & batch["memory_valid"], batch["memory_valid"])
+    ranking, candidates = training_ranking(scores, batch, warm, rng, cfg)
     context, *_ = memory_context(params, cfg, batch["memory"], ranking, candidates, keep=keep)
     return l_sel, context
 
@@ -68,11 +79,12 @@ def loss_fn(params: dict, batch: Batch, rng: Array, warm: Array, cfg: Config) ->
     return loss, {"loss": loss, "l_shot": l_shot, "l_sel": l_sel}
 
 
-def loss_at_sigmas(params: dict, batch: Batch, sigmas: Array, rng: Array, cfg: Config) -> Array:
-    """L_shot at each fixed sigma [S] -> [S] (validation): selector top-K context, no dropout,
-    one noise draw from `rng` shared by all sigmas."""
+def loss_at_sigmas(params: dict, batch: Batch, sigmas: Array, rng: Array, cfg: Config, keep_context: bool = True) -> Array:
+    """L_shot at each fixed sigma [S] -> [S] (validation): the trained scheme's context (with
+    keep_context=False, all of it masked), no dropout, one noise draw from `rng` shared by all sigmas."""
     b = batch["target"].shape[0]
-    _, context = select_and_condition(params, batch, jnp.array(False), rng, jnp.ones((b, 1), bool), cfg)
+    keep = jnp.full((b, 1), keep_context)
+    _, context = select_and_condition(params, batch, jnp.array(False), rng, keep, cfg)
     noise = jax.random.normal(rng, batch["target"].shape, batch["target"].dtype)
     one = lambda s: shot_loss(params, batch, context, batch["text"], jnp.full((b,), s), noise, cfg)
     return jax.lax.map(one, sigmas)

@@ -1,0 +1,123 @@
+"""Issue 12: each ablation variant's training scheme, the CLIP side channel switch, the context-ablated
+validation loss, character-aware pseudo-labels and the recall-shot metrics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from onestory_jax.config import load_config
+from onestory_jax.data import synthetic
+from onestory_jax.data.embedders import load_embedder, with_character_regions
+from onestory_jax.data.pipeline import cosine_to_target, three_shot_example
+from onestory_jax.data.prepare import label_embeddings
+from onestory_jax.errors import UserError
+from onestory_jax.eval.recall import recall_metrics, recall_shots
+from onestory_jax.models.memory import select_top_k
+from onestory_jax.models.onestory import init_params
+from onestory_jax.training.losses import loss_at_sigmas, training_ranking
+
+T, H, W, F = 3, 8, 8, 6
+ABLATION = ["memory.patchifier_kernels=[[1,2,4],[1,4,4]]", "memory.frames_per_patchifier=[1,2]"]  # K = 3
+
+
+def _chosen(strategy: str, warm: bool = False) -> set[int]:
+    cfg = load_config("tiny", [*ABLATION, f"memory.train_strategy={strategy}"])
+    batch = {"memory": jnp.zeros((1, F, H, W, 16)), "memory_valid": jnp.ones((1, F), bool),
+             "real_prior": jnp.array([[False] * 3 + [True] * 3])}
+    scores = jnp.array([[0.9, 0.1, 0.8, 0.2, 0.3, 0.7]])
+    ranking, candidates = training_ranking(scores, batch, jnp.array(warm), jax.random.key(0), cfg)
+    indices, _, selected = select_top_k(ranking, candidates, 3)
+    return {int(i) for i, s in zip(indices[0], selected[0]) if s}
+
+
+def test_each_variant_trains_on_its_own_frames():
+    assert _chosen("onestory") == {0, 2, 5}  # the selector's top 3
+    assert _chosen("onestory", warm=True) == {3, 4, 5}  # decoupled warm-up: the real prior shot
+    assert _chosen("last_frame") == {5}
+    assert _chosen("uniform") == {0, 2, 5}  # evenly spaced over 6 frames
+    assert _chosen("recent") == {3, 4, 5}
+    assert _chosen("none") == set()
+
+
+def _batch(cfg, rng, b=2):
+    return {"target": rng.standard_normal((b, T, H, W, 16)).astype(np.float32),
+            "memory": rng.standard_normal((b, F, H, W, 16)).astype(np.float32),
+            "memory_valid": np.ones((b, F), bool), "labels": np.zeros((b, F), np.float32),
+            "real_prior": np.ones((b, F), bool), "text": rng.standard_normal((b, 8, cfg.dit.text_dim)).astype(np.float32),
+            "image": np.zeros((b, 4, cfg.dit.image_dim), np.float32), "cond": np.zeros((b, T, H, W, 20), np.float32)}
+
+
+def test_validation_loss_without_context_ignores_the_memory():
+    cfg = load_config("tiny", ABLATION)
+    params = init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = _batch(cfg, rng)
+    other = {**batch, "memory": rng.standard_normal(batch["memory"].shape).astype(np.float32)}
+    sigmas = jnp.array([0.5])
+    loss = jax.jit(lambda b, keep: loss_at_sigmas(params, b, sigmas, jax.random.key(1), cfg, keep), static_argnums=1)
+    assert float(loss(batch, False)[0]) == pytest.approx(float(loss(other, False)[0]), rel=1e-6)
+    assert abs(float(loss(batch, True)[0]) - float(loss(other, True)[0])) > 1e-4
+
+
+def _video(rng, shots=3):
+    return {"latents": rng.standard_normal((shots, T, H, W, 16)).astype(np.float32),
+            "frame_embeddings": rng.standard_normal((shots, T, 5)).astype(np.float32),
+            "text": rng.standard_normal((shots, 4, 32)).astype(np.float32), "text_lengths": np.full((shots,), 4, np.int32),
+            "augmented_first": np.zeros((T, H, W, 16), np.float32), "image_tokens": np.ones((4, 16), np.float32),
+            "id": np.bytes_("v")}
+
+
+@pytest.mark.parametrize("see", [True, False])
+def test_later_shots_see_the_first_image_only_when_configured(see):
+    cfg = load_config("tiny", [f"memory.later_shots_see_first_image={str(see).lower()}"])
+    example = three_shot_example(_video(np.random.default_rng(0)), np.random.default_rng(1), None, cfg)
+    assert np.all(example["image"] == (1.0 if see else 0.0))
+
+
+def _frame(scene: tuple[int, int, int], colour: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A 32x32 frame of one scene colour with a 6x6 character (3% of the frame) and its mask."""
+    frame = np.broadcast_to(np.asarray(scene, np.uint8), (32, 32, 3)).copy()
+    mask = np.zeros((32, 32), bool)
+    mask[10:16, 10:16] = True
+    frame[mask] = colour
+    return frame, mask
+
+
+def test_character_regions_label_the_character_not_the_scene():
+    red, blue, snow, forest = (220, 40, 40), (40, 70, 230), (235, 240, 245), (60, 130, 60)
+    same_char, same_scene = _frame(forest, red), _frame(snow, blue)
+    target = _frame(snow, red)
+    _, whole = load_embedder("pixel")
+    for embed, char_wins in ((lambda f, m: whole(f), False), (with_character_regions(whole, 0.7), True)):
+        feats = [embed(f[None], m[None]) for f, m in (same_char, same_scene, target)]
+        char_score, scene_score = (float(cosine_to_target(f, feats[2])[0]) for f in feats[:2])
+        assert (char_score > scene_score) == char_wins
+    with pytest.raises(UserError, match="character weight"):
+        with_character_regions(whole, 1.0)
+
+
+def test_character_labels_need_masks():
+    _, whole = load_embedder("pixel")
+    with pytest.raises(UserError, match="masks"):
+        label_embeddings([np.zeros((5, 16, 16, 3), np.float32)], None, whole, 5, 0.7)
+
+
+def _story():
+    chars = (synthetic.Character("square", "red", "plain"), synthetic.Character("circle", "blue", "plain"))
+    shot = lambda c: synthetic.Shot("", c, "snow", "rests", 1.0, (0.0, 0.0), ((0.5, 0.5),) * len(c))
+    return synthetic.Story("insert_recall", chars, (shot((0,)), shot((1,)), shot((0,)), shot((0, 1))))
+
+
+def test_recall_shots_and_their_metrics():
+    story = _story()
+    assert recall_shots(story) == [(2, 0), (3, 1)]  # 0 returns after 1; 1 returns after 0
+    memory = [[], [], [{"shot": 2}], [{"shot": 1}, {"shot": 3}]]  # shot 3 sees only the inserted circle
+    manifest = {"shots": [{"memory": m} for m in memory]}
+    attrs = [[], [], [(0, "red", "red")], [(0, "red", "blue"), (1, "blue", "green")]]
+    result = {"attribute_accuracy": {"per_shot": [{"characters": [{"character": c, "truth": t, "predicted": p}
+                                                                   for c, t, p in a]} for a in attrs]}}
+    assert recall_metrics(story, result, manifest) == {"selection_accuracy": 0.0, "recall_colour": 0.5}
+    manifest["shots"][2]["memory"] = [{"shot": 1}]
+    manifest["shots"][3]["memory"] = [{"shot": 2}]
+    assert recall_metrics(story, result, manifest)["selection_accuracy"] == 1.0
