@@ -246,6 +246,8 @@ def run_aot(args: argparse.Namespace) -> None:
     jobs = ([("rows", case_key(c), c["devices"], "--one-aot", json.dumps(c)) for c in aot_cases(args)] if matrix else
             [("presets", t.preset, t.devices, "--one-preset", t.preset) for t in aot.PRESET_TARGETS
              if args.preset in (None, t.preset)])
+    if not jobs:
+        raise SystemExit(f"--preset {args.preset} is not one of {[t.preset for t in aot.PRESET_TARGETS]}")
     for table, key, devices, flag, payload in jobs:
         t0 = time.perf_counter()
         row = run_isolated(devices, flag, payload)
