@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.redo is not None and not 1 <= args.redo <= len(story.shots):
         raise UserError(f"--redo {args.redo}: the story has shots 1..{len(story.shots)}")
     if story.start_image is not None:  # fail fast, before any model is built
-        from onestory_jax.models.image_encoder import load_image
+        from onestory_jax.data.video import load_image
 
         load_image(story.start_image)
     with folder_lock(args.out, "--out"):  # one run per --out; also checks it is a writable folder

@@ -184,11 +184,11 @@ def _finite_per_leaf(leaves: list[jax.Array]) -> jax.Array:
     return jnp.stack([jnp.isfinite(x).all() for x in leaves])
 
 
-def load_params(ckpt_dir: str | Path, mesh: Mesh, cfg: Config, boxed_init: Callable[..., Any]) -> Any:
+def load_params(ckpt_dir: str | Path, mesh: Mesh, boxed_init: Callable[..., Any]) -> Any:
     """Restore a checkpoint's params sharded on `mesh` (any mesh).
 
     `boxed_init` (rng -> boxed params, e.g. `models.dit.init_fn(cfg.dit)`) defines the tree and its
-    shardings: checkpoint I/O knows no model. `cfg` is not read; it stays until the callers drop it.
+    shardings: checkpoint I/O knows no model.
     """
     return restore_params(ckpt_dir, abstract_params(boxed_init, mesh, jax.random.key(0)))
 

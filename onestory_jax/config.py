@@ -102,6 +102,16 @@ class MemoryConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VAEStageConfig:
+    """The `vae` training stage (the embedded default's VAE, `training/vae_stage.py`)."""
+
+    clip_frames: int = 5  # synthetic clips of 1 + 4k frames
+    clip_size: int = 64  # random crops of the 64x64 renders
+    latent_noise: float = 0.1  # std of noise added to latents, so the decoder tolerates generated ones
+    latent_penalty: float = 1e-3  # weight of mean(mu^2)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and OneStory training recipe (paper section 5; DESIGN.md defaults)."""
 
@@ -134,12 +144,7 @@ class TrainConfig:
     log_every: int = 10
     val_every: int = 0  # validation loss in sigma buckets every N steps (0 = off); workdir/val.csv
     val_batches: int = 2  # held-out batches per validation
-    # vae stage: clips of 1 + 4k frames at this size; noise added to latents so the decoder
-    # tolerates imperfect generated latents; weight of the latent L2 penalty.
-    clip_frames: int = 5
-    clip_size: int = 64  # crop of the 64x64 renders
-    latent_noise: float = 0.1
-    latent_penalty: float = 1e-3
+    vae_stage: VAEStageConfig = VAEStageConfig()  # read by the vae stage only
 
     def validate(self) -> None:
         for name in ("text_dropout", "context_dropout", "decoupled_warmup", "insertion_prob", "swap_order_prob"):
@@ -282,15 +287,14 @@ class ImageEncoderConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-    """Denoising sampler. Defaults are Wan2.1 I2V-480P: UniPC, 40 steps, shift 3, CFG 5, Wan's grid."""
+    """The model's denoising sampler; a story's `settings` override any of these fields.
+    Defaults are Wan2.1 I2V-480P: UniPC on Wan's sigma grid, 40 steps, shift 3, CFG 5."""
 
     solver: Literal["unipc", "euler"] = "unipc"
     steps: int = 40
     shift: float = 3.0
     guidance: float = 5.0  # classifier-free guidance scale on text (1.0: no unconditional pass)
-    # "wan": Wan's FlowUniPC grid (linspace(0.999, 0)); "diffusers": diffusers UniPC flow grid.
-    sigma_grid: Literal["diffusers", "wan"] = "wan"
-    negative_prompt: str = ""
+    negative_prompt: str = ""  # "": the null text (all-zero embedding) that training drops captions to
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -398,10 +402,20 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     return True, value
 
 
+# Keys that earlier versions wrote into checkpoints' config.yaml, so that those still load:
+# retired ones are ignored, moved ones read into their new section.
+RETIRED_KEYS = frozenset({"sampler.sigma_grid"})
+MOVED_KEYS = {f"train.{k}": "vae_stage" for k in ("clip_frames", "clip_size", "latent_noise", "latent_penalty")}
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise `UserError`."""
     if not isinstance(data, dict):
         raise UserError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    data = {k: v for k, v in data.items() if prefix + k not in RETIRED_KEYS}
+    for key in [k for k in data if prefix + k in MOVED_KEYS]:
+        section = MOVED_KEYS[prefix + key]
+        data[section] = {**data.get(section, {}), key: data.pop(key)}
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)

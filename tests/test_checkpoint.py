@@ -83,3 +83,13 @@ def test_unwritable_output_or_a_full_disk_is_one_line_before_writing(tmp_path, m
     with pytest.raises(UserError, match=rf"'{tmp_path}' has 100.0 B free but checkpoint '{tmp_path / 'ck'}' needs 1.0 KiB"):
         save_model(tmp_path / "ck", {"w": np.ones(256, np.float32)}, Config())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_configs_written_by_earlier_versions_still_load():
+    """A retired key is ignored and a moved key lands in its new section (checkpoints keep old config.yaml)."""
+    from onestory_jax.config import from_dict
+
+    cfg = from_dict(Config, {"sampler": {"sigma_grid": "wan", "steps": 9}, "train": {"clip_size": 16, "steps": 3}})
+    assert (cfg.sampler.steps, cfg.train.steps, cfg.train.vae_stage.clip_size) == (9, 3, 16)
+    with pytest.raises(UserError, match="unknown config key 'train.clip_sizes'"):
+        from_dict(Config, {"train": {"clip_sizes": 16}})

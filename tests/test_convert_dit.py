@@ -94,7 +94,7 @@ def test_convert_and_verify_matches_diffusers(which, request, tmp_path, capsys):
 
     config = load_config_from_checkpoint(out)
     assert config.name == src.name and config.dit == cfg
-    params = load_params(out, _one_device_mesh(), config, init_fn(config.dit))
+    params = load_params(out, _one_device_mesh(), init_fn(config.dit))
     rng = np.random.default_rng(3)
     x = rng.standard_normal((1, 3, 4, 6, cfg.in_dim)).astype(np.float32)
     text = rng.standard_normal((1, 512, cfg.text_dim)).astype(np.float32)
@@ -110,7 +110,7 @@ def test_restore_on_one_device_equals_conversion(diffusers_source, tmp_path):
     sd = state_dict_numpy(model)
     converted = convert(cfg, {k: v.shape for k, v in sd.items()}, sd.__getitem__, "diffusers")
     save_model(tmp_path / "ckpt", converted, TINY)
-    restored = load_params(tmp_path / "ckpt", _one_device_mesh(), TINY, init_fn(TINY.dit))
+    restored = load_params(tmp_path / "ckpt", _one_device_mesh(), init_fn(TINY.dit))
     assert jax.tree.structure(restored) == jax.tree.structure(converted)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(converted)):
         assert len(a.sharding.device_set) == 1
@@ -124,7 +124,7 @@ def test_bfloat16_storage_verifies(diffusers_t2v_source, tmp_path, capsys):
     assert "OK" in capsys.readouterr().out
     config = load_config_from_checkpoint(out)
     assert config.dit.param_dtype == "bfloat16"
-    params = load_params(out, _one_device_mesh(), config, init_fn(config.dit))
+    params = load_params(out, _one_device_mesh(), init_fn(config.dit))
     assert {a.dtype for a in jax.tree.leaves(params)} == {np.dtype(ml_dtypes.bfloat16)}
 
 
@@ -201,10 +201,10 @@ def test_missing_or_corrupt_checkpoint_is_a_user_error(diffusers_source, tmp_pat
     save_model(tmp_path / "ckpt", convert(cfg, {k: v.shape for k, v in sd.items()}, sd.__getitem__, "diffusers"), TINY)
     deeper = dataclasses.replace(TINY, dit=dataclasses.replace(cfg, num_layers=3))
     with pytest.raises(UserError, match=r"\(2, .*!= expected \(3, "):
-        load_params(tmp_path / "ckpt", _one_device_mesh(), deeper, init_fn(deeper.dit))
+        load_params(tmp_path / "ckpt", _one_device_mesh(), init_fn(deeper.dit))
     shutil.rmtree(tmp_path / "ckpt" / "params" / "d")
     with pytest.raises(UserError, match="corrupt or incomplete"):
-        load_params(tmp_path / "ckpt", _one_device_mesh(), TINY, init_fn(TINY.dit))
+        load_params(tmp_path / "ckpt", _one_device_mesh(), init_fn(TINY.dit))
 
 
 def test_reader_dtypes_match_torch(tmp_path):

@@ -152,7 +152,7 @@ def test_training_helpers():
 
 def test_sampler_config():
     c = SamplerConfig()
-    assert (c.solver, c.steps, c.shift, c.guidance, c.sigma_grid, c.negative_prompt) == ("unipc", 40, 3.0, 5.0, "wan", "")
+    assert (c.solver, c.steps, c.shift, c.guidance, c.negative_prompt) == ("unipc", 40, 3.0, 5.0, "")
 
 
 def test_on_step_and_sharded_cfg_pair():

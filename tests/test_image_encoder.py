@@ -14,7 +14,8 @@ from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionMode
 from onestory_jax.config import ImageEncoderConfig, MeshConfig
 from onestory_jax.convert.image_encoder import CLIP, convert_clip
 from onestory_jax.errors import UserError
-from onestory_jax.models.image_encoder import CLIP_MEAN, CLIP_STD, CLIPVisionTower, init_fn, load_image, preprocess
+from onestory_jax.data.video import load_image
+from onestory_jax.models.image_encoder import CLIP_MEAN, CLIP_STD, CLIPVisionTower, init_fn, preprocess
 from onestory_jax.sharding import abstract_params, make_mesh, replicated_large_params
 
 TINY = ImageEncoderConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=128, num_layers=3, num_heads=4)

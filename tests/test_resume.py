@@ -5,7 +5,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -71,26 +70,39 @@ def test_redo_and_damaged_or_partial_shots_are_regenerated(tmp_path):
     assert reasons[0] == "not generated yet"
 
 
-STORY = {"settings": {"width": 32, "height": 48, "frames": 5, "steps": 100, "seed": 3},
+STORY = {"settings": {"width": 32, "height": 48, "frames": 5, "steps": 4, "seed": 3},
          "shots": [{"caption": f"Shot {i}: a red square."} for i in range(1, 4)]}
 
+# sample.py, SIGKILLed by itself the moment shot 2 is on disk: inside the running story program
+# (the save is its ordered host callback), before shot 3 is denoised.
+KILLED_AFTER_SHOT_2 = """
+import os, runpy, signal, sys
+from onestory_jax.sampling import resume
+save = resume.save_shot
+def save_then_die(out, shot, *args):
+    save(out, shot, *args)
+    if shot == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+resume.save_shot = save_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path("sample.py", run_name="__main__")
+"""
 
-def _sample(story: Path, out: Path, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "sample.py", "--config", "tiny", "--story", str(story), "--out", str(out),
-                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+def _sample(story: Path, out: Path, killed: bool = False) -> subprocess.Popen:
+    prefix = ["-c", KILLED_AFTER_SHOT_2, "sample.py"] if killed else ["sample.py"]
+    return subprocess.Popen([sys.executable, *prefix, "--config", "tiny", "--story", str(story), "--out", str(out),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_sigkill_keeps_finished_shots_and_the_rerun_is_bitwise_equal(tmp_path):
-    """Killed while shot 3 of 3 denoises: shots 1-2 are on disk; the re-run equals an uninterrupted run."""
+    """Killed while shot 3 of 3 is to be denoised: shots 1-2 are on disk; the re-run equals an uninterrupted run."""
     story = tmp_path / "story.yaml"
     story.write_text(yaml.safe_dump(STORY))
-    reference, killed = _sample(story, tmp_path / "ref"), _sample(story, tmp_path / "out")
-    while not (tmp_path / "out" / "shot_02.json").exists():
-        assert killed.poll() is None, killed.communicate()
-        time.sleep(0.005)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert not (tmp_path / "out" / "shot_03.npy").exists(), "shot 3 finished before the kill: the test is too fast"
+    reference, killed = _sample(story, tmp_path / "ref"), _sample(story, tmp_path / "out", killed=True)
+    assert killed.wait() == -signal.SIGKILL, killed.communicate()
+    assert sorted(p.name for p in (tmp_path / "out").glob("shot_*")) == [
+        "shot_01.json", "shot_01.npy", "shot_02.json", "shot_02.npy"]
     assert reference.wait() == 0, reference.communicate()
     rerun = _sample(story, tmp_path / "out")
     assert rerun.wait() == 0, rerun.communicate()

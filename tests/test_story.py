@@ -87,3 +87,14 @@ def test_sizes_must_suit_the_model_and_fit_in_memory():
                                         r"\(latents 121\.1, .*weights not counted\) but the devices have 64\.0 GiB in all") as e:
         check_story_fits(huge, tiny, available=64 * GIB)
     assert "\n" not in str(e.value)
+
+
+def test_story_settings_override_the_model_sampler():
+    """One sampler config: the model's `sampler`, with each setting a story gives taking precedence."""
+    from onestory_jax.config import SamplerConfig
+    from onestory_jax.sampling.story import with_sampler
+
+    story = with_sampler(parse_story({**GOOD, "settings": {**GOOD["settings"], "steps": 7}}),
+                         SamplerConfig(steps=20, guidance=3.0, negative_prompt="blur"))
+    s = story.settings
+    assert (s.steps, s.guidance, s.shift, s.solver, s.negative_prompt) == (7, 3.0, 3.0, "unipc", "blur")

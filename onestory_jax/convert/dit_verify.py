@@ -88,7 +88,7 @@ def run_checkpoint(ckpt_dir: str | Path, cfg: Config, inputs: dict[str, np.ndarr
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = {k: None if v is None else np.repeat(v, n, axis=0) for k, v in inputs.items()}
     batch["t"] = np.full((n,), TIMESTEP, np.float32)
-    params = load_params(ckpt_dir, mesh, cfg, init_fn(dit))
+    params = load_params(ckpt_dir, mesh, init_fn(dit))
     with activate(mesh), jax.default_matmul_precision("highest"):  # fp32 means fp32 on GPUs too (no TF32)
         batch = {k: None if v is None else jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
         out = jax.jit(WanDiT(dit).apply)({"params": params}, **batch)

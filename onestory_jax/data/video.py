@@ -11,6 +11,8 @@ import numpy as np
 from onestory_jax.errors import UserError
 from onestory_jax.io import atomic_path
 
+IMAGE_MODES = ("RGB", "RGBA", "L", "P")  # PIL modes converted to RGB (alpha dropped); others refused
+
 
 def read_video(path: Path) -> np.ndarray:
     """Read all frames of a video as uint8 [T, H, W, 3]; unreadable files are a UserError."""
@@ -85,3 +87,18 @@ def detect_shots(video: np.ndarray, min_jump: float = 0.05, ratio: float = 5.0, 
         elif end > start:
             shots.append((start, end))
     return shots
+
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read an image file as uint8 RGB [H, W, 3]; unreadable or non-RGB files are a UserError."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in IMAGE_MODES:
+                raise UserError(f"image '{path}' is not RGB (mode {img.mode}; expected one of {', '.join(IMAGE_MODES)})")
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image '{path}': {e}") from None

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import flax.linen as nn
+from einops import rearrange
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -80,14 +81,14 @@ class SelfAttention(nn.Module):
         q = RMSNorm(cfg.eps, "heads", pdt, name="norm_q")(proj("q")(x))
         k = RMSNorm(cfg.eps, "heads", pdt, name="norm_k")(proj("k")(x))
         v = proj("v")(x)
-        split = lambda a: a.reshape(*a.shape[:2], cfg.num_heads, cfg.head_dim)  # [B, L, N, H]
+        split = lambda a: rearrange(a, "b l (n h) -> b l n h", n=cfg.num_heads)
         ulysses = cfg.sequence_parallel == "ulysses" and sequence_shards() > 1
         kv_axes = HEADS if ulysses else KV_HEADS  # Ulysses: keys stay sequence-sharded until its all-to-all
         q = constrain(apply_rope(split(q), cos, sin), HEADS)
         k = constrain(apply_rope(split(k), cos, sin), kv_axes)
         v = constrain(split(v), kv_axes)
         out = (ulysses_attention if ulysses else attention)(q, k, v, cfg.attention, kv_lengths=kv_lengths)
-        out = constrain(out.reshape(*out.shape[:2], cfg.dim), ATTN_OUT)
+        out = constrain(rearrange(out, "b l n h -> b l (n h)"), ATTN_OUT)
         return Dense(cfg.dim, ("heads", "embed"), dtype=dt, param_dtype=pdt, name="o")(out)
 
 
@@ -101,14 +102,14 @@ class CrossAttention(nn.Module):
         cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
         proj = lambda name: Dense(cfg.dim, ("embed", "heads"), dtype=dt, param_dtype=pdt, name=name)
         norm = lambda name: RMSNorm(cfg.eps, "heads", pdt, name=name)
-        split = lambda a: a.reshape(*a.shape[:2], cfg.num_heads, cfg.head_dim)
+        split = lambda a: rearrange(a, "b l (n h) -> b l n h", n=cfg.num_heads)
         q = constrain(split(norm("norm_q")(proj("q")(x))), HEADS)
         k = split(norm("norm_k")(proj("k")(text)))
         out = attention(q, k, split(proj("v")(text)), cfg.attention)
         if cfg.has_image_branch:
             k_img = split(norm("norm_k_img")(proj("k_img")(image)))
             out = out + attention(q, k_img, split(proj("v_img")(image)), cfg.attention)
-        out = constrain(out.reshape(*out.shape[:2], cfg.dim), ATTN_OUT)
+        out = constrain(rearrange(out, "b l n h -> b l (n h)"), ATTN_OUT)
         return Dense(cfg.dim, ("heads", "embed"), dtype=dt, param_dtype=pdt, name="o")(out)
 
 
@@ -222,7 +223,7 @@ class WanDiT(nn.Module):
         pt, ph, pw = cfg.patch_size
         tokens = self.patch_embed(x.astype(dt))  # [B, F', H', W', D]
         grid = tokens.shape[1:4]
-        tokens = constrain(tokens.reshape(b, -1, cfg.dim).astype(jnp.float32), TOKENS)
+        tokens = constrain(rearrange(tokens, "b f h w d -> b (f h w) d").astype(jnp.float32), TOKENS)
         n_noise = tokens.shape[1]
         cos, sin = rope_tables(grid_positions(*grid), cfg.head_dim, cfg.rope_theta)
 
@@ -286,11 +287,9 @@ class WanDiT(nn.Module):
 
 def unpatchify(tokens: Array, grid: tuple[int, int, int], patch: tuple[int, int, int], channels: int) -> Array:
     """[B, F'*H'*W', pt*ph*pw*C] (c fastest) -> [B, F'*pt, H'*ph, W'*pw, C]."""
-    b = tokens.shape[0]
     (f, h, w), (pt, ph, pw) = grid, patch
-    x = tokens.reshape(b, f, h, w, pt, ph, pw, channels)
-    x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
-    return x.reshape(b, f * pt, h * ph, w * pw, channels)
+    return rearrange(tokens, "b (f h w) (pt ph pw c) -> b (f pt) (h ph) (w pw) c",
+                     f=f, h=h, w=w, pt=pt, ph=ph, pw=pw, c=channels)
 
 
 def init_inputs(cfg: DiTConfig, batch: int = 1, latent_shape: tuple[int, int, int] = (1, 4, 4),

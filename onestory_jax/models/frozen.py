@@ -18,9 +18,10 @@ import numpy as np
 
 from onestory_jax import checkpoint
 from onestory_jax.config import Config, TextEncoderConfig, VAEConfig
+from onestory_jax.data import prompts
+from onestory_jax.data.embedding_cache import EmbeddingCache
 from onestory_jax.errors import UserError
 from onestory_jax.models import image_encoder, text_encoder, vae
-from onestory_jax.models.embedding_cache import EmbeddingCache
 from onestory_jax.models.onestory import component_init_fns
 
 Array = jax.Array
@@ -49,7 +50,7 @@ def model_folder_config(folder: Path) -> Config:
 def load_frozen_parts(folder: Path, cfg: Config, mesh: jax.sharding.Mesh, parts: list[str]) -> dict[str, Any]:
     """The converted or trained frozen parts (vae, text_encoder, image_encoder) of a model folder."""
     fns = component_init_fns(cfg)
-    return {p: checkpoint.load_params(folder / p, mesh, cfg, fns[p]) for p in parts}
+    return {p: checkpoint.load_params(folder / p, mesh, fns[p]) for p in parts}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,12 +100,12 @@ def image_tokens_fn(cfg: Config) -> Callable[[dict[str, Any], Array], Array]:
 
 def build_components(cfg: Config, params: dict[str, Any], tokenizer_dir: Path, cache: EmbeddingCache | None = None) -> Components:
     """Host-callable encode/decode functions over jitted JAX models; text embeddings cached if given."""
-    tok = text_encoder.load_tokenizer(tokenizer_dir)
+    tok = prompts.load_tokenizer(tokenizer_dir)
     t5_apply = functools.partial(text_encoder_fn(cfg.text_encoder), params["text_encoder"])
     encode, decode = vae_encode_fn(cfg.vae), vae_decode_fn(cfg.vae)
 
-    def encode_text(prompts: list[str]) -> np.ndarray:
-        return text_encoder.encode_prompts(prompts, tok, t5_apply, cfg.text_encoder.text_len, cache)
+    def encode_text(texts: list[str]) -> np.ndarray:
+        return prompts.encode_prompts(texts, tok, t5_apply, cfg.text_encoder.text_len, cache)
 
     encode_image = None
     if cfg.dit.has_image_branch:

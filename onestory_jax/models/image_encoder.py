@@ -12,10 +12,10 @@ squashes the whole image to 224 x 224 instead; the two agree for square inputs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
+from einops import rearrange
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +30,6 @@ Array = jax.Array
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MIN_IMAGE_SIDE = 32  # px on the short side; smaller images carry too little to upsample to 224
-IMAGE_MODES = ("RGB", "RGBA", "L", "P")  # PIL modes converted to RGB (alpha dropped); others refused
 
 
 class SelfAttention(nn.Module):
@@ -41,11 +40,11 @@ class SelfAttention(nn.Module):
         cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
         b, length, d = x.shape
         proj = lambda name, axes: Dense(d, axes, dtype=dt, param_dtype=pdt, name=name)
-        split = lambda a: a.reshape(b, length, cfg.num_heads, d // cfg.num_heads)  # [B, L, N, H]
+        split = lambda a: rearrange(a, "b l (n h) -> b l n h", n=cfg.num_heads)
         q = constrain(split(proj("q", ("embed", "heads"))(x)), HEADS)
         k = constrain(split(proj("k", ("embed", "heads"))(x)), KV_HEADS)
         v = constrain(split(proj("v", ("embed", "heads"))(x)), KV_HEADS)
-        return proj("o", ("heads", "embed"))(attention(q, k, v).reshape(b, length, d))
+        return proj("o", ("heads", "embed"))(rearrange(attention(q, k, v), "b l n h -> b l (n h)"))
 
 
 class Block(nn.Module):
@@ -86,7 +85,7 @@ class CLIPVisionTower(nn.Module):
             kernel_init=partitioned(nn.initializers.lecun_normal(), ("kernel_h", "kernel_w", "in_features", "embed")),
             name="patch_embedding",
         )(pixels.astype(dt))
-        x = x.reshape(b, -1, d).astype(jnp.float32)  # [B, (S/p)^2, D]
+        x = rearrange(x, "b h w d -> b (h w) d").astype(jnp.float32)  # [B, (S/p)^2, D]
         init = nn.initializers.normal(0.02)
         cls = self.param("class_embedding", partitioned(init, ("embed",)), (d,), pdt)
         pos = self.param("position_embedding", partitioned(init, (None, "embed")), (cfg.num_tokens, d), pdt)
@@ -112,24 +111,6 @@ def init_fn(cfg: ImageEncoderConfig) -> Callable[[Array], Any]:
         return model.init(rng, pixels)["params"]
 
     return fn
-
-
-# ---------------------------------------------------------------------------------------------
-# Image input
-
-
-def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file as uint8 RGB [H, W, 3]; unreadable or non-RGB files are a UserError."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode not in IMAGE_MODES:
-                raise UserError(f"image '{path}' is not RGB (mode {img.mode}; expected one of {', '.join(IMAGE_MODES)})")
-            return np.asarray(img.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image '{path}': {e}") from None
 
 
 def preprocess(image: np.ndarray | Array, cfg: ImageEncoderConfig) -> Array:

@@ -21,7 +21,7 @@ from onestory_jax.config import Config, apply_overrides, from_dict, load_config,
 from onestory_jax.errors import UserError
 from onestory_jax.models import byte_tokenizer
 from onestory_jax.models.dit import init_fn as dit_init_fn
-from onestory_jax.models.embedding_cache import EmbeddingCache, encoder_identity
+from onestory_jax.data.embedding_cache import EmbeddingCache, encoder_identity
 from onestory_jax.models.frozen import (FROZEN_PARTS, Components, build_components, is_model_folder, load_frozen_parts,
                                         model_folder_config)
 from onestory_jax.models.onestory import component_init_fns, full_init_fn, memory_params_from_dit
@@ -46,10 +46,10 @@ def load_model_folder(folder: Path, cfg: Config, mesh: jax.sharding.Mesh, seed: 
     """Params of a model folder; parts it lacks are initialised (memory from the DiT), with a warning."""
     fns = component_init_fns(cfg)
     if (folder / "onestory").is_dir():
-        params = checkpoint.load_params(folder / "onestory", mesh, cfg,
+        params = checkpoint.load_params(folder / "onestory", mesh,
                                         lambda rng: {"dit": fns["dit"](rng), "memory": fns["memory"](rng)})
     else:
-        params = {"dit": checkpoint.load_params(folder / "dit", mesh, cfg, fns["dit"])}
+        params = {"dit": checkpoint.load_params(folder / "dit", mesh, fns["dit"])}
         params["memory"] = memory_params_from_dit(cfg, params["dit"], jax.random.key(seed + 1))
         warnings.warn(f"'{folder}' has no OneStory modules: the Frame Selector is random and the patchifiers are "
                       "initialised from the DiT's patch embedding (docs/design.md)", stacklevel=2)
@@ -66,10 +66,10 @@ def load_model_folder(folder: Path, cfg: Config, mesh: jax.sharding.Mesh, seed: 
 def load_checkpoint_params(ckpt: Path, cfg: Config, mesh: jax.sharding.Mesh, seed: int) -> dict[str, Any]:
     """A OneStory checkpoint's params, or a converted DiT's plus freshly initialised other parts."""
     try:
-        return checkpoint.load_params(ckpt, mesh, cfg, full_init_fn(cfg))
+        return checkpoint.load_params(ckpt, mesh, full_init_fn(cfg))
     except UserError as full_error:
         try:
-            dit = checkpoint.load_params(ckpt, mesh, cfg, dit_init_fn(cfg.dit))
+            dit = checkpoint.load_params(ckpt, mesh, dit_init_fn(cfg.dit))
         except UserError:
             raise full_error from None
     warnings.warn(

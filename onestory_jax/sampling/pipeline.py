@@ -1,7 +1,8 @@
-"""Render a story: encode captions, run the jitted scan over shots, decode, write every output.
+"""Render a story in six parts: prepare (resume state, start image), encode, the compiled story
+program (cached by its static spec), run, decode, write.
 
-Re-running into the same directory resumes: shots whose `shot_NN.npy` exists (with the right
-shape) are not generated again, and the memory is rebuilt from their saved latents.
+Re-running into the same directory resumes: saved shots whose fingerprint still matches are kept,
+and the memory is rebuilt from their latents (`resume.py`).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from onestory_jax.diffusion.guidance import null_text
 from onestory_jax.data.video import read_video, resize_frame
 from onestory_jax.errors import UserError
 from onestory_jax.models.frozen import Components
-from onestory_jax.models.image_encoder import load_image
+from onestory_jax.data.video import load_image
 from onestory_jax.models.memory import frames_per_patchifier
 from onestory_jax.sampling import outputs, resume
-from onestory_jax.sampling.generate import Progress, ShotRecord, StoryInputs, generation_spec, story_program
-from onestory_jax.sampling.story import Story, story_to_dict
+from onestory_jax.sampling.generate import (GenerationSpec, Progress, ShotRecord, StoryInputs, generation_spec,
+                                           story_program)
+from onestory_jax.sampling.story import Story, story_to_dict, with_sampler
 
 
 def i2v_condition(encode_video: Callable[[np.ndarray], np.ndarray], image: np.ndarray | None, frames: int,
@@ -54,32 +56,38 @@ def _load_image(path: Path, width: int, height: int) -> np.ndarray:
     return resize_frame(image, width, height)
 
 
-def render_story(cfg: Config, params: dict, comps: Components, story: Story, out: Path, progress: bool = True,
-                 mesh: jax.sharding.Mesh | None = None, model_id: str = "", redo: int | None = None) -> dict[str, Any]:
-    """Generate (or resume) every shot of `story` into `out`; returns the manifest.
+@dataclasses.dataclass
+class PreparedStory:
+    """A story checked against `--out`: what is kept from an earlier run, what conditions shot 1."""
 
-    Each shot is saved (latents + record, `resume.py`) as soon as it is denoised. Saved shots whose
-    fingerprint matches (same inputs, same model `model_id`, same earlier shots) are kept; from the
-    first mismatch (or shot `redo`, 1-based) on, shots are regenerated. On a mesh whose `data` axis has
-    2 devices, the CFG pair is split across them.
-    """
-    s = story.settings
-    t_lat, h, w = story.latent_frames, s.height // cfg.vae.spatial_factor, s.width // cfg.vae.spatial_factor
-    latent_shape = (t_lat, h, w, cfg.vae.z_dim)
-    n = len(story.shots)
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    latent_shape: tuple[int, int, int, int]  # [T, h, w, C] of one shot
+    shot_inputs: list[dict[str, Any]]  # per shot: what made it (resume.shot_inputs)
+    fingerprints: list[str]  # per shot: hash of its inputs and of all earlier shots
+    finished: list[np.ndarray]  # latents of the shots kept (a prefix of the story)
+    reasons: list[str]  # per shot: why it is kept or generated
+    image: np.ndarray | None  # start image [H, W, 3] in [-1, 1]
+    image_tokens: np.ndarray | None  # [Li, image_dim] CLIP tokens shot 1 sees (I2V), else None
 
+
+def latent_shape(cfg: Config, story: Story) -> tuple[int, int, int, int]:
+    """[T, h, w, C] of one shot of `story` under the VAE of `cfg`."""
+    s, f = story.settings, cfg.vae.spatial_factor
+    return (story.latent_frames, s.height // f, s.width // f, cfg.vae.z_dim)
+
+
+def prepare_story(cfg: Config, comps: Components, story: Story, out: Path, model_id: str = "",
+                  redo: int | None = None) -> PreparedStory:
+    """`story` with its sampler settings filled (`story.with_sampler`): which saved shots in `out` are kept (by fingerprint, or up to shot `redo`, 1-based), the start
+    video encoded and saved as shot 1, and the start image with its CLIP tokens."""
+    s, shape = story.settings, latent_shape(cfg, story)
     shot_inputs, prints = resume.story_fingerprints(story, model_id)
-    finished, reasons = resume.reusable_shots(out, story, model_id, latent_shape, redo)
+    finished, reasons = resume.reusable_shots(out, story, model_id, shape, redo)
     image, image_tokens = None, None
     if story.start_video is not None and not finished:  # shot 1 is the start video: encoded and saved as a shot
         video = read_video(story.start_video)
-        frames = s.frames
-        if len(video) < frames:
-            raise UserError(f"start_video has {len(video)} frames; the story's shots have {frames} (4k+1)")
-        clip = np.stack([resize_frame(f, s.width, s.height) for f in video[:frames]])
+        if len(video) < s.frames:
+            raise UserError(f"start_video has {len(video)} frames; the story's shots have {s.frames} (4k+1)")
+        clip = np.stack([resize_frame(f, s.width, s.height) for f in video[: s.frames]])
         finished = [np.asarray(comps.encode_video(clip))]
         resume.save_shot(out, 0, finished[0], shot_inputs[0], prints[0])
         reasons[0] = "encoded from start_video"
@@ -90,49 +98,147 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
     if cfg.dit.has_image_branch and image_tokens is None:
         # No start image: shot 1 sees zero CLIP tokens, later shots those of shot 1's first frame (in the scan).
         image_tokens = np.zeros((cfg.image_encoder.num_tokens, cfg.dit.image_dim), np.float32)
-    timings["prepare_s"] = time.perf_counter() - t0
+    return PreparedStory(shape, shot_inputs, prints, finished, reasons, image, image_tokens)
 
-    t1 = time.perf_counter()
+
+def encode_story(cfg: Config, comps: Components, story: Story, prepared: PreparedStory) -> StoryInputs:
+    """The story program's inputs: caption and negative embeddings, each shot's seeded noise, the
+    kept shots' latents and the I2V condition."""
+    s, shape, n = story.settings, prepared.latent_shape, len(story.shots)
     embeddings = np.asarray(comps.encode_text([shot.caption for shot in story.shots]))
     negative = null_text(embeddings.shape[1:])
     if s.negative_prompt:  # Wan's recipe for its own weights; the default "" is the null text training drops to
         negative = np.asarray(comps.encode_text([s.negative_prompt]))[0]
-    timings["encode_text_s"] = time.perf_counter() - t1
-
     done = np.zeros((n,), bool)
-    done_latents = np.zeros((n, *latent_shape), np.float32)
-    for i, lat in enumerate(finished):
+    done_latents = np.zeros((n, *shape), np.float32)
+    for i, lat in enumerate(prepared.finished):
         done[i], done_latents[i] = True, lat
-    noise = np.stack([np.asarray(jax.random.normal(jax.random.key(story.shot_seed(i)), latent_shape)) for i in range(n)])
-    inputs = StoryInputs(
+    noise = np.stack([np.asarray(jax.random.normal(jax.random.key(story.shot_seed(i)), shape)) for i in range(n)])
+    cond = None
+    if cfg.dit.has_image_branch:
+        cond = jnp.asarray(i2v_condition(comps.encode_video, prepared.image, s.frames, shape))
+    return StoryInputs(
         text=jnp.asarray(embeddings), negative=jnp.asarray(negative), noise=jnp.asarray(noise),
-        active=jnp.ones((n,), bool), done=jnp.asarray(done), done_latents=jnp.asarray(done_latents),
-        cond=jnp.asarray(i2v_condition(comps.encode_video, image, s.frames, latent_shape)) if cfg.dit.has_image_branch else None,
-        image_tokens=None if image_tokens is None else jnp.asarray(image_tokens),
+        active=jnp.ones((n,), bool), done=jnp.asarray(done), done_latents=jnp.asarray(done_latents), cond=cond,
+        image_tokens=None if prepared.image_tokens is None else jnp.asarray(prepared.image_tokens),
         has_start_image=jnp.asarray(story.start_image is not None),
     )
-    mem_cfg = dataclasses.replace(cfg.memory, budget=story.memory.budget)
-    cfg = dataclasses.replace(cfg, memory=mem_cfg)
-    spec = generation_spec(cfg, story.memory.strategy, story.memory.k, (h, w), s.steps, s.shift, s.solver, s.guidance)
 
-    to_do = n - len(finished)
-    bar = tqdm(total=to_do * s.steps, desc="denoising", unit="step", disable=not progress or to_do == 0)
+
+def story_spec(cfg: Config, story: Story) -> tuple[Config, GenerationSpec]:
+    """The config with the story's memory budget, and the static spec of its compiled program."""
+    s = story.settings
+    cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, budget=story.memory.budget))
+    hw = latent_shape(cfg, story)[1:3]
+    return cfg, generation_spec(cfg, story.memory.strategy, story.memory.k, hw, s.steps, s.shift, s.solver, s.guidance)
+
+
+def run_story(cfg: Config, params: dict, spec: GenerationSpec, inputs: StoryInputs,
+              on_shot_done: Callable[[int, np.ndarray], None] | None = None, progress: bool = True,
+              mesh: jax.sharding.Mesh | None = None) -> tuple[ShotRecord, dict[str, Any]]:
+    """Run the (cached) compiled story program; `on_shot_done(shot, latents)` sees each newly denoised
+    shot as it finishes. On a mesh whose `data` axis has 2 devices, the CFG pair is split across them.
+
+    Returns the host records [S, ...] and timings: generate_s, compile_s (until the first shot
+    starts), dit_step_s (median denoising step), shot_s {shot: seconds} for the shots generated.
+    """
+    n, to_do = int(inputs.active.sum()), int((inputs.active & ~inputs.done).sum())
+    steps = len(spec.timesteps)
+    bar = tqdm(total=to_do * steps, desc="denoising", unit="step", disable=not progress or to_do == 0)
     shot_started: dict[int, float] = {}
+    step_times: list[float] = []
 
     def on_shot(shot: int) -> None:
         shot_started[shot] = time.perf_counter()
         bar.set_postfix_str(f"shot {shot + 1}/{n}")
 
-    t2 = time.perf_counter()
-    pair = None
-    if mesh is not None and mesh.shape["data"] == 2:
-        pair = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    step_times: list[float] = []
-
     def on_step(step: int) -> None:
         step_times.append(time.perf_counter())
         bar.update(1)
 
+    pair = None
+    if mesh is not None and mesh.shape["data"] == 2:
+        pair = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    t0 = time.perf_counter()
+    Progress.on_shot, Progress.on_step, Progress.on_shot_done = on_shot, on_step, on_shot_done
+    try:
+        records: ShotRecord = jax.device_get(story_program(cfg, spec, pair)(params, inputs))
+    finally:
+        Progress.on_shot = Progress.on_step = Progress.on_shot_done = None
+        bar.close()
+    end = time.perf_counter()
+    timings: dict[str, Any] = {"generate_s": end - t0}
+    if shot_started:  # compile (and launch): until the program reports its first shot
+        timings["compile_s"] = min(shot_started.values()) - t0
+    intervals = np.diff(step_times)
+    if len(intervals):  # one denoising step (the guided DiT pair), excluding shot boundaries
+        timings["dit_step_s"] = float(np.median(intervals))
+    timings["shot_s"] = {i: shot_started.get(i + 1, end) - t for i, t in shot_started.items()}
+    return records, timings
+
+
+def decode_shots(comps: Components, latents: np.ndarray, progress: bool = True) -> tuple[list[np.ndarray], list[float]]:
+    """Decode each shot's latents [S, T, h, w, C] -> (uint8 videos [F, H, W, 3], seconds per shot)."""
+    videos, seconds = [], []
+    for lat in tqdm(latents, desc="decoding", unit="shot", disable=not progress):
+        t0 = time.perf_counter()
+        videos.append(outputs.to_uint8(comps.decode_latents(np.asarray(lat))))
+        seconds.append(time.perf_counter() - t0)
+    return videos, seconds
+
+
+def write_story(out: Path, cfg: Config, story: Story, prepared: PreparedStory, records: ShotRecord,
+                videos: list[np.ndarray], timings: dict[str, Any], started: float | None = None) -> dict[str, Any]:
+    """Write shot_NN.mp4, story.mp4, contact_sheet.png and manifest.json (with each shot's memory:
+    the frames it used, their scores and patchifiers); returns the manifest. `started`: the
+    perf_counter() the render began at, for timings["total_s"]."""
+    s, t_lat = story.settings, prepared.latent_shape[0]
+    counts = frames_per_patchifier(cfg.memory, prepared.latent_shape[1:3])
+    level_of_rank = np.repeat(np.arange(len(counts)), counts)
+    shot_s, decode_s = timings.pop("shot_s", {}), timings.pop("decode_s", [None] * len(videos))
+    manifest_shots = []
+    for i, video in enumerate(videos):
+        t0 = time.perf_counter()
+        outputs.write_mp4(out / outputs.shot_name(i, ".mp4"), video, s.fps)
+        memory = [
+            {"shot": int(slot) // t_lat + 1, "frame": int(slot) % t_lat, "score": float(score),
+             "patchifier": list(cfg.memory.patchifier_kernels[level_of_rank[rank]])}
+            for rank, (slot, score, used) in enumerate(zip(records.indices[i], records.scores[i], records.selected[i])) if used
+        ]
+        manifest_shots.append({
+            "shot": i + 1, "caption": story.shots[i].caption, "seed": story.shot_seed(i),
+            "resumed": i < len(prepared.finished), "generated_because": prepared.reasons[i],
+            "fingerprint": prepared.fingerprints[i], "memory": memory,
+            "timings": {"denoise_s": shot_s.get(i), "decode_s": decode_s[i], "write_s": time.perf_counter() - t0},
+        })
+    outputs.write_mp4(out / "story.mp4", np.concatenate(videos), s.fps)
+    outputs.contact_sheet(out / "contact_sheet.png", videos)
+    if started is not None:
+        timings["total_s"] = time.perf_counter() - started
+    manifest = {"config": to_dict(cfg), "story": story_to_dict(story), "shots": manifest_shots, "timings": timings,
+                "latent_shape": list(prepared.latent_shape)}
+    outputs.save_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def render_story(cfg: Config, params: dict, comps: Components, story: Story, out: Path, progress: bool = True,
+                 mesh: jax.sharding.Mesh | None = None, model_id: str = "", redo: int | None = None) -> dict[str, Any]:
+    """Generate (or resume) every shot of `story` into `out`; returns the manifest.
+
+    The parts, each usable alone: prepare_story (resume state, start image/video), encode_story,
+    story_spec (the compiled program is cached by it), run_story, decode_shots, write_story.
+    Each shot is saved (latents + record, `resume.py`) as soon as it is denoised. Saved shots whose
+    fingerprint matches (same inputs, same model `model_id`, same earlier shots) are kept; from the
+    first mismatch (or shot `redo`, 1-based) on, shots are regenerated.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    story = with_sampler(story, cfg.sampler)
+    prepared = prepare_story(cfg, comps, story, out, model_id, redo)
+    t1 = time.perf_counter()
+    inputs = encode_story(cfg, comps, story, prepared)
+    t2 = time.perf_counter()
+    cfg, spec = story_spec(cfg, story)
     failed: list[UserError] = []  # raised once the program returns (an error inside a callback is a traceback)
 
     def on_shot_done(shot: int, latents: np.ndarray) -> None:
@@ -144,54 +250,13 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
                                     "(shots before it are). Check the model's weights and the story's numbers"))
             return
         try:
-            resume.save_shot(out, shot, latents, shot_inputs[shot], prints[shot])
+            resume.save_shot(out, shot, latents, prepared.shot_inputs[shot], prepared.fingerprints[shot])
         except UserError as e:  # a full disk: the shots before it are kept
             failed.append(e)
 
-    Progress.on_shot, Progress.on_step, Progress.on_shot_done = on_shot, on_step, on_shot_done
-    try:
-        records: ShotRecord = jax.device_get(story_program(cfg, spec, pair)(params, inputs))
-    finally:
-        Progress.on_shot = Progress.on_step = Progress.on_shot_done = None
-        bar.close()
+    records, run_timings = run_story(cfg, params, spec, inputs, on_shot_done, progress, mesh)
     if failed:
         raise failed[0]
-    timings["generate_s"] = time.perf_counter() - t2
-    if shot_started:  # compile (and launch): until the program reports its first shot
-        timings["compile_s"] = min(shot_started.values()) - t2
-    intervals = np.diff(step_times)
-    if len(intervals):  # one denoising step (the guided DiT pair), excluding shot boundaries
-        timings["dit_step_s"] = float(np.median(intervals))
-
-    manifest_shots = []
-    videos = []
-    counts = frames_per_patchifier(mem_cfg, (h, w))
-    level_of_rank = np.repeat(np.arange(len(counts)), counts)
-    for i in tqdm(range(n), desc="decoding", unit="shot", disable=not progress):
-        lat = np.asarray(records.latents[i])
-        t3 = time.perf_counter()
-        video = outputs.to_uint8(comps.decode_latents(lat))
-        t4 = time.perf_counter()
-        outputs.write_mp4(out / outputs.shot_name(i, ".mp4"), video, s.fps)
-        videos.append(video)
-        memory = [
-            {"shot": int(slot) // t_lat + 1, "frame": int(slot) % t_lat, "score": float(score),
-             "patchifier": list(mem_cfg.patchifier_kernels[level_of_rank[rank]])}
-            for rank, (slot, score, used) in enumerate(zip(records.indices[i], records.scores[i], records.selected[i])) if used
-        ]
-        shot_time = None
-        if i in shot_started:
-            end = shot_started.get(i + 1, t2 + timings["generate_s"])
-            shot_time = end - shot_started[i]
-        manifest_shots.append({
-            "shot": i + 1, "caption": story.shots[i].caption, "seed": story.shot_seed(i), "resumed": bool(done[i]),
-            "generated_because": reasons[i], "fingerprint": prints[i],
-            "memory": memory, "timings": {"denoise_s": shot_time, "decode_s": t4 - t3, "write_s": time.perf_counter() - t4},
-        })
-    outputs.write_mp4(out / "story.mp4", np.concatenate(videos), s.fps)
-    outputs.contact_sheet(out / "contact_sheet.png", videos)
-    timings["total_s"] = time.perf_counter() - t0
-    manifest = {"config": to_dict(cfg), "story": story_to_dict(story), "shots": manifest_shots, "timings": timings,
-                "latent_shape": list(latent_shape)}
-    outputs.save_json(out / "manifest.json", manifest)
-    return manifest
+    videos, decode_s = decode_shots(comps, records.latents[: len(story.shots)], progress)
+    timings = {"prepare_s": t1 - t0, "encode_text_s": t2 - t1, **run_timings, "decode_s": decode_s}
+    return write_story(out, cfg, story, prepared, records, videos, timings, started=t0)

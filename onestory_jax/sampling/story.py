@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
+from onestory_jax.config import SamplerConfig
 from onestory_jax.errors import UserError
 
 STRATEGIES = ("onestory", "last_frame", "uniform", "recent", "none")
@@ -29,11 +30,15 @@ class Settings:
     frames: int = 81  # per shot, 4k + 1
     fps: int = 16
     seed: int = 0
-    steps: int = 40
-    guidance: float = 5.0
-    shift: float = 3.0
-    solver: Literal["unipc", "euler"] = "unipc"
-    negative_prompt: str = ""
+    # Sampler settings: None takes the model's `sampler` config (`with_sampler`).
+    steps: int | None = None
+    guidance: float | None = None
+    shift: float | None = None
+    solver: Literal["unipc", "euler"] | None = None
+    negative_prompt: str | None = None
+
+
+SAMPLER_FIELDS = ("steps", "guidance", "shift", "solver", "negative_prompt")  # = config.SamplerConfig's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,12 +108,12 @@ def _settings(src: str, data: Any) -> Settings:
             raise UserError(f"{src}: settings.{name}: {v} is not a positive multiple of 16")
     if s.frames < 1 or (s.frames - 1) % 4:
         raise UserError(f"{src}: settings.frames: {s.frames} is not 4k+1 (valid: 1, 5, 9, ..., 77, 81, ...)")
-    if not 1 <= s.steps <= MAX_STEPS:
+    if s.steps is not None and not 1 <= s.steps <= MAX_STEPS:
         raise UserError(f"{src}: settings.steps: {s.steps} is not in 1..{MAX_STEPS}")
     _check_seed(f"{src}: settings.seed", s.seed)
-    if s.shift <= 0:
+    if s.shift is not None and s.shift <= 0:
         raise UserError(f"{src}: settings.shift: must be > 0")
-    if s.solver not in SOLVERS:
+    if s.solver is not None and s.solver not in SOLVERS:
         raise UserError(f"{src}: settings.solver: {s.solver!r} is not one of {', '.join(SOLVERS)}")
     if s.fps < 1:
         raise UserError(f"{src}: settings.fps: must be >= 1")
@@ -190,6 +195,12 @@ def load_story(path: str | Path) -> Story:
     except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"{path.name}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {str(e).splitlines()[0]}") from None
     return parse_story(data, path.name, path.parent)
+
+
+def with_sampler(story: Story, sampler: SamplerConfig) -> Story:
+    """The story with each sampler setting it leaves out taken from the model's `sampler` config."""
+    filled = {f: getattr(sampler, f) for f in SAMPLER_FIELDS if getattr(story.settings, f) is None}
+    return dataclasses.replace(story, settings=dataclasses.replace(story.settings, **filled))
 
 
 def story_to_dict(story: Story) -> dict[str, Any]:

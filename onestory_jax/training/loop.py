@@ -20,9 +20,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 
-from onestory_jax.checkpoint import (check_stored_tree, non_finite_leaves, quiet_failed_reads, save_model,
+from onestory_jax.checkpoint import (check_stored_tree, load_params, non_finite_leaves, quiet_failed_reads, save_model,
                                      unreadable_checkpoint)
-from onestory_jax.config import Config, to_dict
+from onestory_jax.config import Config, load_config, to_dict
 from onestory_jax.data.pipeline import make_dataset
 from onestory_jax.errors import UserError
 from onestory_jax.io import require_free_space
@@ -104,10 +104,23 @@ def _replicate_scalars(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState
     return jax.tree.map(lambda a: a if on_mesh(a) else jax.device_put(np.asarray(a), replicated), state)
 
 
+def _pretrained_dit(folder: Path, cfg: Config, mesh: jax.sharding.Mesh) -> Any:
+    """The DiT params of a model folder's OneStory checkpoint (train.init_from), sharded on `mesh`."""
+    ckpt = folder / "onestory"
+    if not (ckpt / "config.yaml").is_file():
+        raise UserError(f"train.init_from: '{folder}' is not a model folder with onestory/config.yaml")
+    source = load_config(str(ckpt / "config.yaml"))
+    if source.dit != cfg.dit:
+        raise UserError(f"train.init_from: the DiT of '{folder}' differs from this config's dit section")
+    return load_params(ckpt, mesh, boxed_init_fn(source))["dit"]
+
+
 def _initial_state(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
-    """Fresh sharded train state and its optimizer."""
+    """Fresh sharded train state and its optimizer (the DiT from train.init_from when set)."""
     tc = cfg.train
     params = init_sharded(boxed_init_fn(cfg), mesh, jax.random.key(tc.seed))
+    if tc.init_from:
+        params["dit"] = _pretrained_dit(Path(tc.init_from), cfg, mesh)
     params["memory"] = memory_params_from_dit(cfg, params["dit"], jax.random.key(tc.seed + 1))
     tx = make_optimizer(tc, params)
     return _replicate_scalars(init_state(params, tx, tc.seed, ema=tc.ema_decay > 0), mesh), tx
@@ -130,15 +143,18 @@ class Validator:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
         def losses(params: Any, batch: dict[str, jax.Array], index: jax.Array) -> jax.Array:
+            """[2, sigmas]: with the memory context, and with it masked (same noise)."""
             rng = jax.random.fold_in(jax.random.key(seed), index)
-            return loss_at_sigmas(params, batch, jnp.asarray(VAL_SIGMAS, jnp.float32), rng, cfg)
+            sigmas = jnp.asarray(VAL_SIGMAS, jnp.float32)
+            return jnp.stack([loss_at_sigmas(params, batch, sigmas, rng, cfg, keep) for keep in (True, False)])
 
         self._losses = jax.jit(losses, out_shardings=replicated)
 
-    def __call__(self, params: Any) -> dict[float, float]:
-        """Mean loss per sigma bucket over the held-out batches."""
+    def __call__(self, params: Any) -> tuple[dict[float, float], dict[float, float]]:
+        """Mean loss per sigma bucket over the held-out batches: (with context, context masked)."""
         per_batch = [np.asarray(self._losses(params, b, np.int32(i))) for i, b in enumerate(self.batches)]
-        return dict(zip(VAL_SIGMAS, np.mean(per_batch, axis=0).tolist()))
+        with_context, no_context = np.mean(per_batch, axis=0).tolist()
+        return dict(zip(VAL_SIGMAS, with_context)), dict(zip(VAL_SIGMAS, no_context))
 
 
 def _due(step: int, every: int, end: int) -> bool:
@@ -207,7 +223,7 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, stop_after: i
                         monitor.log(step + 1, metrics)
                 if validator is not None and _due(step + 1, tc.val_every, tc.steps):
                     with monitor.paused():
-                        monitor.log_validation(step + 1, validator(_export_params(state)))
+                        monitor.log_validation(step + 1, *validator(_export_params(state)))
                 if save:
                     manager.save(step + 1, args=ocp.args.Composite(
                         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)))

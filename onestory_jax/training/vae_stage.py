@@ -3,8 +3,8 @@
 The released Wan-VAE is converted, never trained here; the demo's small VAE config needs weights,
 so this stage trains it as a regularised autoencoder on clips of synthetic stories
 (`onestory_jax.data.synthetic`): L = MSE + L1 of the reconstruction from latents with Gaussian
-noise added (`train.latent_noise`, so the decoder tolerates imperfect generated latents) plus
-`train.latent_penalty` * mean(mu^2). At the end it measures the per-channel latent statistics
+noise added (`train.vae_stage.latent_noise`, so the decoder tolerates imperfect generated latents) plus
+`train.vae_stage.latent_penalty` * mean(mu^2). At the end it measures the per-channel latent statistics
 (stored as `vae.latents_mean/std`, as Wan's are) and exports a model folder of the frozen parts:
 `model/vae` (trained), `model/text_encoder` and `model/image_encoder` (random, fixed seed: frozen
 features the DiT learns to read) and `model/tokenizer` (byte-level).
@@ -48,19 +48,19 @@ def synthetic_clip(index: int, frames: int, crop: int, size: int = 64) -> np.nda
 def clip_dataset(tc: Any, batch_size: int, seed: int) -> grain.IterDataset:
     """Infinite, seeded, checkpointable batches of synthetic clips."""
     ds = grain.MapDataset.range(2**31 - 1).shuffle(seed=seed)
-    ds = ds.map(lambda i: synthetic_clip(int(i), tc.clip_frames, tc.clip_size))
+    ds = ds.map(lambda i: synthetic_clip(int(i), tc.vae_stage.clip_frames, tc.vae_stage.clip_size))
     return ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
 
 
 def vae_loss(params: Any, video: jax.Array, rng: jax.Array, cfg: Config) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Reconstruction (MSE + L1) from noised latents, plus the latent L2 penalty."""
     mu = vae.encode(cfg.vae, params, video)
-    z = mu + cfg.train.latent_noise * jax.random.normal(rng, mu.shape)
+    z = mu + cfg.train.vae_stage.latent_noise * jax.random.normal(rng, mu.shape)
     recon = vae.decode(cfg.vae, params, z)
     mse = jnp.mean((recon - video) ** 2)
     l1 = jnp.mean(jnp.abs(recon - video))
     penalty = jnp.mean(mu**2)
-    loss = mse + l1 + cfg.train.latent_penalty * penalty
+    loss = mse + l1 + cfg.train.vae_stage.latent_penalty * penalty
     return loss, {"loss": loss, "mse": mse, "latent_rms": jnp.sqrt(penalty)}
 
 
@@ -86,8 +86,8 @@ def train_vae(cfg: Config, workdir: str | Path, progress: bool = True, stop_afte
     tc, workdir = cfg.train, Path(workdir)
     if jax.process_count() > 1:
         raise UserError("the vae stage runs on one process")
-    if (tc.clip_frames - 1) % 4 or tc.clip_size % cfg.vae.spatial_factor:
-        raise UserError(f"train.clip_frames must be 1 + 4k and train.clip_size a multiple of {cfg.vae.spatial_factor}")
+    if (tc.vae_stage.clip_frames - 1) % 4 or tc.vae_stage.clip_size % cfg.vae.spatial_factor:
+        raise UserError(f"train.vae_stage.clip_frames must be 1 + 4k and train.vae_stage.clip_size a multiple of {cfg.vae.spatial_factor}")
     mesh = make_mesh(cfg.mesh)
     with activate(mesh):
         params = init_sharded(lambda rng: {"vae": vae.init_fn(cfg.vae)(rng)}, mesh, jax.random.key(tc.seed))["vae"]
@@ -128,7 +128,7 @@ def train_vae(cfg: Config, workdir: str | Path, progress: bool = True, stop_afte
                         manager.save(step + 1, args=ocp.args.Composite(
                             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data)))
         if int(state["step"]) == tc.steps:
-            clips = np.stack([synthetic_clip(10**9 + i, 17, tc.clip_size) for i in range(16)])  # held-out clips
+            clips = np.stack([synthetic_clip(10**9 + i, 17, tc.vae_stage.clip_size) for i in range(16)])  # held-out clips
             mean, std = latent_statistics(cfg, state["params"], clips)
             cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, latents_mean=mean, latents_std=std))
             frozen = init_sharded(lambda rng: {"text_encoder": text_encoder.init_fn(cfg.text_encoder)(rng),
