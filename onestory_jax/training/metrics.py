@@ -119,7 +119,7 @@ class CsvLog:
 
 class TrainMonitor:
     """The progress bar (loss, L_sel, grad norm, lr, steps/s, tokens/s, MFU, validation loss),
-    `metrics.csv` (one row per logged step) and `val.csv` (step, bucket, loss)."""
+    `metrics.csv` (one row per logged step) and `val.csv` (step, bucket, loss, loss_no_context)."""
 
     def __init__(self, cfg: Config, workdir: Path, start: int, dit_trains: bool, progress: bool = True, write: bool = True):
         self.cfg, self.dit_trains = cfg, dit_trains
@@ -170,11 +170,14 @@ class TrainMonitor:
         self.bar.set_postfix(self.postfix, refresh=True)
         self._reset()
 
-    def log_validation(self, step: int, losses: Mapping[float, float]) -> None:
-        """Write one val.csv row per sigma bucket; the bar shows their mean."""
+    def log_validation(self, step: int, losses: Mapping[float, float], no_context: Mapping[float, float]) -> None:
+        """Write one val.csv row per sigma bucket: L_shot with the memory context and with it masked
+        (does the model use its memory?); the bar shows their means."""
         for sigma, loss in losses.items():
-            self.val_csv.write({"step": step, "bucket": f"{sigma:g}", "loss": f"{loss:.9g}"})
+            self.val_csv.write({"step": step, "bucket": f"{sigma:g}", "loss": f"{loss:.9g}",
+                                "loss_no_context": f"{no_context[sigma]:.9g}"})
         self.postfix["val"] = f"{sum(losses.values()) / len(losses):.4f}"
+        self.postfix["val_noctx"] = f"{sum(no_context.values()) / len(no_context):.4f}"
         self.bar.set_postfix(self.postfix, refresh=True)
 
     def close(self) -> None:
