@@ -121,3 +121,21 @@ def test_recall_shots_and_their_metrics():
     manifest["shots"][2]["memory"] = [{"shot": 1}]
     manifest["shots"][3]["memory"] = [{"shot": 2}]
     assert recall_metrics(story, result, manifest)["selection_accuracy"] == 1.0
+
+
+def test_init_from_needs_a_model_folder_with_the_same_dit(tmp_path):
+    from onestory_jax.checkpoint import save_model
+    from onestory_jax.sharding import make_mesh
+    from onestory_jax.training.loop import _pretrained_dit
+
+    cfg = load_config("tiny")
+    mesh = make_mesh(cfg.mesh)
+    with pytest.raises(UserError, match="not a model folder"):
+        _pretrained_dit(tmp_path, cfg, mesh)
+    params = init_params(cfg, jax.random.key(0))
+    save_model(tmp_path / "onestory", params, cfg)
+    dit = _pretrained_dit(tmp_path, cfg, mesh)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(dit), jax.tree.leaves(params["dit"])))
+    wider = load_config("tiny", ["dit.ffn_dim=48"])
+    with pytest.raises(UserError, match="differs"):
+        _pretrained_dit(tmp_path, wider, mesh)
