@@ -128,7 +128,7 @@ def load_config_from_checkpoint(ckpt_dir: str | Path) -> Config:
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"cannot read '{path}': {e}") from None
+        raise UserError(f"cannot read '{path}': {_first_line(e)}") from None
     try:
         return from_dict(Config, data or {}).validate()
     except UserError as e:

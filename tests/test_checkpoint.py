@@ -63,6 +63,17 @@ def test_bad_config_numbers_and_regexes_name_the_value(override, message):
         load_config("configs/train/tiny.yaml", [override])
 
 
+def test_junk_checkpoint_config_is_one_line(tmp_path):
+    """A junk config.yaml printed a 6-line YAML excerpt."""
+    from onestory_jax.checkpoint import load_config_from_checkpoint
+
+    (tmp_path / "params").mkdir()
+    (tmp_path / "config.yaml").write_text("dit: [unclosed\n  x: {\n")
+    with pytest.raises(UserError, match=r"cannot read '.*config.yaml': while parsing") as e:
+        load_config_from_checkpoint(tmp_path)
+    assert "\n" not in str(e.value)
+
+
 def test_a_preset_section_that_is_not_a_mapping_is_one_line(tmp_path):
     """The probe's `train: [1, 2]` preset (a TypeError traceback then)."""
     (tmp_path / "bad.yaml").write_text("base: tiny\ntrain: [1, 2]\n")

@@ -30,7 +30,7 @@ def test_valid_story_and_defaults(tmp_path):
     ({"memory": {"strategy": "magic"}}, r"memory\.strategy"),
     ({"memory": {"budget": 5}}, r"memory\.budget"),
     ({"start_image": "missing.png"}, "start_image"),
-    ({"plot": "twist"}, "plot"),
+    ({"plot": "twist"}, r"^story: plot: unknown field"),  # was `story.plot`
     ({"settings": {"guidance": float("nan")}}, r"settings\.guidance: must be a finite number"),
     ({"settings": {"guidance": float("inf")}}, r"settings\.guidance: must be a finite number"),
     ({"settings": {"shift": float("nan")}}, r"settings\.shift: must be a finite number"),

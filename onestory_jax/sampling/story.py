@@ -76,12 +76,13 @@ _SETTING_TYPES = {"width": _INT, "height": _INT, "frames": _INT, "fps": _INT, "s
                   "guidance": _FLOAT, "shift": _FLOAT, "solver": _STR, "negative_prompt": _STR}
 
 
-def _check_keys(where: str, data: Any, allowed: set[str]) -> dict:
+def _check_keys(where: str, data: Any, allowed: set[str], sep: str = ".") -> dict:
+    """`data` as a mapping of `allowed` keys; an unknown one is named as `where` + `sep` + key."""
     if not isinstance(data, dict):
         raise UserError(f"{where}: must be a mapping")
     unknown = sorted(set(data) - allowed)
     if unknown:
-        raise UserError(f"{where}.{unknown[0]}: unknown field (valid: {', '.join(sorted(allowed))})")
+        raise UserError(f"{where}{sep}{unknown[0]}: unknown field (valid: {', '.join(sorted(allowed))})")
     return data
 
 
@@ -166,7 +167,7 @@ def _path(src: str, base: Path, field: str, value: Any) -> Path | None:
 
 def parse_story(data: Any, src: str = "story", base: Path = Path(".")) -> Story:
     """Validate a story mapping; relative paths resolve against `base`."""
-    data = _check_keys(src, data, {"settings", "memory", "shots", "start_image", "start_video"})
+    data = _check_keys(src, data, {"settings", "memory", "shots", "start_image", "start_video"}, sep=": ")
     shots = data.get("shots")
     if not isinstance(shots, list) or not shots:
         raise UserError(f"{src}: shots: must be a non-empty list of {{caption, seed?}}")
