@@ -44,6 +44,7 @@ class Target:
 
 PRESET_TARGETS = (
     Target("train/wan2.1-i2v-14b-480p", 64, "h100_80gb"),
+    Target("train/wan2.1-i2v-14b-480p-8gpu", 8, "h100_80gb"),
     Target("train/wan2.1-i2v-14b-480p-v5p", 256, "tpu_v5p_95gb"),
     Target("train/wan2.1-i2v-14b-480p-v5p-64", 64, "tpu_v5p_95gb"),
     Target("train/wan2.1-i2v-14b-480p-single-gpu", 1, "h200_141gb"),
