@@ -13,6 +13,7 @@ memory.train_strategy. Held-out stories alternate insert-and-recall with the oth
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
@@ -76,7 +77,22 @@ def selection_on_truth(folder: Path, strategy: str, stories: list[synthetic.Stor
     return out
 
 
-def report(results: dict[str, list[dict]], strategies: dict[str, str], n: int, shots: int, feature: str) -> list[str]:
+def validation_gap(export: Path) -> tuple[int, float, float] | None:
+    """(step, L_shot with context, with context masked) at the last validation of the run that
+    exported `export` (its workdir's val.csv, mean over the sigma buckets), or None."""
+    file = export.parent / "val.csv"
+    if not file.is_file():
+        return None
+    rows = list(csv.DictReader(file.open()))
+    if not rows or "loss_no_context" not in rows[0]:
+        return None
+    step = max(int(r["step"]) for r in rows)
+    last = [r for r in rows if int(r["step"]) == step]
+    return step, float(np.mean([float(r["loss"]) for r in last])), float(np.mean([float(r["loss_no_context"]) for r in last]))
+
+
+def report(results: dict[str, list[dict]], strategies: dict[str, str], n: int, shots: int, feature: str,
+           gaps: dict[str, tuple[int, float, float] | None]) -> list[str]:
     """The docs/results.md section: what each variant is, the tables, the paired differences."""
     lines = ["## Table 2(a) by the paper's protocol: one model per memory scheme (issue 12)", "",
              f"{n} held-out {shots}-shot stories (insert-and-recall alternating with main-subject and composition), "
@@ -86,6 +102,10 @@ def report(results: dict[str, list[dict]], strategies: dict[str, str], n: int, s
              "with the ground-truth shots as memory (the frame choice alone). Reproduce: `python bench/memory_ablation.py` "
              "(docs/demo.md, \"Memory ablation\").", "", "| variant | sampling strategy |", "|---|---|"]
     lines += [f"| {k} | {strategies[k]} |" for k in results]
+    lines += ["", "Does the model use its memory? Validation L_shot (train.py's `val.csv`, mean over the five sigma "
+              "buckets) with the variant's context and with all context masked, at the exported step:", "",
+              "| variant | step | with context | context masked | difference |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {g[0]} | {g[1]:.4f} | {g[2]:.4f} | {g[1] - g[2]:+.4f} |" for k, g in gaps.items() if g is not None]
     for kind, title in ((None, "All stories"), ("insert_recall", "Insert-and-recall stories")):
         lines += ["", f"### {title}", ""] + table(results, METRICS, kind)
         for base in ("last_frame", "ac_only"):
@@ -112,9 +132,10 @@ def main() -> None:
     features = load_features(None)
     stories = held_out_stories(args.stories, args.shots, KINDS)
     args.out.mkdir(parents=True, exist_ok=True)
-    results, strategies = {}, {}
+    results, strategies, gaps = {}, {}, {}
     for name, export in variants.items():
         folder, strategies[name] = model_folder(name, Path(export), args.frozen, args.out)
+        gaps[name] = validation_gap(Path(export))
         file = args.out / f"{name}.json"
         if not file.is_file():
             rows = run_config(name, folder, stories, args.out, args.steps, args.frames, features, {"strategy": strategies[name]}, [])
@@ -122,7 +143,7 @@ def main() -> None:
                 row["selection_on_truth"] = value
             file.write_text(json.dumps(rows, indent=1))
         results[name] = json.loads(file.read_text())
-        write_section(args.report, report(results, strategies, len(stories), args.shots, features.name))
+        write_section(args.report, report(results, strategies, len(stories), args.shots, features.name, gaps))
         print(name, "recall_colour", cell([r["recall_colour"] for r in results[name]]), flush=True)
     print(f"wrote {args.report}")
 
