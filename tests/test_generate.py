@@ -11,9 +11,9 @@ import pytest
 from onestory_jax.config import load_config
 from onestory_jax.diffusion.schedule import make_schedule
 from onestory_jax.models.dit import WanDiT
-from onestory_jax.models.memory import OneStoryMemory, conditioner_from_patch_embedding
+from onestory_jax.models.memory import OneStoryMemory, baseline_candidates, conditioner_from_patch_embedding
 from onestory_jax.sampling.generate import GenerationSpec, StoryInputs, generate_story, next_shot
-from onestory_jax.sampling.memory_bank import baseline_candidates, empty_bank
+from onestory_jax.sampling.memory_bank import empty_bank
 
 SHOTS, T, H, W = 3, 2, 8, 8
 

@@ -26,9 +26,9 @@ from onestory_jax.diffusion.schedule import make_schedule
 from onestory_jax.models import vae
 from onestory_jax.models.dit import ContextTokens
 from onestory_jax.models.frozen import image_tokens
-from onestory_jax.models.memory import num_selected
+from onestory_jax.models.memory import baseline_candidates, num_selected
 from onestory_jax.models.onestory import memory_context, memory_scores, velocity
-from onestory_jax.sampling.memory_bank import MemoryBank, baseline_candidates, empty_bank, write_shot
+from onestory_jax.sampling.memory_bank import MemoryBank, empty_bank, write_shot
 
 Array = jax.Array
 

@@ -13,8 +13,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from onestory_jax.models.memory import baseline_candidates  # noqa: F401  (the strategies live with the model: training uses them too)
-
 Array = jax.Array
 
 
