@@ -139,3 +139,26 @@ def test_init_from_needs_a_model_folder_with_the_same_dit(tmp_path):
     wider = load_config("tiny", ["dit.ffn_dim=48"])
     with pytest.raises(UserError, match="differs"):
         _pretrained_dit(tmp_path, wider, mesh)
+
+
+def test_later_shots_get_no_clip_tokens_when_configured():
+    from onestory_jax.sampling.generate import StoryInputs, generate_story, generation_spec
+
+    cfg = load_config("tiny", ["memory.later_shots_see_first_image=false"])
+    params = init_params(cfg, jax.random.key(0))
+    shots, t = 2, 2
+    text = jnp.asarray(np.random.default_rng(0).standard_normal((shots, 8, cfg.dit.text_dim)), jnp.float32)
+
+    def story(tokens):  # no memory frames: shot 2 could only see shot 1 through its CLIP tokens
+        inputs = StoryInputs(
+            text=text, negative=jnp.zeros((8, cfg.dit.text_dim)),
+            noise=jnp.ones((shots, t, H, W, 16)), active=jnp.ones((shots,), bool), done=jnp.zeros((shots,), bool),
+            done_latents=jnp.zeros((shots, t, H, W, 16)), cond=jnp.zeros((t, H, W, 20)),
+            image_tokens=jnp.asarray(tokens, jnp.float32), has_start_image=jnp.array(True))
+        spec = generation_spec(cfg, "none", None, (H, W), 2, 3.0, "euler", 1.0)
+        return np.asarray(generate_story(params, cfg, spec, inputs).latents)
+
+    first, second = (np.random.default_rng(s).standard_normal((cfg.image_encoder.num_tokens, cfg.dit.image_dim)) for s in (1, 2))
+    a, b = story(first), story(second)
+    assert np.abs(a[0] - b[0]).max() > 1e-4  # shot 1 sees the start image's tokens
+    np.testing.assert_array_equal(a[1], b[1])  # shot 2 sees none
