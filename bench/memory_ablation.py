@@ -31,7 +31,7 @@ FROZEN = ("vae", "text_encoder", "image_encoder", "tokenizer")
 KINDS = ("insert_recall", "main_subject", "insert_recall", "composition")
 METRICS = ("character", "character_recall", "recall_colour", "selection_accuracy", "selection_on_truth",
            "attribute_character_colour", "environment")
-PAIRED = ("character", "character_recall", "recall_colour")
+PAIRED = ("character", "character_recall", "recall_colour", "recall_l_shot")  # the last: lower is better
 
 
 def model_folder(name: str, export: Path, frozen: Path, out: Path) -> tuple[Path, str]:
@@ -77,6 +77,41 @@ def selection_on_truth(folder: Path, strategy: str, stories: list[synthetic.Stor
     return out
 
 
+def recall_loss(folder: Path, stories: list[synthetic.Story], frames: int) -> list[tuple[float, float] | None]:
+    """Per story: L_shot of its recall shots (mean over sigmas 0.3, 0.5, 0.7, fixed noise) with the
+    memory of a training example built from the ground truth (the recalled character's first shot,
+    then the shot before the recall) under the model's own frame choice, and with that context
+    masked: does the context carry the recalled character?"""
+    import jax
+    import jax.numpy as jnp
+
+    from onestory_jax.sampling.components import load_for_sampling
+    from onestory_jax.sharding import activate
+    from onestory_jax.training.losses import loss_at_sigmas
+
+    cfg, params, comps, mesh = load_for_sampling(folder, None, [], 0)
+    sigmas = jnp.asarray([0.3, 0.5, 0.7], jnp.float32)
+    loss = jax.jit(lambda p, batch, keep: loss_at_sigmas(p, batch, sigmas, jax.random.key(0), cfg, keep).mean(),
+                   static_argnums=2)
+    out = []
+    with activate(mesh):
+        for story in stories:
+            latents = [comps.encode_video(v.astype(np.float32) / 127.5 - 1.0) for v, _ in synthetic.render_story(story, frames)]
+            t = latents[0].shape[0]
+            pairs = []
+            for j, c in recall_shots(story):
+                first = next(i for i, s in enumerate(story.shots) if c in s.characters)
+                memory = np.concatenate([latents[first], latents[j - 1]])[None]
+                batch = {"target": latents[j][None], "memory": memory, "memory_valid": np.ones((1, 2 * t), bool),
+                         "labels": np.zeros((1, 2 * t), np.float32), "real_prior": np.ones((1, 2 * t), bool),
+                         "text": comps.encode_text([story.shots[j].caption]),
+                         "image": np.zeros((1, cfg.image_encoder.num_tokens, cfg.dit.image_dim), np.float32),
+                         "cond": np.zeros((*latents[j][None].shape[:-1], 4 + latents[j].shape[-1]), np.float32)}
+                pairs.append((float(loss(params, batch, True)), float(loss(params, batch, False))))
+            out.append(tuple(np.mean(pairs, axis=0).tolist()) if pairs else None)
+    return out
+
+
 def validation_gap(export: Path) -> tuple[int, float, float] | None:
     """(step, L_shot with context, with context masked) at the last validation of the run that
     exported `export` (its workdir's val.csv, mean over the sigma buckets), or None."""
@@ -106,6 +141,14 @@ def report(results: dict[str, list[dict]], strategies: dict[str, str], n: int, s
               "buckets) with the variant's context and with all context masked, at the exported step:", "",
               "| variant | step | with context | context masked | difference |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {g[0]} | {g[1]:.4f} | {g[2]:.4f} | {g[1] - g[2]:+.4f} |" for k, g in gaps.items() if g is not None]
+    lines += ["", "The same on the recall shots of the held-out stories, with a training example's memory made of the "
+              "ground truth (the recalled character's first shot, then the shot before the recall), the variant's own "
+              "frame choice, sigmas 0.3, 0.5, 0.7 (`recall_l_shot` - `recall_l_shot_masked`, paired over stories):", "",
+              "| variant | with context | context masked | difference |", "|---|---|---|---|"]
+    for k, rows in results.items():
+        with_ctx, masked = ([r[m] for r in rows if r.get(m) is not None] for m in ("recall_l_shot", "recall_l_shot_masked"))
+        diff = [r["recall_l_shot"] - r["recall_l_shot_masked"] for r in rows if r.get("recall_l_shot") is not None]
+        lines.append(f"| {k} | {cell(with_ctx)} | {cell(masked)} | {cell(diff, signed=True)} |")
     for kind, title in ((None, "All stories"), ("insert_recall", "Insert-and-recall stories")):
         lines += ["", f"### {title}", ""] + table(results, METRICS, kind)
         for base in ("last_frame", "ac_only"):
@@ -143,6 +186,10 @@ def main() -> None:
                 row["selection_on_truth"] = value
             file.write_text(json.dumps(rows, indent=1))
         results[name] = json.loads(file.read_text())
+        if "recall_l_shot" not in results[name][0]:  # computed once, then stored with the rows
+            for row, value in zip(results[name], recall_loss(folder, stories, args.frames)):
+                row["recall_l_shot"], row["recall_l_shot_masked"] = value if value is not None else (None, None)
+            file.write_text(json.dumps(results[name], indent=1))
         write_section(args.report, report(results, strategies, len(stories), args.shots, features.name, gaps))
         print(name, "recall_colour", cell([r["recall_colour"] for r in results[name]]), flush=True)
     print(f"wrote {args.report}")
