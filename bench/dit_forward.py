@@ -23,7 +23,7 @@ from onestory_jax.config import DiTConfig
 from onestory_jax.convert.dit import convert
 from onestory_jax.convert.dit_source import diffusers_config
 from onestory_jax.models.dit import WanDiT
-from onestory_jax.training.metrics import dit_forward_flops, peak_flops
+from onestory_jax.models.flops import dit_forward_flops, peak_flops
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -46,7 +46,7 @@ from onestory_jax.models.onestory import boxed_init_fn, memory_params_from_dit
 from onestory_jax.sharding import activate, batch_sharding, init_sharded, make_mesh
 from onestory_jax.training import aot
 from onestory_jax.training.aot import CAPACITY_GIB, LATENT_480P, batch_shapes, jit_step
-from onestory_jax.training.metrics import context_tokens, noise_tokens, train_step_flops
+from onestory_jax.models.flops import context_tokens, noise_tokens, train_step_flops
 from onestory_jax.training.optim import make_optimizer
 from onestory_jax.training.step import TrainState, init_state
 

@@ -183,6 +183,7 @@ def test_bad_arguments_and_jsonl_values_are_one_line_before_any_model(tmp_path, 
 
 def test_vae_stage_learns_and_exports_the_frozen_parts(tmp_path):
     cfg = load_config("tiny", ["train.stage=vae", "train.steps=12", "train.batch_size=2", "train.vae_stage.clip_size=16",
+                               "mesh.fsdp=2", "mesh.sequence=-1",  # the batch of 2 splits over data x fsdp
                                "train.learning_rate=3e-3", "train.lr_warmup_steps=1", "train.log_every=1",
                                "train.checkpoint_every=12"])
     first = train_vae(cfg, tmp_path / "w", progress=False, stop_after=1)

@@ -104,7 +104,7 @@ def test_flop_model_matches_xla_cost_analysis():
 
     from onestory_jax.config import DiTConfig
     from onestory_jax.models.dit import WanDiT, init_inputs
-    from onestory_jax.training.metrics import dit_forward_flops, peak_flops
+    from onestory_jax.models.flops import dit_forward_flops, peak_flops
 
     cfg = DiTConfig(model_type="t2v", in_dim=16, dim=256, ffn_dim=1024, num_heads=4, num_layers=1, text_dim=64,
                     image_dim=None, text_len=32)

@@ -18,7 +18,7 @@ import numpy as np
 
 from onestory_jax.config import MemoryConfig
 from onestory_jax.models.dit import ContextTokens
-from onestory_jax.models.layers import Dense, LayerNorm, attention, constrain, partitioned, rope_tables
+from onestory_jax.models.layers import DTYPES, Dense, LayerNorm, attention, constrain, partitioned, rope_tables
 
 Array = jax.Array
 
@@ -30,13 +30,14 @@ def edge_pad(x: Array, multiple: tuple[int, int]) -> Array:
     return jnp.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
 
 
-def patchify_conv(features: int, kernel: tuple[int, int, int], name: str) -> nn.Conv:
-    """Conv3d with kernel = stride over [B, N, h, w, C] latent frames."""
+def patchify_conv(features: int, kernel: tuple[int, int, int], name: str, dtype: Any = jnp.float32) -> nn.Conv:
+    """Conv3d with kernel = stride over [B, N, h, w, C] latent frames (computed in `dtype`, fp32 params)."""
     return nn.Conv(
         features,
         kernel_size=kernel,
         strides=kernel,
         padding="VALID",
+        dtype=dtype,
         kernel_init=partitioned(nn.initializers.xavier_uniform(), ("kernel_t", "kernel_h", "kernel_w", "in_features", "embed")),
         bias_init=partitioned(nn.initializers.zeros, ("embed",)),
         name=name,
@@ -48,19 +49,23 @@ class QueryAttention(nn.Module):
 
     dim: int
     heads: int
+    dtype: Any = jnp.float32  # matmul compute dtype; the norm and the residual stay fp32
 
     @nn.compact
     def __call__(self, q: Array, kv: Array, kv_mask: Array | None = None) -> Array:
         heads = ("act_batch", None, "act_heads", "act_head_dim")
         split = lambda a: constrain(a.reshape(*a.shape[:2], self.heads, self.dim // self.heads), heads)
         h = LayerNorm(1e-6, affine=True, name="norm")(q)
-        qq = split(Dense(self.dim, ("embed", "heads"), name="q")(h))
+        qq = split(Dense(self.dim, ("embed", "heads"), dtype=self.dtype, name="q")(h))
         # No key bias: it adds one constant to each query's logits, which softmax cancels (zero gradient).
-        k = split(Dense(self.dim, ("embed", "heads"), use_bias=False, name="k")(kv))
-        v = split(Dense(self.dim, ("embed", "heads"), name="v")(kv))
+        k = split(Dense(self.dim, ("embed", "heads"), use_bias=False, dtype=self.dtype, name="k")(kv))
+        v = split(Dense(self.dim, ("embed", "heads"), dtype=self.dtype, name="v")(kv))
+        # Always XLA, whatever dit.attention says: m queries (16) make logits of m x keys, small at any
+        # size, and the valid memory frames need not be a prefix (no kv_lengths for a flash kernel).
         out = attention(qq, k, v, "xla", kv_mask).reshape(*q.shape[:2], self.dim)
         out = constrain(out, ("act_batch", None, "act_heads"))
-        return constrain(q + Dense(self.dim, ("heads", "embed"), name="o")(out), ("act_batch", None, "act_embed"))
+        o = Dense(self.dim, ("heads", "embed"), dtype=self.dtype, name="o")(out).astype(jnp.float32)
+        return constrain(q + o, ("act_batch", None, "act_embed"))
 
 
 class FrameSelector(nn.Module):
@@ -71,6 +76,7 @@ class FrameSelector(nn.Module):
 
     cfg: MemoryConfig
     dim: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, caption: Array, memory: Array, valid: Array) -> Array:
@@ -78,15 +84,15 @@ class FrameSelector(nn.Module):
         queries = self.param("queries", partitioned(nn.initializers.normal(1.0), ("norm", "embed")), (cfg.num_queries, self.dim))
         seq = ("act_batch", None, "act_embed")  # explicit: GSPMD mis-partitions these when left to infer
         q = constrain(jnp.broadcast_to(queries[None], (b, *queries.shape)), seq)
-        text = constrain(Dense(self.dim, ("in_features", "embed"), name="phi_t")(caption), seq)
-        q = QueryAttention(self.dim, cfg.selector_heads, name="text_attn")(q, text)  # Q'
+        text = constrain(Dense(self.dim, ("in_features", "embed"), dtype=self.dtype, name="phi_t")(caption), seq)
+        q = QueryAttention(self.dim, cfg.selector_heads, self.dtype, name="text_attn")(q, text)  # Q'
         s = cfg.selector_stride
-        m1 = patchify_conv(self.dim, (1, s, s), "phi_v")(edge_pad(memory, (s, s)))  # [B, F, h', w', D]
+        m1 = patchify_conv(self.dim, (1, s, s), "phi_v", self.dtype)(edge_pad(memory, (s, s)))  # [B, F, h', w', D]
         tokens_per_frame = m1.shape[2] * m1.shape[3]
         kv_mask = jnp.repeat(valid, tokens_per_frame, axis=1)  # [B, F*h'*w']
-        q = QueryAttention(self.dim, cfg.selector_heads, name="memory_attn")(q, m1.reshape(b, -1, self.dim), kv_mask)  # Q''
-        frame_emb = Dense(self.dim, ("embed", "mlp"), name="phi_p")(m1.mean(axis=(2, 3)))  # [B, F, D]
-        scores = jnp.einsum("bfd,bmd->bfm", frame_emb, q) / math.sqrt(self.dim)
+        q = QueryAttention(self.dim, cfg.selector_heads, self.dtype, name="memory_attn")(q, m1.reshape(b, -1, self.dim), kv_mask)  # Q''
+        frame_emb = Dense(self.dim, ("embed", "mlp"), dtype=self.dtype, name="phi_p")(m1.mean(axis=(2, 3)))  # [B, F, D]
+        scores = jnp.einsum("bfd,bmd->bfm", frame_emb.astype(jnp.float32), q) / math.sqrt(self.dim)
         return scores.mean(axis=-1)
 
 
@@ -186,6 +192,7 @@ class AdaptiveConditioner(nn.Module):
 
     cfg: MemoryConfig
     dim: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, frames: Array, frame_time: Array, frame_valid: Array, head_dim: int, rope_theta: float = 10000.0) -> tuple[Array, Array, Array, Array]:
@@ -197,7 +204,7 @@ class AdaptiveConditioner(nn.Module):
         for level, (kernel, count) in enumerate(zip(self.cfg.patchifier_kernels, counts)):
             sl = slice(start, start + count)
             # Called even when count == 0, so every patchifier has parameters at every size.
-            out = patchify_conv(self.dim, kernel, f"patchifier_{level}")(edge_pad(frames[:, sl], kernel[1:]))
+            out = patchify_conv(self.dim, kernel, f"patchifier_{level}", self.dtype)(edge_pad(frames[:, sl], kernel[1:]))
             if count == 0:
                 continue
             n = out.shape[2] * out.shape[3]
@@ -225,10 +232,11 @@ class OneStoryMemory(nn.Module):
     dim: int
     head_dim: int
     rope_theta: float = 10000.0
+    dtype: str = "float32"  # compute dtype (the DiT's); params and norms stay fp32
 
     def setup(self) -> None:
-        self.selector = FrameSelector(self.cfg, self.dim)
-        self.conditioner = AdaptiveConditioner(self.cfg, self.dim)
+        self.selector = FrameSelector(self.cfg, self.dim, DTYPES[self.dtype])
+        self.conditioner = AdaptiveConditioner(self.cfg, self.dim, DTYPES[self.dtype])
 
     def score(self, caption: Array, memory: Array, valid: Array) -> Array:
         return self.selector(caption, memory, valid)

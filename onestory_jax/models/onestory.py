@@ -28,7 +28,7 @@ Array = jax.Array
 
 def memory_module(cfg: Config) -> OneStoryMemory:
     """The selector + conditioner module of this config (holds no params)."""
-    return OneStoryMemory(cfg.memory, cfg.dit.dim, cfg.dit.head_dim, cfg.dit.rope_theta)
+    return OneStoryMemory(cfg.memory, cfg.dit.dim, cfg.dit.head_dim, cfg.dit.rope_theta, cfg.dit.dtype)
 
 
 def memory_init_fn(cfg: Config):

@@ -1,4 +1,5 @@
-"""The training loop: sharded state, grain data, async orbax checkpoints (state + data position).
+"""The one training loop, for every stage (OneStory here, the demo VAE in vae_stage.py): sharded
+state, grain data, async orbax checkpoints (state + data position).
 
 Re-running with the same workdir resumes from the latest checkpoint at the exact data position.
 A NaN/inf loss or state stops the run without saving: every step to be saved (or exported) is
@@ -11,12 +12,14 @@ import dataclasses
 import math
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import yaml
 
@@ -28,10 +31,11 @@ from onestory_jax.errors import UserError
 from onestory_jax.io import require_free_space
 from onestory_jax.models.onestory import boxed_init_fn, memory_params_from_dit
 from onestory_jax.sharding import activate, batch_sharding, init_sharded, make_mesh
-from onestory_jax.training.losses import loss_at_sigmas
+from onestory_jax.training.losses import loss_at_sigmas, loss_fn
+from onestory_jax.models.flops import noise_tokens, train_step_flops
 from onestory_jax.training.metrics import TrainMonitor
 from onestory_jax.training.optim import make_optimizer, trainable_mask
-from onestory_jax.training.step import TrainState, init_state, make_train_step
+from onestory_jax.training.step import LossFn, TrainState, init_state, make_train_step
 
 VAL_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # validation timestep buckets (sigma at each bucket's centre)
 VAL_SEED_OFFSET = 7919  # the validation iterator and noise use train.seed + this
@@ -174,8 +178,36 @@ def _check_finite(step: int, metrics: dict[str, float], state: TrainState | None
             f"the last good checkpoint is step {last} in {manager.directory}" if last is not None else "no checkpoint was saved"))
 
 
-def train(cfg: Config, workdir: str | Path, progress: bool = True, stop_after: int | None = None) -> dict[str, float]:
-    """Train to `cfg.train.steps` (resuming if `workdir` has checkpoints); returns the last metrics.
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """What a training stage gives the one loop, `train`; the rest (mesh, resume at the exact data
+    position, NaN checks, async checkpoints, logging, validation) is shared."""
+
+    initial_state: Callable[[Config, jax.sharding.Mesh], tuple[TrainState, optax.GradientTransformation]]
+    dataset: Callable[[Config], grain.IterDataset]  # this host's batches {name: array}
+    objective: LossFn
+    cost: Callable[[Config, Any], Callable[[dict[str, tuple[int, ...]]], tuple[int, float]]]  # params -> (shapes -> (tokens, FLOPs))
+    export: Callable[[Config, Any, Path, jax.sharding.Mesh], None]  # final weights -> workdir/model
+    validates: bool = False  # `train.val_every` applies (the Validator reads OneStory batches)
+
+
+def _onestory_cost(cfg: Config, params: Any) -> Callable[[dict[str, tuple[int, ...]]], tuple[int, float]]:
+    dit_trains = any(jax.tree.leaves(trainable_mask(params, cfg.train.trainable)["dit"]))
+    return lambda shapes: (shapes["target"][0] * noise_tokens(cfg.dit, shapes["target"]),
+                           train_step_flops(cfg, shapes, dit_trains))
+
+
+def _export_onestory(cfg: Config, params: Any, workdir: Path, mesh: jax.sharding.Mesh) -> None:
+    save_model(workdir / "model" / "onestory", params, cfg, force=True)
+
+
+ONESTORY = Stage(_initial_state, _host_dataset, loss_fn, _onestory_cost, _export_onestory, validates=True)
+
+
+def train(cfg: Config, workdir: str | Path, progress: bool = True, stop_after: int | None = None,
+          stage: Stage = ONESTORY) -> dict[str, float]:
+    """Train `stage` (default: OneStory) to `cfg.train.steps`, resuming if `workdir` has checkpoints;
+    returns the last metrics. At the last step the stage exports its model into workdir/model.
 
     stop_after: end this run after that many steps, with a checkpoint (time-sliced jobs).
     """
@@ -185,9 +217,9 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, stop_after: i
     mesh = make_mesh(cfg.mesh)
     _check_batch_size(tc.batch_size, mesh)
     lead = jax.process_index() == 0
-    data_iter = iter(_host_dataset(cfg))
+    data_iter = iter(stage.dataset(cfg))
     with activate(mesh):
-        state, tx = _initial_state(cfg, mesh)
+        state, tx = stage.initial_state(cfg, mesh)
         manager = _manager(workdir, cfg)
         if manager.latest_step() is not None:
             state = _restore(manager, state, data_iter)
@@ -200,19 +232,19 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, stop_after: i
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         start = int(state.step)
         end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
-        dit_trains = any(jax.tree.leaves(trainable_mask(state.params, tc.trainable)["dit"]))
-        monitor = TrainMonitor(cfg, workdir, start, dit_trains, progress=progress and lead, write=lead)
-        validator = Validator(cfg, mesh) if tc.val_every > 0 else None
+        cost = stage.cost(cfg, state.params)
+        monitor = TrainMonitor(cfg, workdir, start, progress=progress and lead, write=lead)
+        validator = Validator(cfg, mesh) if stage.validates and tc.val_every > 0 else None
         step_fn, metrics = None, {}
         try:
             for step in range(start, end):
                 global_batch = _global_batch(next(data_iter), mesh)
                 if step_fn is None:
                     batch_shardings = jax.tree.map(lambda a: a.sharding, global_batch)
-                    step_fn = jax.jit(make_train_step(cfg, tx), donate_argnums=0, in_shardings=(state_shardings, batch_shardings),
-                                      out_shardings=(state_shardings, replicated))
+                    step_fn = jax.jit(make_train_step(cfg, tx, stage.objective), donate_argnums=0,
+                                      in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated))
                 state, m = step_fn(state, global_batch)
-                monitor.count({k: v.shape for k, v in global_batch.items()})
+                monitor.count(*cost({k: v.shape for k, v in global_batch.items()}))
                 log, save = _due(step + 1, tc.log_every, end), _due(step + 1, tc.checkpoint_every, end)
                 kept = save or step + 1 == tc.steps  # saved, or exported as the model
                 if log or kept:  # nothing non-finite is logged as fine, saved or exported
@@ -232,5 +264,5 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, stop_after: i
             manager.wait_until_finished()
             manager.close()
         if int(state.step) == tc.steps:
-            save_model(workdir / "model" / "onestory", _export_params(state), cfg, force=True)
+            stage.export(cfg, _export_params(state), workdir, mesh)
     return metrics

@@ -1,4 +1,4 @@
-"""Training metrics: the DiT FLOP model, MFU, throughput, and CSV logs that survive restarts."""
+"""Training metrics: throughput, MFU (by the FLOP model of models/flops.py), and CSV logs that survive restarts."""
 
 from __future__ import annotations
 
@@ -12,67 +12,10 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
-from onestory_jax.config import Config, DiTConfig, MemoryConfig
+from onestory_jax.config import Config
 from onestory_jax.io import atomic_path
-from onestory_jax.models.memory import frames_per_patchifier, tokens_per_frame
+from onestory_jax.models.flops import mfu
 from onestory_jax.training.optim import learning_rate_schedule
-
-# Dense bf16 peak FLOP/s per device, matched in order as a substring of `jax.Device.device_kind`
-# (TPU v5e reports "TPU v5 lite", v5p "TPU v5p" or "TPU v5"; v6e "TPU v6 lite").
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12),
-    ("TPU v6 lite", 918e12), ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v4", 275e12),
-)
-
-
-def peak_flops(device_kind: str) -> float | None:
-    """Dense bf16 peak FLOP/s of one device of this kind; None when unknown (CPU included)."""
-    return next((v for k, v in PEAK_BF16_FLOPS if k.lower() in device_kind.lower()), None)
-
-
-def dit_forward_flops(cfg: DiTConfig, tokens: int, text_tokens: int, image_tokens: int = 0) -> float:
-    """Matmul FLOPs of one DiT forward (2 per multiply-add; norms and elementwise ignored).
-
-    tokens: every token in the residual stream (noise tokens plus any context tokens).
-    """
-    d, f, n, lt = cfg.dim, cfg.ffn_dim, tokens, text_tokens + image_tokens
-    self_attn = 2 * n * 4 * d * d + 2 * 2 * n * n * d
-    cross = 2 * n * 2 * d * d + 2 * lt * 2 * d * d + 2 * 2 * n * lt * d
-    ffn = 2 * n * 2 * d * f
-    return cfg.num_layers * (self_attn + cross + ffn)
-
-
-def context_tokens(cfg: MemoryConfig, latent_hw: tuple[int, int]) -> int:
-    """Context tokens the Adaptive Conditioner makes from the selected frames at this latent size."""
-    counts = frames_per_patchifier(cfg, latent_hw)
-    return sum(c * tokens_per_frame(k, latent_hw) for k, c in zip(cfg.patchifier_kernels, counts))
-
-
-def noise_tokens(cfg: DiTConfig, target_shape: tuple[int, ...]) -> int:
-    """Noise tokens of one sample from a target latent [B, T, h, w, C] (per sample)."""
-    t, h, w = target_shape[1:4]
-    pt, ph, pw = cfg.patch_size
-    return (t // pt) * (h // ph) * (w // pw)
-
-
-def train_step_flops(cfg: Config, shapes: Mapping[str, tuple[int, ...]], dit_trains: bool) -> float:
-    """Model FLOPs of one train step on a batch of these shapes (global batch).
-
-    Forward + activation gradients (2x forward) + weight gradients when DiT weights train (1x) +
-    the recomputed forward under full remat (1x). The selector and patchifiers are ignored (< 1%).
-    """
-    b, _, h, w = shapes["target"][:4]
-    tokens = noise_tokens(cfg.dit, shapes["target"]) + context_tokens(cfg.memory, (h, w))
-    image = shapes["image"][1] if "image" in shapes else 0
-    passes = 2 + int(dit_trains) + int(cfg.dit.remat_policy == "full")
-    return b * passes * dit_forward_flops(cfg.dit, tokens, shapes["text"][1], image)
-
-
-def mfu(flops_per_step: float, steps_per_s: float, device_kind: str, num_devices: int) -> float | None:
-    """Model FLOPs utilisation against the dense bf16 peak; None on unknown devices."""
-    peak = peak_flops(device_kind)
-    return flops_per_step * steps_per_s / (peak * num_devices) if peak else None
-
 
 class CsvLog:
     """A CSV file with a header row, appended to as training goes.
@@ -117,12 +60,15 @@ class CsvLog:
             self._file = None
 
 
+BAR_METRICS = {"loss": "loss", "l_sel": "l_sel", "mse": "mse", "grad_norm": "gnorm"}  # metric -> its bar label
+
+
 class TrainMonitor:
     """The progress bar (loss, L_sel, grad norm, lr, steps/s, tokens/s, MFU, validation loss),
     `metrics.csv` (one row per logged step) and `val.csv` (step, bucket, loss, loss_no_context)."""
 
-    def __init__(self, cfg: Config, workdir: Path, start: int, dit_trains: bool, progress: bool = True, write: bool = True):
-        self.cfg, self.dit_trains = cfg, dit_trains
+    def __init__(self, cfg: Config, workdir: Path, start: int, progress: bool = True, write: bool = True):
+        self.cfg = cfg
         self.lr = learning_rate_schedule(cfg.train)
         self.device_kind, self.num_devices = jax.devices()[0].device_kind, jax.device_count()
         self.metrics_csv = CsvLog(workdir / "metrics.csv", start, write)
@@ -134,11 +80,11 @@ class TrainMonitor:
     def _reset(self) -> None:
         self._t0, self._steps, self._tokens, self._flops = time.perf_counter(), 0, 0, 0.0
 
-    def count(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        """One step done on a global batch of these shapes."""
+    def count(self, tokens: int, flops: float) -> None:
+        """One step done: the tokens it processed and its FLOPs (0: unknown, no MFU)."""
         self._steps += 1
-        self._tokens += shapes["target"][0] * noise_tokens(self.cfg.dit, shapes["target"])
-        self._flops += train_step_flops(self.cfg, shapes, self.dit_trains)
+        self._tokens += tokens
+        self._flops += flops
         self.bar.update(1)
 
     @contextlib.contextmanager
@@ -155,7 +101,7 @@ class TrainMonitor:
             return {"steps_per_s": None, "tokens_per_s": None, "mfu": None}
         steps_per_s = self._steps / dt
         return {"steps_per_s": steps_per_s, "tokens_per_s": self._tokens / dt,
-                "mfu": mfu(self._flops / self._steps, steps_per_s, self.device_kind, self.num_devices)}
+                "mfu": mfu(self._flops / self._steps, steps_per_s, self.device_kind, self.num_devices) if self._flops else None}
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         """Write a metrics row for 1-based `step` and refresh the bar."""
@@ -164,8 +110,8 @@ class TrainMonitor:
         row = {"step": step, "time": f"{time.time():.3f}", **{k: f"{metrics[k]:.9g}" for k in sorted(metrics)},
                "lr": f"{lr:.6g}", **{k: "" if v is None else f"{v:.4g}" for k, v in rates.items()}}
         self.metrics_csv.write(row)
-        self.postfix.update(loss=f"{metrics['loss']:.4f}", l_sel=f"{metrics['l_sel']:.4f}", gnorm=f"{metrics['grad_norm']:.3f}",
-                            lr=f"{lr:.2e}", step_s=_fmt(rates["steps_per_s"], ".2f"), tok_s=_fmt(rates["tokens_per_s"], ".0f"),
+        shown = {name: f"{metrics[key]:.4f}" for key, name in BAR_METRICS.items() if key in metrics}
+        self.postfix.update(shown, lr=f"{lr:.2e}", step_s=_fmt(rates["steps_per_s"], ".2f"), tok_s=_fmt(rates["tokens_per_s"], ".0f"),
                             mfu=_fmt(rates["mfu"], ".1%"))
         self.bar.set_postfix(self.postfix, refresh=True)
         self._reset()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -39,12 +40,16 @@ def stop_frozen_gradients(params: Any, patterns: tuple[str, ...]) -> Any:
     return jax.tree.map(lambda p, train: p if train else jax.lax.stop_gradient(p), params, trainable_mask(params, patterns))
 
 
-def make_train_step(cfg: Config, tx: optax.GradientTransformation):
-    """state, batch -> (state, metrics). Jit it with `donate_argnums=0`."""
+# (params, batch, rng, warm, cfg) -> (loss, metrics); warm: the decoupled warm-up is on (bool scalar)
+LossFn = Callable[[Any, Batch, Array, Array, Config], tuple[Array, dict[str, Array]]]
+
+
+def make_train_step(cfg: Config, tx: optax.GradientTransformation, objective: LossFn = loss_fn):
+    """state, batch -> (state, metrics) for `objective` (default: OneStory's). Jit it with `donate_argnums=0`."""
     warm_steps = int(round(cfg.train.decoupled_warmup * cfg.train.steps))
 
     def loss(params: Any, batch: Batch, rng: Array, warm: Array) -> tuple[Array, dict[str, Array]]:
-        return loss_fn(stop_frozen_gradients(params, cfg.train.trainable), batch, rng, warm, cfg)
+        return objective(stop_frozen_gradients(params, cfg.train.trainable), batch, rng, warm, cfg)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
         rng, step_rng = jax.random.split(state.rng)
