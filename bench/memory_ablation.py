@@ -48,7 +48,7 @@ def model_folder(name: str, export: Path, frozen: Path, out: Path) -> tuple[Path
     return folder, yaml.safe_load(config.read_text())["memory"]["train_strategy"]
 
 
-def selection_on_truth(folder: Path, strategy: str, stories: list[synthetic.Story], frames: int) -> list[float | None]:
+def selection_on_truth(folder: Path, strategy: str, stories: list[synthetic.SyntheticStory], frames: int) -> list[float | None]:
     """Per story: selection accuracy on its recall shots when the memory holds the ground-truth shots
     (VAE latents of the renders), i.e. the frame choice alone, whatever the DiT draws."""
     import jax
@@ -63,7 +63,7 @@ def selection_on_truth(folder: Path, strategy: str, stories: list[synthetic.Stor
     out = []
     with activate(mesh):
         for story in stories:
-            latents = [comps.encode_video(v.astype(np.float32) / 127.5 - 1.0) for v, _ in synthetic.render_story(story, frames)]
+            latents = [comps.encode_video(v.astype(np.float32) / 127.5 - 1.0) for v, _ in synthetic.render_synthetic(story, frames)]
             spec = generation_spec(cfg, strategy, None, latents[0].shape[1:3], 1, 3.0, "euler", 1.0)
             hits = []
             for j, c in recall_shots(story):
@@ -77,7 +77,7 @@ def selection_on_truth(folder: Path, strategy: str, stories: list[synthetic.Stor
     return out
 
 
-def recall_loss(folder: Path, stories: list[synthetic.Story], frames: int) -> list[tuple[float, float] | None]:
+def recall_loss(folder: Path, stories: list[synthetic.SyntheticStory], frames: int) -> list[tuple[float, float] | None]:
     """Per story: L_shot of its recall shots (mean over sigmas 0.3, 0.5, 0.7, fixed noise) with the
     memory of a training example built from the ground truth (the recalled character's first shot,
     then the shot before the recall) under the model's own frame choice, and with that context
@@ -96,7 +96,7 @@ def recall_loss(folder: Path, stories: list[synthetic.Story], frames: int) -> li
     out = []
     with activate(mesh):
         for story in stories:
-            latents = [comps.encode_video(v.astype(np.float32) / 127.5 - 1.0) for v, _ in synthetic.render_story(story, frames)]
+            latents = [comps.encode_video(v.astype(np.float32) / 127.5 - 1.0) for v, _ in synthetic.render_synthetic(story, frames)]
             t = latents[0].shape[0]
             pairs = []
             for j, c in recall_shots(story):

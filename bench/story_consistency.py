@@ -41,7 +41,7 @@ METRICS = ("character", "character_recall", "environment", "subject", "backgroun
            "attribute_character_colour", "attribute_scene")
 
 
-def held_out_stories(n: int, shots: int, kinds: tuple[str, ...] = synthetic.KINDS) -> list[synthetic.Story]:
+def held_out_stories(n: int, shots: int, kinds: tuple[str, ...] = synthetic.KINDS) -> list[synthetic.SyntheticStory]:
     """n stories of `shots` shots cycling through `kinds` (default: the three patterns)."""
     return [synthetic.make_story(HELD_OUT_SEED + i, shots, kinds[i % len(kinds)]) for i in range(n)]
 
@@ -65,7 +65,7 @@ def write_section(path: Path, body: list[str]) -> None:
     path.write_text(text.replace(old, new) if old else text + "\n" + new)
 
 
-def run_config(name: str, model: Path, stories: list[synthetic.Story], out: Path, steps: int, frames: int,
+def run_config(name: str, model: Path, stories: list[synthetic.SyntheticStory], out: Path, steps: int, frames: int,
                features: Any, memory: dict[str, Any], overrides: list[str]) -> list[dict]:
     """Render (or resume) and evaluate every story under one configuration (story `memory`
     settings, model `overrides`); per-story summaries with the recall-shot metrics."""
@@ -175,7 +175,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     truth_rows = []
     for i, story in enumerate(stories):
-        frames, masks = zip(*synthetic.render_story(story, args.frames))
+        frames, masks = zip(*synthetic.render_synthetic(story, args.frames))
         truth_rows.append({"story": i, "kind": story.kind, **summary(evaluate_story(list(frames), story, features, list(masks)))})
     results = {}
     for name in args.configs.split(","):

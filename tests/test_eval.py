@@ -24,7 +24,7 @@ FEATURES = HistogramFeatures()
 
 
 @cache
-def recall_story() -> synthetic.Story:
+def recall_story() -> synthetic.SyntheticStory:
     """A 4-shot insert_recall story, every shot moving (so frame order matters)."""
     story = synthetic.make_story(0, n_shots=4, kind="insert_recall")
     return dataclasses.replace(story, shots=tuple(dataclasses.replace(s, motion="slides") for s in story.shots))
@@ -32,7 +32,7 @@ def recall_story() -> synthetic.Story:
 
 @cache
 def rendered() -> tuple[list[np.ndarray], list[np.ndarray]]:
-    pairs = synthetic.render_story(recall_story(), FRAMES, SIZE)
+    pairs = synthetic.render_synthetic(recall_story(), FRAMES, SIZE)
     return [f for f, _ in pairs], [m for _, m in pairs]
 
 
@@ -142,7 +142,7 @@ def _write_run(folder: Path, frames: list[np.ndarray]) -> Path:
 
 def test_cli_run_with_truth(tmp_path, capsys):
     frames, masks = rendered()
-    synthetic.save_story(tmp_path / "truth", recall_story())
+    synthetic.save_synthetic(tmp_path / "truth", recall_story())
     run = _write_run(tmp_path / "run", frames)
     assert main(["--run", str(run), "--truth", str(tmp_path / "truth"), "--out", str(tmp_path / "r.json")]) == 0
     r = json.loads((tmp_path / "r.json").read_text())
@@ -157,7 +157,7 @@ def test_cli_run_with_truth(tmp_path, capsys):
 def test_cli_stories(tmp_path):
     for seed in (0, 1):
         story = synthetic.make_story(seed, n_shots=3)
-        synthetic.save_story(tmp_path / "stories" / f"s{seed}", story, synthetic.render_story(story, FRAMES, SIZE))
+        synthetic.save_synthetic(tmp_path / "stories" / f"s{seed}", story, synthetic.render_synthetic(story, FRAMES, SIZE))
     assert main(["--stories", str(tmp_path / "stories"), "--out", str(tmp_path / "s.json")]) == 0
     r = json.loads((tmp_path / "s.json").read_text())
     assert r["stories"] == 2 and r["mean"]["character"] > 0.95 and set(r["per_story"]) == {"s0", "s1"}

@@ -106,7 +106,7 @@ def test_character_labels_need_masks():
 def _story():
     chars = (synthetic.Character("square", "red", "plain"), synthetic.Character("circle", "blue", "plain"))
     shot = lambda c: synthetic.Shot("", c, "snow", "rests", 1.0, (0.0, 0.0), ((0.5, 0.5),) * len(c))
-    return synthetic.Story("insert_recall", chars, (shot((0,)), shot((1,)), shot((0,)), shot((0, 1))))
+    return synthetic.SyntheticStory("insert_recall", chars, (shot((0,)), shot((1,)), shot((0,)), shot((0, 1))))
 
 
 def test_recall_shots_and_their_metrics():

@@ -28,7 +28,7 @@ SIZE = "32x32"
 def story_video() -> tuple[np.ndarray, list[str]]:
     """Three shots of 9 frames at 32x32 in three scenes, cut together, and their captions."""
     story = synthetic.make_story(0, 3, "insert_recall")
-    shots = synthetic.render_story(story, frames=9, size=32)
+    shots = synthetic.render_synthetic(story, frames=9, size=32)
     return np.concatenate([v for v, _ in shots]), [s.caption for s in story.shots]
 
 
@@ -208,7 +208,7 @@ def test_embedders_average_their_cosines_and_clip_loads_locally(tmp_path):
                                                    projection_dim=8)).save_pretrained(tmp_path / "clip")
     _, clip = load_embedder(f"clip:{tmp_path / 'clip'}")
     _, pixel = load_embedder("pixel")
-    frames = np.stack([v[0] for v, _ in synthetic.render_story(synthetic.make_story(1, 3), frames=1, size=32)])
+    frames = np.stack([v[0] for v, _ in synthetic.render_synthetic(synthetic.make_story(1, 3), frames=1, size=32)])
     assert clip(frames).shape == (3, 8)
 
     def cos(e):

@@ -161,7 +161,7 @@ def synthetic_videos(count: int, seed: int, frames: int, size: int, kinds: tuple
             n_shots = 2 if i % 5 == 0 else None
             kind = "main_subject" if n_shots == 2 else (kinds[n % len(kinds)] if kinds else None)
             story = synthetic.make_story(i, n_shots, kind)
-            shots, masks = zip(*synthetic.render_story(story, frames, size))
+            shots, masks = zip(*synthetic.render_synthetic(story, frames, size))
             return list(shots), [s.caption for s in story.shots], list(masks)
 
         yield f"synthetic-{i:06d}", load

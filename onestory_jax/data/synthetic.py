@@ -10,7 +10,7 @@ square", so only memory can tell its colour and pattern. Three patterns from the
   composition     two characters met apart later appear together
 
 Rendering is pure NumPy: frames uint8 [T, H, W, 3] and identity masks uint8 [T, H, W]
-(0 = background, 1 + index into `Story.characters`). `save_story` writes them with the ground truth
+(0 = background, 1 + index into `SyntheticStory.characters`). `save_synthetic` writes them with the ground truth
 (`story.json`) that `onestory_jax.eval` reads.
 """
 
@@ -53,7 +53,7 @@ class Character:
 @dataclasses.dataclass(frozen=True)
 class Shot:
     caption: str
-    characters: tuple[int, ...]  # indices into Story.characters
+    characters: tuple[int, ...]  # indices into SyntheticStory.characters
     scene: str
     motion: str
     zoom: float  # camera zoom (> 1: closer)
@@ -62,7 +62,7 @@ class Shot:
 
 
 @dataclasses.dataclass(frozen=True)
-class Story:
+class SyntheticStory:
     kind: str
     characters: tuple[Character, ...]
     shots: tuple[Shot, ...]
@@ -125,7 +125,7 @@ def _caption(chars: tuple[Character, ...], present: tuple[int, ...], seen: set[i
     return f"{framing}{subject} {verb} {place}."
 
 
-def make_story(seed: int, n_shots: int | None = None, kind: str | None = None, withhold_prob: float = 0.8) -> Story:
+def make_story(seed: int, n_shots: int | None = None, kind: str | None = None, withhold_prob: float = 0.8) -> SyntheticStory:
     """A random story (deterministic in `seed`): 2-6 shots of one of KINDS unless given."""
     rng = np.random.default_rng(seed)
     kind = kind or KINDS[int(rng.integers(len(KINDS)))]
@@ -148,7 +148,7 @@ def make_story(seed: int, n_shots: int | None = None, kind: str | None = None, w
         shots.append(Shot(caption, present, scene, motion, zoom, pan, starts))
         seen.update(present)
         scenes_seen.add(scene)
-    return Story(kind, chars, tuple(shots))
+    return SyntheticStory(kind, chars, tuple(shots))
 
 
 def _background(scene: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -203,7 +203,7 @@ def _position(motion: str, start: tuple[float, float], t: float) -> tuple[float,
     return x + 0.02 * np.sin(t * 2 * np.pi), y  # rests
 
 
-def render_shot(story: Story, index: int, frames: int = 17, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def render_shot(story: SyntheticStory, index: int, frames: int = 17, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Frames uint8 [T, H, W, 3] and identity masks uint8 [T, H, W] of one shot."""
     shot = story.shots[index]
     pix = (np.arange(size, dtype=np.float32) + 0.5) / size
@@ -229,38 +229,38 @@ def render_shot(story: Story, index: int, frames: int = 17, size: int = 64) -> t
     return video, masks
 
 
-def render_story(story: Story, frames: int = 17, size: int = 64) -> list[tuple[np.ndarray, np.ndarray]]:
+def render_synthetic(story: SyntheticStory, frames: int = 17, size: int = 64) -> list[tuple[np.ndarray, np.ndarray]]:
     """(frames, masks) of every shot."""
     return [render_shot(story, i, frames, size) for i in range(len(story.shots))]
 
 
-def story_to_dict(story: Story) -> dict[str, Any]:
+def synthetic_to_dict(story: SyntheticStory) -> dict[str, Any]:
     return dataclasses.asdict(story)
 
 
-def story_from_dict(data: dict[str, Any]) -> Story:
+def synthetic_from_dict(data: dict[str, Any]) -> SyntheticStory:
     chars = tuple(Character(**c) for c in data["characters"])
     shots = tuple(Shot(s["caption"], tuple(s["characters"]), s["scene"], s["motion"], float(s["zoom"]),
                        tuple(s["pan"]), tuple(tuple(p) for p in s["starts"])) for s in data["shots"])
-    return Story(data["kind"], chars, shots)
+    return SyntheticStory(data["kind"], chars, shots)
 
 
-def save_story(folder: str | Path, story: Story, rendered: list[tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
+def save_synthetic(folder: str | Path, story: SyntheticStory, rendered: list[tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
     """Write `story.json` (ground truth) and, when given, `shot_NN.npz` (frames, masks) to `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "story.json").write_text(json.dumps(story_to_dict(story), indent=1))
+    (folder / "story.json").write_text(json.dumps(synthetic_to_dict(story), indent=1))
     for i, (video, masks) in enumerate(rendered or []):
         np.savez_compressed(folder / f"shot_{i:02d}.npz", frames=video, masks=masks)
     return folder
 
 
-def load_story(folder: str | Path) -> Story:
-    """The ground-truth story of a folder written by `save_story`."""
-    return story_from_dict(json.loads((Path(folder) / "story.json").read_text()))
+def load_synthetic(folder: str | Path) -> SyntheticStory:
+    """The ground-truth story of a folder written by `save_synthetic`."""
+    return synthetic_from_dict(json.loads((Path(folder) / "story.json").read_text()))
 
 
-def story_file(story: Story, frames: int = 17, size: int = 64, **settings: Any) -> dict[str, Any]:
+def story_file(story: SyntheticStory, frames: int = 17, size: int = 64, **settings: Any) -> dict[str, Any]:
     """A sample.py story dict (captions only) for a synthetic story."""
     return {"settings": {"width": size, "height": size, "frames": frames, **settings},
             "shots": [{"caption": s.caption} for s in story.shots]}

@@ -29,7 +29,7 @@ def unavailable(reason: str) -> dict[str, Any]:
     return {"status": "unavailable", "score": None, "reason": reason}
 
 
-def _check(frames_per_shot: list[np.ndarray], truth: synthetic.Story | None, truth_masks: list[np.ndarray] | None) -> None:
+def _check(frames_per_shot: list[np.ndarray], truth: synthetic.SyntheticStory | None, truth_masks: list[np.ndarray] | None) -> None:
     """ValueError naming the first shot whose frames or masks do not fit."""
     if not frames_per_shot:
         raise ValueError("no shots to evaluate")
@@ -52,7 +52,7 @@ def _region(masks: np.ndarray, labels: list[int], present: bool = True) -> np.nd
     return r & keep[:, None, None]
 
 
-def _segment(frames: np.ndarray, truth: synthetic.Story, index: int) -> np.ndarray:
+def _segment(frames: np.ndarray, truth: synthetic.SyntheticStory, index: int) -> np.ndarray:
     """Segmented masks; a frame that is mostly "character" (not the scene at all) gets no regions (255)."""
     masks = regions.segment_shot(frames, truth, index)
     failed = (masks > 0).reshape(len(masks), -1).mean(-1) > MAX_SEGMENTED
@@ -70,7 +70,7 @@ def _pair_scores(pairs: list[tuple[Any, int, int]], feats: dict[tuple[Any, int],
     return rows, missing
 
 
-def _inter_shot(frames: list[np.ndarray], masks: list[np.ndarray], truth: synthetic.Story,
+def _inter_shot(frames: list[np.ndarray], masks: list[np.ndarray], truth: synthetic.SyntheticStory,
                 features: FeatureExtractor) -> tuple[dict, dict, list[dict]]:
     """Character and environment consistency, and the per-shot attribute checks."""
     char_feats, scene_feats, attributes = {}, {}, []
@@ -146,7 +146,7 @@ def summary(result: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
-def evaluate_story(frames_per_shot: list[np.ndarray], truth: synthetic.Story | None, features: FeatureExtractor,
+def evaluate_story(frames_per_shot: list[np.ndarray], truth: synthetic.SyntheticStory | None, features: FeatureExtractor,
                    truth_masks: list[np.ndarray] | None = None) -> dict[str, Any]:
     """Every metric of one story: frames uint8 [T, H, W, 3] per shot, its ground truth (or None), and,
     for ground-truth renders, identity masks uint8 [T, H, W] per shot (else regions are segmented).

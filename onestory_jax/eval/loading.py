@@ -2,7 +2,7 @@
 
 A run directory (sample.py) holds manifest.json and shot_01.mp4 ... (1-based); decoded frames exist
 only as those mp4s (H.264, yuv420p), read back with PyAV. A ground-truth folder
-(synthetic.save_story) holds story.json and, when rendered, shot_00.npz ... (0-based) with
+(synthetic.save_synthetic) holds story.json and, when rendered, shot_00.npz ... (0-based) with
 `frames` uint8 [T, H, W, 3] and `masks` uint8 [T, H, W]. Every problem is a one-line UserError.
 """
 
@@ -48,20 +48,20 @@ def load_run(run: Path) -> list[np.ndarray]:
     return [read_video(p) for p in paths]
 
 
-def load_truth(path: Path) -> synthetic.Story:
-    """The ground-truth story of a synthetic.save_story folder (or its story.json)."""
+def load_truth(path: Path) -> synthetic.SyntheticStory:
+    """The ground-truth story of a synthetic.save_synthetic folder (or its story.json)."""
     path = Path(path)
     file = path / "story.json" if path.is_dir() else path
     if not file.is_file():
         raise UserError(f"ground truth '{path}' not found (expected a folder with story.json, or the file)")
     try:
-        return synthetic.story_from_dict(json.loads(file.read_text()))
+        return synthetic.synthetic_from_dict(json.loads(file.read_text()))
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"'{file}' is not a synthetic story ({type(e).__name__}: {e})") from None
 
 
-def load_rendered(folder: Path) -> tuple[synthetic.Story, list[np.ndarray], list[np.ndarray]]:
-    """(story, frames per shot, masks per shot) of a rendered synthetic.save_story folder."""
+def load_rendered(folder: Path) -> tuple[synthetic.SyntheticStory, list[np.ndarray], list[np.ndarray]]:
+    """(story, frames per shot, masks per shot) of a rendered synthetic.save_synthetic folder."""
     story = load_truth(_folder(Path(folder), "story folder"))
     frames, masks = [], []
     for i in range(len(story.shots)):
@@ -71,7 +71,7 @@ def load_rendered(folder: Path) -> tuple[synthetic.Story, list[np.ndarray], list
                 frames.append(data["frames"])
                 masks.append(data["masks"])
         except FileNotFoundError:
-            raise UserError(f"story folder '{folder}' has no {path.name}: render it with synthetic.save_story(folder, story, rendered)") from None
+            raise UserError(f"story folder '{folder}' has no {path.name}: render it with synthetic.save_synthetic(folder, story, rendered)") from None
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"'{path}' is not a rendered shot (frames, masks): {e}") from None
     return story, frames, masks

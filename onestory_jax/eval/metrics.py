@@ -51,7 +51,7 @@ def mean_or_none(values: list[float | None]) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
-def character_pairs(story: synthetic.Story) -> Iterator[tuple[int, int, int, bool]]:
+def character_pairs(story: synthetic.SyntheticStory) -> Iterator[tuple[int, int, int, bool]]:
     """(character, shot i, shot j, recall) for i < j both showing the character; recall when a shot
     between them does not show it (the character returns after an inserted shot)."""
     shots = story.shots
@@ -60,7 +60,7 @@ def character_pairs(story: synthetic.Story) -> Iterator[tuple[int, int, int, boo
             yield c, i, j, any(c not in shots[k].characters for k in range(i + 1, j))
 
 
-def scene_pairs(story: synthetic.Story) -> Iterator[tuple[str, int, int]]:
+def scene_pairs(story: synthetic.SyntheticStory) -> Iterator[tuple[str, int, int]]:
     """(scene, shot i, shot j) for i < j filmed in the same scene."""
     for i, j in itertools.combinations(range(len(story.shots)), 2):
         if story.shots[i].scene == story.shots[j].scene:

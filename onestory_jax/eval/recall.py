@@ -18,14 +18,14 @@ import numpy as np
 from onestory_jax.data import synthetic
 
 
-def recall_shots(story: synthetic.Story) -> list[tuple[int, int]]:
+def recall_shots(story: synthetic.SyntheticStory) -> list[tuple[int, int]]:
     """(shot j, character c), 0-based: c is in shot j and in an earlier shot, but not in shot j - 1."""
     shots = story.shots
     return [(j, c) for j in range(1, len(shots)) for c in shots[j].characters
             if c not in shots[j - 1].characters and any(c in s.characters for s in shots[:j])]
 
 
-def selection_hits(story: synthetic.Story, manifest: dict[str, Any]) -> list[bool]:
+def selection_hits(story: synthetic.SyntheticStory, manifest: dict[str, Any]) -> list[bool]:
     """Per recall shot: do its chosen memory frames (manifest["shots"][j]["memory"], shots 1-based)
     include a frame of a shot showing the recalled character?"""
     shots = story.shots
@@ -33,14 +33,14 @@ def selection_hits(story: synthetic.Story, manifest: dict[str, Any]) -> list[boo
             for j, c in recall_shots(story)]
 
 
-def colour_hits(story: synthetic.Story, result: dict[str, Any]) -> list[bool]:
+def colour_hits(story: synthetic.SyntheticStory, result: dict[str, Any]) -> list[bool]:
     """Per recall shot: is the recalled character's dominant colour its own (evaluate_story's result)?"""
     per_shot = result["attribute_accuracy"]["per_shot"]
     return [next(a["predicted"] == a["truth"] for a in per_shot[j]["characters"] if a["character"] == c)
             for j, c in recall_shots(story)]
 
 
-def recall_metrics(story: synthetic.Story, result: dict[str, Any], manifest: dict[str, Any]) -> dict[str, float | None]:
+def recall_metrics(story: synthetic.SyntheticStory, result: dict[str, Any], manifest: dict[str, Any]) -> dict[str, float | None]:
     """selection_accuracy and recall_colour of one story (None without recall shots)."""
     mean = lambda hits: float(np.mean(hits)) if hits else None
     return {"selection_accuracy": mean(selection_hits(story, manifest)), "recall_colour": mean(colour_hits(story, result))}

@@ -61,7 +61,7 @@ def majority_filter(mask: np.ndarray) -> np.ndarray:
     return count >= 5
 
 
-def segment_shot(frames: np.ndarray, story: synthetic.Story, index: int) -> np.ndarray:
+def segment_shot(frames: np.ndarray, story: synthetic.SyntheticStory, index: int) -> np.ndarray:
     """Identity masks uint8 [T, H, W] of generated frames uint8 [T, H, W, 3] of shot `index`."""
     shot = story.shots[index]
     scene = scene_palette(shot.scene)
