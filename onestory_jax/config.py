@@ -164,7 +164,7 @@ class TrainConfig:
                 raise UserError(f"train.trainable: {pattern!r} is not a valid regex ({e})") from None
 
 
-# --- VAE config (owned by the VAE work; keep edits inside this section) ---
+# --- VAE ---
 
 # Published per-channel statistics of Wan2.1 VAE latents (z = (mu - mean) / std).
 WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -220,7 +220,7 @@ class VAEConfig:
         if any(s <= 0 for s in self.latents_std):
             raise UserError("vae.latents_std values must be positive")
 
-# --- text / image encoder configs (owned by the encoder work; keep edits inside this section) ---
+# --- text and image encoders ---
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,7 +282,7 @@ class ImageEncoderConfig:
             raise UserError("image_encoder.num_layers must be >= 2 (features are the penultimate block's)")
 
 
-# --- sampler configs (owned by the diffusion work; keep edits inside this section) ---
+# --- sampler ---
 
 
 @dataclasses.dataclass(frozen=True)
