@@ -38,20 +38,24 @@ def cannot_write(path: Path, e: OSError) -> UserError:
 
 
 def require_writable(folder: str | Path, what: str) -> Path:
-    """Create `folder` if needed and check a file can be made in it; `what` names it in the error."""
+    """Check that files can be made in `folder`, creating nothing (a refused command leaves no empty
+    folders behind): it, or the nearest folder above it that exists, must be a writable folder."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{what} '{folder}' exists and is not a folder")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "exists" if existing == folder else f"is under '{existing}', which exists"
+        raise UserError(f"{what} '{folder}' {where} and is not a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
         raise UserError(f"{what} '{folder}' is not writable: {e.strerror or e}") from None
     return folder
 
 
 def require_writable_file(path: str | Path, what: str) -> Path:
-    """Check `path` can be written as a file: not a folder, in a writable folder (created if needed)."""
+    """Check `path` can be written as a file: not a folder, in a folder that is (or can be made) writable."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{what} '{path}' is a folder: give a file name")
