@@ -37,13 +37,19 @@ def cannot_write(path: Path, e: OSError) -> UserError:
     return UserError(f"cannot write '{path}': {reason}")
 
 
+def nearest_existing(path: str | Path) -> Path:
+    """`path`, or the nearest folder above it that exists."""
+    path = Path(path)
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def require_writable(folder: str | Path, what: str) -> Path:
     """Check that files can be made in `folder`, creating nothing (a refused command leaves no empty
     folders behind): it, or the nearest folder above it that exists, must be a writable folder."""
     folder = Path(folder)
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         where = "exists" if existing == folder else f"is under '{existing}', which exists"
         raise UserError(f"{what} '{folder}' {where} and is not a folder")
@@ -65,7 +71,7 @@ def require_writable_file(path: str | Path, what: str) -> Path:
 
 def require_free_space(folder: str | Path, nbytes: int, what: str) -> None:
     """Refuse to start writing `what` (`nbytes`) into `folder` when its disk has less free space."""
-    free = shutil.disk_usage(folder).free
+    free = shutil.disk_usage(nearest_existing(folder)).free
     if free < nbytes:
         raise UserError(f"'{folder}' has {human_bytes(free)} free but {what} needs {human_bytes(nbytes)}")
 

@@ -1,8 +1,12 @@
 """Test set-up: 8 forced host CPU devices (for sharding tests), fp32, the tests dir on sys.path."""
 
+import contextlib
+import fcntl
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -20,20 +24,38 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+@contextlib.contextmanager
+def made_once(tmp_path_factory, worker_id: str, name: str) -> Iterator[tuple[Path, bool]]:
+    """(folder, ready) for a session-wide artefact made by the first pytest-xdist worker that asks for
+    it and reused by the others (one worker's tmp root is shared by all); under the lock."""
+    root = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = root / f"{name}.done"
+        yield root / name, done.exists()
+        done.touch()
+
+
 @pytest.fixture(scope="session")
-def records(tmp_path_factory):
+def records(tmp_path_factory, worker_id):
     """Prepared training records for train.py tests (tests/train_runs.py)."""
     from train_runs import write_test_records
 
-    return write_test_records(tmp_path_factory.mktemp("data") / "train.arrayrecord")
+    with made_once(tmp_path_factory, worker_id, "data") as (folder, ready):
+        path = folder / "train.arrayrecord"
+        if not ready:
+            folder.mkdir(exist_ok=True)
+            write_test_records(path)
+    return path
 
 
 @pytest.fixture(scope="session")
-def straight_run(tmp_path_factory, records):
+def straight_run(tmp_path_factory, worker_id, records):
     """Workdir of one uninterrupted tiny train.py run (6 steps): the reference of the resume tests."""
     from train_runs import run_train
 
-    workdir = tmp_path_factory.mktemp("straight") / "w"
-    r = run_train(workdir, records)
-    assert r.returncode == 0, r.stderr
+    with made_once(tmp_path_factory, worker_id, "straight") as (workdir, ready):
+        if not ready:
+            r = run_train(workdir, records)
+            assert r.returncode == 0, r.stderr
     return workdir
