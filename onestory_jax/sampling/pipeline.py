@@ -77,8 +77,9 @@ def latent_shape(cfg: Config, story: Story) -> tuple[int, int, int, int]:
 
 def prepare_story(cfg: Config, comps: Components, story: Story, out: Path, model_id: str = "",
                   redo: int | None = None) -> PreparedStory:
-    """`story` with its sampler settings filled (`story.with_sampler`): which saved shots in `out` are kept (by fingerprint, or up to shot `redo`, 1-based), the start
+    """Which saved shots in `out` are kept (by fingerprint, or up to shot `redo`, 1-based), the start
     video encoded and saved as shot 1, and the start image with its CLIP tokens."""
+    story = with_sampler(story, cfg.sampler)  # fingerprints cover the sampler settings actually used
     s, shape = story.settings, latent_shape(cfg, story)
     shot_inputs, prints = resume.story_fingerprints(story, model_id)
     finished, reasons = resume.reusable_shots(out, story, model_id, shape, redo)
@@ -104,7 +105,7 @@ def prepare_story(cfg: Config, comps: Components, story: Story, out: Path, model
 def encode_story(cfg: Config, comps: Components, story: Story, prepared: PreparedStory) -> StoryInputs:
     """The story program's inputs: caption and negative embeddings, each shot's seeded noise, the
     kept shots' latents and the I2V condition."""
-    s, shape, n = story.settings, prepared.latent_shape, len(story.shots)
+    s, shape, n = with_sampler(story, cfg.sampler).settings, prepared.latent_shape, len(story.shots)
     embeddings = np.asarray(comps.encode_text([shot.caption for shot in story.shots]))
     negative = null_text(embeddings.shape[1:])
     if s.negative_prompt:  # Wan's recipe for its own weights; the default "" is the null text training drops to
@@ -127,7 +128,7 @@ def encode_story(cfg: Config, comps: Components, story: Story, prepared: Prepare
 
 def story_spec(cfg: Config, story: Story) -> tuple[Config, GenerationSpec]:
     """The config with the story's memory budget, and the static spec of its compiled program."""
-    s = story.settings
+    s = with_sampler(story, cfg.sampler).settings
     cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, budget=story.memory.budget))
     hw = latent_shape(cfg, story)[1:3]
     return cfg, generation_spec(cfg, story.memory.strategy, story.memory.k, hw, s.steps, s.shift, s.solver, s.guidance)
