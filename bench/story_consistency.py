@@ -65,6 +65,13 @@ def write_section(path: Path, body: list[str]) -> None:
     path.write_text(text.replace(old, new) if old else text + "\n" + new)
 
 
+def score_run(run: Path, truth: synthetic.SyntheticStory, features: Any) -> dict[str, Any]:
+    """The headline and recall-shot metrics of one rendered story folder against its ground truth."""
+    result = evaluate_story(load_run(run), truth, features)
+    manifest = json.loads((run / "manifest.json").read_text())
+    return {"kind": truth.kind, **summary(result), **recall_metrics(truth, result, manifest)}
+
+
 def run_config(name: str, model: Path, stories: list[synthetic.SyntheticStory], out: Path, steps: int, frames: int,
                features: Any, memory: dict[str, Any], overrides: list[str]) -> list[dict]:
     """Render (or resume) and evaluate every story under one configuration (story `memory`
@@ -83,9 +90,7 @@ def run_config(name: str, model: Path, stories: list[synthetic.SyntheticStory], 
         if not (run / "manifest.json").is_file():
             with activate(mesh):
                 render_story(cfg, params, comps, story, run, progress=False, mesh=mesh)
-        result = evaluate_story(load_run(run), truth, features)
-        manifest = json.loads((run / "manifest.json").read_text())
-        row = {"story": i, "kind": truth.kind, **summary(result), **recall_metrics(truth, result, manifest)}
+        row = {"story": i, **score_run(run, truth, features)}
         rows.append(row)
         print(f"{name} story {i}: character {row['character']}", flush=True)
     return rows

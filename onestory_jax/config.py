@@ -109,6 +109,7 @@ class VAEStageConfig:
     clip_size: int = 64  # random crops of the 64x64 renders
     latent_noise: float = 0.1  # std of noise added to latents, so the decoder tolerates generated ones
     latent_penalty: float = 1e-3  # weight of mean(mu^2)
+    character_crops: float = 0.0  # share of crops centred on a character (the small, identity-bearing part)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +136,8 @@ class TrainConfig:
     trainable: tuple[str, ...] = ()
     data: str = ""  # prepared records (ArrayRecord file)
     # A model folder (e.g. models/demo) whose DiT starts the run (same dit config); the memory modules
-    # start fresh, the patchifiers from its patch embedding. Empty: everything random.
+    # start fresh, the patchifiers from its patch embedding. The vae stage starts from its VAE instead
+    # (same vae config). Empty: everything random.
     init_from: str = ""
     insertion_prob: float = 0.5  # two-shot videos: S_syn from another video (else the augmented first shot)
     swap_order_prob: float = 0.5  # (S_syn, S_first) instead of (S_first, S_syn)

@@ -105,8 +105,10 @@ def test_character_labels_need_masks():
 
 def _story():
     chars = (synthetic.Character("square", "red", "plain"), synthetic.Character("circle", "blue", "plain"))
-    shot = lambda c: synthetic.Shot("", c, "snow", "rests", 1.0, (0.0, 0.0), ((0.5, 0.5),) * len(c))
-    return synthetic.SyntheticStory("insert_recall", chars, (shot((0,)), shot((1,)), shot((0,)), shot((0, 1))))
+    shot = lambda c, caption: synthetic.Shot(caption, c, "snow", "rests", 1.0, (0.0, 0.0), ((0.5, 0.5),) * len(c))
+    return synthetic.SyntheticStory("insert_recall", chars, (
+        shot((0,), "A red square."), shot((1,), "A blue circle."), shot((0,), "The same square, centred."),
+        shot((0, 1), "The red square and the same circle.")))
 
 
 def test_recall_shots_and_their_metrics():
@@ -114,10 +116,11 @@ def test_recall_shots_and_their_metrics():
     assert recall_shots(story) == [(2, 0), (3, 1)]  # 0 returns after 1; 1 returns after 0
     memory = [[], [], [{"shot": 2}], [{"shot": 1}, {"shot": 3}]]  # shot 3 sees only the inserted circle
     manifest = {"shots": [{"memory": m} for m in memory]}
-    attrs = [[], [], [(0, "red", "red")], [(0, "red", "blue"), (1, "blue", "green")]]
+    attrs = [[(0, "red", "red")], [(1, "blue", None)], [(0, "red", "red")], [(0, "red", "blue"), (1, "blue", "green")]]
     result = {"attribute_accuracy": {"per_shot": [{"characters": [{"character": c, "truth": t, "predicted": p}
                                                                    for c, t, p in a]} for a in attrs]}}
-    assert recall_metrics(story, result, manifest) == {"selection_accuracy": 0.0, "recall_colour": 0.5}
+    # named colour: shots 1, 2 and 4's square name it ("centred" is not "red"); only shot 1's is right
+    assert recall_metrics(story, result, manifest) == {"selection_accuracy": 0.0, "recall_colour": 0.5, "named_colour": 1 / 3}
     manifest["shots"][2]["memory"] = [{"shot": 1}]
     manifest["shots"][3]["memory"] = [{"shot": 2}]
     assert recall_metrics(story, result, manifest)["selection_accuracy"] == 1.0

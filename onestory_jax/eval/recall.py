@@ -7,10 +7,16 @@ not (insert-and-recall: the first character returns after the inserted one). On 
                       of a shot that shows c: the memory *could* carry c's identity
   recall_colour       fraction whose recalled character comes out in its own colour (the
                       evaluator's attribute check): the model *did* carry it
+
+and, on every shot, `named_colour`: the fraction of characters whose colour the caption names
+(a first appearance, or a returning one described in full) that come out in that colour. It needs
+no memory, only text following and a decoder sharp enough to keep the colour: the ceiling of
+`recall_colour` for a given model.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -40,7 +46,14 @@ def colour_hits(story: synthetic.SyntheticStory, result: dict[str, Any]) -> list
             for j, c in recall_shots(story)]
 
 
+def named_colour_hits(story: synthetic.SyntheticStory, result: dict[str, Any]) -> list[bool]:
+    """Per character of every shot whose caption names its colour: does it come out in that colour?"""
+    return [a["predicted"] == a["truth"] for shot, attrs in zip(story.shots, result["attribute_accuracy"]["per_shot"])
+            for a in attrs["characters"] if a["truth"] in re.findall(r"[a-z]+", shot.caption.lower())]
+
+
 def recall_metrics(story: synthetic.SyntheticStory, result: dict[str, Any], manifest: dict[str, Any]) -> dict[str, float | None]:
-    """selection_accuracy and recall_colour of one story (None without recall shots)."""
+    """selection_accuracy, recall_colour and named_colour of one story (None where it has no such shot)."""
     mean = lambda hits: float(np.mean(hits)) if hits else None
-    return {"selection_accuracy": mean(selection_hits(story, manifest)), "recall_colour": mean(colour_hits(story, result))}
+    return {"selection_accuracy": mean(selection_hits(story, manifest)), "recall_colour": mean(colour_hits(story, result)),
+            "named_colour": mean(named_colour_hits(story, result))}

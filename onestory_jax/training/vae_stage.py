@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from onestory_jax.checkpoint import save_model
-from onestory_jax.config import Config
+from onestory_jax.checkpoint import load_params, save_model
+from onestory_jax.config import Config, load_config
 from onestory_jax.data import synthetic
 from onestory_jax.errors import UserError
 from onestory_jax.models import byte_tokenizer, image_encoder, text_encoder, vae
@@ -33,23 +33,37 @@ from onestory_jax.training.loop import Stage, train
 from onestory_jax.training.optim import make_optimizer
 from onestory_jax.training.step import TrainState, init_state
 
-def synthetic_clip(index: int, frames: int, crop: int, size: int = 64) -> np.ndarray:
+def _crop_corner(rng: np.random.Generator, masks: np.ndarray, crop: int, on_character: bool) -> tuple[int, int]:
+    """Top-left (y, x) of a `crop` window of masks [T, H, W]: uniform, or (when `on_character` and a
+    character is visible) centred near a random character pixel of the clip's middle frame."""
+    size = masks.shape[1]
+    ys, xs = np.nonzero(masks[len(masks) // 2])
+    if not on_character or len(ys) == 0:
+        return tuple(int(v) for v in rng.integers(0, size - crop + 1, 2))
+    i = int(rng.integers(len(ys)))
+    return tuple(int(np.clip(c - crop // 2, 0, size - crop)) for c in (ys[i], xs[i]))
+
+
+def synthetic_clip(index: int, frames: int, crop: int, size: int = 64, character_crops: float = 0.0) -> np.ndarray:
     """Clip `index`: `frames` consecutive frames of a random shot of a random story rendered at
-    `size`, randomly cropped to `crop` pixels: [T, crop, crop, 3] in [-1, 1]."""
+    `size`, cropped to `crop` pixels (centred on a character with probability `character_crops`,
+    else anywhere): [T, crop, crop, 3] in [-1, 1]."""
     rng = np.random.default_rng(index)
     story = synthetic.make_story(int(rng.integers(2**31)))
     shot = int(rng.integers(len(story.shots)))
-    video, _ = synthetic.render_shot(story, shot, frames=17, size=size)
+    video, masks = synthetic.render_shot(story, shot, frames=17, size=size)
     start = int(rng.integers(0, 17 - frames + 1)) if frames <= 17 else 0
-    y, x = rng.integers(0, size - crop + 1, 2)
-    return video[start:start + frames, y:y + crop, x:x + crop].astype(np.float32) / 127.5 - 1.0
+    video, masks = video[start:start + frames], masks[start:start + frames]
+    y, x = _crop_corner(rng, masks, crop, rng.random() < character_crops)
+    return video[:, y:y + crop, x:x + crop].astype(np.float32) / 127.5 - 1.0
 
 
 def clip_dataset(cfg: Config) -> grain.IterDataset:
     """Infinite, seeded, checkpointable batches {"video": [B, T, H, W, 3]} of synthetic clips."""
     tc = cfg.train
     ds = grain.MapDataset.range(2**31 - 1).shuffle(seed=tc.seed)
-    ds = ds.map(lambda i: synthetic_clip(int(i), tc.vae_stage.clip_frames, tc.vae_stage.clip_size))
+    vs = tc.vae_stage
+    ds = ds.map(lambda i: synthetic_clip(int(i), vs.clip_frames, vs.clip_size, character_crops=vs.character_crops))
     return ds.batch(tc.batch_size, drop_remainder=True).map(lambda video: {"video": video}).to_iter_dataset()
 
 
@@ -84,8 +98,22 @@ def export_frozen_parts(cfg: Config, params: dict[str, Any], out: Path) -> Path:
     return out
 
 
+def _pretrained_vae(folder: Path, cfg: Config, mesh: jax.sharding.Mesh) -> Any:
+    """The VAE params of a model folder (train.init_from), sharded on `mesh`."""
+    ckpt = folder / "vae"
+    if not (ckpt / "config.yaml").is_file():
+        raise UserError(f"train.init_from: '{folder}' is not a model folder with vae/config.yaml")
+    source = load_config(str(ckpt / "config.yaml")).vae
+    if dataclasses.replace(source, latents_mean=(), latents_std=()) != dataclasses.replace(cfg.vae, latents_mean=(), latents_std=()):
+        raise UserError(f"train.init_from: the VAE of '{folder}' differs from this config's vae section")
+    return load_params(ckpt, mesh, vae.init_fn(cfg.vae))
+
+
 def _initial_state(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[TrainState, optax.GradientTransformation]:
+    """Fresh VAE params (from train.init_from's VAE when set) and the optimizer."""
     params = init_sharded(lambda rng: {"vae": vae.init_fn(cfg.vae)(rng)}, mesh, jax.random.key(cfg.train.seed))
+    if cfg.train.init_from:
+        params["vae"] = _pretrained_vae(Path(cfg.train.init_from), cfg, mesh)
     tx = make_optimizer(cfg.train, params)
     return init_state(params, tx, cfg.train.seed, ema=False), tx
 
