@@ -1,4 +1,4 @@
-"""Test set-up: 8 forced host CPU devices (for sharding tests), fp32, the tests dir on sys.path."""
+"""Test set-up: 8 forced host CPU devices (for sharding tests), unoptimised CPU code, fp32, the tests dir on sys.path."""
 
 import contextlib
 import fcntl
@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The suite compiles far more than it computes (tiny models, a few steps): LLVM's optimisation of the CPU
+# programs (up to 7x the compile time) costs more than it saves, so it is off for the suite and its subprocesses.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session, shared with the CLI subprocesses the tests start:
 # the tiny model's init and programs compile once, not once per sample.py / train.py run.

@@ -86,12 +86,11 @@ def test_state_to_be_saved_is_checked_even_if_its_loss_is_finite():
         _check_finite(5, {"loss": 0.5}, state, manager)
 
 
-def test_trained_model_renders_a_story(tmp_path, records):
+def test_trained_model_renders_a_story(tmp_path, straight_run):
     """train.py exports model/onestory; sample.py renders from it (frozen parts random, with a warning)."""
-    assert run_train(tmp_path / "t", records, "--stop-after", "6").returncode == 0
     story = tmp_path / "s.yaml"
     story.write_text("settings: {width: 32, height: 32, frames: 5, steps: 2}\nshots: [A square., The same square.]\n")
-    r = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(tmp_path / "t" / "model"), "--story", str(story),
+    r = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(straight_run / "model"), "--story", str(story),
                         "--out", str(tmp_path / "out"), "--no-progress", *MESH], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "RANDOM weights" in r.stderr and (tmp_path / "out" / "story.mp4").is_file()

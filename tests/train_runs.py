@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import atexit
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
@@ -24,11 +21,6 @@ TINY = "configs/train/tiny.yaml"
 # 8 host devices (tests/conftest.py): batch over data, tokens over sequence, heads over tensor. The
 # tiny DiT's 2 heads cannot split over sequence x tensor = 4 (Ulysses), so GSPMD sequence sharding.
 MESH = ("mesh.data=2", "mesh.fsdp=1", "mesh.sequence=2", "mesh.tensor=2", "dit.sequence_parallel=gspmd")
-
-# One persistent XLA compilation cache for every train.py of this test session: the runs compile
-# the same programs, and a cached executable is the very same program (bitwise results hold).
-CACHE_DIR = Path(tempfile.mkdtemp(prefix="onestory-jax-cache-"))
-atexit.register(shutil.rmtree, CACHE_DIR, True)
 
 
 def random_videos(n: int, shots: int, frames: int, hw: tuple[int, int], text_dim: int, image_tokens: tuple[int, int],
@@ -61,11 +53,15 @@ def write_test_records(path: Path) -> Path:
     return path
 
 
-def train_env(devices: int = 8, **extra: str) -> dict[str, str]:
-    """Environment of a train.py subprocess: `devices` host CPU devices, the shared compile cache."""
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "JAX_COMPILATION_CACHE_DIR": str(CACHE_DIR), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **extra}
+def train_env(devices: int = 8, optimised: bool = False, **extra: str) -> dict[str, str]:
+    """Environment of a train.py subprocess: `devices` host CPU devices, the session's other XLA flags (with
+    LLVM's optimisation back on if `optimised`) and its persistent compile cache (tests/conftest.py), every
+    program cached: the runs of all workers compile the same programs, and a cached executable is the very
+    same program (bitwise results hold)."""
+    dropped = ("--xla_force_host_platform_device_count",) + (("--xla_backend_optimization_level",) if optimised else ())
+    flags = [f for f in os.environ["XLA_FLAGS"].split() if not f.startswith(dropped)]
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join([f"--xla_force_host_platform_device_count={devices}", *flags]),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **extra}
 
 
 def train_cmd(workdir: Path, records: Path, *extra: str) -> list[str]:
