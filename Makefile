@@ -34,7 +34,7 @@ demo-model: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest tests -n 2 --dist loadfile --no-loadscope-reorder --durations=12  # two workers (CI has 2 cores); a file's tests share one; heavy files first
+	$(PY) -m pytest tests -n 2 --dist loadfile --durations=12  # two workers (CI has 2 cores); a file's tests share one
 
 clean:
 	rm -rf $(VENV) out

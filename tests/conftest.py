@@ -26,14 +26,6 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Heaviest files first (`pytest.mark.heavy(seconds)`, longest first; the rest keep their order): the two
-    xdist workers of `make test` (`--no-loadscope-reorder`) take the long files early and finish together on
-    the short ones, instead of one worker running a 160 s file alone at the end."""
-    cost = lambda item: (marker := item.get_closest_marker("heavy")) and marker.args[0] or 0
-    items.sort(key=lambda item: -cost(item))
-
-
 @contextlib.contextmanager
 def made_once(tmp_path_factory, worker_id: str, name: str) -> Iterator[tuple[Path, bool]]:
     """(folder, ready) for a session-wide artefact made by the first pytest-xdist worker that asks for

@@ -13,8 +13,6 @@ from torch_refs import diffusers_dit, tiny_dit_config
 
 from onestory_jax.config import CONFIG_DIR
 
-pytestmark = pytest.mark.heavy(70)  # about 70 s on CI's 2 cores: scheduled early (tests/conftest.py)
-
 
 def convert(component, source, out):
     r = subprocess.run([sys.executable, "-m", "onestory_jax.convert", "--component", component, "--source", str(source),

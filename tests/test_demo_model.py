@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.heavy(65)  # about 65 s on CI's 2 cores: scheduled early (tests/conftest.py)
-
 MODEL = Path(__file__).resolve().parent.parent / "models" / "demo"
 
 

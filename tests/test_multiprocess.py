@@ -15,11 +15,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from train_runs import MESH, ROOT, TINY, assert_same_params, train_cmd, train_env
-
-pytestmark = pytest.mark.heavy(160)  # about 160 s on CI's 2 cores: scheduled early (tests/conftest.py)
 
 HOSTS = 2
 EXTRA = ("train.val_every=6", "train.val_batches=1", "train.checkpoint_every=3")  # one validation, at the end

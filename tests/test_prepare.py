@@ -22,8 +22,6 @@ from onestory_jax.sampling.components import random_params
 from onestory_jax.sharding import activate, make_mesh
 from onestory_jax.training.vae_stage import export_frozen_parts, train_vae
 
-pytestmark = pytest.mark.heavy(140)  # about 140 s on CI's 2 cores: scheduled early (tests/conftest.py)
-
 SIZE = "32x32"
 
 

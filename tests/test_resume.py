@@ -14,8 +14,6 @@ import yaml
 from onestory_jax.sampling import resume
 from onestory_jax.sampling.story import Settings, Shot, Story, MemorySettings
 
-pytestmark = pytest.mark.heavy(90)  # about 90 s on CI's 2 cores: scheduled early (tests/conftest.py)
-
 SHAPE = (2, 3, 4, 16)
 
 

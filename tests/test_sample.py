@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import yaml
 
-pytestmark = pytest.mark.heavy(150)  # about 150 s on CI's 2 cores: scheduled early (tests/conftest.py)
-
 STORY = {
     "settings": {"width": 32, "height": 48, "frames": 5, "fps": 4, "steps": 2, "seed": 1},
     "shots": [{"caption": "A red square."}, {"caption": "The same square, in a desert."}, {"caption": "It returns."}],

@@ -11,8 +11,6 @@ from onestory_jax.data.pipeline import make_dataset
 from onestory_jax.errors import UserError
 from train_runs import MESH, TINY, assert_same_params, cli, run_train
 
-pytestmark = pytest.mark.heavy(150)  # about 150 s on CI's 2 cores: scheduled early (tests/conftest.py)
-
 
 def test_resume_reaches_the_same_params_bitwise(tmp_path, records, straight_run):
     assert run_train(tmp_path / "split", records, "--stop-after", "3").returncode == 0

@@ -11,12 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orbax.checkpoint as ocp
-import pytest
 
 from onestory_jax.training.metrics import CsvLog
 from train_runs import assert_same_params, run_train, start_train
-
-pytestmark = pytest.mark.heavy(100)  # about 100 s on CI's 2 cores: scheduled early (tests/conftest.py)
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 

@@ -4,15 +4,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from onestory_jax.config import load_config
 from onestory_jax.models.onestory import init_params
 from onestory_jax.training.losses import loss_fn
 from onestory_jax.training.optim import make_optimizer, trainable_mask
 from onestory_jax.training.step import init_state, make_train_step
-
-pytestmark = pytest.mark.heavy(80)  # about 80 s on CI's 2 cores: scheduled early (tests/conftest.py)
 
 T, H, W, F = 2, 8, 8, 4
 
