@@ -119,6 +119,7 @@ def colour_ceiling(frozen: Path, stories: list[synthetic.SyntheticStory], frames
     VAE round trip (`frozen`'s VAE): what any DiT on this VAE could reach at best."""
     import jax.numpy as jnp
 
+    from onestory_jax.data.video import to_uint8
     from onestory_jax.models.frozen import load_frozen_parts, model_folder_config, vae_decode_fn, vae_encode_fn
     from onestory_jax.sharding import activate, make_mesh
 
@@ -131,7 +132,7 @@ def colour_ceiling(frozen: Path, stories: list[synthetic.SyntheticStory], frames
         rows: dict[str, list[dict]] = {"ground truth": [], "VAE round trip": []}
         for i, story in enumerate(stories):
             truth = [v for v, _ in synthetic.render_synthetic(story, frames)]
-            decoded = [np.clip((round_trip(v) + 1.0) * 127.5, 0, 255).round().astype(np.uint8) for v in truth]
+            decoded = [to_uint8(round_trip(v)) for v in truth]
             for name, videos in (("ground truth", truth), ("VAE round trip", decoded)):
                 result = evaluate_story(videos, story, features)
                 metrics = recall_metrics(story, result, {"shots": [{"memory": []}] * len(story.shots)})

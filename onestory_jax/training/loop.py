@@ -108,15 +108,23 @@ def _replicate_scalars(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState
     return jax.tree.map(lambda a: a if on_mesh(a) else jax.device_put(np.asarray(a), replicated), state)
 
 
+def pretrained_params(folder: Path, part: str, section: str, same: Callable[[Config], bool],
+                      boxed_init: Callable[[Config], Callable[..., Any]], mesh: jax.sharding.Mesh) -> Any:
+    """The params of a model folder's `part` checkpoint (train.init_from), sharded on `mesh`; refused
+    unless its config passes `same` (it describes the model of this config's `section`).
+    `boxed_init(source config)` defines the stored tree."""
+    ckpt = folder / part
+    if not (ckpt / "config.yaml").is_file():
+        raise UserError(f"train.init_from: '{folder}' is not a model folder with {part}/config.yaml")
+    source = load_config(str(ckpt / "config.yaml"))
+    if not same(source):
+        raise UserError(f"train.init_from: the {section} of '{folder}' differs from this config's {section} section")
+    return load_params(ckpt, mesh, boxed_init(source))
+
+
 def _pretrained_dit(folder: Path, cfg: Config, mesh: jax.sharding.Mesh) -> Any:
     """The DiT params of a model folder's OneStory checkpoint (train.init_from), sharded on `mesh`."""
-    ckpt = folder / "onestory"
-    if not (ckpt / "config.yaml").is_file():
-        raise UserError(f"train.init_from: '{folder}' is not a model folder with onestory/config.yaml")
-    source = load_config(str(ckpt / "config.yaml"))
-    if source.dit != cfg.dit:
-        raise UserError(f"train.init_from: the DiT of '{folder}' differs from this config's dit section")
-    return load_params(ckpt, mesh, boxed_init_fn(source))["dit"]
+    return pretrained_params(folder, "onestory", "dit", lambda source: source.dit == cfg.dit, boxed_init_fn, mesh)["dit"]
 
 
 def _initial_state(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:

@@ -23,13 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from onestory_jax.checkpoint import load_params, save_model
-from onestory_jax.config import Config, load_config
+from onestory_jax.checkpoint import save_model
+from onestory_jax.config import Config
 from onestory_jax.data import synthetic
 from onestory_jax.errors import UserError
 from onestory_jax.models import byte_tokenizer, image_encoder, text_encoder, vae
 from onestory_jax.sharding import init_sharded
-from onestory_jax.training.loop import Stage, train
+from onestory_jax.training.loop import Stage, pretrained_params, train
 from onestory_jax.training.optim import make_optimizer
 from onestory_jax.training.step import TrainState, init_state
 
@@ -99,14 +99,11 @@ def export_frozen_parts(cfg: Config, params: dict[str, Any], out: Path) -> Path:
 
 
 def _pretrained_vae(folder: Path, cfg: Config, mesh: jax.sharding.Mesh) -> Any:
-    """The VAE params of a model folder (train.init_from), sharded on `mesh`."""
-    ckpt = folder / "vae"
-    if not (ckpt / "config.yaml").is_file():
-        raise UserError(f"train.init_from: '{folder}' is not a model folder with vae/config.yaml")
-    source = load_config(str(ckpt / "config.yaml")).vae
-    if dataclasses.replace(source, latents_mean=(), latents_std=()) != dataclasses.replace(cfg.vae, latents_mean=(), latents_std=()):
-        raise UserError(f"train.init_from: the VAE of '{folder}' differs from this config's vae section")
-    return load_params(ckpt, mesh, vae.init_fn(cfg.vae))
+    """The VAE params of a model folder (train.init_from), sharded on `mesh` (latent statistics aside,
+    its VAE must be this config's)."""
+    unmeasured = lambda v: dataclasses.replace(v, latents_mean=(), latents_std=())
+    return pretrained_params(folder, "vae", "vae", lambda source: unmeasured(source.vae) == unmeasured(cfg.vae),
+                             lambda source: vae.init_fn(cfg.vae), mesh)
 
 
 def _initial_state(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[TrainState, optax.GradientTransformation]:
