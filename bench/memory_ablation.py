@@ -1,19 +1,27 @@
-"""Table 2(a) by the paper's protocol (issue 12): one model per memory scheme, each rendered with the
-scheme it was trained with, on the same held-out stories; the section of docs/results.md.
+"""Table 2(a) by the paper's protocol: one model per memory scheme, each rendered with the scheme it
+was trained with, on the same held-out stories; the section of docs/results.md.
 
-    python bench/memory_ablation.py --variant none=runs/memory-none/model --variant ... \\
-        [--frozen models/demo] [--stories 24] [--out bench/results/memory_ablation]
+    python bench/memory_ablation.py [--variants models/ablation] [--frozen models/demo]
+        [--first-seed 1000000] [--stories 30] [--out bench/results/memory_ablation]
 
-Each --variant NAME=FOLDER is a train.py export (FOLDER/onestory); the frozen parts (VAE, text and
-image encoders, tokenizer) come from --frozen. The sampling strategy is the model's own
-memory.train_strategy. Held-out stories alternate insert-and-recall with the other two patterns
-(half of them have recall shots). Paired 95% intervals against last_frame and ac_only.
+Each variant is a folder VARIANTS/NAME/onestory (a train.py export, or the shipped ones); the frozen
+parts (VAE, text and image encoders, tokenizer) come from --frozen. Stories are 8-shot stories of
+the synthetic world from seeds FIRST_SEED .. FIRST_SEED + STORIES - 1 (training uses seeds < 10^6),
+so `--first-seed` checks the result on stories no one trained or tuned on. Per variant and story:
+
+  recall_colour       recall shots in the recalled character's colour (hue check; primary)
+  named_colour        first appearances in their named colour
+  selection_on_truth  recall shots whose chosen frames, from the ground truth's latents, show the character
+  recall_l_shot       teacher-forced L_shot on recall shots (ground-truth memory: the character's latest
+                      earlier shot, then the previous shot) with the variant's context, minus with it masked
+  oracle_recall       (fs_only's model) recall shots sampled with the true frame in context
+
+Paired 95% intervals (t, over stories) against last_frame and ac_only; the summary prints last.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -21,218 +29,202 @@ from typing import Any
 
 import numpy as np
 import yaml
+from scipy import stats
 
-from story_consistency import cell, held_out_stories, paired_differences, run_config, score_run, table, write_section
+from memory_gates import HELD_OUT_SEED, held_out, oracle_shot, shot_noise
 
 from onestory_jax.data import synthetic
-from onestory_jax.eval import evaluate_story, load_features, summary
+from onestory_jax.eval import evaluate_story, load_features
+from onestory_jax.eval.hue import shot_colour
+from onestory_jax.eval.loading import load_run
 from onestory_jax.eval.recall import recall_metrics, recall_shots
 
+VARIANTS = ("none", "last_frame", "ac_only", "fs_only", "onestory")
 FROZEN = ("vae", "text_encoder", "image_encoder", "tokenizer")
-KINDS = ("insert_recall", "main_subject", "insert_recall", "composition")
-METRICS = ("character", "character_recall", "recall_colour", "named_colour", "selection_accuracy", "selection_on_truth",
-           "attribute_character_colour", "environment")
-CEILING = ("named_colour", "recall_colour", "attribute_character_colour")
-PAIRED = ("character", "character_recall", "recall_colour", "recall_l_shot")  # the last: lower is better
+METRICS = ("recall_colour", "named_colour", "selection_on_truth", "selection_accuracy", "recall_l_shot_gain",
+           "recall_colour_strict", "named_colour_strict")
+PAIRED = ("recall_colour", "selection_on_truth", "recall_l_shot_gain")
+SECTION_BEGIN, SECTION_END = "<!-- memory-ablation:begin -->", "<!-- memory-ablation:end -->"
 
 
-def model_folder(name: str, export: Path, frozen: Path, out: Path) -> tuple[Path, str]:
-    """A sampling model folder (links to the export's onestory/ and the frozen parts) and its strategy."""
+def model_folder(name: str, variants: Path, frozen: Path, out: Path) -> tuple[Path, str]:
+    """A sampling model folder (links to the variant's onestory/ and the frozen parts) and its strategy."""
+    export = variants / name
     config = export / "onestory" / "config.yaml"
     if not config.is_file():
-        sys.exit(f"error: --variant {name}: '{export}' holds no onestory/config.yaml (a train.py export)")
+        sys.exit(f"error: variant {name}: '{export}' holds no onestory/config.yaml (a train.py export)")
     folder = out / "models" / name
     folder.mkdir(parents=True, exist_ok=True)
     for part, target in [("onestory", export / "onestory"), *((p, frozen / p) for p in FROZEN)]:
         link = folder / part
-        if not link.exists():
-            link.symlink_to(target.resolve(), target_is_directory=True)
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(target.resolve(), target_is_directory=True)
     return folder, yaml.safe_load(config.read_text())["memory"]["train_strategy"]
 
 
-def selection_on_truth(folder: Path, strategy: str, stories: list[synthetic.SyntheticStory], frames: int) -> list[float | None]:
-    """Per story: selection accuracy on its recall shots when the memory holds the ground-truth shots
-    (VAE latents of the renders), i.e. the frame choice alone, whatever the DiT draws."""
-    import jax
-
+def render_and_score(name: str, folder: Path, strategy: str, stories: list[synthetic.SyntheticStory], runs: Path,
+                     steps: int, frames: int, features: Any) -> list[dict[str, Any]]:
+    """Render (or resume) every story with sample.py's pipeline under the variant's own scheme; its metrics."""
     from onestory_jax.sampling.components import load_for_sampling
-    from onestory_jax.sampling.generate import context_for_shot, generation_spec
-    from onestory_jax.sampling.memory_bank import empty_bank, write_shot
+    from onestory_jax.sampling.pipeline import render_story
+    from onestory_jax.sampling.story import parse_story
     from onestory_jax.sharding import activate
 
     cfg, params, comps, mesh = load_for_sampling(folder, None, [], 0)
-    choose = jax.jit(lambda p, bank, caption, spec: context_for_shot(p, cfg, bank, caption, spec)[1:], static_argnums=3)
-    out = []
-    with activate(mesh):
-        for story in stories:
-            latents = [comps.encode_video(v.astype(np.float32) / 127.5 - 1.0) for v, _ in synthetic.render_synthetic(story, frames)]
-            spec = generation_spec(cfg, strategy, None, latents[0].shape[1:3], 1, 3.0, "euler", 1.0)
-            hits = []
-            for j, c in recall_shots(story):
-                bank = empty_bank(len(story.shots), *latents[0].shape)
-                for i in range(j):
-                    bank = write_shot(bank, i, latents[i])
-                indices, _, selected = choose(params, bank, comps.encode_text([story.shots[j].caption])[0], spec)
-                shots = {int(i) // latents[0].shape[0] for i, ok in zip(np.asarray(indices), np.asarray(selected)) if ok}
-                hits.append(any(c in story.shots[i].characters for i in shots))
-            out.append(float(np.mean(hits)) if hits else None)
-    return out
+    rows = []
+    for i, truth in enumerate(stories):
+        spec = synthetic.story_file(truth, frames, steps=steps, seed=i, guidance=cfg.sampler.guidance, fps=8)
+        run = runs / name / f"story_{i:02d}"
+        if not (run / "manifest.json").is_file():
+            with activate(mesh):
+                render_story(cfg, params, comps, parse_story({**spec, "memory": {"strategy": strategy}}, f"story {i}"),
+                             run, progress=False, mesh=mesh)
+        rendered = load_run(run)
+        manifest = json.loads((run / "manifest.json").read_text())
+        rows.append({"story": i, **recall_metrics(truth, rendered, evaluate_story(rendered, truth, features), manifest)})
+    return rows
 
 
-def recall_loss(folder: Path, stories: list[synthetic.SyntheticStory], frames: int) -> list[tuple[float, float] | None]:
-    """Per story: L_shot of its recall shots (mean over sigmas 0.3, 0.5, 0.7, fixed noise) with the
-    memory of a training example built from the ground truth (the recalled character's first shot,
-    then the shot before the recall) under the model's own frame choice, and with that context
-    masked: does the context carry the recalled character?"""
+def teacher_forced(folder: Path, strategy: str, stories: list[synthetic.SyntheticStory], first_seed: int, frames: int,
+                   steps: int, oracle: bool) -> list[dict[str, Any]]:
+    """Per story, with the ground truth's latents as memory: selection_on_truth, recall_l_shot_gain and
+    (when `oracle`) oracle_recall, the true frame in context."""
     import jax
     import jax.numpy as jnp
 
+    from onestory_jax.data.video import to_uint8
     from onestory_jax.sampling.components import load_for_sampling
+    from onestory_jax.sampling.generate import context_for_shot, generation_spec
+    from onestory_jax.sampling.memory_bank import empty_bank, write_shot
+    from onestory_jax.sampling.teacher_forced import shot_sampler
     from onestory_jax.sharding import activate
     from onestory_jax.training.losses import loss_at_sigmas
 
     cfg, params, comps, mesh = load_for_sampling(folder, None, [], 0)
+    choose = jax.jit(lambda p, bank, caption, spec: context_for_shot(p, cfg, bank, caption, spec)[1:], static_argnums=3)
     sigmas = jnp.asarray([0.3, 0.5, 0.7], jnp.float32)
     loss = jax.jit(lambda p, batch, keep: loss_at_sigmas(p, batch, sigmas, jax.random.key(0), cfg, keep).mean(),
                    static_argnums=2)
-    out = []
+    rows = []
     with activate(mesh):
-        for story in stories:
+        for i, story in enumerate(stories):
             latents = [comps.encode_video(v.astype(np.float32) / 127.5 - 1.0) for v, _ in synthetic.render_synthetic(story, frames)]
+            captions = comps.encode_text([s.caption for s in story.shots])
             t = latents[0].shape[0]
-            pairs = []
+            spec = generation_spec(cfg, strategy, None, latents[0].shape[1:3], steps, cfg.sampler.shift, cfg.sampler.solver,
+                                   cfg.sampler.guidance)
+            oracle_spec = generation_spec(cfg, "last_frame", 1, latents[0].shape[1:3], steps, cfg.sampler.shift,
+                                          cfg.sampler.solver, cfg.sampler.guidance)
+            sample = shot_sampler(params, cfg, oracle_spec, max_memory_shots=1) if oracle else None
+            hits, gains, oracle_hits = [], [], []
             for j, c in recall_shots(story):
-                first = next(i for i, s in enumerate(story.shots) if c in s.characters)
-                memory = np.concatenate([latents[first], latents[j - 1]])[None]
+                bank = empty_bank(len(story.shots), *latents[0].shape)
+                for s in range(j):
+                    bank = write_shot(bank, s, latents[s])
+                indices, _, selected = choose(params, bank, captions[j], spec)
+                shots = {int(k) // t for k, ok in zip(np.asarray(indices), np.asarray(selected)) if ok}
+                hits.append(any(c in story.shots[s].characters for s in shots))
+                memory = np.concatenate([latents[oracle_shot(story, j, c)], latents[j - 1]])[None]
                 batch = {"target": latents[j][None], "memory": memory, "memory_valid": np.ones((1, 2 * t), bool),
-                         "labels": np.zeros((1, 2 * t), np.float32), "real_prior": np.ones((1, 2 * t), bool),
-                         "text": comps.encode_text([story.shots[j].caption]),
+                         "labels": np.zeros((1, 2 * t), np.float32), "text": captions[j][None],
                          "image": np.zeros((1, cfg.image_encoder.num_tokens, cfg.dit.image_dim), np.float32),
                          "cond": np.zeros((*latents[j][None].shape[:-1], 4 + latents[j].shape[-1]), np.float32)}
-                pairs.append((float(loss(params, batch, True)), float(loss(params, batch, False))))
-            out.append(tuple(np.mean(pairs, axis=0).tolist()) if pairs else None)
-    return out
-
-
-def colour_ceiling(frozen: Path, stories: list[synthetic.SyntheticStory], frames: int, features: Any) -> dict[str, list[dict]]:
-    """Per-story colour metrics of the ground truth, segmented from colour as renders are, and of its
-    VAE round trip (`frozen`'s VAE): what any DiT on this VAE could reach at best."""
-    import jax.numpy as jnp
-
-    from onestory_jax.data.video import to_uint8
-    from onestory_jax.models.frozen import load_frozen_parts, model_folder_config, vae_decode_fn, vae_encode_fn
-    from onestory_jax.sharding import activate, make_mesh
-
-    cfg = model_folder_config(frozen)
-    mesh = make_mesh(cfg.mesh)
-    with activate(mesh):
-        params = load_frozen_parts(frozen, cfg, mesh, ["vae"])["vae"]
-        encode, decode = vae_encode_fn(cfg.vae), vae_decode_fn(cfg.vae)
-        round_trip = lambda v: np.asarray(decode(params, encode(params, jnp.asarray(v)[None] / 127.5 - 1.0)))[0]
-        rows: dict[str, list[dict]] = {"ground truth": [], "VAE round trip": []}
-        for i, story in enumerate(stories):
-            truth = [v for v, _ in synthetic.render_synthetic(story, frames)]
-            decoded = [to_uint8(round_trip(v)) for v in truth]
-            for name, videos in (("ground truth", truth), ("VAE round trip", decoded)):
-                result = evaluate_story(videos, story, features)
-                metrics = recall_metrics(story, result, {"shots": [{"memory": []}] * len(story.shots)})
-                rows[name].append({"story": i, "kind": story.kind, **summary(result), **metrics})
+                gains.append(float(loss(params, batch, True)) - float(loss(params, batch, False)))
+                if oracle:
+                    out = sample([latents[oracle_shot(story, j, c)]], captions[j], shot_noise(first_seed + i, j, latents[j].shape))
+                    colour = story.characters[c].colour
+                    oracle_hits.append(shot_colour(to_uint8(comps.decode_latents(out))) == colour)
+            mean = lambda v: float(np.mean(v)) if v else None
+            rows.append({"story": i, "selection_on_truth": mean(hits), "recall_l_shot_gain": mean(gains),
+                         **({"oracle_recall": mean(oracle_hits)} if oracle else {})})
     return rows
 
 
-def validation_gap(export: Path) -> tuple[int, float, float] | None:
-    """(step, L_shot with context, with context masked) at the last validation of the run that
-    exported `export` (its workdir's val.csv, mean over the sigma buckets), or None."""
-    file = export.parent / "val.csv"
-    if not file.is_file():
-        return None
-    rows = list(csv.DictReader(file.open()))
-    if not rows or "loss_no_context" not in rows[0]:
-        return None
-    step = max(int(r["step"]) for r in rows)
-    last = [r for r in rows if int(r["step"]) == step]
-    return step, float(np.mean([float(r["loss"]) for r in last])), float(np.mean([float(r["loss_no_context"]) for r in last]))
+def ci(values: list[float]) -> tuple[float, float, int]:
+    """Mean and 95% t-interval half-width of the values."""
+    v = np.asarray(values, np.float64)
+    if len(v) < 2:
+        return (float(v.mean()) if len(v) else float("nan")), float("nan"), len(v)
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))), len(v)
 
 
-def report(results: dict[str, list[dict]], strategies: dict[str, str], n: int, shots: int, feature: str,
-           gaps: dict[str, tuple[int, float, float] | None], ceiling: dict[str, list[dict]]) -> list[str]:
-    """The docs/results.md section: what each variant is, the tables, the paired differences."""
-    lines = ["## Table 2(a) by the paper's protocol: one model per memory scheme (issue 12)", "",
-             f"{n} held-out {shots}-shot stories (insert-and-recall alternating with main-subject and composition), "
-             f"each variant rendered with its own scheme (`{feature}` features). `recall_colour`: the recalled "
-             "character's colour is right on recall shots; `selection_accuracy`: the frames given to the DiT on a "
-             "recall shot include one of the recalled character (generated memory); `selection_on_truth`: the same "
-             "with the ground-truth shots as memory (the frame choice alone). Reproduce: `python bench/memory_ablation.py` "
-             "(docs/demo.md, \"Memory ablation\").", "", "| variant | sampling strategy |", "|---|---|"]
-    lines += [f"| {k} | {strategies[k]} |" for k in results]
-    lines += ["", "Does the model use its memory? Validation L_shot (train.py's `val.csv`, mean over the five sigma "
-              "buckets) with the variant's context and with all context masked, at the exported step:", "",
-              "| variant | step | with context | context masked | difference |", "|---|---|---|---|---|"]
-    lines += [f"| {k} | {g[0]} | {g[1]:.4f} | {g[2]:.4f} | {g[1] - g[2]:+.4f} |" for k, g in gaps.items() if g is not None]
-    lines += ["", "The same on the recall shots of the held-out stories, with a training example's memory made of the "
-              "ground truth (the recalled character's first shot, then the shot before the recall), the variant's own "
-              "frame choice, sigmas 0.3, 0.5, 0.7 (`recall_l_shot` - `recall_l_shot_masked`, paired over stories):", "",
-              "| variant | with context | context masked | difference |", "|---|---|---|---|"]
-    for k, rows in results.items():
-        with_ctx, masked = ([r[m] for r in rows if r.get(m) is not None] for m in ("recall_l_shot", "recall_l_shot_masked"))
-        diff = [r["recall_l_shot"] - r["recall_l_shot_masked"] for r in rows if r.get("recall_l_shot") is not None]
-        lines.append(f"| {k} | {cell(with_ctx)} | {cell(masked)} | {cell(diff, signed=True)} |")
-    lines += ["", "The colour ceiling: the same colour checks on the ground-truth frames (segmented from colour, as "
-              "renders are) and on their round trip through the frozen VAE, no DiT. `named_colour`: characters whose "
-              "colour the caption names (no memory needed) come out in that colour:", ""]
-    lines += table({**ceiling, **results}, CEILING)
-    for kind, title in ((None, "All stories"), ("insert_recall", "Insert-and-recall stories")):
-        lines += ["", f"### {title}", ""] + table(results, METRICS, kind)
-        for base in ("last_frame", "ac_only"):
-            if base in results:
-                lines += ["", f"Paired differences against {base} ({title.lower()}):", ""]
-                lines += paired_differences(results, base, PAIRED, kind)
+def cell(values: list[float | None], signed: bool = False) -> str:
+    mean, half, n = ci([v for v in values if v is not None])
+    if n == 0:
+        return "n/a"
+    return (f"{mean:+.3f}" if signed else f"{mean:.3f}") + (f" ± {half:.3f}" if n > 1 else "")
+
+
+def paired(results: dict[str, list[dict]], base: str, metric: str, name: str) -> list[float]:
+    """Per-story differences name - base of one metric (stories where both have it)."""
+    ref = {r["story"]: r.get(metric) for r in results[base]}
+    return [r[metric] - ref[r["story"]] for r in results[name] if r.get(metric) is not None and ref.get(r["story"]) is not None]
+
+
+def report(results: dict[str, list[dict]], strategies: dict[str, str], args: argparse.Namespace, recall_n: int) -> list[str]:
+    """The docs/results.md section."""
+    lines = [f"### Table 2(a): seeds {args.first_seed}..{args.first_seed + args.stories - 1}", "",
+             f"{args.stories} held-out 8-shot stories ({recall_n} recall shots), {args.steps} sampler steps, each variant "
+             "rendered with its own scheme: " + ", ".join(f"{k} = `{v}`" for k, v in strategies.items()) + ". "
+             f"Reproduce: `python bench/memory_ablation.py --first-seed {args.first_seed} --stories {args.stories}`.", "",
+             "| variant | " + " | ".join(METRICS) + " |", "|" + "---|" * (len(METRICS) + 1)]
+    lines += [f"| {k} | " + " | ".join(cell([r.get(m) for r in rows]) for m in METRICS) + " |" for k, rows in results.items()]
+    if "oracle_recall" in results.get("fs_only", [{}])[0]:
+        lines += ["", f"Oracle (fs_only's model, the true frame in context): recall_colour "
+                  f"{cell([r['oracle_recall'] for r in results['fs_only']])}."]
+    for base in ("last_frame", "ac_only"):
+        if base in results:
+            lines += ["", f"Paired differences against {base} (mean ± 95% t-interval over stories):", "",
+                      f"| variant - {base} | " + " | ".join(PAIRED) + " |", "|" + "---|" * (len(PAIRED) + 1)]
+            lines += [f"| {k} | " + " | ".join(cell(paired(results, base, m, k), signed=True) for m in PAIRED) + " |"
+                      for k in results if k != base]
     return lines
+
+
+def write_section(path: Path, body: list[str], tag: str) -> None:
+    """Put `body` in the report's section for `tag` (replaced, or appended)."""
+    begin, end = SECTION_BEGIN.replace("begin", f"begin {tag}"), SECTION_END.replace("end", f"end {tag}")
+    text = path.read_text() if path.is_file() else ""
+    start, stop = text.find(begin), text.find(end)
+    new = "\n".join([begin, *body, end])
+    path.write_text(text[:start] + new + text[stop + len(end):] if 0 <= start < stop else text.rstrip("\n") + "\n\n" + new + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", action="append", required=True, help="NAME=FOLDER (a train.py export)")
+    ap.add_argument("--variants", type=Path, default=Path("models/ablation"), help="folder of NAME/onestory exports")
+    ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     ap.add_argument("--frozen", type=Path, default=Path("models/demo"), help="model folder of the frozen parts")
-    ap.add_argument("--stories", type=int, default=24)
-    ap.add_argument("--shots", type=int, default=6)
+    ap.add_argument("--first-seed", type=int, default=HELD_OUT_SEED)
+    ap.add_argument("--stories", type=int, default=30)
     ap.add_argument("--steps", type=int, default=20, help="sampler steps per shot")
     ap.add_argument("--frames", type=int, default=9)
     ap.add_argument("--out", type=Path, default=Path("bench/results/memory_ablation"))
     ap.add_argument("--report", type=Path, default=Path("docs/results.md"))
     args = ap.parse_args()
-    variants = dict(v.split("=", 1) for v in args.variant if "=" in v)
-    if len(variants) != len(args.variant):
-        sys.exit("error: --variant takes NAME=FOLDER")
+    names = args.only.split(",")
+    if any(n not in VARIANTS for n in names):
+        sys.exit(f"error: --only takes a subset of {', '.join(VARIANTS)}")
     features = load_features(None)
-    stories = held_out_stories(args.stories, args.shots, KINDS)
-    args.out.mkdir(parents=True, exist_ok=True)
-    results, strategies, gaps = {}, {}, {}
-    ceiling_file = args.out / "ceiling.json"
-    if not ceiling_file.is_file():
-        ceiling_file.write_text(json.dumps(colour_ceiling(args.frozen, stories, args.frames, features), indent=1))
-    ceiling = json.loads(ceiling_file.read_text())
-    for name, export in variants.items():
-        folder, strategies[name] = model_folder(name, Path(export), args.frozen, args.out)
-        gaps[name] = validation_gap(Path(export))
-        file = args.out / f"{name}.json"
+    stories = held_out(args.first_seed, args.stories)
+    out = args.out / f"seeds_{args.first_seed}_{args.stories}"
+    out.mkdir(parents=True, exist_ok=True)
+    results, strategies = {}, {}
+    for name in names:
+        folder, strategies[name] = model_folder(name, args.variants, args.frozen, args.out)
+        file = out / f"{name}.json"
         if not file.is_file():
-            rows = run_config(name, folder, stories, args.out, args.steps, args.frames, features, {"strategy": strategies[name]}, [])
-            for row, value in zip(rows, selection_on_truth(folder, strategies[name], stories, args.frames)):
-                row["selection_on_truth"] = value
-            file.write_text(json.dumps(rows, indent=1))
+            rows = render_and_score(name, folder, strategies[name], stories, out / "runs", args.steps, args.frames, features)
+            forced = teacher_forced(folder, strategies[name], stories, args.first_seed, args.frames, args.steps, name == "fs_only")
+            file.write_text(json.dumps([{**a, **b} for a, b in zip(rows, forced)], indent=1))
         results[name] = json.loads(file.read_text())
-        if any(m not in results[name][0] for m in METRICS):  # a metric added since: re-scored from the renders
-            results[name] = [{**row, **score_run(args.out / "runs" / name / f"story_{row['story']:02d}", story, features)}
-                             for row, story in zip(results[name], stories)]
-            file.write_text(json.dumps(results[name], indent=1))
-        if "recall_l_shot" not in results[name][0]:  # computed once, then stored with the rows
-            for row, value in zip(results[name], recall_loss(folder, stories, args.frames)):
-                row["recall_l_shot"], row["recall_l_shot_masked"] = value if value is not None else (None, None)
-            file.write_text(json.dumps(results[name], indent=1))
-        write_section(args.report, report(results, strategies, len(stories), args.shots, features.name, gaps, ceiling))
-        print(name, "recall_colour", cell([r["recall_colour"] for r in results[name]]), flush=True)
-    print(f"wrote {args.report}")
+        print(f"{name}: recall_colour {cell([r['recall_colour'] for r in results[name]])}", flush=True)
+    recall_n = sum(len(recall_shots(s)) for s in stories)
+    lines = report(results, strategies, args, recall_n)
+    write_section(args.report, lines, f"seeds {args.first_seed} {args.stories}")
+    print(f"wrote {args.report}\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -58,12 +58,11 @@ PRESET_14B = "train/wan2.1-i2v-14b-480p"
 
 
 def synthetic_batch(cfg: Config, batch: int, latent: tuple[int, int, int], seed: int = 0) -> dict[str, np.ndarray]:
-    """Random host arrays of the training shapes (all memory frames valid, the second shot the real prior)."""
+    """Random host arrays of the training shapes (all memory frames valid)."""
     rng = np.random.default_rng(seed)
     out = {}
     for key, (shape, dtype) in batch_shapes(cfg, batch, latent).items():
         out[key] = np.ones(shape, bool) if dtype == np.bool_ else rng.standard_normal(shape).astype(dtype)
-    out["real_prior"][:, : latent[0]] = False
     out["labels"] = np.clip(out["labels"], -1.0, 1.0)
     return out
 

@@ -85,8 +85,9 @@ class MemoryConfig:
     budget: int = 1  # latent-frame equivalents of context tokens: 1, 2 or 3
     # How training picks the K conditioning frames (the paper's ablation trains each variant with its
     # own scheme, section 5.3): onestory = the selector's top-K; uniform, last_frame, none as in
-    # models.memory.baseline_candidates. The selector learns from L_sel under every scheme.
-    train_strategy: Literal["onestory", "uniform", "last_frame", "recent", "none"] = "onestory"
+    # models.memory.baseline_candidates; random = K random valid frames (training only: a base neutral
+    # to every scheme). The selector learns from L_sel under every scheme.
+    train_strategy: Literal["onestory", "uniform", "last_frame", "recent", "none", "random"] = "onestory"
     # I2V: shots after the first see the CLIP tokens of the start image (or of shot 1's first frame),
     # in training too. False: later shots get zero CLIP tokens, so memory is their only visual input.
     later_shots_see_first_image: bool = True
@@ -141,6 +142,9 @@ class TrainConfig:
     init_from: str = ""
     insertion_prob: float = 0.5  # two-shot videos: S_syn from another video (else the augmented first shot)
     swap_order_prob: float = 0.5  # (S_syn, S_first) instead of (S_first, S_syn)
+    # Real triplets: consecutive shots, or recall = the target's latest earlier appearance + the shot before it
+    memory_pick: Literal["consecutive", "recall"] = "consecutive"
+    first_shot_prob: float = 0.0  # I2V: share of examples that generate shot 1 from its first frame, no memory
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     log_every: int = 10

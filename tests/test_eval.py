@@ -17,6 +17,7 @@ from onestory_jax.data.video import write_mp4
 from onestory_jax.errors import UserError, run_cli
 from onestory_jax.eval import HistogramFeatures, evaluate_story, load_features, metrics, regions
 from onestory_jax.eval.__main__ import main
+from onestory_jax.eval.recall import recall_shots
 from onestory_jax.io import shot_name
 
 FRAMES, SIZE = 9, 48
@@ -25,8 +26,9 @@ FEATURES = HistogramFeatures()
 
 @cache
 def recall_story() -> synthetic.SyntheticStory:
-    """A 4-shot insert_recall story, every shot moving (so frame order matters)."""
-    story = synthetic.make_story(0, n_shots=4, kind="insert_recall")
+    """A 4-shot story whose first character returns in shot 4 (a forest in shots 1 and 3), every
+    shot moving (so frame order matters)."""
+    story = synthetic.make_story(3, n_shots=4)
     return dataclasses.replace(story, shots=tuple(dataclasses.replace(s, motion="slides") for s in story.shots))
 
 
@@ -43,14 +45,13 @@ def truth_result() -> dict:
 
 
 def swapped_recall() -> list[np.ndarray]:
-    """The story re-rendered with the first character in another colour after the inserted shot."""
+    """The story re-rendered with the recalled character in another colour from its return on."""
     story = recall_story()
-    first, second = story.characters
-    colour = next(c for c in synthetic.COLOURS if c not in (first.colour, second.colour))
-    other = dataclasses.replace(story, characters=(dataclasses.replace(first, colour=colour), second))
-    last_insert = max(i for i, s in enumerate(story.shots) if 0 not in s.characters)
-    return [f if i <= last_insert else synthetic.render_shot(other, i, FRAMES, SIZE)[0]
-            for i, f in enumerate(rendered()[0])]
+    j, c = recall_shots(story)[0]
+    colour = next(k for k in synthetic.COLOURS if k not in {ch.colour for ch in story.characters})
+    other = dataclasses.replace(story, characters=tuple(dataclasses.replace(ch, colour=colour) if i == c else ch
+                                                         for i, ch in enumerate(story.characters)))
+    return [f if i < j else synthetic.render_shot(other, i, FRAMES, SIZE)[0] for i, f in enumerate(rendered()[0])]
 
 
 def test_ground_truth_scores_near_perfect():
@@ -82,7 +83,7 @@ def test_swapped_recall_character_scores_lower():
     assert r["summary"]["character_recall"] < truth["character_recall"] - 0.4, r["summary"]
     assert r["summary"]["attribute_character_colour"] < 1.0
     wrong = [c for shot in r["attribute_accuracy"]["per_shot"] for c in shot["characters"] if c["predicted"] != c["truth"]]
-    assert wrong and all(c["character"] == 0 for c in wrong)
+    assert wrong and all(c["character"] == recall_shots(recall_story())[0][1] for c in wrong)
 
 
 def test_shuffled_frames_lower_intra_shot_consistency():

@@ -27,7 +27,7 @@ SIZE = "32x32"
 
 def story_video() -> tuple[np.ndarray, list[str]]:
     """Three shots of 9 frames at 32x32 in three scenes, cut together, and their captions."""
-    story = synthetic.make_story(0, 3, "insert_recall")
+    story = synthetic.make_story(0, 3)
     shots = synthetic.render_synthetic(story, frames=9, size=32)
     return np.concatenate([v for v, _ in shots]), [s.caption for s in story.shots]
 

@@ -28,7 +28,7 @@ def _batch(cfg, rng, b=2):
     labels = np.array([[1.0, 1.0, -1.0, -1.0]] * b, np.float32)
     return {
         "target": target, "memory": memory, "memory_valid": np.ones((b, F), bool), "labels": labels,
-        "real_prior": np.array([[True, True, False, False]] * b), "text": rng.standard_normal((b, 8, cfg.dit.text_dim)).astype(np.float32),
+        "text": rng.standard_normal((b, 8, cfg.dit.text_dim)).astype(np.float32),
         "image": rng.standard_normal((b, 4, cfg.dit.image_dim)).astype(np.float32),
         "cond": np.zeros((b, T, H, W, 20), np.float32),
     }

@@ -1,10 +1,12 @@
 """The grain training pipeline: seeded shuffle, per-host shards, shot inflation, three-shot examples.
 
 Each example predicts the last of three shots from the two before it. Videos with >= 3 shots give
-real triplets; two-shot videos are inflated with a synthetic shot (paper section 5): a shot from
+real triplets (consecutive shots, or with `train.memory_pick: recall` the target's latest earlier
+appearance and the shot before it); two-shot videos are inflated with a synthetic shot (paper section 5): a shot from
 another video (pseudo-label -1) or the augmented first shot (pseudo-label 0), in either order.
 Real memory frames are labelled by the cosine similarity of their embedding to the target shot's
-mean embedding.
+mean embedding. A share `train.first_shot_prob` of I2V examples is instead shot 1 generated from its
+first frame with no memory (Wan's image-to-video task), so a start image counts when sampling.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from onestory_jax.config import Config
 from onestory_jax.data.records import RecordFiles, check_record_fits
+from onestory_jax.data.video import i2v_channels
 from onestory_jax.errors import UserError
 from onestory_jax.models.memory import num_selected
 
@@ -39,19 +42,47 @@ def _padded_text(video: dict[str, np.ndarray], shot: int, text_len: int) -> np.n
     return out
 
 
+def memory_shots(keys: np.ndarray, n_shots: int, rng: np.random.Generator, pick: str) -> tuple[int, int, int]:
+    """(older memory shot, newer memory shot, target shot) of a real triplet.
+
+    consecutive: shots k, k + 1, k + 2. recall: a random target j >= 2; memory = the latest shot
+    before j - 1 that shows the target's identity key (a random earlier shot when there is none,
+    or the key is unknown: -1), then shot j - 1, in time order."""
+    if pick == "consecutive":
+        k = int(rng.integers(0, n_shots - 2))
+        return k, k + 1, k + 2
+    j = int(rng.integers(2, n_shots))
+    same = [i for i in range(j - 1) if keys[j] >= 0 and keys[i] == keys[j]]
+    return (same[-1] if same else int(rng.integers(0, j - 1))), j - 1, j
+
+
+def first_shot_example(video: dict[str, np.ndarray], cfg: Config) -> Example:
+    """Shot 1 generated from its first frame (Wan's I2V task), with an empty memory."""
+    lat = video["latents"]
+    t = lat.shape[1]
+    return {
+        "target": lat[0].astype(np.float32),
+        "memory": np.zeros((2 * t, *lat.shape[2:]), np.float32),
+        "memory_valid": np.zeros((2 * t,), bool),
+        "labels": np.zeros((2 * t,), np.float32),
+        "text": _padded_text(video, 0, cfg.dit.text_len),
+        "image": video["image_tokens"].astype(np.float32),
+        "cond": i2v_channels(video["first_image"]),
+    }
+
+
 def three_shot_example(video: dict[str, np.ndarray], rng: np.random.Generator, other: Any, cfg: Config) -> Example:
     """One training example from a video record (see module docstring); `other(rng)` draws another video."""
     lat, emb, tc = video["latents"], video["frame_embeddings"], cfg.train
     n_shots, t = lat.shape[:2]
     if n_shots < 2:
         raise UserError(f"dataset video '{video['id'].item().decode()}' has {n_shots} shot(s); training needs >= 2")
-    real_prior = np.zeros((2 * t,), bool)
+    if cfg.dit.has_image_branch and rng.random() < tc.first_shot_prob:
+        return first_shot_example(video, cfg)
     if n_shots >= 3:
-        k = int(rng.integers(0, n_shots - 2))
-        last = k + 2
-        memory = [lat[k], lat[k + 1]]
-        labels = [cosine_to_target(emb[k], emb[last]), cosine_to_target(emb[k + 1], emb[last])]
-        real_prior[t:] = True
+        a, b, last = memory_shots(video["shot_keys"], n_shots, rng, tc.memory_pick)
+        memory = [lat[a], lat[b]]
+        labels = [cosine_to_target(emb[a], emb[last]), cosine_to_target(emb[b], emb[last])]
     else:
         last = 1
         real, real_label = lat[0], cosine_to_target(emb[0], emb[1])
@@ -63,17 +94,14 @@ def three_shot_example(video: dict[str, np.ndarray], rng: np.random.Generator, o
         syn_labels = np.full((t,), syn_label, np.float32)
         if rng.random() < tc.swap_order_prob:
             memory, labels = [syn, real], [syn_labels, real_label]
-            real_prior[t:] = True
         else:
             memory, labels = [real, syn], [real_label, syn_labels]
-            real_prior[:t] = True
     h, w = lat.shape[2:4]
     example = {
         "target": lat[last].astype(np.float32),
         "memory": np.concatenate(memory).astype(np.float32),
         "memory_valid": np.ones((2 * t,), bool),
         "labels": np.concatenate(labels).astype(np.float32),
-        "real_prior": real_prior,
         "text": _padded_text(video, last, cfg.dit.text_len),
     }
     if cfg.dit.has_image_branch:

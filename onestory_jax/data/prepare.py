@@ -2,22 +2,20 @@
 
     python -m onestory_jax.data.prepare --model DIR --out DIR --videos DIR --captions FILE.jsonl \\
         [--boundaries FILE.jsonl] [--embedder pixel|dinov2:PATH|clip:PATH ...]
-    python -m onestory_jax.data.prepare --model DIR --out DIR --synthetic N [--seed S] [--kinds K,...]
-        [--character-weight W]
+    python -m onestory_jax.data.prepare --model DIR --out DIR --synthetic N [--seed S] [--character-weight W]
 
 --model is a model folder holding the frozen parts (vae/, text_encoder/, image_encoder/ for I2V,
 tokenizer/): converted Wan2.1 weights or the embedded default's. --captions has one JSON object a
 line, {"video": "NAME.mp4", "captions": ["shot 1", ...]}; --boundaries, {"video": "NAME.mp4",
 "shots": [[start, end), ...]} in frames; videos without boundaries are cut by a frame-difference
-detector. --synthetic renders procedural stories (onestory_jax.data.synthetic) instead; --kinds
-cycles through the given story patterns (default: a random one per story), and --character-weight W
-makes the pseudo-label features character-aware: the rendered characters' pixels (weight W) mixed
+detector. --synthetic renders procedural stories (onestory_jax.data.synthetic) instead (their records know
+which character each shot shows: `shot_keys`), and --character-weight W makes the pseudo-label features character-aware: the rendered characters' pixels (weight W) mixed
 with the whole frame (1 - W), see `embedders.with_character_regions`.
 
 Every shot is centre-cropped and resized to --size, sampled to --frames (4k+1) frames and
 VAE-encoded; its caption is encoded by the umT5; each latent frame's middle pixel frame is embedded
-for the pseudo-labels; shot 1 also gets an augmented copy (flip, crop, colour jitter) and CLIP
-tokens of its first frame. Each video becomes DIR/records/ID.arrayrecord (atomic), listed in
+for the pseudo-labels; shot 1 also gets an augmented copy (flip, crop, colour jitter), CLIP
+tokens of its first frame and that frame's I2V image latents (`data.video.image_clip`). Each video becomes DIR/records/ID.arrayrecord (atomic), listed in
 DIR/manifest.json; a re-run skips videos already written, and refuses other --frames, --size or
 --embedder than they were prepared with (data/prepare_checks.py). One run at a time per --out (a lock).
 """
@@ -38,7 +36,7 @@ from onestory_jax.data.embedders import Embedder, combined, load_embedder, with_
 from onestory_jax.data.prepare_checks import (captions_value, check_existing_record, check_numbers, check_settings,
                                              check_unique_ids, shots_value)
 from onestory_jax.data.records import write_records
-from onestory_jax.data.video import detect_shots, read_video, resize_frame, sample_frames, to_uint8
+from onestory_jax.data.video import detect_shots, image_clip, read_video, resize_frame, sample_frames, to_uint8
 from onestory_jax.errors import UserError, run_cli
 from onestory_jax.io import save_json
 from onestory_jax.locking import folder_lock
@@ -84,8 +82,9 @@ def label_embeddings(clips: list[np.ndarray], masks: Masks, embed: Embedder, fra
 
 def encode_video(video_id: str, shots: Shots, captions: list[str], comps: Any, embed: Embedder,
                  frames: int, size: tuple[int, int], seed: int, masks: Masks = None,
-                 character_weight: float = 0.0) -> dict[str, np.ndarray]:
-    """One record (onestory_jax.data.records) from a video's shots, captions and (optional) character masks."""
+                 character_weight: float = 0.0, shot_keys: list[int] | None = None) -> dict[str, np.ndarray]:
+    """One record (onestory_jax.data.records) from a video's shots, captions, (optional) character
+    masks and (optional) identity key per shot."""
     width, height = size
     clips = [np.stack([resize_frame(f, width, height) for f in sample_frames(s, frames)]) for s in shots]
     latents = np.stack([comps.encode_video(c) for c in clips])
@@ -98,6 +97,8 @@ def encode_video(video_id: str, shots: Shots, captions: list[str], comps: Any, e
         "latents": latents.astype(np.float32), "text": text.astype(np.float32), "text_lengths": lengths,
         "frame_embeddings": embeddings, "augmented_first": comps.encode_video(augment(clips[0], rng)).astype(np.float32),
         "image_tokens": (comps.encode_image(clips[0][0]) if comps.encode_image else np.zeros((1, 1))).astype(np.float32),
+        "first_image": comps.encode_video(image_clip(clips[0][0], frames)).astype(np.float32),
+        "shot_keys": np.asarray(shot_keys if shot_keys is not None else [-1] * len(shots), np.int32),
         "id": np.bytes_(video_id),
     }
     return record
@@ -122,7 +123,7 @@ def _jsonl(path: Path | None, key: str, parse: Callable[[Any], Any]) -> dict[str
 
 
 def real_videos(folder: Path, captions_file: Path, boundaries_file: Path | None) -> Iterator[tuple[str, Any]]:
-    """(id, loader -> (shots, captions, no masks)) per video of `folder` that has captions."""
+    """(id, loader -> (shots, captions, no masks, no keys)) per video of `folder` that has captions."""
     if not folder.is_dir():
         raise UserError(f"--videos '{folder}' is not a directory")
     captions, bounds = _jsonl(captions_file, "captions", captions_value), _jsonl(boundaries_file, "shots", shots_value)
@@ -134,7 +135,7 @@ def real_videos(folder: Path, captions_file: Path, boundaries_file: Path | None)
         if path.name not in captions:
             raise UserError(f"video '{path.name}' has no captions in '{captions_file}'")
 
-        def load(path: Path = path) -> tuple[Shots, list[str], Masks]:
+        def load(path: Path = path) -> tuple[Shots, list[str], Masks, list[int] | None]:
             video = read_video(path)
             spans = [tuple(s) for s in bounds[path.name]] if path.name in bounds else detect_shots(video)
             caps = list(captions[path.name])
@@ -143,26 +144,21 @@ def real_videos(folder: Path, captions_file: Path, boundaries_file: Path | None)
             bad = [s for s in spans if not 0 <= s[0] < s[1] <= len(video)]
             if bad:
                 raise UserError(f"video '{path.name}': shot {bad[0]} is outside its {len(video)} frames")
-            return [video[a:b] for a, b in spans], caps, None
+            return [video[a:b] for a, b in spans], caps, None, None
 
         yield path.stem, load
 
 
-def synthetic_videos(count: int, seed: int, frames: int, size: int, kinds: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]:
-    """(id, loader -> (shots, captions, masks)) per procedural story; one in five is a two-shot story
-    (for shot inflation); the others cycle through `kinds` (default: a random pattern each)."""
+def synthetic_videos(count: int, seed: int, frames: int, size: int) -> Iterator[tuple[str, Any]]:
+    """(id, loader -> (shots, captions, masks, character per shot)) per procedural story; one in five
+    is a two-shot story (for shot inflation), the others 3-8 shots."""
     from onestory_jax.data import synthetic
 
-    bad = [k for k in kinds if k not in synthetic.KINDS]
-    if bad:
-        raise UserError(f"--kinds: unknown story pattern '{bad[0]}' (one of {', '.join(synthetic.KINDS)})")
-    for n, i in enumerate(range(seed, seed + count)):
-        def load(i: int = i, n: int = n) -> tuple[Shots, list[str], Masks]:
-            n_shots = 2 if i % 5 == 0 else None
-            kind = "main_subject" if n_shots == 2 else (kinds[n % len(kinds)] if kinds else None)
-            story = synthetic.make_story(i, n_shots, kind)
+    for i in range(seed, seed + count):
+        def load(i: int = i) -> tuple[Shots, list[str], Masks, list[int]]:
+            story = synthetic.make_story(i, 2 if i % 5 == 0 else None)
             shots, masks = zip(*synthetic.render_synthetic(story, frames, size))
-            return list(shots), [s.caption for s in story.shots], list(masks)
+            return list(shots), [s.caption for s in story.shots], list(masks), [s.characters[0] for s in story.shots]
 
         yield f"synthetic-{i:06d}", load
 
@@ -176,7 +172,7 @@ def prepare(args: argparse.Namespace) -> Path:
     if args.character_weight and width != height:
         raise UserError(f"--character-weight needs square frames (the synthetic masks are square), got --size {width}x{height}")
     if args.synthetic:
-        videos = synthetic_videos(args.synthetic, args.seed, args.frames, width, tuple(args.kinds.split(",")) if args.kinds else ())
+        videos = synthetic_videos(args.synthetic, args.seed, args.frames, width)
     else:
         if args.videos is None or args.captions is None:
             raise UserError("give --videos DIR with --captions FILE.jsonl, or --synthetic N")
@@ -205,12 +201,12 @@ def prepare(args: argparse.Namespace) -> Path:
             if path.is_file():
                 check_existing_record(path, args.frames, (width, height), cfg.vae)
             else:
-                shots, captions, masks = load()
+                shots, captions, masks, keys = load()
                 write_records(path, [encode_video(video_id, shots, captions, comps, embed, args.frames, (width, height),
-                                                  args.seed, masks, args.character_weight)])
+                                                  args.seed, masks, args.character_weight, keys)])
             done.append({"id": video_id, "file": str(path.relative_to(args.out))})
     manifest = {"model": str(args.model), "frames": args.frames, "size": [width, height], "embedders": list(names),
-                "character_weight": args.character_weight, "kinds": args.kinds or "random",
+                "character_weight": args.character_weight,
                 "videos": done}
     save_json(args.out / "manifest.json", manifest)
     return args.out
@@ -236,7 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=17, help="frames per shot (4k+1)")
     ap.add_argument("--size", type=_size, default=(64, 64), help="WIDTHxHEIGHT (default 64x64)")
     ap.add_argument("--embedder", action="append", help="pixel (default), dinov2:PATH, clip:PATH; repeat to average")
-    ap.add_argument("--kinds", help="synthetic: comma-separated story patterns to cycle through (default: random)")
     ap.add_argument("--character-weight", type=float, default=0.0,
                     help="synthetic: weight of the characters' regions in the pseudo-label features (0: whole frames)")
     ap.add_argument("--no-progress", action="store_true")

@@ -7,6 +7,8 @@ A video record (S shots of T latent frames of h x w):
   frame_embeddings   [S, T, E]         pseudo-label embedder features per latent frame
   augmented_first    [T, h, w, 16]     latents of an augmented copy of shot 1 (flip/crop/colour)
   image_tokens       [Li, D_image]     CLIP tokens of shot 1's first frame (I2V)
+  first_image        [T, h, w, 16]     latents of shot 1's first frame as Wan's I2V encodes it (data.video.image_clip)
+  shot_keys          [S]               who each shot shows (synthetic stories: the character; -1: unknown)
   id                 []                the video's name (bytes)
 """
 
@@ -25,7 +27,8 @@ from onestory_jax.config import Config
 from onestory_jax.errors import UserError
 from onestory_jax.io import atomic_path
 
-RECORD_KEYS = ("latents", "text", "text_lengths", "frame_embeddings", "augmented_first", "image_tokens", "id")
+RECORD_KEYS = ("latents", "text", "text_lengths", "frame_embeddings", "augmented_first", "image_tokens", "first_image",
+               "shot_keys", "id")
 
 
 def encode_record(video: dict[str, np.ndarray]) -> bytes:
@@ -48,9 +51,13 @@ def decode_record(data: bytes, index: int | str | None = None) -> dict[str, np.n
     """Parse a record; a corrupt one is a UserError naming it."""
     try:
         with _NPY_HEADER_LOCK, np.load(io.BytesIO(data)) as z:
-            video = {k: z[k] for k in RECORD_KEYS}
+            missing = [k for k in RECORD_KEYS if k not in z.files]
+            video = {k: z[k] for k in RECORD_KEYS if k in z.files}
     except Exception as e:  # zip/npy errors come in many types
         raise UserError(f"dataset record {index if index is not None else '?'} is corrupt: {e}") from None
+    if missing:
+        raise UserError(f"dataset record {index if index is not None else '?'} was prepared by an older version (it lacks "
+                        f"{', '.join(missing)}): prepare the data again with onestory_jax.data.prepare")
     return video
 
 

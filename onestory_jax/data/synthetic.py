@@ -1,13 +1,17 @@
 """Procedural multi-shot stories: the embedded default's training data and its benchmark.
 
-A story is 2-6 shots of characters (shape + colour + pattern: a distinct identity) moving through
-environments (distinct textured backgrounds), filmed by a camera that changes between shots (zoom,
-pan). Captions come from templates and are referential: a returning character is "the same
-square", so only memory can tell its colour and pattern. Three patterns from the paper:
+The world (`../shared/research/toyworld-spec.md` §2.1, docs/demo.md) is built so that a character's
+identity is learnable at 64x64 and only memory can tell a returning character's colour:
 
-  main_subject    one character through changing scenes
-  insert_recall   a new character (in a new scene) is inserted, then the story returns to the first
-  composition     two characters met apart later appear together
+- 4 characters a story (4 shapes, 4 of 6 hues 60 degrees apart), plain, radius 0.28 (about 18% of
+  the frame, 9-12 of the 64 latent cells), one per shot;
+- 5 low-saturation scenes (S <= 0.15) that differ in luminance and tint, so the character is the
+  only saturated region and blending with the background keeps its hue;
+- slow motion (half the old amplitude) and a slight camera pan, a fixed zoom;
+- a first appearance is named ("A red square hops across a snowy field."), every return is
+  referential ("The same square returns to a desert."): its colour is only in memory;
+- characters are introduced at random shots and return with no immediate repeat, so the recalled
+  character is not always shot 1's and a uniform pick of earlier frames misses it about half the time.
 
 Rendering is pure NumPy: frames uint8 [T, H, W, 3] and identity masks uint8 [T, H, W]
 (0 = background, 1 + index into `SyntheticStory.characters`). `save_synthetic` writes them with the ground truth
@@ -24,131 +28,94 @@ from typing import Any
 import numpy as np
 
 SHAPES = ("square", "circle", "triangle", "diamond")
-COLOURS = {"red": (220, 40, 40), "blue": (40, 70, 230), "yellow": (240, 210, 30),
-           "magenta": (210, 40, 200), "cyan": (40, 210, 220), "orange": (245, 130, 20)}
-PATTERNS = ("plain", "striped", "dotted", "checked")
-# name -> (caption phrase, base colour, texture colour, texture kind)
-SCENES = {  # low-contrast, low-frequency textures: the scenes differ mostly in colour
-    "snow": ("a snowy field", (235, 240, 245), (205, 215, 230), "dots"),
-    "desert": ("a desert", (215, 180, 120), (190, 150, 95), "dunes"),
-    "forest": ("a green forest", (60, 130, 60), (40, 95, 40), "trunks"),
-    "night": ("a night city", (25, 30, 70), (70, 70, 110), "windows"),
-    "ocean": ("the ocean shore", (60, 140, 200), (110, 170, 215), "waves"),
+COLOURS = {"red": (220, 40, 40), "yellow": (230, 210, 40), "green": (50, 190, 60),
+           "cyan": (40, 200, 210), "blue": (50, 70, 230), "magenta": (210, 50, 210)}
+# name -> (caption phrase, base colour, texture colour, texture kind): grey-ish, low-contrast textures
+SCENES = {
+    "snow": ("a snowy field", (200, 200, 206), (185, 186, 194), "dots"),
+    "desert": ("a desert", (166, 157, 143), (151, 143, 130), "dunes"),
+    "forest": ("a forest", (95, 110, 95), (82, 96, 82), "trunks"),
+    "night": ("a night city", (70, 70, 82), (86, 86, 99), "windows"),
+    "ocean": ("the ocean shore", (124, 135, 145), (138, 148, 158), "waves"),
 }
 MOTIONS = {"hops": "hops across", "slides": "slides through", "rests": "rests in", "drifts": "drifts over"}
-PATTERN_WORDS = {"plain": "", "striped": "striped ", "dotted": "dotted ", "checked": "checked "}
-KINDS = ("main_subject", "insert_recall", "composition")
+RADIUS = 0.28  # character half-size, in image widths
+CHARACTERS_PER_STORY = 4
 
 
 @dataclasses.dataclass(frozen=True)
 class Character:
     shape: str
     colour: str
-    pattern: str
 
     def name(self) -> str:
-        return f"{self.colour} {PATTERN_WORDS[self.pattern]}{self.shape}"
+        return f"{self.colour} {self.shape}"
 
 
 @dataclasses.dataclass(frozen=True)
 class Shot:
     caption: str
-    characters: tuple[int, ...]  # indices into SyntheticStory.characters
+    characters: tuple[int, ...]  # indices into SyntheticStory.characters (one a shot in this world)
     scene: str
     motion: str
-    zoom: float  # camera zoom (> 1: closer)
     pan: tuple[float, float]  # camera centre offset, world units (image widths)
     starts: tuple[tuple[float, float], ...]  # per character: world start position (x, y) in [0, 1]
 
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticStory:
-    kind: str
     characters: tuple[Character, ...]
     shots: tuple[Shot, ...]
 
 
 def _distinct_characters(rng: np.random.Generator, n: int) -> tuple[Character, ...]:
-    """n characters differing in shape and colour (pattern random)."""
+    """n characters differing in shape and colour."""
     shapes = rng.choice(len(SHAPES), n, replace=False)
     colours = rng.choice(len(COLOURS), n, replace=False)
-    return tuple(Character(SHAPES[s], list(COLOURS)[c], PATTERNS[int(rng.integers(len(PATTERNS)))])
-                 for s, c in zip(shapes, colours))
+    return tuple(Character(SHAPES[s], list(COLOURS)[c]) for s, c in zip(shapes, colours))
 
 
-def _plan(rng: np.random.Generator, kind: str, n_shots: int) -> list[tuple[tuple[int, ...], str]]:
-    """(characters present, scene) per shot for a story pattern."""
-    scenes = list(rng.permutation(list(SCENES)))
-    if kind == "main_subject":
-        return [((0,), scenes[i % len(scenes)] if rng.random() < 0.7 or i == 0 else scenes[(i - 1) % len(scenes)])
-                for i in range(n_shots)]
-    if kind == "insert_recall":
-        insert_at = int(rng.integers(1, n_shots - 1))
-        length = 1 if rng.random() < 0.7 or insert_at + 2 >= n_shots else 2
-        plan = []
-        for i in range(n_shots):
-            if insert_at <= i < insert_at + length:
-                plan.append(((1,), scenes[1]))
-            else:
-                plan.append(((0,), scenes[0] if i < insert_at or rng.random() < 0.6 else scenes[2]))
-        return plan
-    if kind == "composition":
-        plan = [((0,), scenes[0]), ((1,), scenes[1])]
-        for i in range(2, n_shots):
-            plan.append(((0, 1), scenes[int(rng.integers(0, 3))]) if rng.random() < 0.7 else ((int(rng.integers(0, 2)),), scenes[2]))
-        return plan[:n_shots]
-    raise ValueError(f"unknown story kind {kind!r}; expected one of {KINDS}")
+def cast_size(n_shots: int) -> int:
+    """Characters a story of n_shots shows: 4 from 5 shots on (8 shots: 4 introductions, 4 returns)."""
+    return min(CHARACTERS_PER_STORY, max(n_shots - n_shots // 3, 2))
 
 
-def _caption(chars: tuple[Character, ...], present: tuple[int, ...], seen: set[int], scene: str, motion: str,
-             zoom: float, returning: bool, withhold: bool) -> str:
-    """Template caption; returning characters are referred to, not described (when `withhold`)."""
-    names = []
-    for c in present:
-        ch = chars[c]
-        if c not in seen:
-            names.append(f"{'an' if ch.name()[0] in 'aeiou' else 'a'} {ch.name()}")
-        elif withhold:
-            names.append(f"the same {ch.shape}")
-        else:
-            names.append(f"the {ch.name()}")
-    subject = " and ".join(names)
-    subject = subject[0].upper() + subject[1:]
-    place = SCENES[scene][0]
-    if returning:
-        verb = "returns to" if len(present) == 1 else "return to"
-    elif len(present) > 1:
-        verb = "meet in"
-    else:
-        verb = MOTIONS[motion]
-    framing = "Close-up: " if zoom > 1.1 else ("Wide shot: " if zoom < 0.9 else "")
-    return f"{framing}{subject} {verb} {place}."
+def character_order(rng: np.random.Generator, n_shots: int) -> list[int]:
+    """Who is in each shot: characters 0..n-1 introduced in order at random shots (an introduction
+    is forced when the shots left are needed for them), the other shots a return of an earlier
+    character that was not in the shot before."""
+    n = cast_size(n_shots)
+    order = [0]
+    for i in range(1, n_shots):
+        new, left = len(set(order)), n_shots - i
+        returnable = [c for c in range(new) if c != order[-1]]
+        introduce = new < n and (not returnable or n - new >= left or rng.random() < 0.5)
+        order.append(new if introduce else int(rng.choice(returnable)))
+    return order
 
 
-def make_story(seed: int, n_shots: int | None = None, kind: str | None = None, withhold_prob: float = 0.8) -> SyntheticStory:
-    """A random story (deterministic in `seed`): 2-6 shots of one of KINDS unless given."""
+def make_story(seed: int, n_shots: int | None = None) -> SyntheticStory:
+    """A random story (deterministic in `seed`) of n_shots (default 3-8) shots."""
     rng = np.random.default_rng(seed)
-    kind = kind or KINDS[int(rng.integers(len(KINDS)))]
-    n_shots = n_shots or int(rng.integers(3, 7))
-    if n_shots < 2 or (kind != "main_subject" and n_shots < 3):
-        raise ValueError(f"a {kind} story needs >= {2 if kind == 'main_subject' else 3} shots, got {n_shots}")
-    chars = _distinct_characters(rng, 2)
-    seen: set[int] = set()
-    scenes_seen: set[str] = set()
+    n_shots = n_shots or int(rng.integers(3, 9))
+    if n_shots < 2:
+        raise ValueError(f"a story needs >= 2 shots, got {n_shots}")
+    order = character_order(rng, n_shots)
+    chars = _distinct_characters(rng, cast_size(n_shots))
     shots = []
-    for present, scene in _plan(rng, kind, n_shots):
+    for i, c in enumerate(order):
+        scene = list(SCENES)[int(rng.integers(len(SCENES)))]
         motion = list(MOTIONS)[int(rng.integers(len(MOTIONS)))]
-        zoom = float(rng.choice([0.8, 1.0, 1.0, 1.3]))
-        pan = tuple(float(v) for v in rng.uniform(-0.15, 0.15, 2))
-        starts = tuple((float(rng.uniform(0.25, 0.75)), float(rng.uniform(0.35, 0.65))) for _ in present)
-        if len(present) == 2:  # keep two characters apart
-            starts = ((0.3, starts[0][1]), (0.7, starts[1][1]))
-        returning = scene in scenes_seen and all(c in seen for c in present) and len(present) == 1
-        caption = _caption(chars, present, seen, scene, motion, zoom, returning, rng.random() < withhold_prob)
-        shots.append(Shot(caption, present, scene, motion, zoom, pan, starts))
-        seen.update(present)
-        scenes_seen.add(scene)
-    return SyntheticStory(kind, chars, tuple(shots))
+        pan = tuple(float(v) for v in rng.uniform(-0.1, 0.1, 2))
+        start = (float(rng.uniform(0.3, 0.7)), float(rng.uniform(0.35, 0.65)))
+        place = SCENES[scene][0]
+        if c in order[:i]:
+            caption = f"The same {chars[c].shape} returns to {place}."
+        else:
+            name = chars[c].name()
+            caption = f"{'An' if name[0] in 'aeiou' else 'A'} {name} {MOTIONS[motion]} {place}."
+        shots.append(Shot(caption, (c,), scene, motion, pan, (start,)))
+    return SyntheticStory(chars, tuple(shots))
 
 
 def _background(scene: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -180,27 +147,16 @@ def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.abs(u) + np.abs(v) <= 1.0  # diamond
 
 
-def _pattern(pattern: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Where the pattern darkens the character."""
-    if pattern == "striped":
-        return np.sin(u * 6) > 0.3
-    if pattern == "dotted":
-        return (np.sin(u * 6) * np.sin(v * 6)) > 0.4
-    if pattern == "checked":
-        return (np.floor((u + 1) * 2) + np.floor((v + 1) * 2)) % 2 == 0
-    return np.zeros_like(u, bool)
-
-
 def _position(motion: str, start: tuple[float, float], t: float) -> tuple[float, float]:
     """World position at time t in [0, 1]."""
     x, y = start
     if motion == "hops":
-        return x - 0.2 + 0.4 * t, y - 0.15 * abs(np.sin(t * 3 * np.pi))
+        return x - 0.1 + 0.2 * t, y - 0.075 * abs(np.sin(t * 3 * np.pi))
     if motion == "slides":
-        return x + 0.3 * (t - 0.5), y
+        return x + 0.15 * (t - 0.5), y
     if motion == "drifts":
-        return x + 0.2 * (t - 0.5), y + 0.15 * (t - 0.5)
-    return x + 0.02 * np.sin(t * 2 * np.pi), y  # rests
+        return x + 0.1 * (t - 0.5), y + 0.075 * (t - 0.5)
+    return x + 0.01 * np.sin(t * 2 * np.pi), y  # rests
 
 
 def render_shot(story: SyntheticStory, index: int, frames: int = 17, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -212,18 +168,15 @@ def render_shot(story: SyntheticStory, index: int, frames: int = 17, size: int =
     masks = np.zeros((frames, size, size), np.uint8)
     for f in range(frames):
         t = f / max(frames - 1, 1)
-        wx = (px - 0.5) / shot.zoom + 0.5 + shot.pan[0] + 0.05 * t  # a slow camera pan within the shot
-        wy = (py - 0.5) / shot.zoom + 0.5 + shot.pan[1]
+        wx = px + shot.pan[0] + 0.05 * t  # a slow camera pan within the shot
+        wy = py + shot.pan[1]
         img = _background(shot.scene, wx, wy)
         for slot, c in enumerate(shot.characters):
             ch = story.characters[c]
             cx, cy = _position(shot.motion, shot.starts[slot], t)
-            radius = 0.16
-            u, v = (wx - cx) / radius, (wy - cy) / radius
+            u, v = (wx - cx) / RADIUS, (wy - cy) / RADIUS
             inside = _inside(ch.shape, u, v)
-            colour = np.asarray(COLOURS[ch.colour], np.float32)
-            fill = np.where(_pattern(ch.pattern, u, v)[..., None], colour * 0.35, colour)
-            img = np.where(inside[..., None], fill, img)
+            img = np.where(inside[..., None], np.asarray(COLOURS[ch.colour], np.float32), img)
             masks[f][inside] = c + 1
         video[f] = np.clip(img, 0, 255).astype(np.uint8)
     return video, masks
@@ -240,9 +193,9 @@ def synthetic_to_dict(story: SyntheticStory) -> dict[str, Any]:
 
 def synthetic_from_dict(data: dict[str, Any]) -> SyntheticStory:
     chars = tuple(Character(**c) for c in data["characters"])
-    shots = tuple(Shot(s["caption"], tuple(s["characters"]), s["scene"], s["motion"], float(s["zoom"]),
-                       tuple(s["pan"]), tuple(tuple(p) for p in s["starts"])) for s in data["shots"])
-    return SyntheticStory(data["kind"], chars, shots)
+    shots = tuple(Shot(s["caption"], tuple(s["characters"]), s["scene"], s["motion"], tuple(s["pan"]),
+                       tuple(tuple(p) for p in s["starts"])) for s in data["shots"])
+    return SyntheticStory(chars, shots)
 
 
 def save_synthetic(folder: str | Path, story: SyntheticStory, rendered: list[tuple[np.ndarray, np.ndarray]] | None = None) -> Path:

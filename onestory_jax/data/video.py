@@ -102,3 +102,18 @@ def load_image(path: str | Path) -> np.ndarray:
             return np.asarray(img.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"cannot read image '{path}': {e}") from None
+
+
+def image_clip(image: np.ndarray, frames: int) -> np.ndarray:
+    """What Wan's I2V encodes for a start image [H, W, 3] in [-1, 1]: the image, then frames - 1 zero frames."""
+    return np.concatenate([image[None], np.zeros((frames - 1, *image.shape), image.dtype)])
+
+
+def i2v_channels(image_latents: np.ndarray) -> np.ndarray:
+    """Wan2.1's I2V channels [T, h, w, 4 mask + C] from the latents of `image_clip` [T, h, w, C]: the 4
+    mask channels (one per pixel frame of a latent frame) are 1 on latent frame 0 only."""
+    t, h, w, _ = image_latents.shape
+    mask = np.zeros((t, h, w, 4), np.float32)
+    mask[0] = 1.0
+    return np.concatenate([mask, image_latents.astype(np.float32)], axis=-1)
+

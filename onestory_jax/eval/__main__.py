@@ -46,18 +46,13 @@ def _mean_summary(results: list[dict[str, Any]]) -> dict[str, float | None]:
 
 
 def evaluate_stories(root: Path, features: FeatureExtractor, segment: bool = False) -> dict[str, Any]:
-    """Every rendered ground-truth story under `root`, with the mean summary overall and per story kind."""
+    """Every rendered ground-truth story under `root`, with the mean summary."""
     results = {}
     for folder in loading.story_folders(root):
         story, frames, masks = loading.load_rendered(folder)
-        results[folder.name] = {"kind": story.kind, **_evaluate(frames, story, features, None if segment else masks)}
-    kinds = sorted({r["kind"] for r in results.values()})
-    return {
-        "stories_dir": str(root), "feature": features.name, "stories": len(results),
-        "mean": _mean_summary(list(results.values())),
-        "mean_by_kind": {k: _mean_summary([r for r in results.values() if r["kind"] == k]) for k in kinds},
-        "per_story": results,
-    }
+        results[folder.name] = _evaluate(frames, story, features, None if segment else masks)
+    return {"stories_dir": str(root), "feature": features.name, "stories": len(results),
+            "mean": _mean_summary(list(results.values())), "per_story": results}
 
 
 def _print_summary(summary: dict[str, float | None], feature: str, out: Path) -> None:

@@ -1,17 +1,20 @@
-"""Does a story's memory carry the recalled character? Metrics on recall shots (issue 12).
+"""Does a story's memory carry the recalled character? Metrics on recall shots.
 
 A recall shot is a shot j showing a character c that an earlier shot showed but shot j - 1 does
-not (insert-and-recall: the first character returns after the inserted one). On those shots:
+not: its caption is referential ("The same square returns ..."), so only memory knows c's colour.
+On those shots:
 
   selection_accuracy  fraction whose chosen memory frames (sample.py's manifest) include a frame
                       of a shot that shows c: the memory *could* carry c's identity
-  recall_colour       fraction whose recalled character comes out in its own colour (the
-                      evaluator's attribute check): the model *did* carry it
+  recall_colour       fraction whose shot comes out in c's colour: the model *did* carry it
 
-and, on every shot, `named_colour`: the fraction of characters whose colour the caption names
-(a first appearance, or a returning one described in full) that come out in that colour. It needs
-no memory, only text following and a decoder sharp enough to keep the colour: the ceiling of
-`recall_colour` for a given model.
+and `named_colour`: on the shots whose caption names the colour (first appearances), the fraction
+that come out in it. It needs no memory, only text following and a decoder that keeps colour: the
+ceiling of `recall_colour` for a given model.
+
+The colour of a shot is the hue check (`eval.hue.shot_colour`), the primary number; the `_strict`
+variants use the evaluator's ray-distance attribute check (`regions.dominant_colour`), which also
+fails on blur.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from typing import Any
 import numpy as np
 
 from onestory_jax.data import synthetic
+from onestory_jax.eval.hue import shot_colour
+
+Hits = list[bool]
 
 
 def recall_shots(story: synthetic.SyntheticStory) -> list[tuple[int, int]]:
@@ -31,7 +37,13 @@ def recall_shots(story: synthetic.SyntheticStory) -> list[tuple[int, int]]:
             if c not in shots[j - 1].characters and any(c in s.characters for s in shots[:j])]
 
 
-def selection_hits(story: synthetic.SyntheticStory, manifest: dict[str, Any]) -> list[bool]:
+def named_shots(story: synthetic.SyntheticStory) -> list[tuple[int, int]]:
+    """(shot j, character c) where shot j's caption names c's colour."""
+    return [(j, c) for j, shot in enumerate(story.shots) for c in shot.characters
+            if story.characters[c].colour in re.findall(r"[a-z]+", shot.caption.lower())]
+
+
+def selection_hits(story: synthetic.SyntheticStory, manifest: dict[str, Any]) -> Hits:
     """Per recall shot: do its chosen memory frames (manifest["shots"][j]["memory"], shots 1-based)
     include a frame of a shot showing the recalled character?"""
     shots = story.shots
@@ -39,21 +51,31 @@ def selection_hits(story: synthetic.SyntheticStory, manifest: dict[str, Any]) ->
             for j, c in recall_shots(story)]
 
 
-def colour_hits(story: synthetic.SyntheticStory, result: dict[str, Any]) -> list[bool]:
-    """Per recall shot: is the recalled character's dominant colour its own (evaluate_story's result)?"""
+def hue_hits(story: synthetic.SyntheticStory, frames: list[np.ndarray], pairs: list[tuple[int, int]]) -> Hits:
+    """Per (shot j, character c): does shot j (frames uint8 [T, H, W, 3]) come out in c's colour?"""
+    return [shot_colour(frames[j]) == story.characters[c].colour for j, c in pairs]
+
+
+def strict_hits(result: dict[str, Any], pairs: list[tuple[int, int]]) -> Hits:
+    """Per (shot j, character c): is c's dominant colour its own under the evaluator's strict check?"""
     per_shot = result["attribute_accuracy"]["per_shot"]
-    return [next(a["predicted"] == a["truth"] for a in per_shot[j]["characters"] if a["character"] == c)
-            for j, c in recall_shots(story)]
+    return [next(a["predicted"] == a["truth"] for a in per_shot[j]["characters"] if a["character"] == c) for j, c in pairs]
 
 
-def named_colour_hits(story: synthetic.SyntheticStory, result: dict[str, Any]) -> list[bool]:
-    """Per character of every shot whose caption names its colour: does it come out in that colour?"""
-    return [a["predicted"] == a["truth"] for shot, attrs in zip(story.shots, result["attribute_accuracy"]["per_shot"])
-            for a in attrs["characters"] if a["truth"] in re.findall(r"[a-z]+", shot.caption.lower())]
+def mean_or_none(hits: Hits) -> float | None:
+    return float(np.mean(hits)) if hits else None
 
 
-def recall_metrics(story: synthetic.SyntheticStory, result: dict[str, Any], manifest: dict[str, Any]) -> dict[str, float | None]:
-    """selection_accuracy, recall_colour and named_colour of one story (None where it has no such shot)."""
-    mean = lambda hits: float(np.mean(hits)) if hits else None
-    return {"selection_accuracy": mean(selection_hits(story, manifest)), "recall_colour": mean(colour_hits(story, result)),
-            "named_colour": mean(named_colour_hits(story, result))}
+def recall_metrics(story: synthetic.SyntheticStory, frames: list[np.ndarray], result: dict[str, Any] | None,
+                   manifest: dict[str, Any] | None) -> dict[str, float | None]:
+    """selection_accuracy, recall_colour and named_colour of one story (None where it has no such
+    shot), with the strict check's `_strict` numbers when the evaluator's `result` is given."""
+    recall, named = recall_shots(story), named_shots(story)
+    out = {"recall_colour": mean_or_none(hue_hits(story, frames, recall)),
+           "named_colour": mean_or_none(hue_hits(story, frames, named))}
+    if manifest is not None:
+        out["selection_accuracy"] = mean_or_none(selection_hits(story, manifest))
+    if result is not None:
+        out["recall_colour_strict"] = mean_or_none(strict_hits(result, recall))
+        out["named_colour_strict"] = mean_or_none(strict_hits(result, named))
+    return out

@@ -20,10 +20,9 @@ from tqdm import tqdm
 
 from onestory_jax.config import Config, to_dict
 from onestory_jax.diffusion.guidance import null_text
-from onestory_jax.data.video import read_video, resize_frame
+from onestory_jax.data.video import i2v_channels, image_clip, load_image, read_video, resize_frame
 from onestory_jax.errors import UserError
 from onestory_jax.models.frozen import Components
-from onestory_jax.data.video import load_image
 from onestory_jax.models.memory import frames_per_patchifier
 from onestory_jax.sampling import outputs, resume
 from onestory_jax.sampling.generate import (GenerationSpec, Progress, ShotRecord, StoryInputs, generation_spec,
@@ -35,17 +34,13 @@ def i2v_condition(encode_video: Callable[[np.ndarray], np.ndarray], image: np.nd
                   latent_shape: tuple[int, ...]) -> np.ndarray:
     """Wan2.1's I2V channels [T, h, w, 4 mask + C latent] for a start image [H, W, 3] (or None).
 
-    As Wan's pipeline: the VAE encodes [image, zeros x (frames - 1)] and all T latent frames are used;
-    the 4 mask channels (one per pixel frame of a latent frame) are 1 on latent frame 0 only.
-    Without an image everything is zero (mask 0: nothing given).
+    As Wan's pipeline: the VAE encodes [image, zeros x (frames - 1)] and all T latent frames are used
+    (`data.video.i2v_channels`). Without an image everything is zero (mask 0: nothing given).
     """
-    t, h, w, c = latent_shape
-    cond = np.zeros((t, h, w, 4 + c), np.float32)
-    if image is not None:
-        clip = np.concatenate([image[None], np.zeros((frames - 1, *image.shape), image.dtype)])
-        cond[0, :, :, :4] = 1.0
-        cond[..., 4:] = encode_video(clip)
-    return cond
+    if image is None:
+        t, h, w, c = latent_shape
+        return np.zeros((t, h, w, 4 + c), np.float32)
+    return i2v_channels(encode_video(image_clip(image, frames)))
 
 
 def _load_image(path: Path, width: int, height: int) -> np.ndarray:

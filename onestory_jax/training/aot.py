@@ -90,7 +90,6 @@ def batch_shapes(cfg: Config, batch: int, latent: tuple[int, int, int]) -> dict[
         "memory": ((batch, 2 * t, h, w, c), np.float32),
         "memory_valid": ((batch, 2 * t), np.bool_),
         "labels": ((batch, 2 * t), np.float32),
-        "real_prior": ((batch, 2 * t), np.bool_),
         "text": ((batch, cfg.dit.text_len, cfg.dit.text_dim), np.float32),
     }
     if cfg.dit.has_image_branch:

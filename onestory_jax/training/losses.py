@@ -18,7 +18,6 @@ Array = jax.Array
 #   target [B, T, h, w, 16]   latents of the shot to generate (x0)
 #   memory [B, F, h, w, 16]   latents of the earlier shots; memory_valid [B, F]
 #   labels [B, F]             frame-relevance pseudo-labels (real: similarity; inserted -1; augmented 0)
-#   real_prior [B, F]         frames of the real prior shot (decoupled warm-up samples from these)
 #   text [B, Lt, text_dim]    caption embedding of the target shot
 #   image [B, Li, image_dim], cond [B, T, h, w, 20]   I2V only
 Batch = dict[str, Array]
@@ -32,15 +31,16 @@ def selection_loss(scores: Array, labels: Array, valid: Array) -> Array:
 
 def training_ranking(scores: Array, batch: Batch, warm: Array, rng: Array, cfg: Config) -> tuple[Array, Array]:
     """(ranking [B, F], candidates [B, F]) of the conditioning frames: the selector's scores or,
-    during the decoupled warm-up (`warm`), random among the real prior shot's frames. A baseline
-    memory.train_strategy (the paper's ablation trains each variant with its own scheme, section
-    5.3) ranks by its own rule, without warm-up."""
+    during the decoupled warm-up (`warm`), random among all valid frames (never only the other
+    shot's: on a recall example that would show the DiT the wrong character). `random` ranks at
+    random always; another baseline memory.train_strategy (the paper's ablation trains each variant
+    with its own scheme, section 5.3) ranks by its own rule, without warm-up."""
     valid, strategy = batch["memory_valid"], cfg.memory.train_strategy
-    if strategy != "onestory":
+    if strategy not in ("onestory", "random"):
         k = num_selected(cfg.memory, batch["memory"].shape[2:4])
         return jax.vmap(lambda v: baseline_candidates(strategy, v, k))(valid)
-    ranking = jnp.where(warm, jax.random.uniform(rng, scores.shape), scores)
-    return ranking, jnp.where(warm, batch["real_prior"] & valid, valid)
+    at_random = warm | (strategy == "random")
+    return jnp.where(at_random, jax.random.uniform(rng, scores.shape), scores), valid
 
 
 def select_and_condition(params: dict, batch: Batch, warm: Array, rng: Array, keep: Array,

@@ -22,16 +22,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import yaml
 
-from onestory_jax.checkpoint import save_model
-from onestory_jax.config import Config
+from onestory_jax.checkpoint import CONFIG, save_model
+from onestory_jax.config import Config, to_dict
 from onestory_jax.data import synthetic
 from onestory_jax.errors import UserError
+from onestory_jax.io import atomic_path
 from onestory_jax.models import byte_tokenizer, image_encoder, text_encoder, vae
 from onestory_jax.sharding import init_sharded
 from onestory_jax.training.loop import Stage, pretrained_params, train
 from onestory_jax.training.optim import make_optimizer
 from onestory_jax.training.step import TrainState, init_state
+
 
 def _crop_corner(rng: np.random.Generator, masks: np.ndarray, crop: int, on_character: bool) -> tuple[int, int]:
     """Top-left (y, x) of a `crop` window of masks [T, H, W]: uniform, or (when `on_character` and a
@@ -115,11 +118,32 @@ def _initial_state(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[TrainState, op
     return init_state(params, tx, cfg.train.seed, ema=False), tx
 
 
+def measured(cfg: Config, vae_params: Any) -> Config:
+    """`cfg` with the VAE's latent statistics measured on 16 held-out 17-frame synthetic clips."""
+    clips = np.stack([synthetic_clip(10**9 + i, 17, cfg.train.vae_stage.clip_size) for i in range(16)])
+    mean, std = latent_statistics(cfg, vae_params, clips)
+    return dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, latents_mean=mean, latents_std=std))
+
+
+def remeasure_statistics(folder: Path) -> Config:
+    """Re-measure a model folder's VAE latent statistics on today's synthetic world and rewrite its
+    vae/config.yaml with them (the weights unchanged); returns the new config."""
+    from onestory_jax.models.frozen import load_frozen_parts, model_folder_config
+    from onestory_jax.sharding import activate, make_mesh
+
+    cfg = model_folder_config(folder)
+    mesh = make_mesh(cfg.mesh)
+    with activate(mesh):
+        params = load_frozen_parts(folder, cfg, mesh, ["vae"])["vae"]
+        cfg = measured(cfg, params)
+    with atomic_path(folder / "vae" / CONFIG) as tmp:
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return cfg
+
+
 def _export(cfg: Config, params: dict[str, Any], workdir: Path, mesh: jax.sharding.Mesh) -> None:
     """Measure the latent statistics on held-out clips, then export the frozen parts' model folder."""
-    clips = np.stack([synthetic_clip(10**9 + i, 17, cfg.train.vae_stage.clip_size) for i in range(16)])
-    mean, std = latent_statistics(cfg, params["vae"], clips)
-    cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, latents_mean=mean, latents_std=std))
+    cfg = measured(cfg, params["vae"])
     frozen = init_sharded(lambda rng: {"text_encoder": text_encoder.init_fn(cfg.text_encoder)(rng),
                                        "image_encoder": image_encoder.init_fn(cfg.image_encoder)(rng)},
                           mesh, jax.random.key(cfg.train.seed + 1))
