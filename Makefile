@@ -22,15 +22,21 @@ demo: $(STAMP)
 	rm -rf out/demo  # the demo's own output: always rendered afresh (sample.py would resume into it)
 	$(PY) sample.py $(DEMO_MODEL) --story configs/stories/demo.yaml --out out/demo
 
-# Rebuild the embedded default (docs/demo.md): VAE stage, synthetic records, DiT + memory stage.
-DEMO_STORIES ?= 600
+# Rebuild the embedded default and the memory ablation's variants (docs/demo.md), from the shipped frozen
+# parts: the VAE decoder fine-tuned on today's world, synthetic records, the shared base, then one model
+# per memory scheme. models/demo = the frozen parts + the onestory variant; models/ablation/<variant>.
+DEMO_STORIES ?= 800
+VARIANTS := none last_frame ac_only fs_only onestory
 demo-model: $(STAMP)
-	$(PY) train.py --config configs/train/demo-vae.yaml --workdir runs/demo-vae
-	$(PY) train.py --config configs/train/demo-vae-long.yaml --workdir runs/demo-vae
-	$(PY) -m onestory_jax.data.prepare --model runs/demo-vae/model --out data/demo --synthetic $(DEMO_STORIES) --frames 9
+	$(PY) train.py --config configs/train/demo-vae-decoder.yaml --workdir runs/demo-vae-decoder
+	$(PY) -m onestory_jax.data.prepare --model models/demo --out data/demo --synthetic $(DEMO_STORIES) --frames 9 --character-weight 0.7
 	$(PY) train.py --config configs/train/demo.yaml --workdir runs/demo train.data=data/demo/records
-	mkdir -p models && rm -rf models/demo.new && cp -r runs/demo-vae/model models/demo.new && cp -r runs/demo/model/onestory models/demo.new/
-	rm -rf models/demo && mv models/demo.new models/demo
+	for v in $(VARIANTS); do $(PY) train.py --config configs/train/memory-$$v.yaml --workdir runs/memory-$$v train.data=data/demo/records || exit 1; done
+	rm -rf models/demo.new models/ablation.new && mkdir -p models/demo.new models/ablation.new
+	cp -r models/demo/text_encoder models/demo/image_encoder models/demo/tokenizer runs/demo-vae-decoder/model/vae runs/memory-onestory/model/onestory models/demo.new/
+	for v in $(filter-out onestory,$(VARIANTS)); do mkdir -p models/ablation.new/$$v && cp -r runs/memory-$$v/model/onestory models/ablation.new/$$v/; done
+	mkdir -p models/ablation.new/onestory && ln -s ../../demo/onestory models/ablation.new/onestory/onestory
+	rm -rf models/demo models/ablation && mv models/demo.new models/demo && mv models/ablation.new models/ablation
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

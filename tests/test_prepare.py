@@ -1,5 +1,6 @@
 """Data preparation (videos or synthetic stories -> records), the shot detector and the VAE stage."""
 
+import io
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ from onestory_jax.data import synthetic
 from onestory_jax.data.pipeline import make_dataset
 from onestory_jax.data.prepare import augment, real_videos
 from onestory_jax.data.prepare import main as prepare_main
-from onestory_jax.data.records import write_records
+from onestory_jax.data.records import decode_record, encode_record, write_records
 from onestory_jax.data.video import detect_shots, write_mp4
 from onestory_jax.errors import UserError
 from onestory_jax.sampling.components import random_params
@@ -113,11 +114,20 @@ def test_training_data_warns_when_selection_would_keep_the_whole_memory(tmp_path
     write_records(tmp_path / "demo.arrayrecord", random_videos(1, 2, 3, (8, 8), 64, (4, 32)))
     data = f"train.data={tmp_path / 'demo.arrayrecord'}"
     with pytest.warns(UserWarning, match="K=10 frames at 8x8 latents.*holds 6.*never drops a frame"):
-        make_dataset(load_config("configs/train/demo.yaml", [data]), 1)
-    smaller = load_config("configs/train/demo.yaml", [data, "memory.frames_per_patchifier=[1,4]"])  # K = 5
+        make_dataset(load_config("demo", [data]), 1)
+    smaller = load_config("demo", [data, "memory.frames_per_patchifier=[1,4]"])  # K = 5
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make_dataset(smaller, 1)
+
+
+def test_records_of_an_older_version_are_refused_in_one_line():
+    video = random_videos(1, 2, 2, (4, 4), 32, (4, 16))[0]
+    buf = io.BytesIO()
+    np.savez(buf, **{k: v for k, v in video.items() if k not in ("first_image", "shot_keys")})
+    with pytest.raises(UserError, match="record 3 was prepared by an older version .*first_image, shot_keys.*prepare the data again"):
+        decode_record(buf.getvalue(), 3)
+    assert decode_record(encode_record(video), 0)["shot_keys"].tolist() == [0, 1]
 
 
 def test_bad_inputs_are_one_clear_line(tmp_path, model_folder):

@@ -41,6 +41,8 @@ def random_videos(n: int, shots: int, frames: int, hw: tuple[int, int], text_dim
             "frame_embeddings": emb + 0.05 * rng.standard_normal(emb.shape).astype(np.float32),
             "augmented_first": latents[0, :, :, ::-1],  # a horizontal flip
             "image_tokens": rng.standard_normal(image_tokens).astype(np.float32),
+            "first_image": latents[0],
+            "shot_keys": np.arange(shots, dtype=np.int32),
             "id": np.bytes_(f"synthetic-{v:04d}"),
         })
     return out

@@ -4,7 +4,7 @@
     python -m onestory_jax.eval --stories stories/ [--segment] [--dinov2 DIR] [--out result.json]
 
 --run scores one sample.py output directory (its shot_NN.mp4 files); with --truth (a
-synthetic.save_story folder) the character / environment / attribute metrics are computed too.
+synthetic.save_synthetic folder) the character / environment / attribute metrics are computed too.
 --stories scores every rendered ground-truth story in a folder with its own masks (the upper
 bound); --segment segments them from colour instead, as generated videos are. Without --out the
 JSON goes to stdout; with it, a short summary does.
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--run", type=Path, help="sample.py output directory (shot_NN.mp4, manifest.json)")
-    what.add_argument("--stories", type=Path, help="folder of rendered synthetic.save_story folders")
+    what.add_argument("--stories", type=Path, help="folder of rendered synthetic.save_synthetic folders")
     ap.add_argument("--truth", type=Path, help="with --run: the ground-truth synthetic story folder (story.json)")
     ap.add_argument("--segment", action="store_true", help="with --stories: segment by colour, ignoring the masks")
     ap.add_argument("--dinov2", type=Path, help="local DINOv2 model folder (transformers); default: weight-free feature")

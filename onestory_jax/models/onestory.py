@@ -51,6 +51,21 @@ def memory_params_from_dit(cfg: Config, dit_params: Any, rng: Array) -> Any:
     return {**params, "conditioner": conditioner_from_patch_embedding(pe["kernel"], pe["bias"], cfg.memory)}
 
 
+def memory_params_from_pretrained(cfg: Config, source: Config, memory: Any, dit_params: Any, rng: Array) -> Any:
+    """Memory modules for a fine-tune of a model that has them (the shared base of the memory
+    ablation): its selector when the selector's settings match, and every patchifier derived from its
+    finest one by the average-pool rule, so each variant's context tokens start as the base's DiT
+    learned to read them. Parts that cannot be carried over start as `memory_params_from_dit`'s."""
+    params = memory_params_from_dit(cfg, dit_params, rng)
+    selector_fields = ("num_queries", "selector_heads", "selector_stride", "latent_channels")
+    if all(getattr(cfg.memory, f) == getattr(source.memory, f) for f in selector_fields):
+        params["selector"] = memory["selector"]
+    finest, base = source.memory.patchifier_kernels[0], memory["conditioner"]["patchifier_0"]
+    if all(k % f == 0 for kernel in cfg.memory.patchifier_kernels for k, f in zip(kernel[1:], finest[1:])):
+        params["conditioner"] = conditioner_from_patch_embedding(base["kernel"], base["bias"], cfg.memory)
+    return params
+
+
 def boxed_init_fn(cfg: Config):
     """rng -> boxed (logically partitioned) OneStory params, for shardings and abstract shapes."""
     dit_fn, mem_fn = dit_init_fn(cfg.dit), memory_init_fn(cfg)

@@ -29,7 +29,7 @@ from onestory_jax.config import Config, load_config, to_dict
 from onestory_jax.data.pipeline import make_dataset
 from onestory_jax.errors import UserError
 from onestory_jax.io import require_free_space
-from onestory_jax.models.onestory import boxed_init_fn, memory_params_from_dit
+from onestory_jax.models.onestory import boxed_init_fn, memory_params_from_dit, memory_params_from_pretrained
 from onestory_jax.sharding import activate, batch_sharding, init_sharded, make_mesh
 from onestory_jax.training.losses import loss_at_sigmas, loss_fn
 from onestory_jax.models.flops import noise_tokens, train_step_flops
@@ -122,18 +122,25 @@ def pretrained_params(folder: Path, part: str, section: str, same: Callable[[Con
     return load_params(ckpt, mesh, boxed_init(source))
 
 
-def _pretrained_dit(folder: Path, cfg: Config, mesh: jax.sharding.Mesh) -> Any:
-    """The DiT params of a model folder's OneStory checkpoint (train.init_from), sharded on `mesh`."""
-    return pretrained_params(folder, "onestory", "dit", lambda source: source.dit == cfg.dit, boxed_init_fn, mesh)["dit"]
+def _pretrained_onestory(folder: Path, cfg: Config, mesh: jax.sharding.Mesh) -> tuple[Config, Any]:
+    """(source config, params) of a model folder's OneStory checkpoint (train.init_from), sharded on
+    `mesh`; its DiT must be this config's."""
+    params = pretrained_params(folder, "onestory", "dit", lambda source: source.dit == cfg.dit, boxed_init_fn, mesh)
+    return load_config(str(folder / "onestory" / "config.yaml")), params
 
 
 def _initial_state(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
-    """Fresh sharded train state and its optimizer (the DiT from train.init_from when set)."""
+    """Fresh sharded train state and its optimizer (the DiT, and memory modules carried over as
+    `memory_params_from_pretrained` says, from train.init_from when set)."""
     tc = cfg.train
     params = init_sharded(boxed_init_fn(cfg), mesh, jax.random.key(tc.seed))
+    rng = jax.random.key(tc.seed + 1)
     if tc.init_from:
-        params["dit"] = _pretrained_dit(Path(tc.init_from), cfg, mesh)
-    params["memory"] = memory_params_from_dit(cfg, params["dit"], jax.random.key(tc.seed + 1))
+        source, pretrained = _pretrained_onestory(Path(tc.init_from), cfg, mesh)
+        params["dit"] = pretrained["dit"]
+        params["memory"] = memory_params_from_pretrained(cfg, source, pretrained["memory"], params["dit"], rng)
+    else:
+        params["memory"] = memory_params_from_dit(cfg, params["dit"], rng)
     tx = make_optimizer(tc, params)
     return _replicate_scalars(init_state(params, tx, tc.seed, ema=tc.ema_decay > 0), mesh), tx
 

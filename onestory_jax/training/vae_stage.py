@@ -119,8 +119,9 @@ def _initial_state(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[TrainState, op
 
 
 def measured(cfg: Config, vae_params: Any) -> Config:
-    """`cfg` with the VAE's latent statistics measured on 16 held-out 17-frame synthetic clips."""
-    clips = np.stack([synthetic_clip(10**9 + i, 17, cfg.train.vae_stage.clip_size) for i in range(16)])
+    """`cfg` with the VAE's latent statistics measured on 16 held-out 17-frame synthetic clips, whole
+    64x64 frames (what prepare encodes), whatever the crops the stage trained on."""
+    clips = np.stack([synthetic_clip(10**9 + i, 17, 64) for i in range(16)])
     mean, std = latent_statistics(cfg, vae_params, clips)
     return dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, latents_mean=mean, latents_std=std))
 
