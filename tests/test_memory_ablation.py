@@ -108,19 +108,38 @@ def test_character_labels_need_masks():
 def test_init_from_needs_a_model_folder_with_the_same_dit(tmp_path):
     from onestory_jax.checkpoint import save_model
     from onestory_jax.sharding import make_mesh
-    from onestory_jax.training.loop import _pretrained_dit
+    from onestory_jax.training.loop import _pretrained_onestory
 
     cfg = load_config("tiny")
     mesh = make_mesh(cfg.mesh)
     with pytest.raises(UserError, match="not a model folder"):
-        _pretrained_dit(tmp_path, cfg, mesh)
+        _pretrained_onestory(tmp_path, cfg, mesh)
     params = init_params(cfg, jax.random.key(0))
     save_model(tmp_path / "onestory", params, cfg)
-    dit = _pretrained_dit(tmp_path, cfg, mesh)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(dit), jax.tree.leaves(params["dit"])))
+    source, loaded = _pretrained_onestory(tmp_path, cfg, mesh)
+    assert source == cfg
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)))
     wider = load_config("tiny", ["dit.ffn_dim=48"])
     with pytest.raises(UserError, match="differs"):
-        _pretrained_dit(tmp_path, wider, mesh)
+        _pretrained_onestory(tmp_path, wider, mesh)
+
+
+def test_a_fine_tune_carries_the_bases_selector_and_derives_its_patchifiers():
+    from onestory_jax.models.onestory import memory_params_from_pretrained
+
+    base = load_config("tiny", ["memory.patchifier_kernels=[[1,2,2]]", "memory.frames_per_patchifier=[1]"])
+    params = init_params(base, jax.random.key(0))
+    kernel = params["memory"]["conditioner"]["patchifier_0"]["kernel"]  # [1, 2, 2, 16, D]
+    params["memory"]["conditioner"]["patchifier_0"]["kernel"] = kernel + 1.0  # "trained": differs from the DiT's
+    variant = load_config("tiny", ABLATION)  # (1,2,4) and (1,4,4)
+    memory = memory_params_from_pretrained(variant, base, params["memory"], params["dit"], jax.random.key(1))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(memory["selector"]), jax.tree.leaves(params["memory"]["selector"])))
+    wide = np.asarray(memory["conditioner"]["patchifier_0"]["kernel"])  # (1,2,4): each base weight twice, halved
+    np.testing.assert_allclose(wide[:, :, 0::2] * 2, kernel + 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(memory["conditioner"]["patchifier_1"]["kernel"])[:, 0::2, 0::2] * 4, kernel + 1.0, rtol=1e-6)
+    other = load_config("tiny", [*ABLATION, "memory.num_queries=3"])  # another selector: a fresh one
+    fresh = memory_params_from_pretrained(other, base, params["memory"], params["dit"], jax.random.key(1))
+    assert fresh["selector"]["queries"].shape[0] == 3
 
 
 def test_later_shots_get_no_clip_tokens_when_configured():
