@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--stories", type=int, default=30)
     ap.add_argument("--steps", type=int, default=20, help="sampler steps per shot")
     ap.add_argument("--frames", type=int, default=9)
-    ap.add_argument("--out", type=Path, default=Path("bench/results/memory_gates.json"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/memory_gates/gates.json"))
     args = ap.parse_args()
     hits = gates(args.model, args.first_seed, args.stories, args.steps, args.frames)
     rates = {k: float(np.mean(v)) for k, v in hits.items()}

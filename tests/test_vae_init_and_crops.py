@@ -7,20 +7,23 @@ from flax import linen as nn
 
 from onestory_jax.config import load_config
 from onestory_jax.errors import UserError
+from onestory_jax.eval.hue import hue_saturation_value
 from onestory_jax.training.vae_stage import _pretrained_vae, synthetic_clip
 
 
 def _character_share(clips: list[np.ndarray]) -> float:
-    """Share of clips whose middle frame holds a saturated (character) pixel: every palette colour
-    has a channel spread of at least 150, every scene colour at most 130."""
+    """Share of clips whose middle frame holds a saturated (character) pixel: palette colours have
+    HSV saturation above 0.7, scenes at most 0.2."""
     mids = [np.asarray((c[len(c) // 2] + 1.0) * 127.5) for c in clips]
-    return float(np.mean([(m.max(-1) - m.min(-1)).max() > 140 for m in mids]))
+    return float(np.mean([(hue_saturation_value(m)[1] > 0.5).any() for m in mids]))
 
 
 def test_character_crops_centre_on_a_character():
     uniform = [synthetic_clip(i, 5, 16) for i in range(60)]
     centred = [synthetic_clip(i, 5, 16, character_crops=1.0) for i in range(60)]
-    assert _character_share(centred) > 0.9 > _character_share(uniform) + 0.2
+    # characters cover 18% of a frame, so uniform 16x16 crops hold one 70% of the time; ignoring the
+    # setting would give the centred crops the same share
+    assert _character_share(centred) > 0.95 and _character_share(centred) > _character_share(uniform) + 0.2
     assert all(c.shape == (5, 16, 16, 3) for c in centred)
 
 
