@@ -164,7 +164,7 @@ def paired(results: dict[str, list[dict]], base: str, metric: str, name: str) ->
 
 def report(results: dict[str, list[dict]], strategies: dict[str, str], args: argparse.Namespace, recall_n: int) -> list[str]:
     """The docs/results.md section."""
-    lines = [f"### Table 2(a): seeds {args.first_seed}..{args.first_seed + args.stories - 1}", "",
+    lines = [f"#### Seeds {args.first_seed}..{args.first_seed + args.stories - 1}", "",
              f"{args.stories} held-out 8-shot stories ({recall_n} recall shots), {args.steps} sampler steps, each variant "
              "rendered with its own scheme: " + ", ".join(f"{k} = `{v}`" for k, v in strategies.items()) + ". "
              f"Reproduce: `python bench/memory_ablation.py --first-seed {args.first_seed} --stories {args.stories}`.", "",

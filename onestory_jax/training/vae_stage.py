@@ -22,13 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 
-from onestory_jax.checkpoint import CONFIG, save_model
-from onestory_jax.config import Config, to_dict
+from onestory_jax.checkpoint import save_model
+from onestory_jax.config import Config
 from onestory_jax.data import synthetic
 from onestory_jax.errors import UserError
-from onestory_jax.io import atomic_path
 from onestory_jax.models import byte_tokenizer, image_encoder, text_encoder, vae
 from onestory_jax.sharding import init_sharded
 from onestory_jax.training.loop import Stage, pretrained_params, train
@@ -124,22 +122,6 @@ def measured(cfg: Config, vae_params: Any) -> Config:
     clips = np.stack([synthetic_clip(10**9 + i, 17, 64) for i in range(16)])
     mean, std = latent_statistics(cfg, vae_params, clips)
     return dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, latents_mean=mean, latents_std=std))
-
-
-def remeasure_statistics(folder: Path) -> Config:
-    """Re-measure a model folder's VAE latent statistics on today's synthetic world and rewrite its
-    vae/config.yaml with them (the weights unchanged); returns the new config."""
-    from onestory_jax.models.frozen import load_frozen_parts, model_folder_config
-    from onestory_jax.sharding import activate, make_mesh
-
-    cfg = model_folder_config(folder)
-    mesh = make_mesh(cfg.mesh)
-    with activate(mesh):
-        params = load_frozen_parts(folder, cfg, mesh, ["vae"])["vae"]
-        cfg = measured(cfg, params)
-    with atomic_path(folder / "vae" / CONFIG) as tmp:
-        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return cfg
 
 
 def _export(cfg: Config, params: dict[str, Any], workdir: Path, mesh: jax.sharding.Mesh) -> None:
