@@ -134,3 +134,25 @@ def test_every_story_length_has_a_valid_cast(n_shots):
     for seed in range(30):
         story = synthetic.make_story(seed, n_shots)
         assert len(story.characters) == synthetic.cast_size(n_shots) == len({s.characters for s in story.shots})
+
+
+def test_teacher_forced_sampler_generates_from_the_memory_it_is_given():
+    import jax
+
+    from onestory_jax.models.onestory import init_params
+    from onestory_jax.sampling.generate import generation_spec
+    from onestory_jax.sampling.teacher_forced import shot_sampler
+
+    cfg = load_config("tiny")
+    params = init_params(cfg, jax.random.key(0))
+    spec = generation_spec(cfg, "last_frame", 1, (H, W), 2, 3.0, "euler", 3.0)
+    sample = shot_sampler(params, cfg, spec, max_memory_shots=2)
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((2, H, W, 16)).astype(np.float32)
+    caption = rng.standard_normal((8, cfg.dit.text_dim)).astype(np.float32)
+    shot, other = (rng.standard_normal((2, H, W, 16)).astype(np.float32) for _ in range(2))
+    empty, one, again, wrong = sample([], caption, noise), sample([shot], caption, noise), sample([shot], caption, noise), sample([other], caption, noise)
+    assert one.shape == noise.shape and np.array_equal(one, again)
+    assert not np.allclose(one, empty) and not np.allclose(one, wrong)
+    with pytest.raises(ValueError, match="3 memory shots"):
+        sample([shot] * 3, caption, noise)
