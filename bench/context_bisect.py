@@ -1,0 +1,114 @@
+"""Does the DiT learn to read its memory context, in a given latent space? (docs/results.md, the bisect)
+
+    python bench/context_bisect.py --latents pooled|vae [--steps 600] [--frozen models/demo]
+
+Trains the demo-sized DiT and memory modules from scratch (T2V, `train/demo` recipe: batch 16, AdamW
+1e-3, shift 3, the project's `loss_fn`) on 300 synthetic 8-shot stories, with one context frame
+(`last_frame` of a 2-shot memory): on 80% of examples the latest earlier shot of the target's
+character, else another character's. The latents are the frozen VAE's (`vae`) or 8x8 average-pooled
+RGB with Wan's 1 + 4 + 4 frame grouping (`pooled`). Then prints teacher-forced L_shot at sigma 0.5,
+0.7, 0.9 on the recall shots of 10 held-out stories with the true and with a wrong context frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from onestory_jax.config import load_config
+from onestory_jax.data import synthetic
+from onestory_jax.models.onestory import init_params
+from onestory_jax.sampling.components import load_for_sampling
+from onestory_jax.sharding import activate
+from onestory_jax.training.losses import loss_at_sigmas, loss_fn
+
+Story = tuple[synthetic.SyntheticStory, np.ndarray, np.ndarray]  # story, latents [8, T, h, w, C], captions [8, Lt, D]
+
+
+def pooled(video: np.ndarray) -> np.ndarray:
+    """uint8 [9, 64, 64, 3] -> [3, 8, 8, 3] in [-1, 1]: frame 0, then means of frames 1-4 and 5-8, 8x8 pooled."""
+    x = video.astype(np.float32) / 127.5 - 1
+    grouped = np.stack([x[0], x[1:5].mean(0), x[5:9].mean(0)])
+    return grouped.reshape(3, 8, 8, 8, 8, 3).mean((2, 4))
+
+
+def stories(comps, first: int, n: int, kind: str) -> list[Story]:
+    out = []
+    for seed in range(first, first + n):
+        story = synthetic.make_story(seed, 8)
+        videos = [synthetic.render_shot(story, i, 9)[0] for i in range(8)]
+        latents = [comps.encode_video(v.astype(np.float32) / 127.5 - 1) if kind == "vae" else pooled(v) for v in videos]
+        out.append((story, np.stack(latents), comps.encode_text([s.caption for s in story.shots])))
+    return out
+
+
+def example(data: Story, j: int, true_frame: bool, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """(target, memory [other shot, context shot], caption) for shot j: the context shot is the latest
+    earlier one of the target's character when `true_frame` (and there is one), else another's."""
+    story, latents, text = data
+    c = story.shots[j].characters[0]
+    same = [i for i in range(j) if story.shots[i].characters[0] == c]
+    others = [i for i in range(j) if story.shots[i].characters[0] != c]
+    context = same[-1] if (true_frame and same) else int(rng.choice(others))
+    return latents[j], np.concatenate([latents[others[-1]], latents[context]]), text[j]
+
+
+def batch(parts: list[tuple[np.ndarray, ...]]) -> dict[str, np.ndarray]:
+    target, memory, text = (np.stack(p) for p in zip(*parts))
+    n, f = memory.shape[:2]
+    return {"target": target, "memory": memory, "memory_valid": np.ones((n, f), bool), "labels": np.zeros((n, f), np.float32),
+            "text": text}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--latents", choices=("pooled", "vae"), required=True)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--frozen", type=Path, default=Path("models/demo"), help="model folder of the VAE and text encoder")
+    args = ap.parse_args()
+    _, _, comps, mesh = load_for_sampling(args.frozen, None, [], 0)
+    with activate(mesh):
+        train, held = stories(comps, 0, 300, args.latents), stories(comps, 10**6, 10, args.latents)
+    channels = train[0][1].shape[-1]
+    cfg = load_config("train/demo", ["dit.model_type=t2v", f"dit.in_dim={channels}", f"dit.out_dim={channels}",
+                                     f"memory.latent_channels={channels}", "memory.train_strategy=last_frame"])
+    params = init_params(cfg, jax.random.key(0))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 100, args.steps, 1e-4)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, b, rng):
+        (_, metrics), grads = jax.value_and_grad(lambda p: loss_fn(p, b, rng, jnp.array(False), cfg), has_aux=True)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, metrics
+
+    rng = np.random.default_rng(0)
+    for i in range(args.steps):
+        parts = [example(train[rng.integers(len(train))], int(rng.integers(2, 8)), rng.random() < 0.8, rng) for _ in range(16)]
+        params, opt, metrics = step(params, opt, batch(parts), jax.random.key(i))
+        if i % 200 == 0:
+            print(f"step {i}: L_shot {float(metrics['l_shot']):.4f}", flush=True)
+    sigmas = jnp.asarray([0.5, 0.7, 0.9])
+    loss = jax.jit(lambda p, b: loss_at_sigmas(p, b, sigmas, jax.random.key(0), cfg, True))
+    results: dict[bool, list[np.ndarray]] = {True: [], False: []}
+    for data in held:
+        story = data[0]
+        for j in range(2, 8):
+            c = story.shots[j].characters[0]
+            if story.shots[j - 1].characters[0] != c and any(s.characters[0] == c for s in story.shots[:j]):
+                for true_frame in (True, False):
+                    part = example(data, j, true_frame, np.random.default_rng(j))
+                    results[true_frame].append(np.asarray(loss(params, batch([part]))))
+    true, wrong = (np.mean(results[k], axis=0) for k in (True, False))
+    print(f"{args.latents} latents, {args.steps} steps, {len(results[True])} recall shots: L_shot at sigma 0.5/0.7/0.9 "
+          f"true frame {np.round(true, 4)}, wrong frame {np.round(wrong, 4)}, gain {np.round(1 - true / wrong, 3)}")
+
+
+if __name__ == "__main__":
+    main()
