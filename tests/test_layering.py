@@ -23,7 +23,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TIERS = [
     ("errors", "io", "config", "sharding", "checkpoint", "locking"),
-    ("models", "diffusion", "data", "convert"),
+    ("models", "diffusion"),
+    ("data", "convert"),  # data and convert read models (prompts, components); models never reads data
     ("sampling", "training", "eval"),
 ]
 PACKAGES = [f"onestory_jax.{name}" for tier in TIERS for name in tier]

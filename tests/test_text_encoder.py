@@ -15,8 +15,8 @@ from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 from onestory_jax.config import MeshConfig, TextEncoderConfig
 from onestory_jax.convert.text_encoder import UMT5, convert_umt5
 from onestory_jax.errors import UserError
-from onestory_jax.data.embedding_cache import EmbeddingCache, encoder_identity
-from onestory_jax.data.prompts import clean_prompt, encode_prompts, load_tokenizer, tokenize
+from onestory_jax.models.embedding_cache import EmbeddingCache, encoder_identity
+from onestory_jax.models.prompts import clean_prompt, encode_prompts, load_tokenizer, tokenize
 from onestory_jax.models.text_encoder import UMT5Encoder, init_fn, relative_position_buckets
 from onestory_jax.sharding import abstract_params, make_mesh, replicated_large_params
 

@@ -18,8 +18,8 @@ import numpy as np
 
 from onestory_jax import checkpoint
 from onestory_jax.config import Config, TextEncoderConfig, VAEConfig
-from onestory_jax.data import prompts
-from onestory_jax.data.embedding_cache import EmbeddingCache
+from onestory_jax.models import prompts
+from onestory_jax.models.embedding_cache import EmbeddingCache
 from onestory_jax.errors import UserError
 from onestory_jax.models import image_encoder, text_encoder, vae
 from onestory_jax.models.onestory import component_init_fns

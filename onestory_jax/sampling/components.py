@@ -21,7 +21,7 @@ from onestory_jax.config import Config, apply_overrides, from_dict, load_config,
 from onestory_jax.errors import UserError
 from onestory_jax.models import byte_tokenizer
 from onestory_jax.models.dit import init_fn as dit_init_fn
-from onestory_jax.data.embedding_cache import EmbeddingCache, encoder_identity
+from onestory_jax.models.embedding_cache import EmbeddingCache, encoder_identity
 from onestory_jax.models.frozen import (FROZEN_PARTS, Components, build_components, is_model_folder, load_frozen_parts,
                                         model_folder_config)
 from onestory_jax.models.onestory import component_init_fns, full_init_fn, memory_params_from_dit

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from onestory_jax.data.embedding_cache import EmbeddingCache
+from onestory_jax.models.embedding_cache import EmbeddingCache
 from onestory_jax.errors import UserError
 
 TOKENIZER_FILES = "tokenizer.json, tokenizer_config.json, special_tokens_map.json, spiece.model"
