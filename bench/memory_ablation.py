@@ -31,7 +31,7 @@ import numpy as np
 import yaml
 from scipy import stats
 
-from memory_gates import HELD_OUT_SEED, held_out, oracle_shot, shot_noise
+from memory_gates import HELD_OUT_SEED, held_out, oracle_sampler, oracle_shot, shot_noise
 
 from onestory_jax.data import synthetic
 from onestory_jax.eval import evaluate_story, load_features
@@ -97,7 +97,6 @@ def teacher_forced(folder: Path, strategy: str, stories: list[synthetic.Syntheti
     from onestory_jax.sampling.components import load_for_sampling
     from onestory_jax.sampling.generate import context_for_shot, generation_spec
     from onestory_jax.sampling.memory_bank import empty_bank, write_shot
-    from onestory_jax.sampling.teacher_forced import shot_sampler
     from onestory_jax.sharding import activate
     from onestory_jax.training.losses import loss_at_sigmas
 
@@ -108,15 +107,13 @@ def teacher_forced(folder: Path, strategy: str, stories: list[synthetic.Syntheti
                    static_argnums=2)
     rows = []
     with activate(mesh):
+        sample = oracle_sampler(params, cfg, steps) if oracle else None
         for i, story in enumerate(stories):
             latents = [comps.encode_video(v.astype(np.float32) / 127.5 - 1.0) for v, _ in synthetic.render_synthetic(story, frames)]
             captions = comps.encode_text([s.caption for s in story.shots])
             t = latents[0].shape[0]
             spec = generation_spec(cfg, strategy, None, latents[0].shape[1:3], steps, cfg.sampler.shift, cfg.sampler.solver,
                                    cfg.sampler.guidance)
-            oracle_spec = generation_spec(cfg, "last_frame", 1, latents[0].shape[1:3], steps, cfg.sampler.shift,
-                                          cfg.sampler.solver, cfg.sampler.guidance)
-            sample = shot_sampler(params, cfg, oracle_spec, max_memory_shots=1) if oracle else None
             hits, gains, oracle_hits = [], [], []
             for j, c in recall_shots(story):
                 bank = empty_bank(len(story.shots), *latents[0].shape)

@@ -52,17 +52,23 @@ def oracle_shot(story: synthetic.SyntheticStory, j: int, c: int) -> int:
     return max(i for i in range(j) if c in story.shots[i].characters)
 
 
+def oracle_sampler(params: dict, cfg: Any, steps: int, size: int = 64) -> Any:
+    """One compiled teacher-forced sampler (`sampling.teacher_forced`) whose context is the last latent
+    frame of the one memory shot it is given, at the world's `size` and the model's sampler settings."""
+    hw = (size // cfg.vae.spatial_factor,) * 2
+    spec = generation_spec(cfg, "last_frame", 1, hw, steps, cfg.sampler.shift, cfg.sampler.solver, cfg.sampler.guidance)
+    return shot_sampler(params, cfg, spec, max_memory_shots=1)
+
+
 def gates(model: Path, first_seed: int, n: int, steps: int, frames: int) -> dict[str, Any]:
     """Every gate's per-shot hits, for `n` held-out stories from `first_seed`."""
     cfg, params, comps, mesh = load_for_sampling(model, None, [], 0)
     hits: dict[str, list[bool]] = {k: [] for k in (*GATES, "wrong_frame_recall")}
     with activate(mesh):
+        sample = oracle_sampler(params, cfg, steps)
         for i, story in enumerate(held_out(first_seed, n)):
             truth = [v for v, _ in synthetic.render_synthetic(story, frames)]
             latents = [comps.encode_video(v.astype(np.float32) / 127.5 - 1.0) for v in truth]
-            spec = generation_spec(cfg, "last_frame", 1, latents[0].shape[1:3], steps, cfg.sampler.shift,
-                                   cfg.sampler.solver, cfg.sampler.guidance)
-            sample = shot_sampler(params, cfg, spec, max_memory_shots=1)
             captions = comps.encode_text([s.caption for s in story.shots])
             decode = lambda lat: to_uint8(comps.decode_latents(lat))
             colour = lambda j: story.characters[story.shots[j].characters[0]].colour
