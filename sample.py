@@ -23,13 +23,16 @@ from onestory_jax.errors import UserError, run_cli
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", type=Path, help="OneStory or converted Wan2.1 checkpoint directory")
+    src.add_argument("--checkpoint", type=Path, help="model folder (docs/model-folder.md): a trained OneStory, e.g. "
+                     "WORKDIR/model, or a converted Wan2.1 release")
     src.add_argument("--config", help="model preset or YAML (random weights), e.g. tiny")
     ap.add_argument("--story", type=Path, required=True, help="story file (.yaml/.yml/.json)")
     ap.add_argument("--out", type=Path, required=True, help="output directory (resumes if it has shots)")
     ap.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the checkpoint's tokenizer/)")
     ap.add_argument("--seed", type=int, default=0, help="seed of random weights with --config")
     ap.add_argument("--redo", type=int, metavar="K", help="regenerate shot K (1-based) and every shot after it")
+    ap.add_argument("--allow-random", action="store_true", help="RANDOM weights for parts the model folder lacks "
+                    "(tests and benchmarks; without it such a folder is refused)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("overrides", nargs="*", help="key=value model config overrides")
     args = ap.parse_intermixed_args(argv)  # key=value overrides may follow options
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     with folder_lock(args.out, "--out"):  # one run per --out; also checks it is a writable folder
         check_not_foreign(args.out)
         cfg, params, comps, mesh = load_for_sampling(args.checkpoint, args.config, args.overrides, args.seed, args.tokenizer,
-                                                     check=lambda cfg: check_story_fits(story, cfg))
+                                                     check=lambda cfg: check_story_fits(story, cfg), allow_random=args.allow_random)
         model_id = model_identity(args.checkpoint, to_dict(cfg), args.seed)
         with activate(mesh):
             manifest = render_story(cfg, params, comps, story, args.out, progress=not args.no_progress, mesh=mesh,

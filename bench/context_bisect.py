@@ -39,12 +39,24 @@ def pooled(video: np.ndarray) -> np.ndarray:
 
 def stories(comps, first: int, n: int, kind: str) -> list[Story]:
     out = []
+    pooled_std = 1.0 if kind == "pooled" else 0.37  # vae+pooled: the colour channels at about the VAE's unit std
     for seed in range(first, first + n):
         story = synthetic.make_story(seed, 8)
         videos = [synthetic.render_shot(story, i, 9)[0] for i in range(8)]
-        latents = [comps.encode_video(v.astype(np.float32) / 127.5 - 1) if kind == "vae" else pooled(v) for v in videos]
+        latents = [np.concatenate(([comps.encode_video(v.astype(np.float32) / 127.5 - 1)] if kind != "pooled" else [])
+                                  + ([pooled(v) / pooled_std] if kind in ("pooled", "vae+pooled") else []), -1) for v in videos]
         out.append((story, np.stack(latents), comps.encode_text([s.caption for s in story.shots])))
     return out
+
+
+def principal(train: list[Story], held: list[Story], k: int) -> tuple[list[Story], list[Story]]:
+    """Project every latent on the top-k principal directions of the training latents' channels,
+    rescaled to unit variance (a k-channel latent space that keeps what varies most)."""
+    flat = np.concatenate([s[1].reshape(-1, s[1].shape[-1]) for s in train])
+    mean = flat.mean(0)
+    _, sv, vt = np.linalg.svd(flat - mean, full_matrices=False)
+    basis = vt[:k].T / (sv[:k] / np.sqrt(len(flat)))
+    return tuple([(s, ((lat - mean) @ basis).astype(np.float32), t) for s, lat, t in part] for part in (train, held))
 
 
 def example(data: Story, j: int, true_frame: bool, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
@@ -67,13 +79,18 @@ def batch(parts: list[tuple[np.ndarray, ...]]) -> dict[str, np.ndarray]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--latents", choices=("pooled", "vae"), required=True)
+    ap.add_argument("--latents", choices=("pooled", "vae", "vae+pooled", "vae-pca3", "vae-pca6"), required=True)
     ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every latent by this (the latent scale)")
     ap.add_argument("--frozen", type=Path, default=Path("models/demo"), help="model folder of the VAE and text encoder")
     args = ap.parse_args()
     _, _, comps, mesh = load_for_sampling(args.frozen, None, [], 0)
     with activate(mesh):
         train, held = stories(comps, 0, 300, args.latents), stories(comps, 10**6, 10, args.latents)
+    if args.latents.startswith("vae-pca"):
+        train, held = principal(train, held, int(args.latents.removeprefix("vae-pca")))
+    if args.scale != 1.0:
+        train, held = ([(s, lat * np.float32(args.scale), t) for s, lat, t in part] for part in (train, held))
     channels = train[0][1].shape[-1]
     cfg = load_config("train/demo", ["dit.model_type=t2v", f"dit.in_dim={channels}", f"dit.out_dim={channels}",
                                      f"memory.latent_channels={channels}", "memory.train_strategy=last_frame"])

@@ -137,6 +137,11 @@ def load_config_from_checkpoint(ckpt_dir: str | Path) -> Config:
 
 def check_stored_tree(path: Path, abstract: Any) -> None:
     """Compare an orbax item's stored tree with `abstract`; one `UserError` names every mismatch."""
+    _check_tree(path, _stored_tree(path), abstract)
+
+
+def _stored_tree(path: Path) -> Any:
+    """The stored tree (array metadata) of an orbax item."""
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
         try:
             metadata = ckptr.metadata(path).item_metadata
@@ -144,7 +149,12 @@ def check_stored_tree(path: Path, abstract: Any) -> None:
             raise UserError(f"checkpoint '{path}' is unreadable: {_first_line(e)}") from None
     if metadata is None:  # orbax logs why and returns nothing
         raise UserError(f"checkpoint '{path}' is corrupt or incomplete: its array metadata cannot be read")
-    _check_tree(path, metadata.tree, abstract)
+    return metadata.tree
+
+
+def stored_keys(ckpt_dir: str | Path) -> set[str]:
+    """The top-level keys of a checkpoint's stored param tree (e.g. {"dit", "memory"})."""
+    return set(_stored_tree(_require_checkpoint(ckpt_dir) / PARAMS))
 
 
 def restore_params(ckpt_dir: str | Path, abstract: Any) -> Any:

@@ -22,6 +22,11 @@ from onestory_jax.errors import UserError
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+# DiT settings that do not change its parameters or function: compute and storage dtypes, activation
+# checkpointing, attention kernel, sequence parallelism.
+DIT_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention", "sequence_parallel")
+
+
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
     """The Wan2.1 DiT. Defaults are Wan2.1-I2V-14B."""
@@ -55,6 +60,11 @@ class DiTConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    def architecture(self) -> "DiTConfig":
+        """This config with its runtime settings (DIT_RUNTIME_FIELDS) at their defaults: two DiTs with equal
+        architectures hold the same parameter tree and compute the same function."""
+        return dataclasses.replace(self, **{f: getattr(DiTConfig, f) for f in DIT_RUNTIME_FIELDS})
 
     @property
     def has_image_branch(self) -> bool:
@@ -136,10 +146,12 @@ class TrainConfig:
     # Regexes over '/'-joined param paths; only matching params train (empty = everything).
     trainable: tuple[str, ...] = ()
     data: str = ""  # prepared records (ArrayRecord file)
-    # A model folder (e.g. models/demo) whose DiT starts the run (same dit config); the memory modules
-    # start fresh, the patchifiers from its patch embedding. The vae stage starts from its VAE instead
-    # (same vae config). Empty: everything random.
+    # A model folder (docs/model-folder.md: a converted Wan2.1 release, models/demo, a run's export) whose
+    # DiT starts the run (same DiT architecture), and its memory modules when it has them (else they start
+    # as sample.py initialises them). The vae stage starts from its VAE instead. Empty: random init, which
+    # a DiT of 1B+ parameters refuses unless `from_scratch` (OneStory fine-tunes Wan2.1-I2V).
     init_from: str = ""
+    from_scratch: bool = False
     insertion_prob: float = 0.5  # two-shot videos: S_syn from another video (else the augmented first shot)
     swap_order_prob: float = 0.5  # (S_syn, S_first) instead of (S_first, S_syn)
     # Real triplets: consecutive shots, or recall = the target's latest earlier appearance + the shot before it

@@ -3,12 +3,13 @@ sizes no preset has convert without `--config`, verify against their reference m
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 from torch_refs import diffusers_dit, tiny_dit_config
 
 from onestory_jax.checkpoint import load_config_from_checkpoint
-from onestory_jax.config import ImageEncoderConfig, TextEncoderConfig, VAEConfig
+from onestory_jax.config import CONFIG_DIR, ImageEncoderConfig, TextEncoderConfig, VAEConfig
 from onestory_jax.convert.__main__ import main
 from onestory_jax.convert.image_encoder import CONFIG_JSON as CLIP_JSON
 from onestory_jax.convert.text_encoder import CONFIG_JSON as UMT5_JSON
@@ -67,12 +68,12 @@ def source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_folder(source, tmp_path_factory):
-    """The four parts converted with --verify and no --config."""
+    """The release converted with --component all, --verify and no --config."""
     src, _ = source
     folder = tmp_path_factory.mktemp("model")
-    for component, part in (("dit", "dit"), ("vae", "vae"), ("umt5", "text_encoder"), ("clip", "image_encoder")):
-        assert main(["--component", component, "--source", str(src), "--out", str(folder / part), "--verify"]) == 0
-    return folder
+    shutil.copytree(CONFIG_DIR / "tokenizers" / "bytes", src / "tokenizer")
+    assert main(["--component", "all", "--source", str(src), "--out", str(folder / "m"), "--verify"]) == 0
+    return folder / "m"
 
 
 @pytest.mark.parametrize("component", ["vae", "umt5", "clip"])
@@ -88,15 +89,15 @@ def test_encoder_architecture_comes_from_config_json(model_folder, component):
 
 def test_dit_converts_without_a_matching_config(model_folder, source):
     _, dit = source
-    written = load_config_from_checkpoint(model_folder / "dit")
+    written = load_config_from_checkpoint(model_folder / "onestory")
     assert (written.dit.text_dim, written.dit.image_dim, written.dit.dim) == (TEXT_DIM, IMAGE_DIM, dit.dim)
     assert written.text_encoder.d_model == TEXT_DIM and written.image_encoder.hidden_size == IMAGE_DIM
 
 
 def test_the_parts_form_one_model_folder(model_folder):
-    from onestory_jax.models.frozen import model_folder_config
+    from onestory_jax.models.folder import folder_config
 
-    cfg = model_folder_config(model_folder)
+    cfg = folder_config(model_folder)
     assert (cfg.vae, cfg.text_encoder, cfg.image_encoder) == tuple(EXPECTED[c][1] for c in ("vae", "umt5", "clip"))
 
 

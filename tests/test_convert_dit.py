@@ -89,7 +89,7 @@ def _one_device_mesh():
 def test_convert_and_verify_matches_diffusers(which, request, tmp_path, capsys):
     cfg, model, src, args = request.getfixturevalue(which)
     out = tmp_path / "ckpt"
-    assert main(["--source", str(src), "--out", str(out), *args, "--verify"]) == 0
+    assert main(["--component", "dit", "--source", str(src), "--out", str(out), *args, "--verify"]) == 0
     assert "OK" in capsys.readouterr().out
 
     config = load_config_from_checkpoint(out)
@@ -119,7 +119,7 @@ def test_restore_on_one_device_equals_conversion(diffusers_source, tmp_path):
 
 def test_bfloat16_storage_verifies(diffusers_t2v_source, tmp_path, capsys):
     out = tmp_path / "ckpt"
-    argv = ["--source", str(diffusers_t2v_source[2]), "--out", str(out), "--config", "tiny", "--dtype", "bfloat16"]
+    argv = ["--component", "dit", "--source", str(diffusers_t2v_source[2]), "--out", str(out), "--config", "tiny", "--dtype", "bfloat16"]
     assert main([*argv, "--verify"]) == 0
     assert "OK" in capsys.readouterr().out
     config = load_config_from_checkpoint(out)
@@ -154,7 +154,7 @@ def test_bad_inputs_fail_with_one_line(diffusers_source, tmp_path, capsys):
                 "truncated": "truncated", "config not matching weights": "missing: blocks.2."}
     for case, src in _bad_sources(diffusers_source, tmp_path).items():
         out = tmp_path / "out" / case.replace(" ", "-")
-        code, err = _run_cli(["--source", str(src), "--out", str(out), "--config", "tiny"], capsys)
+        code, err = _run_cli(["--component", "dit", "--source", str(src), "--out", str(out), "--config", "tiny"], capsys)
         assert code == 2, case
         assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (case, err)
         assert expected[case] in err, (case, err)
@@ -175,7 +175,7 @@ def test_out_dir_is_not_overwritten_without_force(diffusers_source, tmp_path, ca
     out = tmp_path / "ckpt"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    argv = ["--source", str(diffusers_source[2]), "--out", str(out), "--config", "tiny"]
+    argv = ["--component", "dit", "--source", str(diffusers_source[2]), "--out", str(out), "--config", "tiny"]
     code, err = _run_cli(argv, capsys)
     assert code == 2 and "--force" in err and (out / "keep.txt").exists()
     code, err = _run_cli([*argv, "--force"], capsys)  # --force replaces a checkpoint, not the user's files

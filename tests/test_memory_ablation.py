@@ -107,21 +107,23 @@ def test_character_labels_need_masks():
 
 def test_init_from_needs_a_model_folder_with_the_same_dit(tmp_path):
     from onestory_jax.checkpoint import save_model
+    from onestory_jax.models.folder import read_onestory
     from onestory_jax.sharding import make_mesh
-    from onestory_jax.training.loop import _pretrained_onestory
 
     cfg = load_config("tiny")
     mesh = make_mesh(cfg.mesh)
-    with pytest.raises(UserError, match="not a model folder"):
-        _pretrained_onestory(tmp_path, cfg, mesh)
+    with pytest.raises(UserError, match="no onestory/"):
+        read_onestory(tmp_path, cfg, mesh)
     params = init_params(cfg, jax.random.key(0))
     save_model(tmp_path / "onestory", params, cfg)
-    source, loaded = _pretrained_onestory(tmp_path, cfg, mesh)
+    source, loaded = read_onestory(tmp_path, cfg, mesh)
     assert source == cfg
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)))
     wider = load_config("tiny", ["dit.ffn_dim=48"])
-    with pytest.raises(UserError, match="differs"):
-        _pretrained_onestory(tmp_path, wider, mesh)
+    with pytest.raises(UserError, match="differs.*ffn_dim 48 != 32"):
+        read_onestory(tmp_path, wider, mesh)
+    runtime = load_config("tiny", ["dit.remat_policy=full", "dit.attention=chunked"])  # not architecture
+    assert read_onestory(tmp_path, runtime, mesh)[0] == cfg
 
 
 def test_a_fine_tune_carries_the_bases_selector_and_derives_its_patchifiers():

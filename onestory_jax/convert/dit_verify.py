@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from onestory_jax.checkpoint import load_config_from_checkpoint, load_params
+from onestory_jax.checkpoint import load_config_from_checkpoint, load_params, stored_keys
 from onestory_jax.config import Config, DiTConfig
 from onestory_jax.convert.dit import is_ignored, original_to_diffusers
 from onestory_jax.convert.dit_source import DiTSource, diffusers_config
@@ -88,7 +88,10 @@ def run_checkpoint(ckpt_dir: str | Path, cfg: Config, inputs: dict[str, np.ndarr
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = {k: None if v is None else np.repeat(v, n, axis=0) for k, v in inputs.items()}
     batch["t"] = np.full((n,), TIMESTEP, np.float32)
-    params = load_params(ckpt_dir, mesh, init_fn(dit))
+    if "dit" in stored_keys(ckpt_dir):  # a model folder's onestory/ part: {"dit": ...}
+        params = load_params(ckpt_dir, mesh, lambda rng: {"dit": init_fn(dit)(rng)})["dit"]
+    else:
+        params = load_params(ckpt_dir, mesh, init_fn(dit))
     with activate(mesh), jax.default_matmul_precision("highest"):  # fp32 means fp32 on GPUs too (no TF32)
         batch = {k: None if v is None else jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
         out = jax.jit(WanDiT(dit).apply)({"params": params}, **batch)

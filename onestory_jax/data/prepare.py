@@ -178,10 +178,11 @@ def prepare(args: argparse.Namespace) -> Path:
             raise UserError("give --videos DIR with --captions FILE.jsonl, or --synthetic N")
         videos = list(real_videos(args.videos, args.captions, args.boundaries))  # checked before any model loads
 
-    from onestory_jax.models.frozen import FROZEN_PARTS, build_components, load_frozen_parts, model_folder_config
+    from onestory_jax.models.folder import FROZEN_PARTS, folder_config, load_frozen_parts
+    from onestory_jax.models.frozen import build_components
     from onestory_jax.sharding import activate, make_mesh
 
-    cfg = model_folder_config(args.model)
+    cfg = folder_config(args.model)
     parts = [p for p in FROZEN_PARTS if p != "image_encoder" or cfg.dit.has_image_branch]
     missing = [p for p in parts + ["tokenizer"] if not (args.model / p).is_dir()]
     if missing:

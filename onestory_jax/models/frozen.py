@@ -1,5 +1,5 @@
-"""The frozen parts of a OneStory model (Wan-VAE, umT5, CLIP): where a model folder keeps them, how
-they load, and their jitted encode/decode functions as host callables (`Components`).
+"""The frozen parts of a OneStory model (Wan-VAE, umT5, CLIP): their jitted encode/decode functions as
+host callables (`Components`). A model folder keeps them (models/folder.py).
 
 Sampling and data preparation (which encodes training data with the same parts) both use them.
 """
@@ -16,41 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onestory_jax import checkpoint
 from onestory_jax.config import Config, TextEncoderConfig, VAEConfig
 from onestory_jax.models import prompts
 from onestory_jax.models.embedding_cache import EmbeddingCache
-from onestory_jax.errors import UserError
 from onestory_jax.models import image_encoder, text_encoder, vae
-from onestory_jax.models.onestory import component_init_fns
 
 Array = jax.Array
-
-
-FROZEN_PARTS = ("vae", "text_encoder", "image_encoder")  # converted checkpoints in a model folder
-
-
-def is_model_folder(path: Path) -> bool:
-    """A folder with onestory/ (trained DiT + memory, from train.py) or dit/ (converted), plus frozen parts."""
-    return (path / "onestory").is_dir() or (path / "dit").is_dir()
-
-
-def model_folder_config(folder: Path) -> Config:
-    """Config of a model folder: the onestory/ (or dit/, or a frozen part's) checkpoint's, with each
-    frozen part's own section."""
-    base = next((folder / p for p in ("onestory", "dit", *FROZEN_PARTS) if (folder / p).is_dir()), None)
-    if base is None:
-        raise UserError(f"'{folder}' is not a model folder: it has none of onestory/, dit/, {'/, '.join(FROZEN_PARTS)}/")
-    cfg = checkpoint.load_config_from_checkpoint(base)
-    sections = {part: getattr(checkpoint.load_config_from_checkpoint(folder / part), part)
-                for part in FROZEN_PARTS if (folder / part).is_dir()}
-    return dataclasses.replace(cfg, **sections).validate()
-
-
-def load_frozen_parts(folder: Path, cfg: Config, mesh: jax.sharding.Mesh, parts: list[str]) -> dict[str, Any]:
-    """The converted or trained frozen parts (vae, text_encoder, image_encoder) of a model folder."""
-    fns = component_init_fns(cfg)
-    return {p: checkpoint.load_params(folder / p, mesh, fns[p]) for p in parts}
 
 
 @dataclasses.dataclass(frozen=True)

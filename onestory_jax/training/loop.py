@@ -9,6 +9,7 @@ checked first, so the latest checkpoint is always a finite one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from pathlib import Path
@@ -25,10 +26,13 @@ import yaml
 
 from onestory_jax.checkpoint import (check_stored_tree, load_params, non_finite_leaves, quiet_failed_reads, save_model,
                                      unreadable_checkpoint)
-from onestory_jax.config import Config, load_config, to_dict
+from onestory_jax.config import Config, MeshConfig, load_config, to_dict
 from onestory_jax.data.pipeline import make_dataset
 from onestory_jax.errors import UserError
 from onestory_jax.io import require_free_space
+from onestory_jax.models.dit import init_fn as dit_init_fn
+from onestory_jax.models import folder as model_folder
+from onestory_jax.models.folder import check_folder, copy_parts, read_onestory, required_parts
 from onestory_jax.models.onestory import boxed_init_fn, memory_params_from_dit, memory_params_from_pretrained
 from onestory_jax.sharding import activate, batch_sharding, init_sharded, make_mesh
 from onestory_jax.training.losses import loss_at_sigmas, loss_fn
@@ -122,24 +126,39 @@ def pretrained_params(folder: Path, part: str, section: str, same: Callable[[Con
     return load_params(ckpt, mesh, boxed_init(source))
 
 
-def _pretrained_onestory(folder: Path, cfg: Config, mesh: jax.sharding.Mesh) -> tuple[Config, Any]:
-    """(source config, params) of a model folder's OneStory checkpoint (train.init_from), sharded on
-    `mesh`; its DiT must be this config's."""
-    params = pretrained_params(folder, "onestory", "dit", lambda source: source.dit == cfg.dit, boxed_init_fn, mesh)
-    return load_config(str(folder / "onestory" / "config.yaml")), params
+FROM_SCRATCH_LIMIT = 10**9  # DiT parameters above which a run without train.init_from must say train.from_scratch
+
+
+def _check_init(cfg: Config) -> None:
+    """Refuse a Wan-sized DiT from random init unless asked: OneStory is a fine-tune of Wan2.1-I2V."""
+    tc = cfg.train
+    if tc.init_from or tc.from_scratch:
+        return
+    n = sum(a.size for a in jax.tree.leaves(jax.eval_shape(dit_init_fn(cfg.dit), jax.random.key(0))))
+    if n >= FROM_SCRATCH_LIMIT:
+        raise UserError(f"train.init_from is empty: this {n / 1e9:.1f}B-parameter DiT would train from random init; convert "
+                        "Wan2.1-I2V with `python -m onestory_jax.convert --component all --source W --out M` and set "
+                        "train.init_from=M (docs/training.md), or set train.from_scratch=true")
 
 
 def _initial_state(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
-    """Fresh sharded train state and its optimizer (the DiT, and memory modules carried over as
-    `memory_params_from_pretrained` says, from train.init_from when set)."""
+    """Fresh sharded train state and its optimizer: the DiT of train.init_from (a model folder) and its
+    memory modules carried over as `memory_params_from_pretrained` says, or random ones; memory
+    modules a source lacks start from the DiT (`memory_params_from_dit`)."""
     tc = cfg.train
-    params = init_sharded(boxed_init_fn(cfg), mesh, jax.random.key(tc.seed))
     rng = jax.random.key(tc.seed + 1)
     if tc.init_from:
-        source, pretrained = _pretrained_onestory(Path(tc.init_from), cfg, mesh)
-        params["dit"] = pretrained["dit"]
-        params["memory"] = memory_params_from_pretrained(cfg, source, pretrained["memory"], params["dit"], rng)
+        folder = Path(tc.init_from)
+        try:
+            check_folder(folder)
+            source, params = read_onestory(folder, cfg, mesh)
+        except UserError as e:
+            raise UserError(f"train.init_from: {e}") from None
+        stored = params.pop("memory", None)
+        params["memory"] = (memory_params_from_dit(cfg, params["dit"], rng) if stored is None
+                            else memory_params_from_pretrained(cfg, source, stored, params["dit"], rng))
     else:
+        params = init_sharded(boxed_init_fn(cfg), mesh, jax.random.key(tc.seed))
         params["memory"] = memory_params_from_dit(cfg, params["dit"], rng)
     tx = make_optimizer(tc, params)
     return _replicate_scalars(init_state(params, tx, tc.seed, ema=tc.ema_decay > 0), mesh), tx
@@ -204,6 +223,7 @@ class Stage:
     cost: Callable[[Config, Any], Callable[[dict[str, tuple[int, ...]]], tuple[int, float]]]  # params -> (shapes -> (tokens, FLOPs))
     export: Callable[[Config, Any, Path, jax.sharding.Mesh], None]  # final weights -> workdir/model
     validates: bool = False  # `train.val_every` applies (the Validator reads OneStory batches)
+    check: Callable[[Config], None] = lambda cfg: None  # refuses a config before any data or weights are read
 
 
 def _onestory_cost(cfg: Config, params: Any) -> Callable[[dict[str, tuple[int, ...]]], tuple[int, float]]:
@@ -212,11 +232,27 @@ def _onestory_cost(cfg: Config, params: Any) -> Callable[[dict[str, tuple[int, .
                            train_step_flops(cfg, shapes, dit_trains))
 
 
+def frozen_source(cfg: Config) -> Path | None:
+    """The model folder whose frozen parts encoded train.data (its manifest's `model`), if it has them."""
+    manifest = Path(cfg.train.data).parent / "manifest.json"
+    try:
+        folder = Path(json.loads(manifest.read_text())["model"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return folder if all((folder / p).is_dir() for p in required_parts(cfg) if p != model_folder.ONESTORY) else None
+
+
 def _export_onestory(cfg: Config, params: Any, workdir: Path, mesh: jax.sharding.Mesh) -> None:
-    save_model(workdir / "model" / "onestory", params, cfg, force=True)
+    """workdir/model: the trained onestory/ and the frozen parts the data was prepared with, so that
+    `sample.py --checkpoint workdir/model` works as is."""
+    out = workdir / "model"
+    # The training mesh is this run's: the model samples on whatever devices its user has.
+    save_model(out / model_folder.ONESTORY, params, dataclasses.replace(cfg, mesh=MeshConfig()), force=True)
+    if jax.process_index() == 0 and (source := frozen_source(cfg)) is not None:
+        copy_parts(source, out, [p for p in required_parts(cfg) if p != model_folder.ONESTORY])
 
 
-ONESTORY = Stage(_initial_state, _host_dataset, loss_fn, _onestory_cost, _export_onestory, validates=True)
+ONESTORY = Stage(_initial_state, _host_dataset, loss_fn, _onestory_cost, _export_onestory, validates=True, check=_check_init)
 
 
 def train(cfg: Config, workdir: str | Path, progress: bool = True, stop_after: int | None = None,
@@ -226,6 +262,7 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, stop_after: i
 
     stop_after: end this run after that many steps, with a checkpoint (time-sliced jobs).
     """
+    stage.check(cfg)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train

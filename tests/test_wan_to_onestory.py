@@ -1,0 +1,161 @@
+"""From a Wan2.1 release folder to a trained OneStory, end to end at tiny size on the CPU: a random
+diffusers Wan I2V release (transformer, VAE, umT5, CLIP, tokenizer) converted with --component all,
+sampled as converted, records prepared with it, train.py started from it, and the export sampled."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import yaml
+from torch_refs import diffusers_dit, tiny_dit_config
+from train_runs import train_env
+
+from onestory_jax.config import CONFIG_DIR, load_config
+
+STORY = {"settings": {"width": 32, "height": 32, "frames": 5, "steps": 2}, "shots": ["A cat.", "The same cat."]}
+
+
+def run(argv, tmp_path, **env):
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                          env={**os.environ, "ONESTORY_CACHE": str(tmp_path / "cache"), **env})
+
+
+def sample(folder, tmp_path, *extra):
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(STORY))
+    return run(["sample.py", "--checkpoint", str(folder), "--story", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out"),
+                "--no-progress", *extra], tmp_path)
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """A tiny random Wan2.1-I2V release in the diffusers layout."""
+    from diffusers import AutoencoderKLWan
+    from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    src = tmp_path_factory.mktemp("Wan2.1-I2V-tiny-480P-Diffusers")
+    dit = diffusers_dit(dataclasses.replace(tiny_dit_config("i2v"), image_dim=16))
+    dit.save_pretrained(src / "transformer")
+    AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                     temperal_downsample=[False, True, True]).save_pretrained(src / "vae")
+    UMT5EncoderModel(UMT5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                feed_forward_proj="gated-gelu")).save_pretrained(src / "text_encoder")
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                     image_size=28, patch_size=14, hidden_act="gelu")).save_pretrained(src / "image_encoder")
+    shutil.copytree(CONFIG_DIR / "tokenizers" / "bytes", src / "tokenizer")
+    (src / "scheduler").mkdir()
+    (src / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "UniPCMultistepScheduler", "flow_shift": 3.0}))
+    return src
+
+
+@pytest.fixture(scope="module")
+def model_folder(release, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("converted") / "wan"
+    r = subprocess.run([sys.executable, "-m", "onestory_jax.convert", "--component", "all", "--source", str(release),
+                        "--out", str(folder), "--config", "tiny", "--verify"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("OK") == 4, r.stdout  # the DiT and the three frozen parts, each against its reference
+    return folder
+
+
+def test_convert_all_writes_one_model_folder_with_wans_recipe(model_folder):
+    from onestory_jax.checkpoint import stored_keys
+    from onestory_jax.models.folder import folder_config
+
+    assert sorted(p.name for p in model_folder.iterdir()) == ["image_encoder", "onestory", "text_encoder", "tokenizer", "vae"]
+    assert stored_keys(model_folder / "onestory") == {"dit"}  # no OneStory modules yet
+    sampler = folder_config(model_folder).sampler
+    assert (sampler.steps, sampler.shift, sampler.guidance) == (40, 3.0, 5.0)
+    assert sampler.negative_prompt.startswith("镜头晃动，色调艳丽")  # Wan's I2V negative prompt, not the training null
+
+
+def test_story_from_converted_release(model_folder, tmp_path):
+    r = sample(model_folder, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "no OneStory modules" in r.stdout
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["config"]["dit"]["num_layers"] == 2 and len(manifest["shots"]) == 2
+    assert len(list((tmp_path / "cache" / "text_embeddings").glob("*.npy"))) == 3  # 2 captions + Wan's negative prompt
+
+
+@pytest.mark.parametrize("case", ["misnamed", "missing"])
+def test_incomplete_folder_is_refused_unless_random_is_asked(model_folder, tmp_path, case):
+    folder = tmp_path / "m"
+    shutil.copytree(model_folder, folder)
+    if case == "misnamed":
+        (folder / "text_encoder").rename(folder / "umt5")
+    else:
+        shutil.rmtree(folder / "vae")
+    r = sample(folder, tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert ("holds umt5/" if case == "misnamed" else "lacks vae/") in r.stderr
+    if case == "missing":
+        r = sample(folder, tmp_path, "--allow-random")
+        assert r.returncode == 0 and "RANDOM weights" in r.stderr, r.stderr
+
+
+def test_train_from_the_converted_release_and_sample_the_export(model_folder, tmp_path):
+    from onestory_jax.checkpoint import load_params
+    from onestory_jax.models.dit import init_fn
+    from onestory_jax.models.onestory import boxed_init_fn
+    from onestory_jax.sharding import make_mesh
+
+    r = run(["-m", "onestory_jax.data.prepare", "--model", str(model_folder), "--out", str(tmp_path / "data"),
+             "--synthetic", "3", "--frames", "5", "--size", "32x32", "--no-progress"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    workdir = tmp_path / "run"
+    # The DiT frozen (memory modules only): the export's DiT must be the converted one, bit for bit.
+    r = run(["train.py", "--config", "configs/train/tiny.yaml", "--workdir", str(workdir), "--no-progress",
+             f"train.data={tmp_path / 'data' / 'records'}", f"train.init_from={model_folder}", "train.steps=3",
+             "train.trainable=[\"^memory/\"]", "mesh.data=2", "mesh.fsdp=1"], tmp_path, **train_env(devices=2))
+    assert r.returncode == 0, r.stderr
+    export = workdir / "model"
+    assert sorted(p.name for p in export.iterdir()) == ["image_encoder", "onestory", "text_encoder", "tokenizer", "vae"]
+    cfg = load_config("tiny")
+    mesh = make_mesh(cfg.mesh)
+    trained = load_params(export / "onestory", mesh, boxed_init_fn(cfg))["dit"]  # DiT and memory modules
+    converted = load_params(model_folder / "onestory", mesh, lambda rng: {"dit": init_fn(cfg.dit)(rng)})["dit"]
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(converted)))
+    r = sample(export, tmp_path)  # the export samples as is: no missing part, no --allow-random
+    assert r.returncode == 0 and "RANDOM" not in r.stderr + r.stdout, r.stderr
+    assert "no OneStory modules" not in r.stdout
+
+
+def test_a_wan_sized_run_needs_init_from(tmp_path):
+    r = run(["train.py", "--config", "configs/train/wan2.1-i2v-14b-480p.yaml", "--workdir", str(tmp_path / "w")], tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "train.init_from is empty" in r.stderr, r.stderr
+    assert "from_scratch" in r.stderr
+
+
+def test_frozen_component_bad_source(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "onestory_jax.convert", "--component", "vae", "--source", str(tmp_path),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and "no vae weights" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_folder_without_tokenizer_is_one_line(model_folder, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(model_folder, folder)
+    shutil.rmtree(folder / "tokenizer")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"shots": ["A cat."]}))
+    r = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(folder), "--story", str(tmp_path / "s.yaml"),
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 2 and "no tokenizer/" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_embedding_cache_is_keyed_by_the_tokenizer(model_folder, tmp_path):
+    from onestory_jax.config import load_config
+    from onestory_jax.sampling.components import text_cache
+
+    cfg, weights = load_config("tiny"), model_folder / "text_encoder" / "params"
+    other = tmp_path / "tok"
+    shutil.copytree(model_folder / "tokenizer", other)
+    (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text().replace('"a"', '"b"', 1) + " ")
+    assert text_cache(cfg, weights, model_folder / "tokenizer").identity != text_cache(cfg, weights, other).identity
+    assert text_cache(cfg, weights, model_folder / "tokenizer").identity == text_cache(cfg, weights, model_folder / "tokenizer").identity
