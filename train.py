@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from onestory_jax.config import load_config
     from onestory_jax.locking import folder_lock
-    from onestory_jax.training.loop import initialize_distributed, train
+    from onestory_jax.sharding import initialize_distributed
+    from onestory_jax.training.loop import train
 
     if args.distributed:
         initialize_distributed()

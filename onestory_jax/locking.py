@@ -24,10 +24,10 @@ LOCK_NAME = ".lock"
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | Path, what: str) -> Iterator[Path]:
-    """Create `folder` if needed and hold its lock while the block runs; `what` names it in errors
-    (e.g. '--out'). A folder that cannot be created or written is a `UserError`; one created here
-    and left empty is removed at the end."""
+def folder_lock(folder: str | Path, what: str, name: str = LOCK_NAME) -> Iterator[Path]:
+    """Create `folder` if needed and hold its lock (the file `name` in it) while the block runs; `what`
+    names it in errors (e.g. '--out'). A folder that cannot be created or written is a `UserError`;
+    one created here and left empty is removed at the end."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{what} '{folder}' exists and is not a folder")
@@ -36,7 +36,7 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[Path]:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{what} '{folder}' cannot be created: {e.strerror or e}") from None
-    lock = folder / LOCK_NAME
+    lock = folder / name
     me = _acquire(lock, what, folder)
     try:
         yield lock

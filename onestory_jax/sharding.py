@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -147,3 +148,21 @@ def check_params_sharded(params: Any, mesh: Mesh) -> None:
     bad = replicated_large_params(params, mesh)
     if bad:
         raise AssertionError(f"{len(bad)} parameter(s) > 1 MiB replicated on an fsdp mesh: {', '.join(bad)}")
+
+
+def initialize_distributed() -> None:
+    """`jax.distributed.initialize()` for train.py --distributed.
+
+    The coordinator, process count and process id come from JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID when set, else from a detected cluster (SLURM, Open MPI,
+    TPU pods).
+    """
+    try:
+        n, i = (int(v) if (v := os.environ.get(k)) else None for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))
+    except ValueError:
+        raise UserError("JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers") from None
+    try:
+        jax.distributed.initialize(num_processes=n, process_id=i)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"--distributed: {str(e).strip().splitlines()[0]} (set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES "
+                        "and JAX_PROCESS_ID, or run under SLURM, Open MPI or on a TPU pod)") from None

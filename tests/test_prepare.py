@@ -48,9 +48,12 @@ def prepare(*args):
                            "--frames", "5", *map(str, args)], capture_output=True, text=True)
 
 
-def test_shot_detector_finds_the_cuts():
+def test_shot_detector_finds_the_cuts(tmp_path):
     video, _ = story_video()
-    assert detect_shots(video) == [(0, 9), (9, 18), (18, 27)]
+    write_mp4(tmp_path / "v.mp4", video, 8)
+    assert detect_shots(tmp_path / "v.mp4", len(video)) == [(0, 9), (9, 18), (18, 27)]
+    write_mp4(tmp_path / "one.mp4", video[:9], 8)
+    assert detect_shots(tmp_path / "one.mp4", 9) == [(0, 9)]  # no cut: one shot
 
 
 def test_augment_mirrors_the_width_axis_and_keeps_channel_order():

@@ -87,10 +87,14 @@ def test_state_to_be_saved_is_checked_even_if_its_loss_is_finite():
 
 
 def test_trained_model_renders_a_story(tmp_path, straight_run):
-    """train.py exports model/onestory; sample.py renders from it (frozen parts random, with a warning)."""
+    """train.py exports model/onestory (records without a manifest name no frozen parts to copy): sample.py
+    refuses the incomplete folder, and renders from it with --allow-random (frozen parts random, warned)."""
     story = tmp_path / "s.yaml"
     story.write_text("settings: {width: 32, height: 32, frames: 5, steps: 2}\nshots: [A square., The same square.]\n")
-    r = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(straight_run / "model"), "--story", str(story),
-                        "--out", str(tmp_path / "out"), "--no-progress", *MESH], capture_output=True, text=True)
+    argv = [sys.executable, "sample.py", "--checkpoint", str(straight_run / "model"), "--story", str(story),
+            "--out", str(tmp_path / "out"), "--no-progress", *MESH]
+    r = subprocess.run(argv, capture_output=True, text=True)
+    assert r.returncode == 2 and "lacks vae/, text_encoder/, image_encoder/, tokenizer/" in r.stderr, r.stderr
+    r = subprocess.run([*argv, "--allow-random"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "RANDOM weights" in r.stderr and (tmp_path / "out" / "story.mp4").is_file()

@@ -105,9 +105,26 @@ def test_train_from_the_converted_release_and_sample_the_export(model_folder, tm
     from onestory_jax.models.onestory import boxed_init_fn
     from onestory_jax.sharding import make_mesh
 
-    r = run(["-m", "onestory_jax.data.prepare", "--model", str(model_folder), "--out", str(tmp_path / "data"),
-             "--synthetic", "3", "--frames", "5", "--size", "32x32", "--no-progress"], tmp_path)
-    assert r.returncode == 0, r.stderr
+    from onestory_jax.data import synthetic
+    from onestory_jax.data.video import write_mp4
+
+    videos, captions = tmp_path / "videos", []
+    videos.mkdir()
+    for i in range(3):  # three 3-shot videos, cut by PySceneDetect (no --boundaries)
+        story = synthetic.make_story(i, 3)
+        write_mp4(videos / f"v{i}.mp4", np.concatenate([v for v, _ in synthetic.render_synthetic(story, 9, 32)]), 8)
+        captions.append({"video": f"v{i}.mp4", "captions": [s.caption for s in story.shots]})
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(c) for c in captions))
+    argv = [sys.executable, "-m", "onestory_jax.data.prepare", "--model", str(model_folder), "--out", str(tmp_path / "data"),
+            "--videos", str(videos), "--captions", str(tmp_path / "captions.jsonl"), "--frames", "5", "--size", "32x32",
+            "--no-progress"]
+    shards = [subprocess.Popen([*argv, "--shard", f"{i}/2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for i in range(2)]  # two processes at once on one --out
+    for p in shards:
+        _, err = p.communicate()
+        assert p.returncode == 0, err
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert [v["id"] for v in manifest["videos"]] == ["v0", "v1", "v2"]  # the union of both shards
     workdir = tmp_path / "run"
     # The DiT frozen (memory modules only): the export's DiT must be the converted one, bit for bit.
     r = run(["train.py", "--config", "configs/train/tiny.yaml", "--workdir", str(workdir), "--no-progress",

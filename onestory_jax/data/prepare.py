@@ -4,10 +4,14 @@
         [--boundaries FILE.jsonl] [--embedder pixel|dinov2:PATH|clip:PATH ...]
     python -m onestory_jax.data.prepare --model DIR --out DIR --synthetic N [--seed S] [--character-weight W]
 
+Sharded (a pod, or many machines on one shared --out): `--shard I/N` prepares every N-th video from
+the I-th, `--distributed` one shard per process; each writes its records, and the manifest lists all
+records present. A re-run (any shard, or all at once) completes what is missing.
+
 --model is a model folder holding the frozen parts (vae/, text_encoder/, image_encoder/ for I2V,
 tokenizer/): converted Wan2.1 weights or the embedded default's. --captions has one JSON object a
 line, {"video": "NAME.mp4", "captions": ["shot 1", ...]}; --boundaries, {"video": "NAME.mp4",
-"shots": [[start, end), ...]} in frames; videos without boundaries are cut by a frame-difference
+"shots": [[start, end), ...]} in frames; videos without boundaries are cut by PySceneDetect's content
 detector. --synthetic renders procedural stories (onestory_jax.data.synthetic) instead (their records know
 which character each shot shows: `shot_keys`), and --character-weight W makes the pseudo-label features character-aware: the rendered characters' pixels (weight W) mixed
 with the whole frame (1 - W), see `embedders.with_character_regions`.
@@ -137,7 +141,7 @@ def real_videos(folder: Path, captions_file: Path, boundaries_file: Path | None)
 
         def load(path: Path = path) -> tuple[Shots, list[str], Masks, list[int] | None]:
             video = read_video(path)
-            spans = [tuple(s) for s in bounds[path.name]] if path.name in bounds else detect_shots(video)
+            spans = [tuple(s) for s in bounds[path.name]] if path.name in bounds else detect_shots(path, len(video))
             caps = list(captions[path.name])
             if len(caps) != len(spans):
                 raise UserError(f"video '{path.name}': {len(spans)} shots but {len(caps)} captions")
@@ -193,11 +197,12 @@ def prepare(args: argparse.Namespace) -> Path:
     records = args.out / "records"
     records.mkdir(parents=True, exist_ok=True)
     embed = combined(list(embedders))
-    done: list[dict[str, Any]] = []
+    index, count = args.shard
     with activate(mesh):
         comps = build_components(cfg, load_frozen_parts(args.model, cfg, mesh, parts), args.model / "tokenizer")
-        videos = list(videos)
-        for video_id, load in tqdm(videos, desc="prepare", unit="video", disable=args.no_progress):
+        videos = list(videos)[index::count]  # this shard's share: every count-th video of the sorted list
+        desc = "prepare" if count == 1 else f"prepare (shard {index + 1}/{count})"
+        for video_id, load in tqdm(videos, desc=desc, unit="video", disable=args.no_progress):
             path = records / f"{video_id}.arrayrecord"
             if path.is_file():
                 check_existing_record(path, args.frames, (width, height), cfg.vae)
@@ -205,12 +210,33 @@ def prepare(args: argparse.Namespace) -> Path:
                 shots, captions, masks, keys = load()
                 write_records(path, [encode_video(video_id, shots, captions, comps, embed, args.frames, (width, height),
                                                   args.seed, masks, args.character_weight, keys)])
-            done.append({"id": video_id, "file": str(path.relative_to(args.out))})
-    manifest = {"model": str(args.model), "frames": args.frames, "size": [width, height], "embedders": list(names),
-                "character_weight": args.character_weight,
-                "videos": done}
-    save_json(args.out / "manifest.json", manifest)
+    write_manifest(args.out, {"model": str(args.model), "frames": args.frames, "size": [width, height],
+                              "embedders": list(names), "character_weight": args.character_weight})
     return args.out
+
+
+def write_manifest(out: Path, settings: dict[str, Any]) -> None:
+    """DIR/manifest.json: the settings and every record in DIR/records (the union of all shards' work,
+    each record written atomically). Re-listed until stable, as other shards may finish meanwhile."""
+    listed: list[dict[str, str]] | None = None
+    while True:
+        files = sorted((out / "records").glob("*.arrayrecord"))
+        videos = [{"id": f.stem, "file": str(f.relative_to(out))} for f in files]
+        if videos == listed:
+            return
+        save_json(out / "manifest.json", {**settings, "videos": videos})
+        listed = videos
+
+
+def shard_of(text: str) -> tuple[int, int]:
+    """'I/N' (0 <= I < N) -> (I, N)."""
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N (shard I of N, 0-based), got '{text}'") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"shard {text}: need 0 <= I < N")
+    return index, count
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -235,9 +261,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embedder", action="append", help="pixel (default), dinov2:PATH, clip:PATH; repeat to average")
     ap.add_argument("--character-weight", type=float, default=0.0,
                     help="synthetic: weight of the characters' regions in the pseudo-label features (0: whole frames)")
+    ap.add_argument("--shard", type=shard_of, metavar="I/N", help="prepare every N-th video from the I-th (0-based); "
+                    "N machines together prepare all (default: 0/1, or this host's share with --distributed)")
+    ap.add_argument("--distributed", action="store_true", help="one shard per process of a pod or cluster "
+                    "(jax.distributed.initialize(), as train.py --distributed)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    with folder_lock(args.out, "--out"):  # one run per --out; a folder that cannot be written fails here
+    if args.distributed:
+        import jax
+
+        from onestory_jax.sharding import initialize_distributed
+
+        if args.shard is not None:
+            raise UserError("give --shard or --distributed, not both")
+        initialize_distributed()
+        args.shard = (jax.process_index(), jax.process_count())
+    args.shard = args.shard or (0, 1)
+    index, count = args.shard
+    lock = ".lock" if count == 1 else f".lock-shard-{index}-of-{count}"
+    with folder_lock(args.out, "--out", lock):  # one run per --out and shard; a folder that cannot be written fails here
         out = prepare(args)
     print(f"records in {out / 'records'}; manifest {out / 'manifest.json'}")
     return 0

@@ -70,24 +70,19 @@ def sample_frames(shot: np.ndarray, count: int) -> np.ndarray:
     return shot[np.round(np.linspace(0, len(shot) - 1, count)).astype(int)]
 
 
-def detect_shots(video: np.ndarray, min_jump: float = 0.05, ratio: float = 5.0, min_length: int = 8) -> list[tuple[int, int]]:
-    """Shot boundaries [(start, end), ...] (end exclusive) where the mean absolute frame difference
-    (on a 32x32 grey thumbnail, in [0, 1]) exceeds both `min_jump` and `ratio` x its median over
-    the video; shots shorter than `min_length` frames merge into the previous one."""
-    t, h, w, _ = video.shape
-    ys, xs = np.linspace(0, h - 1, 32).astype(int), np.linspace(0, w - 1, 32).astype(int)
-    thumbs = video[:, ys][:, :, xs].mean(-1) / 255.0
-    diffs = np.abs(np.diff(thumbs, axis=0)).mean(axis=(1, 2))
-    limit = max(min_jump, ratio * float(np.median(diffs))) if len(diffs) else min_jump
-    cuts = [0] + [i + 1 for i, d in enumerate(diffs) if d > limit] + [t]
-    shots: list[tuple[int, int]] = []
-    for start, end in zip(cuts[:-1], cuts[1:]):
-        if shots and end - start < min_length:
-            shots[-1] = (shots[-1][0], end)
-        elif end > start:
-            shots.append((start, end))
-    return shots
+def detect_shots(path: Path, frames: int, min_length: int = 8) -> list[tuple[int, int]]:
+    """Shot boundaries [(start, end), ...] (end exclusive) of a video file of `frames` frames, by
+    PySceneDetect's content detector (HSV change between frames; shots of at least `min_length`
+    frames), read through PyAV. A video without cuts is one shot."""
+    import logging
 
+    try:
+        from scenedetect import ContentDetector, detect
+    except ImportError:
+        raise UserError("shot detection needs PySceneDetect: pip install 'onestory-jax[video]' (or give --boundaries)") from None
+    logging.getLogger("pyscenedetect").setLevel(logging.WARNING)
+    scenes = detect(str(path), ContentDetector(min_scene_len=min_length), backend="pyav", show_progress=False)
+    return [(start.frame_num, min(end.frame_num, frames)) for start, end in scenes] or [(0, frames)]
 
 
 def load_image(path: str | Path) -> np.ndarray:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -43,24 +42,6 @@ from onestory_jax.training.step import LossFn, TrainState, init_state, make_trai
 
 VAL_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # validation timestep buckets (sigma at each bucket's centre)
 VAL_SEED_OFFSET = 7919  # the validation iterator and noise use train.seed + this
-
-
-def initialize_distributed() -> None:
-    """`jax.distributed.initialize()` for train.py --distributed.
-
-    The coordinator, process count and process id come from JAX_COORDINATOR_ADDRESS,
-    JAX_NUM_PROCESSES and JAX_PROCESS_ID when set, else from a detected cluster (SLURM, Open MPI,
-    TPU pods).
-    """
-    try:
-        n, i = (int(v) if (v := os.environ.get(k)) else None for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))
-    except ValueError:
-        raise UserError("JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers") from None
-    try:
-        jax.distributed.initialize(num_processes=n, process_id=i)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"--distributed: {str(e).strip().splitlines()[0]} (set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES "
-                        "and JAX_PROCESS_ID, or run under SLURM, Open MPI or on a TPU pod)") from None
 
 
 def _host_dataset(cfg: Config) -> grain.IterDataset:
