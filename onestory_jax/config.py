@@ -25,6 +25,9 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # DiT settings that do not change its parameters or function: compute and storage dtypes, activation
 # checkpointing, attention kernel, sequence parallelism.
 DIT_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention", "sequence_parallel")
+# The LoRA adapter on a DiT: a fine-tune may add one to a DiT that has none (models/lora.py).
+DIT_ADAPTER_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
+LORA_TARGETS = ("q", "k", "v", "o", "k_img", "v_img", "fc1", "fc2")  # the blocks' linear layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,15 +59,20 @@ class DiTConfig:
     # Self-attention with a mesh `sequence` axis > 1: ulysses (all-to-all to heads; needs num_heads
     # divisible by sequence x tensor) or gspmd (XLA gathers keys and values along the sequence).
     sequence_parallel: Literal["ulysses", "gspmd"] = "ulysses"
+    # LoRA on the blocks' linear layers named in `lora_targets` (q, k, v, o of self- and cross-attention,
+    # k_img, v_img, fc1, fc2 of the FFN): y = x W + (lora_alpha / lora_rank) x A B. 0 = none.
+    lora_rank: int = 0
+    lora_alpha: float = 1.0
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "fc1", "fc2")
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
     def architecture(self) -> "DiTConfig":
-        """This config with its runtime settings (DIT_RUNTIME_FIELDS) at their defaults: two DiTs with equal
-        architectures hold the same parameter tree and compute the same function."""
-        return dataclasses.replace(self, **{f: getattr(DiTConfig, f) for f in DIT_RUNTIME_FIELDS})
+        """This config with its runtime settings (DIT_RUNTIME_FIELDS) and LoRA adapter at their defaults: two
+        DiTs with equal architectures hold the same base parameters and compute the same base function."""
+        return dataclasses.replace(self, **{f: getattr(DiTConfig, f) for f in DIT_RUNTIME_FIELDS + DIT_ADAPTER_FIELDS})
 
     @property
     def has_image_branch(self) -> bool:
@@ -78,6 +86,10 @@ class DiTConfig:
             raise UserError(f"dit head dim {self.head_dim} must be even (3D RoPE works on pairs)")
         if self.model_type == "i2v" and not self.image_dim:
             raise UserError("dit.model_type=i2v needs dit.image_dim (the CLIP feature width)")
+        if self.lora_rank < 0:
+            raise UserError(f"dit.lora_rank must be >= 0, got {self.lora_rank}")
+        if bad := [t for t in self.lora_targets if t not in LORA_TARGETS]:
+            raise UserError(f"dit.lora_targets: {', '.join(bad)} not among {', '.join(LORA_TARGETS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +164,9 @@ class TrainConfig:
     # a DiT of 1B+ parameters refuses unless `from_scratch` (OneStory fine-tunes Wan2.1-I2V).
     init_from: str = ""
     from_scratch: bool = False
+    # With dit.lora_rank > 0: the export folds the LoRA into the DiT's kernels (a plain DiT), or keeps it
+    # beside them (false; the export's config keeps dit.lora_*). sample.py reads both.
+    merge_lora: bool = True
     insertion_prob: float = 0.5  # two-shot videos: S_syn from another video (else the augmented first shot)
     swap_order_prob: float = 0.5  # (S_syn, S_first) instead of (S_first, S_syn)
     # Real triplets: consecutive shots, or recall = the target's latest earlier appearance + the shot before it

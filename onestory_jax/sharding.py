@@ -30,6 +30,7 @@ MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     # parameters
     ("layers", None),
+    ("lora", None),  # a LoRA's rank axis: small, replicated
     ("embed", "fsdp"),
     ("heads", ("fsdp", "tensor")),
     ("heads", "tensor"),

@@ -102,6 +102,7 @@ def test_incomplete_folder_is_refused_unless_random_is_asked(model_folder, tmp_p
 def test_train_from_the_converted_release_and_sample_the_export(model_folder, tmp_path):
     from onestory_jax.checkpoint import load_params
     from onestory_jax.models.dit import init_fn
+    from onestory_jax.models.folder import folder_config
     from onestory_jax.models.onestory import boxed_init_fn
     from onestory_jax.sharding import make_mesh
 
@@ -141,6 +142,20 @@ def test_train_from_the_converted_release_and_sample_the_export(model_folder, tm
     r = sample(export, tmp_path)  # the export samples as is: no missing part, no --allow-random
     assert r.returncode == 0 and "RANDOM" not in r.stderr + r.stdout, r.stderr
     assert "no OneStory modules" not in r.stdout
+
+    # LoRA beside the memory modules (the single-GPU recipe): the export folds it into the DiT.
+    lora_run = tmp_path / "lora"
+    r = run(["train.py", "--config", "configs/train/tiny.yaml", "--workdir", str(lora_run), "--no-progress",
+             f"train.data={tmp_path / 'data' / 'records'}", f"train.init_from={model_folder}", "train.steps=3",
+             "dit.lora_rank=2", "train.trainable=[\"^memory/\", \"/lora_[ab]$\"]", "mesh.data=2", "mesh.fsdp=1"],
+            tmp_path, **train_env(devices=2))
+    assert r.returncode == 0, r.stderr
+    assert folder_config(lora_run / "model").dit.lora_rank == 0  # merged: a plain DiT
+    tuned = load_params(lora_run / "model" / "onestory", mesh, boxed_init_fn(cfg))["dit"]
+    assert not np.array_equal(tuned["blocks"]["ffn"]["fc1"]["kernel"], converted["blocks"]["ffn"]["fc1"]["kernel"])
+    np.testing.assert_array_equal(tuned["head"]["kernel"], converted["head"]["kernel"])  # not a target
+    r = sample(lora_run / "model", tmp_path)
+    assert r.returncode == 0, r.stderr
 
 
 def test_a_wan_sized_run_needs_init_from(tmp_path):

@@ -71,13 +71,20 @@ def _modulation(table: Array, e: Array, group_onehot: Array | None) -> list[Arra
     return [jnp.sum(w * m[:, None, :, k, :], axis=2) for k in range(m.shape[2])]
 
 
+def block_dense(cfg: DiTConfig, features: int, axes: tuple[str, str], name: str) -> Dense:
+    """A block's linear layer `name`, with the config's LoRA when `name` is one of its targets."""
+    rank = cfg.lora_rank if name in cfg.lora_targets else 0
+    return Dense(features, axes, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], lora_rank=rank,
+                 lora_alpha=cfg.lora_alpha, name=name)
+
+
 class SelfAttention(nn.Module):
     cfg: DiTConfig
 
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array, kv_lengths: Array | None) -> Array:
-        cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
-        proj = lambda name: Dense(cfg.dim, ("embed", "heads"), dtype=dt, param_dtype=pdt, name=name)
+        cfg, pdt = self.cfg, DTYPES[self.cfg.param_dtype]
+        proj = lambda name: block_dense(cfg, cfg.dim, ("embed", "heads"), name)
         q = RMSNorm(cfg.eps, "heads", pdt, name="norm_q")(proj("q")(x))
         k = RMSNorm(cfg.eps, "heads", pdt, name="norm_k")(proj("k")(x))
         v = proj("v")(x)
@@ -89,7 +96,7 @@ class SelfAttention(nn.Module):
         v = constrain(split(v), kv_axes)
         out = (ulysses_attention if ulysses else attention)(q, k, v, cfg.attention, kv_lengths=kv_lengths)
         out = constrain(rearrange(out, "b l n h -> b l (n h)"), ATTN_OUT)
-        return Dense(cfg.dim, ("heads", "embed"), dtype=dt, param_dtype=pdt, name="o")(out)
+        return block_dense(cfg, cfg.dim, ("heads", "embed"), "o")(out)
 
 
 class CrossAttention(nn.Module):
@@ -99,8 +106,8 @@ class CrossAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, text: Array, image: Array | None) -> Array:
-        cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
-        proj = lambda name: Dense(cfg.dim, ("embed", "heads"), dtype=dt, param_dtype=pdt, name=name)
+        cfg, pdt = self.cfg, DTYPES[self.cfg.param_dtype]
+        proj = lambda name: block_dense(cfg, cfg.dim, ("embed", "heads"), name)
         norm = lambda name: RMSNorm(cfg.eps, "heads", pdt, name=name)
         split = lambda a: rearrange(a, "b l (n h) -> b l n h", n=cfg.num_heads)
         q = constrain(split(norm("norm_q")(proj("q")(x))), HEADS)
@@ -110,7 +117,7 @@ class CrossAttention(nn.Module):
             k_img = split(norm("norm_k_img")(proj("k_img")(image)))
             out = out + attention(q, k_img, split(proj("v_img")(image)), cfg.attention)
         out = constrain(rearrange(out, "b l n h -> b l (n h)"), ATTN_OUT)
-        return Dense(cfg.dim, ("heads", "embed"), dtype=dt, param_dtype=pdt, name="o")(out)
+        return block_dense(cfg, cfg.dim, ("heads", "embed"), "o")(out)
 
 
 class FeedForward(nn.Module):
@@ -118,10 +125,10 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
-        h = Dense(cfg.ffn_dim, ("embed", "mlp"), dtype=dt, param_dtype=pdt, name="fc1")(x)
+        cfg = self.cfg
+        h = block_dense(cfg, cfg.ffn_dim, ("embed", "mlp"), "fc1")(x)
         h = constrain(nn.gelu(h, approximate=True), ("act_batch", "act_length", "act_mlp"))
-        return Dense(cfg.dim, ("mlp", "embed"), dtype=dt, param_dtype=pdt, name="fc2")(h)
+        return block_dense(cfg, cfg.dim, ("mlp", "embed"), "fc2")(h)
 
 
 class Block(nn.Module):

@@ -33,13 +33,17 @@ def constrain(x: Array, axes: AxisNames) -> Array:
 
 
 class Dense(nn.Module):
-    """Linear layer `y = x W + b` with logical axes (in_axis, out_axis) on W."""
+    """Linear layer `y = x W + b` with logical axes (in_axis, out_axis) on W; with `lora_rank` r > 0, plus
+    the LoRA term (lora_alpha / r) x A B, A [in, r] (Kaiming-uniform) and B [r, out] (zeros: the layer
+    starts as its base)."""
 
     features: int
     axes: tuple[str | None, str | None]
     use_bias: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    lora_rank: int = 0
+    lora_alpha: float = 1.0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -50,6 +54,13 @@ class Dense(nn.Module):
             self.param_dtype,
         )
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.lora_rank:
+            kaiming = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # PEFT's A init
+            a = self.param("lora_a", partitioned(kaiming, (self.axes[0], "lora")), (x.shape[-1], self.lora_rank), self.param_dtype)
+            b = self.param("lora_b", partitioned(nn.initializers.zeros, ("lora", self.axes[1])), (self.lora_rank, self.features),
+                           self.param_dtype)
+            low = jnp.dot(x.astype(self.dtype), a.astype(self.dtype))
+            y = y + jnp.dot(low, b.astype(self.dtype)) * (self.lora_alpha / self.lora_rank)
         if self.use_bias:
             bias = self.param("bias", partitioned(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)

@@ -25,12 +25,13 @@ import yaml
 
 from onestory_jax.checkpoint import (check_stored_tree, load_params, non_finite_leaves, quiet_failed_reads, save_model,
                                      unreadable_checkpoint)
-from onestory_jax.config import Config, MeshConfig, load_config, to_dict
+from onestory_jax.config import DIT_ADAPTER_FIELDS, Config, DiTConfig, MeshConfig, load_config, to_dict
 from onestory_jax.data.pipeline import make_dataset
 from onestory_jax.errors import UserError
 from onestory_jax.io import require_free_space
 from onestory_jax.models.dit import init_fn as dit_init_fn
 from onestory_jax.models import folder as model_folder
+from onestory_jax.models import lora
 from onestory_jax.models.folder import check_folder, copy_parts, read_onestory, required_parts
 from onestory_jax.models.onestory import boxed_init_fn, memory_params_from_dit, memory_params_from_pretrained
 from onestory_jax.sharding import activate, batch_sharding, init_sharded, make_mesh
@@ -122,6 +123,17 @@ def _check_init(cfg: Config) -> None:
                         "train.init_from=M (docs/training.md), or set train.from_scratch=true")
 
 
+def _adapt_lora(dit: Any, source: DiTConfig, target: DiTConfig, mesh: jax.sharding.Mesh, rng: jax.Array) -> Any:
+    """A pretrained DiT's params for this config's LoRA: a source LoRA of other settings is folded into
+    the kernels; a fresh LoRA (B = 0) is added where this config asks for one and the DiT has none."""
+    adapter = lambda c: tuple(getattr(c, f) for f in DIT_ADAPTER_FIELDS)
+    if source.lora_rank and adapter(source) != adapter(target):
+        dit, _ = lora.merge(dit, source)
+    if target.lora_rank and not lora.has_lora(dit):
+        dit = lora.with_fresh_lora(dit, target, mesh, rng)
+    return dit
+
+
 def _initial_state(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
     """Fresh sharded train state and its optimizer: the DiT of train.init_from (a model folder) and its
     memory modules carried over as `memory_params_from_pretrained` says, or random ones; memory
@@ -136,6 +148,7 @@ def _initial_state(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[TrainState, An
         except UserError as e:
             raise UserError(f"train.init_from: {e}") from None
         stored = params.pop("memory", None)
+        params["dit"] = _adapt_lora(params["dit"], source.dit, cfg.dit, mesh, jax.random.fold_in(rng, 1))
         params["memory"] = (memory_params_from_dit(cfg, params["dit"], rng) if stored is None
                             else memory_params_from_pretrained(cfg, source, stored, params["dit"], rng))
     else:
@@ -227,6 +240,9 @@ def _export_onestory(cfg: Config, params: Any, workdir: Path, mesh: jax.sharding
     """workdir/model: the trained onestory/ and the frozen parts the data was prepared with, so that
     `sample.py --checkpoint workdir/model` works as is."""
     out = workdir / "model"
+    if cfg.dit.lora_rank and cfg.train.merge_lora:
+        dit, dit_cfg = lora.merge(params["dit"], cfg.dit)
+        params, cfg = {**params, "dit": dit}, dataclasses.replace(cfg, dit=dit_cfg)
     # The training mesh is this run's: the model samples on whatever devices its user has.
     save_model(out / model_folder.ONESTORY, params, dataclasses.replace(cfg, mesh=MeshConfig()), force=True)
     if jax.process_index() == 0 and (source := frozen_source(cfg)) is not None:
