@@ -73,8 +73,9 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
     """The settings the step's memory depends on: a recorded analysis holds only while they are unchanged."""
     d, t = cfg.dit, cfg.train
     return {
-        "dit": {k: getattr(d, k) for k in ("dim", "ffn_dim", "num_heads", "num_layers", "dtype", "param_dtype",
-                                           "remat_policy", "attention", "sequence_parallel")},
+        "dit": {**{k: getattr(d, k) for k in ("dim", "ffn_dim", "num_heads", "num_layers", "dtype", "param_dtype",
+                                              "remat_policy", "attention", "sequence_parallel")},
+                **({"lora_rank": d.lora_rank} if d.lora_rank else {})},  # (analyses of presets without LoRA stay valid)
         "memory_budget": cfg.memory.budget, "mesh": dataclasses.asdict(cfg.mesh),
         "train": {"batch_size": t.batch_size, "trainable": list(t.trainable), "ema": t.ema_decay > 0},
     }
