@@ -3,21 +3,46 @@
     python sample.py --checkpoint DIR --story FILE --out DIR [key=value ...]
     python sample.py --config tiny --story configs/stories/demo.yaml --out out/demo   # random weights
 
---checkpoint takes a trained OneStory checkpoint or a converted Wan2.1 one (its OneStory modules
-are then initialised as docs/design.md describes, with a warning). --config builds a model from a
+--checkpoint takes a model folder: a trained OneStory or a converted Wan2.1 release (its OneStory
+modules are then initialised as docs/design.md describes, with a note). --config builds a model from a
 preset with random weights. key=value pairs override the model config (e.g. dit.attention=cudnn).
 The story file format is in the README. Every shot is saved as soon as it is denoised. Re-running
 into the same --out resumes: shots whose inputs (caption, seed, settings, memory, model, earlier
 shots) are unchanged are kept, and from the first edited shot on everything is regenerated.
---redo K regenerates shot K and every later shot.
+--redo K re-rolls shot K (a new seed, recorded; it stays until the shot is edited) and regenerates
+every later shot; --redo K --same-seed repeats shot K. A story's missing size, frames and fps are the
+model's (the size it was trained at). Before loading, the plan is printed with estimates of memory
+and time. Compiled programs are cached on disk ($ONESTORY_CACHE/jax, default ~/.cache/onestory_jax/jax).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import secrets
 from pathlib import Path
 
 from onestory_jax.errors import UserError, run_cli
+
+STORY_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def story_files(paths: list[Path]) -> list[Path]:
+    """Story files of --story arguments: files as given, folders as their sorted .yaml/.yml/.json files."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix in STORY_SUFFIXES)
+            if not found:
+                raise UserError(f"--story folder '{path}' holds no story files ({', '.join(STORY_SUFFIXES)})")
+            files += found
+        else:
+            files.append(path)
+    stems = [f.stem for f in files]
+    if len(files) > 1 and len(set(stems)) < len(stems):
+        raise UserError(f"two stories named '{next(s for s in stems if stems.count(s) > 1)}': each renders into --out/NAME")
+    return files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,46 +51,83 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--checkpoint", type=Path, help="model folder (docs/model-folder.md): a trained OneStory, e.g. "
                      "WORKDIR/model, or a converted Wan2.1 release")
     src.add_argument("--config", help="model preset or YAML (random weights), e.g. tiny")
-    ap.add_argument("--story", type=Path, required=True, help="story file (.yaml/.yml/.json)")
+    ap.add_argument("--story", type=Path, required=True, action="append",
+                    help="story file (.yaml/.yml/.json, ours or ST-Bench's); repeat it, or give a folder, for several "
+                    "stories in one run (one model load), each into --out/NAME")
     ap.add_argument("--out", type=Path, required=True, help="output directory (resumes if it has shots)")
     ap.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the checkpoint's tokenizer/)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of random weights with --config")
-    ap.add_argument("--redo", type=int, metavar="K", help="regenerate shot K (1-based) and every shot after it")
+    ap.add_argument("--seed", type=int, help="seed of the random weights of --config (a story's seeds are in the story)")
+    ap.add_argument("--redo", type=int, metavar="K", help="re-roll shot K (1-based) with a new seed, and regenerate every "
+                    "shot after it")
+    ap.add_argument("--same-seed", action="store_true", help="with --redo: regenerate shot K with the seed it had")
     ap.add_argument("--allow-random", action="store_true", help="RANDOM weights for parts the model folder lacks "
                     "(tests and benchmarks; without it such a folder is refused)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("overrides", nargs="*", help="key=value model config overrides")
     args = ap.parse_intermixed_args(argv)  # key=value overrides may follow options
+    if args.seed is not None and args.checkpoint is not None:
+        raise UserError("--seed seeds the random weights of --config; a checkpoint's stories take their seeds from the "
+                        "story file (settings.seed, shots[i].seed), and --redo K re-rolls shot K")
+    if args.same_seed and args.redo is None:
+        raise UserError("--same-seed goes with --redo K")
 
+    enable_compilation_cache()
     from onestory_jax.locking import folder_lock
     from onestory_jax.sampling.components import load_for_sampling  # heavy imports after arg parsing
     from onestory_jax.config import to_dict
     from onestory_jax.sampling.pipeline import render_story
-    from onestory_jax.sampling.feasibility import check_story_fits
-    from onestory_jax.sampling.resume import check_not_foreign, model_identity
-    from onestory_jax.sampling.story import load_story
+    from onestory_jax.sampling.feasibility import check_story_fits, plan
+    from onestory_jax.sampling.resume import check_not_foreign, model_identity, with_rerolls
+    from onestory_jax.sampling.story import SEED_LIMIT, load_story, reroll, with_sampler
     from onestory_jax.sharding import activate
 
-    story = load_story(args.story)
-    if args.redo is not None and not 1 <= args.redo <= len(story.shots):
-        raise UserError(f"--redo {args.redo}: the story has shots 1..{len(story.shots)}")
-    if story.start_image is not None:  # fail fast, before any model is built
-        from onestory_jax.data.video import load_image
+    files = story_files(args.story)
+    stories = [load_story(f) for f in files]
+    outs = [args.out] if len(files) == 1 else [args.out / f.stem for f in files]
+    for story, file in zip(stories, files):
+        if args.redo is not None and not 1 <= args.redo <= len(story.shots):
+            raise UserError(f"--redo {args.redo}: {file.name} has shots 1..{len(story.shots)}")
+        if story.start_image is not None:  # fail fast, before any model is built
+            from onestory_jax.data.video import load_image
 
-        load_image(story.start_image)
-    with folder_lock(args.out, "--out"):  # one run per --out; also checks it is a writable folder
-        check_not_foreign(args.out)
-        cfg, params, comps, mesh = load_for_sampling(args.checkpoint, args.config, args.overrides, args.seed, args.tokenizer,
-                                                     check=lambda cfg: check_story_fits(story, cfg), allow_random=args.allow_random)
-        model_id = model_identity(args.checkpoint, to_dict(cfg), args.seed)
-        with activate(mesh):
-            manifest = render_story(cfg, params, comps, story, args.out, progress=not args.no_progress, mesh=mesh,
-                                    model_id=model_id, redo=args.redo)
-    kept = sum(sh["resumed"] for sh in manifest["shots"])
-    if kept:
-        print(f"kept {kept} unchanged shot(s) from an earlier run; regenerated the rest (manifest.json says why)")
-    print(f"wrote {len(manifest['shots'])} shots to {args.out}/ (story.mp4, contact_sheet.png, manifest.json)")
+            load_image(story.start_image)
+
+    def check(cfg) -> None:
+        for story in stories:
+            check_story_fits(story, cfg)
+            print(plan(story, cfg), flush=True)
+
+    with contextlib.ExitStack() as locks:
+        for out in outs:  # one run per --out; also checks it is a writable folder
+            locks.enter_context(folder_lock(out, "--out"))
+            check_not_foreign(out)
+        cfg, params, comps, mesh = load_for_sampling(args.checkpoint, args.config, args.overrides, args.seed or 0,
+                                                     args.tokenizer, check=check, allow_random=args.allow_random)
+        model_id = model_identity(args.checkpoint, to_dict(cfg), args.seed or 0)
+        for story, out in zip(stories, outs):
+            story = with_rerolls(out, with_sampler(story, cfg.sampler), model_id)  # re-rolls stay until their shot is edited
+            if args.redo is not None and not args.same_seed:
+                seed = secrets.randbelow(SEED_LIMIT)
+                story = reroll(story, args.redo - 1, seed)
+                print(f"re-rolling shot {args.redo} with seed {seed} (--same-seed would have kept its seed)")
+            with activate(mesh):
+                manifest = render_story(cfg, params, comps, story, out, progress=not args.no_progress, mesh=mesh,
+                                        model_id=model_id, redo=args.redo)
+            kept = sum(sh["resumed"] for sh in manifest["shots"])
+            if kept:
+                print(f"kept {kept} unchanged shot(s) from an earlier run; regenerated the rest (manifest.json says why)")
+            print(f"wrote {len(manifest['shots'])} shots to {out}/ (story.mp4, contact_sheet.png, manifest.json)")
     return 0
+
+
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache, on by default: a second story of the same size starts without
+    compiling. Its place: $JAX_COMPILATION_CACHE_DIR, else $ONESTORY_CACHE/jax, else ~/.cache/onestory_jax/jax."""
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        root = Path(os.environ.get("ONESTORY_CACHE", Path.home() / ".cache" / "onestory_jax"))
+        jax.config.update("jax_compilation_cache_dir", str(root / "jax"))
 
 
 if __name__ == "__main__":

@@ -320,18 +320,26 @@ class ImageEncoderConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-    """The model's denoising sampler; a story's `settings` override any of these fields.
-    Defaults are Wan2.1 I2V-480P: UniPC on Wan's sigma grid, 40 steps, shift 3, CFG 5."""
+    """The model's denoising sampler and default shot size; a story's `settings` override any of these
+    fields. Defaults are Wan2.1 I2V-480P: UniPC on Wan's sigma grid, 40 steps, shift 3, CFG 5, 832x480x81."""
 
     solver: Literal["unipc", "euler"] = "unipc"
     steps: int = 40
     shift: float = 3.0
     guidance: float = 5.0  # classifier-free guidance scale on text (1.0: no unconditional pass)
     negative_prompt: str = ""  # "": the null text (all-zero embedding) that training drops captions to
+    # A story's default shot size: the size the model was trained at (train.py exports its data's).
+    width: int = 832
+    height: int = 480
+    frames: int = 81  # per shot, 4k + 1
+    fps: int = 16
 
     def validate(self) -> None:
         if self.steps < 1:
             raise UserError(f"sampler.steps must be >= 1, got {self.steps}")
+        if min(self.width, self.height, self.fps) < 1 or self.frames < 1 or (self.frames - 1) % 4:
+            raise UserError(f"sampler: width, height and fps must be >= 1 and frames 4k+1, got "
+                            f"{self.width}x{self.height}x{self.frames} at {self.fps} fps")
         if self.shift <= 0:
             raise UserError(f"sampler.shift must be > 0, got {self.shift}")
 

@@ -1,5 +1,6 @@
 """The embedded default model (models/demo) loads with every part trained or shipped, and renders."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +13,17 @@ START_IMAGE_ERROR = 15.0  # mean |frame 0 - start image|, 0-255 levels: the VAE 
 
 @pytest.mark.skipif(not (MODEL / "onestory").is_dir(), reason="models/demo is not in this tree")
 def test_embedded_model_renders_a_story_without_random_parts(tmp_path):
+    """No size in the story: the model's own (64x64, 9 frames, the size it was trained at)."""
     story = tmp_path / "s.yaml"
-    story.write_text("settings: {width: 64, height: 64, frames: 5, steps: 2}\n"
+    story.write_text("settings: {steps: 2}\n"
                      "shots: [A red striped square hops across a snowy field., The same square rests in a desert.]\n")
     r = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(MODEL), "--story", str(story),
                         "--out", str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "RANDOM" not in r.stderr + r.stdout
     assert (tmp_path / "out" / "story.mp4").is_file() and (tmp_path / "out" / "contact_sheet.png").is_file()
+    assert "plan: 2 shots of 64x64, 9 frames, 2 steps" in r.stdout
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["latent_shape"] == [3, 8, 8, 16]
 
 
 @pytest.mark.skipif(not (MODEL / "onestory").is_dir(), reason="models/demo is not in this tree")

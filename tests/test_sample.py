@@ -101,3 +101,39 @@ def test_story_sharded_over_sequence_and_cfg_pair_equals_the_plain_run(rendered,
     for i in (1, 2, 3):  # fp32 reduction order differs, amplified x5 by guidance and over shots: 2e-5 of the scale
         ref = np.load(rendered / "out" / f"shot_0{i}.npy")
         np.testing.assert_allclose(np.load(tmp_path / "out" / f"shot_0{i}.npy"), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+def test_redo_rerolls_the_shot_and_the_reroll_stays(rendered, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(rendered / "out", out)
+    before = np.load(out / "shot_03.npy")
+    args = ("--config", "tiny", "--story", str(rendered / "story.yaml"), "--out", str(out), "--no-progress")
+    r = run(*args, "--redo", "3")
+    assert r.returncode == 0 and "re-rolling shot 3 with seed" in r.stdout, r.stderr
+    shot3 = json.loads((out / "manifest.json").read_text())["shots"][2]
+    assert shot3["seed"] != 3 and not np.allclose(np.load(out / "shot_03.npy"), before)  # story seed 1 + 2 = 3
+    rerolled = np.load(out / "shot_03.npy")
+    r = run(*args)  # a plain re-run keeps the re-roll
+    assert r.returncode == 0, r.stderr
+    assert [s["resumed"] for s in json.loads((out / "manifest.json").read_text())["shots"]] == [True] * 3
+    r = run(*args, "--redo", "3", "--same-seed")  # repeats the re-rolled shot
+    assert r.returncode == 0 and "re-rolling" not in r.stdout, r.stderr
+    np.testing.assert_allclose(np.load(out / "shot_03.npy"), rerolled, atol=1e-5)
+    assert json.loads((out / "manifest.json").read_text())["shots"][2]["seed"] == shot3["seed"]
+
+
+def test_several_stories_in_one_run(rendered, tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**STORY, "shots": STORY["shots"][:2]}))
+    r = run("--config", "tiny", "--story", str(tmp_path / "a.yaml"), "--story", str(tmp_path / "b.yaml"),
+            "--out", str(tmp_path / "out"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("plan: 2 shots of 32x48") == 2
+    assert all(len(json.loads((tmp_path / "out" / n / "manifest.json").read_text())["shots"]) == 2 for n in "ab")
+
+
+def test_seed_is_refused_with_a_checkpoint(rendered):
+    r = run("--checkpoint", "models/demo", "--seed", "3", "--story", str(rendered / "story.yaml"), "--out", str(rendered / "x"))
+    assert r.returncode == 2 and "--seed seeds the random weights of --config" in r.stderr and r.stderr.count("\n") == 1

@@ -68,6 +68,7 @@ def load_for_sampling(
     mesh = make_mesh(cfg.mesh)
     with activate(mesh):
         if ckpt is not None:
+            print(f"loading the model folder {ckpt} onto {mesh.size} {jax.devices()[0].platform} device(s)", flush=True)
             params = load_model(Path(ckpt), cfg, mesh, seed, allow_random)
         else:
             print(f"note: config '{cfg.name}' with RANDOM weights (seed {seed}): frames will look like noise; "

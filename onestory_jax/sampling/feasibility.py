@@ -23,15 +23,17 @@ import jax
 from onestory_jax.config import Config
 from onestory_jax.errors import UserError
 from onestory_jax.models.image_encoder import MIN_IMAGE_SIDE
-from onestory_jax.sampling.story import Story
+from onestory_jax.models.flops import context_tokens, dit_forward_flops, noise_tokens, peak_flops
+from onestory_jax.sampling.story import Story, with_sampler
 
 CHUNK = 256  # query block of chunked attention (models/layers.py)
 GIB = 2**30
 
 
 def check_story_fits(story: Story, cfg: Config, available: int | None = None) -> None:
-    """Raise a `UserError` if the story's sizes do not suit the model, or cannot fit in memory
-    (`available` bytes; default: all devices together)."""
+    """Raise a `UserError` if the story's sizes (its own, or the model's defaults) do not suit the model,
+    or cannot fit in memory (`available` bytes; default: all devices together)."""
+    story = with_sampler(story, cfg.sampler)
     check_sizes(story, cfg)
     check_memory(story, cfg, device_memory() if available is None else available)
 
@@ -78,6 +80,32 @@ def check_memory(story: Story, cfg: Config, available: int) -> None:
         raise UserError(f"a {s.width}x{s.height} story of {len(story.shots)} shots of {s.frames} frames needs at least "
                         f"{need / GIB:.1f} GiB ({shown}; weights not counted) but the devices have {available / GIB:.1f} "
                         "GiB in all: lower the width, height or frames")
+
+
+PLANNED_MFU = 0.6  # the 14B H200 benchmark (docs/performance.md) runs its CFG step at about 66% of peak
+
+
+def plan(story: Story, cfg: Config) -> str:
+    """One line: what will be rendered, with estimates of memory (the lower bound above) and of the
+    denoising time (FLOPs at PLANNED_MFU of this device's peak; none where the peak is unknown)."""
+    story = with_sampler(story, cfg.sampler)
+    s = story.settings
+    need = sum(estimate_bytes(story, cfg).values())
+    h, w = s.height // cfg.vae.spatial_factor, s.width // cfg.vae.spatial_factor
+    tokens = noise_tokens(cfg.dit, (1, story.latent_frames, h, w)) + context_tokens(cfg.memory, (h, w))
+    image = cfg.image_encoder.num_tokens if cfg.dit.has_image_branch else 0
+    passes = (1 if s.guidance == 1.0 else 2) * s.steps * len(story.shots)
+    flops = passes * dit_forward_flops(cfg.dit, tokens, cfg.dit.text_len, image)
+    kind = jax.devices()[0].device_kind
+    peak = peak_flops(kind)
+    time = (f"~{flops / (PLANNED_MFU * peak * jax.device_count()):.0f} s of denoising at {PLANNED_MFU:.0%} of the "
+            f"{kind}'s peak" if peak else f"no time estimate on {kind} (peak FLOP/s unknown)")
+    return (f"plan: {len(story.shots)} shots of {s.width}x{s.height}, {s.frames} frames, {s.steps} steps, guidance "
+            f"{s.guidance:g}; estimates: >= {_size(need)} besides the weights, {time}")
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
 
 
 def device_memory() -> int:

@@ -228,13 +228,17 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
     first mismatch (or shot `redo`, 1-based) on, shots are regenerated.
     """
     out.mkdir(parents=True, exist_ok=True)
+    stage = (lambda text: print(text, flush=True)) if progress else (lambda text: None)
     t0 = time.perf_counter()
     story = with_sampler(story, cfg.sampler)
+    stage(f"{out}: checking saved shots and the start image")
     prepared = prepare_story(cfg, comps, story, out, model_id, redo)
     t1 = time.perf_counter()
+    stage(f"encoding {len(story.shots)} captions")
     inputs = encode_story(cfg, comps, story, prepared)
     t2 = time.perf_counter()
     cfg, spec = story_spec(cfg, story)
+    stage("compiling the story program (read from the compilation cache after the first run at this size), then denoising")
     failed: list[UserError] = []  # raised once the program returns (an error inside a callback is a traceback)
 
     def on_shot_done(shot: int, latents: np.ndarray) -> None:

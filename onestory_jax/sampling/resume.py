@@ -19,7 +19,7 @@ import numpy as np
 
 from onestory_jax.errors import UserError
 from onestory_jax.sampling import outputs
-from onestory_jax.sampling.story import Story
+from onestory_jax.sampling.story import Story, reroll
 
 SMALL_FILE = 1 << 20  # model files hashed by content up to this size (configs, orbax metadata and manifests)
 
@@ -55,8 +55,25 @@ def shot_inputs(story: Story, i: int, model_id: str) -> dict[str, Any]:
         "caption": story.shots[i].caption, "seed": story.shot_seed(i),
         "settings": dataclasses.asdict(story.settings), "memory": dataclasses.asdict(story.memory),
         **{k: (file_digest(p) if p is not None and p.is_file() else None) for k, p in start.items()},
-        "model": model_id,
+        "model": model_id, **({"rerolled": True} if story.shots[i].rerolled else {}),
     }
+
+
+def with_rerolls(out: Path, story: Story, model_id: str) -> Story:
+    """The story (its sampler settings filled, `with_sampler`) with the seeds of shots re-rolled in `out`
+    (`sample.py --redo`) whose other inputs are unchanged: a re-roll stays until the shot is edited or
+    re-rolled again."""
+    for i in range(len(story.shots)):
+        try:
+            saved = json.loads((out / outputs.shot_name(i, ".json")).read_text()).get("inputs", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not saved.get("rerolled"):
+            continue
+        candidate = reroll(story, i, int(saved["seed"]))
+        if json.loads(json.dumps(shot_inputs(candidate, i, model_id), default=str)) == saved:
+            story = candidate
+    return story
 
 
 def fingerprint(inputs: dict[str, Any], previous: str) -> str:

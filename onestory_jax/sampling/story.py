@@ -25,12 +25,12 @@ MAX_STEPS = 1000  # the flow-matching grid has 1000 training timesteps; more ste
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    width: int = 832
-    height: int = 480
-    frames: int = 81  # per shot, 4k + 1
-    fps: int = 16
+    # None takes the model's `sampler` config (`with_sampler`): its size is the one it was trained at.
+    width: int | None = None
+    height: int | None = None
+    frames: int | None = None  # per shot, 4k + 1
+    fps: int | None = None
     seed: int = 0
-    # Sampler settings: None takes the model's `sampler` config (`with_sampler`).
     steps: int | None = None
     guidance: float | None = None
     shift: float | None = None
@@ -38,7 +38,7 @@ class Settings:
     negative_prompt: str | None = None
 
 
-SAMPLER_FIELDS = ("steps", "guidance", "shift", "solver", "negative_prompt")  # = config.SamplerConfig's
+SAMPLER_FIELDS = ("steps", "guidance", "shift", "solver", "negative_prompt", "width", "height", "frames", "fps")  # = config.SamplerConfig's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +52,7 @@ class MemorySettings:
 class Shot:
     caption: str
     seed: int | None = None
+    rerolled: bool = False  # its seed was drawn by `sample.py --redo` (not a story-file field)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,9 +106,9 @@ def _settings(src: str, data: Any) -> Settings:
     s = Settings(**kw)
     for name in ("width", "height"):
         v = getattr(s, name)
-        if v <= 0 or v % 16:
+        if v is not None and (v <= 0 or v % 16):
             raise UserError(f"{src}: settings.{name}: {v} is not a positive multiple of 16")
-    if s.frames < 1 or (s.frames - 1) % 4:
+    if s.frames is not None and (s.frames < 1 or (s.frames - 1) % 4):
         raise UserError(f"{src}: settings.frames: {s.frames} is not 4k+1 (valid: 1, 5, 9, ..., 77, 81, ...)")
     if s.steps is not None and not 1 <= s.steps <= MAX_STEPS:
         raise UserError(f"{src}: settings.steps: {s.steps} is not in 1..{MAX_STEPS}")
@@ -116,7 +117,7 @@ def _settings(src: str, data: Any) -> Settings:
         raise UserError(f"{src}: settings.shift: must be > 0")
     if s.solver is not None and s.solver not in SOLVERS:
         raise UserError(f"{src}: settings.solver: {s.solver!r} is not one of {', '.join(SOLVERS)}")
-    if s.fps < 1:
+    if s.fps is not None and s.fps < 1:
         raise UserError(f"{src}: settings.fps: must be >= 1")
     return s
 
@@ -202,6 +203,13 @@ def with_sampler(story: Story, sampler: SamplerConfig) -> Story:
     """The story with each sampler setting it leaves out taken from the model's `sampler` config."""
     filled = {f: getattr(sampler, f) for f in SAMPLER_FIELDS if getattr(story.settings, f) is None}
     return dataclasses.replace(story, settings=dataclasses.replace(story.settings, **filled))
+
+
+def reroll(story: Story, i: int, seed: int) -> Story:
+    """The story with shot i (0-based) re-rolled: its seed replaced by `seed`."""
+    shots = list(story.shots)
+    shots[i] = dataclasses.replace(shots[i], seed=seed, rerolled=True)
+    return dataclasses.replace(story, shots=tuple(shots))
 
 
 def story_to_dict(story: Story) -> dict[str, Any]:

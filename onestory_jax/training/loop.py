@@ -226,26 +226,42 @@ def _onestory_cost(cfg: Config, params: Any) -> Callable[[dict[str, tuple[int, .
                            train_step_flops(cfg, shapes, dit_trains))
 
 
-def frozen_source(cfg: Config) -> Path | None:
-    """The model folder whose frozen parts encoded train.data (its manifest's `model`), if it has them."""
-    manifest = Path(cfg.train.data).parent / "manifest.json"
+def data_manifest(cfg: Config) -> dict[str, Any]:
+    """The manifest.json beside train.data's records (data.prepare writes it), or {} when there is none."""
     try:
-        folder = Path(json.loads(manifest.read_text())["model"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return folder if all((folder / p).is_dir() for p in required_parts(cfg) if p != model_folder.ONESTORY) else None
+        manifest = json.loads((Path(cfg.train.data).parent / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def frozen_source(manifest: dict[str, Any], cfg: Config) -> Path | None:
+    """The model folder whose frozen parts encoded the records (the manifest's `model`), if it has them."""
+    folder = Path(str(manifest.get("model", "")))
+    parts = [p for p in required_parts(cfg) if p != model_folder.ONESTORY]
+    return folder if manifest.get("model") and all((folder / p).is_dir() for p in parts) else None
+
+
+def trained_size(manifest: dict[str, Any], cfg: Config) -> Config:
+    """`cfg` whose sampler's default shot size is the records' (a story without settings renders at it)."""
+    try:
+        (width, height), frames = manifest["size"], int(manifest["frames"])
+    except (KeyError, TypeError, ValueError):
+        return cfg
+    return dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, width=int(width), height=int(height), frames=frames))
 
 
 def _export_onestory(cfg: Config, params: Any, workdir: Path, mesh: jax.sharding.Mesh) -> None:
-    """workdir/model: the trained onestory/ and the frozen parts the data was prepared with, so that
-    `sample.py --checkpoint workdir/model` works as is."""
-    out = workdir / "model"
+    """workdir/model: the trained onestory/ (its sampler's default shot size: the records') and the frozen
+    parts the records were prepared with, so that `sample.py --checkpoint workdir/model` works as is."""
+    out, manifest = workdir / "model", data_manifest(cfg)
+    cfg = trained_size(manifest, cfg)
     if cfg.dit.lora_rank and cfg.train.merge_lora:
         dit, dit_cfg = lora.merge(params["dit"], cfg.dit)
         params, cfg = {**params, "dit": dit}, dataclasses.replace(cfg, dit=dit_cfg)
     # The training mesh is this run's: the model samples on whatever devices its user has.
     save_model(out / model_folder.ONESTORY, params, dataclasses.replace(cfg, mesh=MeshConfig()), force=True)
-    if jax.process_index() == 0 and (source := frozen_source(cfg)) is not None:
+    if jax.process_index() == 0 and (source := frozen_source(manifest, cfg)) is not None:
         copy_parts(source, out, [p for p in required_parts(cfg) if p != model_folder.ONESTORY])
 
 
