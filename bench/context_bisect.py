@@ -23,8 +23,9 @@ import optax
 from onestory_jax.config import load_config
 from onestory_jax.data import synthetic
 from onestory_jax.models.onestory import init_params
-from onestory_jax.sampling.components import load_for_sampling
-from onestory_jax.sharding import activate
+from onestory_jax.models.folder import folder_config, load_frozen_parts
+from onestory_jax.models.frozen import build_components
+from onestory_jax.sharding import activate, make_mesh
 from onestory_jax.training.losses import loss_at_sigmas, loss_fn
 
 Story = tuple[synthetic.SyntheticStory, np.ndarray, np.ndarray]  # story, latents [8, T, h, w, C], captions [8, Lt, D]
@@ -84,7 +85,11 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every latent by this (the latent scale)")
     ap.add_argument("--frozen", type=Path, default=Path("models/demo"), help="model folder of the VAE and text encoder")
     args = ap.parse_args()
-    _, _, comps, mesh = load_for_sampling(args.frozen, None, [], 0)
+    frozen_cfg = folder_config(args.frozen)
+    mesh = make_mesh(frozen_cfg.mesh)
+    with activate(mesh):
+        parts = load_frozen_parts(args.frozen, frozen_cfg, mesh, ["vae", "text_encoder"])
+    comps = build_components(frozen_cfg, parts, args.frozen / "tokenizer")
     with activate(mesh):
         train, held = stories(comps, 0, 300, args.latents), stories(comps, 10**6, 10, args.latents)
     if args.latents.startswith("vae-pca"):

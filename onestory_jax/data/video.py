@@ -5,7 +5,10 @@ without shot boundaries."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from onestory_jax.errors import UserError
@@ -99,16 +102,21 @@ def load_image(path: str | Path) -> np.ndarray:
         raise UserError(f"cannot read image '{path}': {e}") from None
 
 
-def image_clip(image: np.ndarray, frames: int) -> np.ndarray:
+def _xp(x: Any) -> Any:
+    """numpy for host arrays, jax.numpy for device arrays and tracers (the same code runs in a jitted scan)."""
+    return jnp if isinstance(x, jax.Array) else np
+
+
+def image_clip(image: Any, frames: int) -> Any:
     """What Wan's I2V encodes for a start image [H, W, 3] in [-1, 1]: the image, then frames - 1 zero frames."""
-    return np.concatenate([image[None], np.zeros((frames - 1, *image.shape), image.dtype)])
+    xp = _xp(image)
+    return xp.concatenate([image[None], xp.zeros((frames - 1, *image.shape), image.dtype)])
 
 
-def i2v_channels(image_latents: np.ndarray) -> np.ndarray:
+def i2v_channels(image_latents: Any) -> Any:
     """Wan2.1's I2V channels [T, h, w, 4 mask + C] from the latents of `image_clip` [T, h, w, C]: the 4
     mask channels (one per pixel frame of a latent frame) are 1 on latent frame 0 only."""
+    xp = _xp(image_latents)
     t, h, w, _ = image_latents.shape
-    mask = np.zeros((t, h, w, 4), np.float32)
-    mask[0] = 1.0
-    return np.concatenate([mask, image_latents.astype(np.float32)], axis=-1)
-
+    mask = xp.concatenate([xp.ones((1, h, w, 4), xp.float32), xp.zeros((t - 1, h, w, 4), xp.float32)])
+    return xp.concatenate([mask, image_latents.astype(xp.float32)], axis=-1)

@@ -34,6 +34,9 @@ def check_story_fits(story: Story, cfg: Config, available: int | None = None) ->
     """Raise a `UserError` if the story's sizes (its own, or the model's defaults) do not suit the model,
     or cannot fit in memory (`available` bytes; default: all devices together)."""
     story = with_sampler(story, cfg.sampler)
+    if not cfg.dit.has_image_branch and (n := next((i for i, s in enumerate(story.shots) if s.continues), None)) is not None:
+        raise UserError(f"shot {n + 1} continues the previous shot (no cut): that needs an image-to-video model, and this "
+                        "one is text-to-video")
     check_sizes(story, cfg)
     check_memory(story, cfg, device_memory() if available is None else available)
 

@@ -20,6 +20,7 @@ from jax.experimental import io_callback
 import numpy as np
 
 from onestory_jax.config import Config
+from onestory_jax.data.video import i2v_channels, image_clip
 from onestory_jax.diffusion.guidance import guided_velocity_fn
 from onestory_jax.diffusion.loop import sample as denoise
 from onestory_jax.diffusion.schedule import make_schedule
@@ -46,6 +47,7 @@ class StoryInputs:
     cond: Array | None  # [T, h, w, 20] I2V mask + image latent of shot 1 (zeros: none), or None for T2V
     image_tokens: Array | None  # [Li, image_dim] CLIP tokens of the start image (I2V), or None
     has_start_image: Array | None = None  # bool scalar (I2V): False = use shot 1's first frame
+    continues: Array | None = None  # [S] bool (I2V): the shot starts from the previous shot's last frame
 
 
 @flax.struct.dataclass
@@ -98,19 +100,22 @@ def next_shot(
     on_step: Callable[[Array], None] | None = None,
     image_tokens: Array | None = None,
     pair_sharding: jax.sharding.Sharding | None = None,
+    cond: Array | None = None,
 ) -> tuple[MemoryBank, ShotRecord]:
     """Generate shot `shot` (traced index) from the bank; returns the updated bank and its record.
 
     image_tokens [Li, image_dim]: the CLIP tokens conditioning this shot (I2V), else None.
     pair_sharding: where the [cond; uncond] CFG pair lives, e.g. split over the `data` mesh axis.
+    cond [T, h, w, 4 + C]: this shot's I2V channels (default: shot 1 gets the start image's, later shots
+    mask 0).
     """
     caption = inputs.text[shot]
     context, indices, scores, selected = context_for_shot(params, cfg, bank, caption, spec)
 
     image = None if image_tokens is None else image_tokens[None]
-    cond = None
-    if inputs.cond is not None:  # I2V channels: shot 1 gets the start image, later shots mask 0
-        cond = jnp.where(shot == 0, inputs.cond, jnp.zeros_like(inputs.cond))[None]
+    if cond is None and inputs.cond is not None:
+        cond = jnp.where(shot == 0, inputs.cond, jnp.zeros_like(inputs.cond))
+    cond = None if cond is None else cond[None]
 
     def dit_fn(x: Array, t: Array, conditioning: tuple[Array, ContextTokens, Any, Any]) -> Array:
         text, ctx, img, y = conditioning  # batch 2B: [cond; uncond]
@@ -152,12 +157,20 @@ def generate_story(
     max_shots, t, h, w, c = inputs.noise.shape
     bank = empty_bank(max_shots, t, h, w, c)
     tokens = inputs.image_tokens
+    follows = inputs.continues is not None and inputs.cond is not None  # shots continuing their previous one
+    carried = (inputs.cond, tokens) if follows else None  # the next shot's I2V channels and CLIP tokens
 
-    def body(carry: tuple[MemoryBank, Any], shot: Array) -> tuple[tuple[MemoryBank, Any], ShotRecord]:
-        bank, tokens = carry
+    def body(carry: tuple[MemoryBank, Any, Any], shot: Array) -> tuple[tuple[MemoryBank, Any, Any], ShotRecord]:
+        bank, tokens, carried = carry
         if on_shot is not None:
             jax.debug.callback(on_shot, shot)
-        bank, record = next_shot(params, cfg, spec, bank, inputs, shot, on_step, tokens, pair_sharding)
+        cond, shot_tokens = carried if follows else (None, tokens)
+        bank, record = next_shot(params, cfg, spec, bank, inputs, shot, on_step, shot_tokens, pair_sharding, cond)
+        if follows:  # the next shot starts from this one's last frame, or from nothing
+            nxt = jnp.minimum(shot + 1, max_shots - 1)
+            carried = jax.lax.cond(inputs.continues[nxt] & (shot + 1 < max_shots),
+                                   lambda: continuation(cfg, params, record.latents),
+                                   lambda: (jnp.zeros_like(inputs.cond), tokens))
         if on_shot_done is not None:  # hand a newly generated shot to the host now (e.g. to save it)
             new = inputs.active[shot] & ~inputs.done[shot]
             io_callback(on_shot_done, None, shot, new, record.latents, ordered=True)
@@ -166,10 +179,21 @@ def generate_story(
         elif cfg.dit.has_image_branch:  # without a start image, later shots see CLIP of shot 1's first frame
             from_shot1 = (shot == 0) & ~inputs.has_start_image
             tokens = jax.lax.cond(from_shot1, lambda: latent_to_image_tokens(cfg, params, record.latents[0]), lambda: tokens)
-        return (bank, tokens), record
+        if follows:  # a shot that does not continue sees the story's tokens (those just updated)
+            carried = (carried[0], jnp.where(inputs.continues[jnp.minimum(shot + 1, max_shots - 1)], carried[1], tokens))
+        return (bank, tokens, carried), record
 
-    _, records = jax.lax.scan(body, (bank, tokens), jnp.arange(max_shots))
+    _, records = jax.lax.scan(body, (bank, tokens, carried), jnp.arange(max_shots))
     return records
+
+
+def continuation(cfg: Config, params: dict[str, Any], latents: Array) -> tuple[Array, Array]:
+    """(I2V channels [T, h, w, 4 + C], CLIP tokens) of a shot that starts from the last decoded frame of
+    the shot with `latents` [T, h, w, C], as Wan's I2V conditions on a start image (traceable)."""
+    video = vae.decode(cfg.vae, params["vae"], latents[None])[0]  # [F, H, W, 3]
+    last = jnp.clip(video[-1], -1.0, 1.0)
+    clip = vae.encode(cfg.vae, params["vae"], image_clip(last, video.shape[0])[None])[0]
+    return i2v_channels(clip), image_tokens(cfg, params, last)
 
 
 class Progress:

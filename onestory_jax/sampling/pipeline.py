@@ -118,6 +118,7 @@ def encode_story(cfg: Config, comps: Components, story: Story, prepared: Prepare
         active=jnp.ones((n,), bool), done=jnp.asarray(done), done_latents=jnp.asarray(done_latents), cond=cond,
         image_tokens=None if prepared.image_tokens is None else jnp.asarray(prepared.image_tokens),
         has_start_image=jnp.asarray(story.start_image is not None),
+        continues=jnp.asarray([shot.continues for shot in story.shots]) if any(s.continues for s in story.shots) else None,
     )
 
 
@@ -202,7 +203,7 @@ def write_story(out: Path, cfg: Config, story: Story, prepared: PreparedStory, r
             for rank, (slot, score, used) in enumerate(zip(records.indices[i], records.scores[i], records.selected[i])) if used
         ]
         manifest_shots.append({
-            "shot": i + 1, "caption": story.shots[i].caption, "seed": story.shot_seed(i),
+            "shot": i + 1, "caption": story.shots[i].caption, "seed": story.shot_seed(i), "continues": story.shots[i].continues,
             "resumed": i < len(prepared.finished), "generated_because": prepared.reasons[i],
             "fingerprint": prepared.fingerprints[i], "memory": memory,
             "timings": {"denoise_s": shot_s.get(i), "decode_s": decode_s[i], "write_s": time.perf_counter() - t0},

@@ -56,6 +56,7 @@ def shot_inputs(story: Story, i: int, model_id: str) -> dict[str, Any]:
         "settings": dataclasses.asdict(story.settings), "memory": dataclasses.asdict(story.memory),
         **{k: (file_digest(p) if p is not None and p.is_file() else None) for k, p in start.items()},
         "model": model_id, **({"rerolled": True} if story.shots[i].rerolled else {}),
+        **({"continues": True} if story.shots[i].continues else {}),
     }
 
 

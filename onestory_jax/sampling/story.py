@@ -52,6 +52,7 @@ class MemorySettings:
 class Shot:
     caption: str
     seed: int | None = None
+    continues: bool = False  # no cut: starts from the previous shot's last frame (I2V), keeping its memory
     rerolled: bool = False  # its seed was drawn by `sample.py --redo` (not a story-file field)
 
 
@@ -142,7 +143,7 @@ def _shot(src: str, i: int, data: Any) -> Shot:
     where = f"{src}: shots[{i}]"
     if isinstance(data, str):
         data = {"caption": data}
-    data = _check_keys(where, data, {"caption", "seed"})
+    data = _check_keys(where, data, {"caption", "seed", "continue"})
     caption = data.get("caption")
     if isinstance(caption, bool):  # YAML 1.1: `caption: yes` is True
         raise UserError(f"{where}.caption: must be a non-empty string, got {caption} (YAML reads yes/no/on/off as "
@@ -152,7 +153,12 @@ def _shot(src: str, i: int, data: Any) -> Shot:
     seed = data.get("seed")
     if seed is not None:
         _check_seed(f"{where}.seed", _typed(f"{where}.seed", seed, _INT))
-    return Shot(caption=caption.strip(), seed=seed)
+    continues = data.get("continue", False)
+    if not isinstance(continues, bool):
+        raise UserError(f"{where}.continue: expected true or false, got {continues!r}")
+    if continues and i == 1:
+        raise UserError(f"{where}.continue: the first shot has no shot to continue")
+    return Shot(caption=caption.strip(), seed=seed, continues=continues)
 
 
 def _path(src: str, base: Path, field: str, value: Any) -> Path | None:
@@ -196,7 +202,50 @@ def load_story(path: str | Path) -> Story:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"{path.name}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {str(e).splitlines()[0]}") from None
+    if isinstance(data, dict) and "scenes" in data and "shots" not in data:
+        data = from_scene_script(data, path.name)
+    elif isinstance(data, dict) and "shots" not in data:
+        raise UserError(f"{path.name}: not a story: expected `shots:` (our format, README) or `scenes:` (a scene script "
+                        "as StoryMem's ST-Bench ships them), found {', '.join(sorted(map(str, data))) or 'nothing'}")
     return parse_story(data, path.name, path.parent)
+
+
+def _flag(value: Any, where: str) -> bool:
+    """A scene script's boolean: true/false, or the strings "True"/"False" those files use."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise UserError(f"{where}: expected True or False, got {value!r}")
+
+
+def from_scene_script(data: dict[str, Any], src: str) -> dict[str, Any]:
+    """Our story mapping from a scene script (StoryMem's ST-Bench format): `scenes` in order, each with
+    `video_prompts` (one shot each) and `cut`, one flag per prompt or one for the scene's first prompt
+    (its other prompts are cuts); a prompt with cut False continues the previous shot (`continue`).
+    `story_name`, `story_overview`, `scene_num` and `first_frame_prompt` (an image prompt: there is no
+    text-to-image model here) are not used."""
+    scenes = data["scenes"]
+    if not isinstance(scenes, list) or not scenes:
+        raise UserError(f"{src}: scenes: must be a non-empty list")
+    shots = []
+    for n, scene in enumerate(scenes, 1):
+        where = f"{src}: scenes[{n}]"
+        if not isinstance(scene, dict):
+            raise UserError(f"{where}: must be a mapping")
+        prompts = scene.get("video_prompts")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, list) or not prompts:
+            raise UserError(f"{where}.video_prompts: must be a non-empty list of prompts")
+        cuts = scene.get("cut", True)
+        cuts = [_flag(c, f"{where}.cut") for c in cuts] if isinstance(cuts, list) else [_flag(cuts, f"{where}.cut")]
+        if len(cuts) not in (1, len(prompts)):
+            raise UserError(f"{where}.cut: {len(cuts)} flags for {len(prompts)} video_prompts")
+        cuts = cuts + [True] * (len(prompts) - len(cuts))
+        for prompt, cut in zip(prompts, cuts):
+            shots.append({"caption": prompt, **({"continue": True} if not cut and shots else {})})
+    return {"shots": shots}
 
 
 def with_sampler(story: Story, sampler: SamplerConfig) -> Story:
