@@ -20,6 +20,7 @@ Array = jax.Array
 #   labels [B, F]             frame-relevance pseudo-labels (real: similarity; inserted -1; augmented 0)
 #   text [B, Lt, text_dim]    caption embedding of the target shot
 #   image [B, Li, image_dim], cond [B, T, h, w, 20]   I2V only
+#   loss_weight [B, T, h, w]  optional weight of each latent cell in L_shot
 Batch = dict[str, Array]
 
 
@@ -57,10 +58,15 @@ def select_and_condition(params: dict, batch: Batch, warm: Array, rng: Array, ke
 
 def shot_loss(params: dict, batch: Batch, context: ContextTokens, text: Array, sigma: Array, noise: Array,
               cfg: Config) -> Array:
-    """Rectified-flow MSE on the target shot's noise tokens at per-sample sigmas [B]."""
+    """Rectified-flow MSE on the target shot's noise tokens at per-sample sigmas [B]; weighted per latent
+    cell by batch["loss_weight"] [B, T, h, w] when given (e.g. the characters' cells up-weighted)."""
     x0 = batch["target"]
     v = velocity(params, cfg, add_noise(x0, noise, sigma), sigma * 1000.0, text, batch.get("image"), batch.get("cond"), context)
-    return jnp.mean((v.astype(jnp.float32) - velocity_target(x0, noise)) ** 2)
+    err = (v.astype(jnp.float32) - velocity_target(x0, noise)) ** 2
+    if "loss_weight" not in batch:
+        return jnp.mean(err)
+    weight = batch["loss_weight"][..., None].astype(jnp.float32)
+    return jnp.sum(weight * err) / (jnp.maximum(jnp.sum(weight), 1e-6) * err.shape[-1])
 
 
 def loss_fn(params: dict, batch: Batch, rng: Array, warm: Array, cfg: Config) -> tuple[Array, dict[str, Array]]:
