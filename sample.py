@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             check_not_foreign(out)
         cfg, params, comps, mesh = load_for_sampling(args.checkpoint, args.config, args.overrides, args.seed or 0,
                                                      args.tokenizer, check=check, allow_random=args.allow_random)
-        model_id = model_identity(args.checkpoint, to_dict(cfg), args.seed or 0)
+        model_id = model_identity(args.checkpoint, to_dict(cfg), args.seed or 0, args.tokenizer)
         for story, out in zip(stories, outs):
             story = with_rerolls(out, with_sampler(story, cfg.sampler), model_id)  # re-rolls stay until their shot is edited
             if args.redo is not None and not args.same_seed:

@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
-from onestory_jax.errors import UserError
+from onestory_jax.errors import UserError, shown
+from onestory_jax.io import load_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -470,10 +471,10 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             continue
         ok, coerced = _type_ok(value, tp)
         if not ok:
-            raise UserError(f"config key '{prefix}{key}' has value {value!r}, expected {_type_name(tp)}")
+            raise UserError(f"config key '{prefix}{key}' has value {shown(value)}, expected {_type_name(tp)}")
         values = coerced if isinstance(coerced, tuple) else (coerced,)
         if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-            raise UserError(f"config key '{prefix}{key}' must be finite, got {value!r}")
+            raise UserError(f"config key '{prefix}{key}' must be finite, got {shown(value)}")
         kwargs[key] = coerced
     return cls(**kwargs)
 
@@ -513,7 +514,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = Conf
             if i == len(parts) - 1:
                 if dataclasses.is_dataclass(hints[part]):
                     raise UserError(f"config key '{key}' is a section; set one of its fields")
-                node[part] = yaml.safe_load(raw) if raw.strip() else ""
+                node[part] = load_yaml(raw) if raw.strip() else ""
             else:
                 if not dataclasses.is_dataclass(hints[part]):
                     raise UserError(f"config key '{'.'.join(parts[: i + 1])}' has no sub-keys")
@@ -550,7 +551,7 @@ def _read_preset(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """A preset's dict; a top-level `base: NAME` is read first and this file merged over it."""
     path = preset_path(name)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"config file '{path}' is not valid YAML: {e}") from None
     if not isinstance(data, dict):

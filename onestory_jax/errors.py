@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import reprlib
 import sys
 from collections.abc import Callable
+from typing import Any
 
 
 class UserError(Exception):
@@ -21,3 +23,9 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """repr of a user's value for an error message, cut to `limit` characters (it may be huge)."""
+    text = reprlib.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

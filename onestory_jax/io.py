@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 import numpy as np
 
 from onestory_jax.errors import UserError
@@ -124,3 +126,18 @@ def save_json(path: Path, data: Any) -> None:
 def shot_name(i: int, suffix: str) -> str:
     """The run-folder file of shot i (0-based): `shot_01.mp4` for i = 0."""
     return f"shot_{i + 1:02d}{suffix}"
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.SafeLoader refusing aliases (*name): a few bytes of nested aliases expand to gigabytes."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"aliases (*name) are not supported, line {mark.line + 1}")
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML (safe, no aliases: a story or config has no need of them, and they can expand without bound)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)

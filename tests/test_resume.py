@@ -131,3 +131,43 @@ def test_full_disk_while_saving_a_shot_is_one_line_and_leaves_nothing(tmp_path, 
     (tmp_path / "afile").write_text("x")
     with pytest.raises(UserError, match="cannot write .*afile/shot_01.npy': a part of its path is a file, not a folder"):
         resume.save_shot(tmp_path / "afile", 0, np.zeros(SHAPE, np.float32), inputs[0], prints[0])
+
+
+def test_a_fresh_run_says_not_generated_and_fps_keeps_shots(tmp_path):
+    _, reasons = resume.reusable_shots(tmp_path, _story(), "m", SHAPE)
+    assert reasons == ["not generated yet"] * 3
+    _save_all(tmp_path, _story())
+    faster = _story(settings=dataclasses.replace(_story().settings, fps=30))
+    assert resume.reusable_shots(tmp_path, faster, "m", SHAPE)[1] == [None, None, None]  # only the mp4s change
+
+
+def test_the_tokenizer_is_part_of_the_model(tmp_path):
+    for name, text in (("a", "one"), ("b", "two")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.json").write_text(text)
+    ids = {resume.model_identity(None, {}, 0, tokenizer) for tokenizer in (None, tmp_path / "a", tmp_path / "b")}
+    assert len(ids) == 3
+
+
+@pytest.mark.parametrize("name", ["story.mp4", "contact_sheet.png", "shot_01.mp4", "shot_02.json"])
+def test_files_sample_py_did_not_write_are_not_overwritten(tmp_path, name):
+    (tmp_path / name).write_text("mine")
+    with pytest.raises(resume.UserError, match=f"holds {name}, which sample.py did not write"):
+        resume.check_not_foreign(tmp_path)
+    _save_all(tmp_path / "run", _story())  # an interrupted run's shots, with their records, are ours
+    resume.check_not_foreign(tmp_path / "run")
+
+
+def test_yaml_aliases_are_refused_in_one_short_line(tmp_path):
+    from onestory_jax.errors import UserError
+    from onestory_jax.sampling.story import load_story
+
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
+    (tmp_path / "s.yaml").write_text(bomb + "shots: *c\n")
+    with pytest.raises(UserError, match="aliases") as e:
+        load_story(tmp_path / "s.yaml")
+    assert len(str(e.value)) < 200
+    (tmp_path / "t.yaml").write_text("shots: [{caption: a, seed: " + "[1, 2, 3, 4, 5, 6, 7, 8] " * 0 + "'" + "9" * 10000 + "'}]\n")
+    with pytest.raises(UserError) as e:
+        load_story(tmp_path / "t.yaml")
+    assert len(str(e.value)) < 200

@@ -21,6 +21,7 @@ from onestory_jax.errors import UserError
 from onestory_jax.sampling import outputs
 from onestory_jax.sampling.story import Story, reroll
 
+NOT_GENERATED = "not generated yet"
 SMALL_FILE = 1 << 20  # model files hashed by content up to this size (configs, orbax metadata and manifests)
 
 
@@ -33,11 +34,13 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def model_identity(checkpoint: Path | None, config: dict[str, Any], seed: int) -> str:
+def model_identity(checkpoint: Path | None, config: dict[str, Any], seed: int, tokenizer: Path | None = None) -> str:
     """A hash naming the model: its config, and the checkpoint's small files by content (orbax
     manifests change whenever the weights are rewritten) and large ones by name and size; or the seed
-    of random weights."""
+    of random weights. A tokenizer given apart from the checkpoint (--tokenizer) counts by content."""
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for path in sorted(p for p in Path(tokenizer).rglob("*") if p.is_file()) if tokenizer is not None else ():
+        h.update(f"tokenizer {path.relative_to(tokenizer)}:{file_digest(path)}".encode())
     if checkpoint is None:
         h.update(f"random weights, seed {seed}".encode())
         return h.hexdigest()
@@ -53,7 +56,9 @@ def shot_inputs(story: Story, i: int, model_id: str) -> dict[str, Any]:
     start = {"start_image": story.start_image, "start_video": story.start_video}
     return {
         "caption": story.shots[i].caption, "seed": story.shot_seed(i),
-        "settings": dataclasses.asdict(story.settings), "memory": dataclasses.asdict(story.memory),
+        # fps only changes how the mp4s play: a new fps rewrites them, it does not regenerate shots
+        "settings": {k: v for k, v in dataclasses.asdict(story.settings).items() if k != "fps"},
+        "memory": dataclasses.asdict(story.memory),
         **{k: (file_digest(p) if p is not None and p.is_file() else None) for k, p in start.items()},
         "model": model_id, **({"rerolled": True} if story.shots[i].rerolled else {}),
         **({"continues": True} if story.shots[i].continues else {}),
@@ -97,18 +102,33 @@ def _changed(saved: dict[str, Any], now: dict[str, Any]) -> str:
     return "changed: " + ", ".join(keys) if keys else "an earlier shot changed"
 
 
-def check_not_foreign(out: Path) -> None:
-    """Refuse an --out whose manifest.json sample.py did not write: a run would overwrite it (and story.mp4)."""
-    manifest = out / "manifest.json"
-    if not manifest.is_file():
-        return
+def _ours(path: Path, keys: set[str]) -> bool:
+    """Whether a JSON file is one sample.py wrote (an object with these keys)."""
     try:
-        ours = {"story", "shots"} <= set(json.loads(manifest.read_text()))
-    except (OSError, ValueError, TypeError):
-        ours = False
-    if not ours:
-        raise UserError(f"--out '{out}' holds a manifest.json that sample.py did not write: a run would overwrite it "
-                        "(and story.mp4, contact_sheet.png); pick another --out")
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and keys <= set(data)
+
+
+def check_not_foreign(out: Path) -> None:
+    """Refuse an --out holding files of the names sample.py writes that it did not write: a run would
+    overwrite them. With its manifest.json, the folder is a run's; without, only shots saved with their
+    records (an interrupted run) may be there."""
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        if not _ours(manifest, {"story", "shots"}):
+            raise UserError(f"--out '{out}' holds a manifest.json that sample.py did not write: a run would overwrite it "
+                            "(and story.mp4, contact_sheet.png); pick another --out")
+        return
+    foreign = [p.name for p in (out / "story.mp4", out / "contact_sheet.png") if p.exists()]
+    for path in sorted(out.glob("shot_*")) if out.is_dir() else ():
+        record = out / f"{path.name.split('.')[0]}.json"
+        if not _ours(record, {"fingerprint", "inputs"}):
+            foreign.append(path.name)
+    if foreign:
+        raise UserError(f"--out '{out}' holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which sample.py "
+                        "did not write (no manifest.json, no shot record): a run would overwrite it; pick another --out")
 
 
 def reusable_shots(out: Path, story: Story, model_id: str, latent_shape: tuple[int, ...],
@@ -121,9 +141,9 @@ def reusable_shots(out: Path, story: Story, model_id: str, latent_shape: tuple[i
     kept: list[np.ndarray] = []
     reasons: list[str | None] = []
     for i in range(len(story.shots)):
-        reason = None if not reasons or reasons[-1] is None else "an earlier shot is regenerated"
-        if reason is None:
-            reason = _check_saved(out, i, latent_shape, inputs[i], prints[i], redo)
+        reason = _check_saved(out, i, latent_shape, inputs[i], prints[i], redo)
+        if reasons and reasons[-1] is not None and reason != NOT_GENERATED:
+            reason = "an earlier shot is regenerated"
         if reason is None:
             kept.append(np.load(out / outputs.shot_name(i, ".npy")))
         reasons.append(reason)
@@ -137,7 +157,7 @@ def _check_saved(out: Path, i: int, latent_shape: tuple[int, ...], inputs: dict[
         return f"--redo {redo}"
     npy, record = out / outputs.shot_name(i, ".npy"), out / outputs.shot_name(i, ".json")
     if not npy.is_file() or not record.is_file():
-        return "not generated yet"
+        return NOT_GENERATED
     try:
         saved = json.loads(record.read_text())
         lat = np.load(npy)

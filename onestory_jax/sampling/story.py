@@ -15,7 +15,8 @@ from typing import Any, Literal
 import yaml
 
 from onestory_jax.config import SamplerConfig
-from onestory_jax.errors import UserError
+from onestory_jax.errors import UserError, shown
+from onestory_jax.io import load_yaml
 
 STRATEGIES = ("onestory", "last_frame", "uniform", "recent", "none")
 SOLVERS = ("unipc", "euler")
@@ -90,9 +91,9 @@ def _check_keys(where: str, data: Any, allowed: set[str], sep: str = ".") -> dic
 
 def _typed(where: str, value: Any, types: tuple[type, ...]) -> Any:
     if isinstance(value, bool) or not isinstance(value, types):
-        raise UserError(f"{where}: expected {'/'.join(t.__name__ for t in types)}, got {value!r}")
+        raise UserError(f"{where}: expected {'/'.join(t.__name__ for t in types)}, got {shown(value)}")
     if types is _FLOAT and not math.isfinite(value):  # NaN would pass every range check and poison the video
-        raise UserError(f"{where}: must be a finite number, got {value!r}")
+        raise UserError(f"{where}: must be a finite number, got {shown(value)}")
     return float(value) if types is _FLOAT else value
 
 
@@ -117,7 +118,7 @@ def _settings(src: str, data: Any) -> Settings:
     if s.shift is not None and s.shift <= 0:
         raise UserError(f"{src}: settings.shift: must be > 0")
     if s.solver is not None and s.solver not in SOLVERS:
-        raise UserError(f"{src}: settings.solver: {s.solver!r} is not one of {', '.join(SOLVERS)}")
+        raise UserError(f"{src}: settings.solver: {shown(s.solver)} is not one of {', '.join(SOLVERS)}")
     if s.fps is not None and s.fps < 1:
         raise UserError(f"{src}: settings.fps: must be >= 1")
     return s
@@ -131,7 +132,7 @@ def _memory(src: str, data: Any) -> MemorySettings:
         k=None if data.get("k") is None else _typed(f"{src}: memory.k", data["k"], _INT),
     )
     if m.strategy not in STRATEGIES:
-        raise UserError(f"{src}: memory.strategy: {m.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        raise UserError(f"{src}: memory.strategy: {shown(m.strategy)} is not one of {', '.join(STRATEGIES)}")
     if m.budget not in (1, 2, 3):
         raise UserError(f"{src}: memory.budget: {m.budget} is not 1, 2 or 3")
     if m.k is not None and m.k < 1:
@@ -155,7 +156,7 @@ def _shot(src: str, i: int, data: Any) -> Shot:
         _check_seed(f"{where}.seed", _typed(f"{where}.seed", seed, _INT))
     continues = data.get("continue", False)
     if not isinstance(continues, bool):
-        raise UserError(f"{where}.continue: expected true or false, got {continues!r}")
+        raise UserError(f"{where}.continue: expected true or false, got {shown(continues)}")
     if continues and i == 1:
         raise UserError(f"{where}.continue: the first shot has no shot to continue")
     return Shot(caption=caption.strip(), seed=seed, continues=continues)
@@ -199,7 +200,7 @@ def load_story(path: str | Path) -> Story:
         raise UserError(f"story file '{path}' does not exist")
     try:
         text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else load_yaml(text)
     except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"{path.name}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {str(e).splitlines()[0]}") from None
     if isinstance(data, dict) and "scenes" in data and "shots" not in data:
@@ -216,7 +217,7 @@ def _flag(value: Any, where: str) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    raise UserError(f"{where}: expected True or False, got {value!r}")
+    raise UserError(f"{where}: expected True or False, got {shown(value)}")
 
 
 def from_scene_script(data: dict[str, Any], src: str) -> dict[str, Any]:
