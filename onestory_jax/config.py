@@ -329,6 +329,7 @@ class SamplerConfig:
     shift: float = 3.0
     guidance: float = 5.0  # classifier-free guidance scale on text (1.0: no unconditional pass)
     negative_prompt: str = ""  # "": the null text (all-zero embedding) that training drops captions to
+    cache: float = 0.0  # step caching threshold (diffusion/loop.py; 0 = off: every step runs the DiT)
     # A story's default shot size: the size the model was trained at (train.py exports its data's).
     width: int = 832
     height: int = 480
@@ -343,6 +344,8 @@ class SamplerConfig:
                             f"{self.width}x{self.height}x{self.frames} at {self.fps} fps")
         if self.shift <= 0:
             raise UserError(f"sampler.shift must be > 0, got {self.shift}")
+        if self.cache < 0:
+            raise UserError(f"sampler.cache must be >= 0 (0 = off), got {self.cache}")
 
 
 @dataclasses.dataclass(frozen=True)

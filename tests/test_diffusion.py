@@ -170,3 +170,30 @@ def test_on_step_and_sharded_cfg_pair():
     got = jax.jit(lambda x: cfg_pair(fn, x, 0.1, cond, uncond, 5.0, sh))(x)
     want = cfg_combine(fn(x, 0.1, cond), fn(x, 0.1, uncond), 5.0)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_step_cache_skips_the_model_while_the_input_barely_moves():
+    """cache=0 and a threshold no change reaches run the model every step (same result); a threshold
+    every change stays under runs only steps 0, 1 and the last; a middle one, some of them."""
+    from jax.experimental import io_callback
+
+    from onestory_jax.diffusion.loop import sample
+
+    calls = []
+
+    def velocity(x, t):
+        io_callback(lambda: calls.append(1), None, ordered=True)
+        return x * 0.3 - 0.1 * jnp.sin(x) + t / 1000.0
+
+    sched = make_schedule("wan", 12, 3.0)
+    x = jax.random.normal(jax.random.key(0), (1, 2, 4, 4, 3))
+    run = lambda cache: (calls.clear(), np.asarray(jax.jit(lambda x: sample(velocity, x, sched.sigmas, "unipc", sched.timesteps,
+                                                                              cache=cache))(x)), len(calls))[1:]
+    exact, n_exact = run(0.0)
+    tiny, n_tiny = run(1e-12)
+    np.testing.assert_array_equal(tiny, exact)
+    assert n_exact == n_tiny == 12
+    coarse, n_coarse = run(1e9)
+    assert n_coarse == 3 and np.isfinite(coarse).all()
+    _, n_mid = run(0.05)
+    assert 3 < n_mid < 12

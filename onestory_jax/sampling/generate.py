@@ -70,6 +70,7 @@ class GenerationSpec:
     timesteps: tuple[float, ...]  # [N] model timesteps
     solver: str
     guidance: float
+    cache: float = 0.0  # step caching threshold (0 = off)
 
 
 def context_for_shot(
@@ -129,7 +130,8 @@ def next_shot(
 
     def generate() -> Array:
         x_t = inputs.noise[shot][None]
-        return denoise(guided, x_t, np.asarray(spec.sigmas), spec.solver, np.asarray(spec.timesteps), on_step=on_step)[0]
+        return denoise(guided, x_t, np.asarray(spec.sigmas), spec.solver, np.asarray(spec.timesteps), on_step=on_step,
+                       cache=spec.cache)[0]
 
     skip = lambda: jnp.where(inputs.done[shot], inputs.done_latents[shot], 0.0)
     latents = jax.lax.cond(inputs.active[shot] & ~inputs.done[shot], generate, skip)
@@ -239,12 +241,13 @@ def latent_to_image_tokens(cfg: Config, params: dict[str, Any], z: Array) -> Arr
 
 
 def generation_spec(cfg: Config, strategy: str, k: int | None, latent_hw: tuple[int, int], steps: int, shift: float,
-                    solver: str, guidance: float) -> GenerationSpec:
-    """The static spec of a story program: memory strategy and K, the solver's sigma grid, guidance."""
+                    solver: str, guidance: float, cache: float = 0.0) -> GenerationSpec:
+    """The static spec of a story program: memory strategy and K, the solver's sigma grid, guidance,
+    step caching."""
     sched = make_schedule("wan" if solver == "unipc" else "euler", steps, shift)
     return GenerationSpec(strategy=strategy, k=selection_k(cfg, strategy, latent_hw, k),
                           sigmas=tuple(sched.sigmas.tolist()), timesteps=tuple(sched.timesteps.tolist()),
-                          solver=solver, guidance=guidance)
+                          solver=solver, guidance=guidance, cache=cache)
 
 
 def abstract_story_inputs(cfg: Config, shots: int, latent_shape: tuple[int, int, int, int]) -> StoryInputs:

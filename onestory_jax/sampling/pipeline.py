@@ -127,7 +127,8 @@ def story_spec(cfg: Config, story: Story) -> tuple[Config, GenerationSpec]:
     s = with_sampler(story, cfg.sampler).settings
     cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, budget=story.memory.budget))
     hw = latent_shape(cfg, story)[1:3]
-    return cfg, generation_spec(cfg, story.memory.strategy, story.memory.k, hw, s.steps, s.shift, s.solver, s.guidance)
+    return cfg, generation_spec(cfg, story.memory.strategy, story.memory.k, hw, s.steps, s.shift, s.solver, s.guidance,
+                                s.cache)
 
 
 def run_story(cfg: Config, params: dict, spec: GenerationSpec, inputs: StoryInputs,

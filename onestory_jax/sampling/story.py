@@ -37,9 +37,10 @@ class Settings:
     shift: float | None = None
     solver: Literal["unipc", "euler"] | None = None
     negative_prompt: str | None = None
+    cache: float | None = None  # step caching threshold (0 = off)
 
 
-SAMPLER_FIELDS = ("steps", "guidance", "shift", "solver", "negative_prompt", "width", "height", "frames", "fps")  # = config.SamplerConfig's
+SAMPLER_FIELDS = ("steps", "guidance", "shift", "solver", "negative_prompt", "cache", "width", "height", "frames", "fps")  # = config.SamplerConfig's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,7 @@ class Story:
 
 _INT, _FLOAT, _STR = (int,), (int, float), (str,)
 _SETTING_TYPES = {"width": _INT, "height": _INT, "frames": _INT, "fps": _INT, "seed": _INT, "steps": _INT,
-                  "guidance": _FLOAT, "shift": _FLOAT, "solver": _STR, "negative_prompt": _STR}
+                  "guidance": _FLOAT, "shift": _FLOAT, "solver": _STR, "negative_prompt": _STR, "cache": _FLOAT}
 
 
 def _check_keys(where: str, data: Any, allowed: set[str], sep: str = ".") -> dict:
@@ -117,6 +118,8 @@ def _settings(src: str, data: Any) -> Settings:
     _check_seed(f"{src}: settings.seed", s.seed)
     if s.shift is not None and s.shift <= 0:
         raise UserError(f"{src}: settings.shift: must be > 0")
+    if s.cache is not None and s.cache < 0:
+        raise UserError(f"{src}: settings.cache: must be >= 0 (0 = off)")
     if s.solver is not None and s.solver not in SOLVERS:
         raise UserError(f"{src}: settings.solver: {shown(s.solver)} is not one of {', '.join(SOLVERS)}")
     if s.fps is not None and s.fps < 1:
