@@ -145,17 +145,29 @@ def _bad_sources(diffusers_source, root: Path) -> dict[str, Path]:
     mismatched = Path(shutil.copytree(src, root / "mismatched"))
     config = json.loads((mismatched / "config.json").read_text())
     (mismatched / "config.json").write_text(json.dumps({**config, "num_layers": 3}))
+    from safetensors.numpy import load_file, save_file
+
+    broken = {}
+    for case, spoil in (("nan weights", lambda a: np.where(np.arange(a.size).reshape(a.shape) == 0, np.nan, a).astype(a.dtype)),
+                        ("integer weights", lambda a: a.astype(np.int32))):
+        folder = Path(shutil.copytree(src, root / case.replace(" ", "-")))
+        tensors = load_file(folder / "diffusion_pytorch_model.safetensors")
+        name = sorted(tensors)[0]
+        save_file({**tensors, name: spoil(tensors[name])}, folder / "diffusion_pytorch_model.safetensors")
+        broken[case] = folder
     return {"wrong dir": root / "nowhere", "another architecture": other, "truncated": truncated,
-            "config not matching weights": mismatched}
+            "config not matching weights": mismatched, **broken}
 
 
 def test_bad_inputs_fail_with_one_line(diffusers_source, tmp_path, capsys):
     expected = {"wrong dir": "is not a directory", "another architecture": "UNet2DConditionModel",
-                "truncated": "truncated", "config not matching weights": "missing: blocks.2."}
+                "truncated": "truncated", "config not matching weights": "missing: blocks.2.",
+                "nan weights": "holds NaN or Inf", "integer weights": "holds int32 values"}
     for case, src in _bad_sources(diffusers_source, tmp_path).items():
         out = tmp_path / "out" / case.replace(" ", "-")
         code, err = _run_cli(["--component", "dit", "--source", str(src), "--out", str(out), "--config", "tiny"], capsys)
         assert code == 2, case
+        err = err.split("\r")[-1]  # after the progress bar of a source whose keys were right
         assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (case, err)
         assert expected[case] in err, (case, err)
         assert not out.exists() and not (tmp_path / "out").exists(), case

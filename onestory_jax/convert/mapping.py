@@ -111,6 +111,18 @@ def check_keys(shapes: TensorShapes, expected: Mapping[str, Shape], ignored: Cal
         raise UserError(f"checkpoint does not match the {what}: " + "; ".join(parts))
 
 
+def checked(name: str, tensor: Any) -> np.ndarray:
+    """A source tensor as numpy, refused unless it holds finite floating-point weights (a NaN weight, or
+    weights stored as integers, would convert silently into a broken model)."""
+    array = np.asarray(tensor)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise UserError(f"source tensor '{name}' holds {array.dtype} values, not floating-point weights: a corrupt or "
+                        "mislabelled checkpoint")
+    if not np.isfinite(array).all():
+        raise UserError(f"source tensor '{name}' holds NaN or Inf: the checkpoint is corrupt or from a diverged run")
+    return array
+
+
 def build_tree(sources: Iterable[Source], abstract: Any, read: ReadTensor, dtype: Any,
                progress: Callable[[Source], None] | None = None) -> dict:
     """The Flax param tree in `dtype`, read tensor by tensor; `progress` is called after each leaf."""
@@ -120,9 +132,9 @@ def build_tree(sources: Iterable[Source], abstract: Any, read: ReadTensor, dtype
         value = np.empty(shape, dtype)
         if src.stacked:
             for i, name in enumerate(src.names):
-                value[i] = src.to_flax(np.asarray(read(name)), shape[1:])
+                value[i] = src.to_flax(checked(name, read(name)), shape[1:])
         else:
-            value[...] = src.to_flax(np.asarray(read(src.names[0])), shape)
+            value[...] = src.to_flax(checked(src.names[0], read(src.names[0])), shape)
         node = params
         for k in src.path[:-1]:
             node = node.setdefault(k, {})
@@ -179,5 +191,5 @@ class ModelMap:
             return build_tree(srcs, abstract, read, dtype)
         from tqdm import tqdm
 
-        with tqdm(total=sum(len(s.names) for s in srcs), unit="tensor", desc=bar) as progress:
+        with tqdm(total=sum(len(s.names) for s in srcs), unit="tensor", desc=bar, leave=False) as progress:
             return build_tree(srcs, abstract, read, dtype, lambda src: progress.update(len(src.names)))
