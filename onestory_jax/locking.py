@@ -50,9 +50,24 @@ def folder_lock(folder: str | Path, what: str, name: str = LOCK_NAME) -> Iterato
 
 def _acquire(lock: Path, what: str, folder: Path) -> dict[str, Any]:
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    # The lock appears whole or not at all: written to a private file, then hard-linked to its name (which
+    # fails if it exists). A full disk leaves no empty lock to block every later run.
+    mine = lock.with_name(f"{lock.name}.{os.getpid()}.tmp")
+    try:
+        mine.write_text(json.dumps(me))
+    except OSError as e:
+        mine.unlink(missing_ok=True)
+        raise UserError(f"{what} '{folder}' is not writable: {e.strerror or e}") from None
+    try:
+        return _link_lock(mine, lock, me, what, folder)
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def _link_lock(mine: Path, lock: Path, me: dict[str, Any], what: str, folder: Path) -> dict[str, Any]:
     for _ in range(5):  # a few rounds: others may take over the same stale lock at the same time
         try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.link(mine, lock)
         except FileExistsError:
             holder = _read(lock)
             if holder is None or not _stale(holder):
@@ -63,8 +78,6 @@ def _acquire(lock: Path, what: str, folder: Path) -> dict[str, Any]:
             continue
         except OSError as e:
             raise UserError(f"{what} '{folder}' is not writable: {e.strerror or e}") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
         return me
     raise UserError(_busy(what, folder, lock, _read(lock)))
 

@@ -92,3 +92,25 @@ def test_cli_refuses_a_story_that_cannot_fit_or_a_foreign_out_before_any_model(t
     code, err = cli("sample", ["--config", "tiny", "--story", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "mine")], capsys)
     assert code == 2 and "holds a manifest.json that sample.py did not write" in err and err.count("\n") == 1, err
     assert (tmp_path / "mine" / "manifest.json").read_text() == '{"notes": "mine"}'
+
+
+def test_a_full_disk_while_locking_leaves_no_lock(tmp_path, monkeypatch):
+    """Probe M5: the lock is written whole (a private file, then a hard link), so a failed write leaves
+    nothing that would block later runs."""
+    import errno
+
+    real = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name.startswith(".lock"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(UserError, match="not writable: No space left on device"):
+        with folder_lock(tmp_path, "--out"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(Path, "write_text", real)
+    with folder_lock(tmp_path, "--out"):  # the next run takes it
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
