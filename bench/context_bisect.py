@@ -22,6 +22,7 @@ import optax
 
 from onestory_jax.config import load_config
 from onestory_jax.data import synthetic
+from onestory_jax.data.prepare import character_cells
 from onestory_jax.models.onestory import init_params
 from onestory_jax.models.folder import folder_config, load_frozen_parts
 from onestory_jax.models.frozen import build_components
@@ -39,13 +40,6 @@ def pooled(video: np.ndarray) -> np.ndarray:
     return grouped.reshape(3, 8, 8, 8, 8, 3).mean((2, 4))
 
 
-def cells(masks: np.ndarray) -> np.ndarray:
-    """uint8 character masks [9, 64, 64] -> the share of each latent cell [3, 8, 8] the character covers."""
-    m = masks.astype(np.float32) > 0
-    grouped = np.stack([m[0], m[1:5].mean(0), m[5:9].mean(0)])
-    return grouped.reshape(3, 8, 8, 8, 8).mean((2, 4))
-
-
 def stories(comps, first: int, n: int, kind: str) -> list[Story]:
     out = []
     pooled_std = 1.0 if kind == "pooled" else 0.37  # vae+pooled: the colour channels at about the VAE's unit std
@@ -56,7 +50,7 @@ def stories(comps, first: int, n: int, kind: str) -> list[Story]:
         latents = [np.concatenate(([comps.encode_video(v.astype(np.float32) / 127.5 - 1)] if kind != "pooled" else [])
                                   + ([pooled(v) / pooled_std] if kind in ("pooled", "vae+pooled") else []), -1) for v in videos]
         out.append((story, np.stack(latents), comps.encode_text([s.caption for s in story.shots]),
-                    np.stack([cells(m) for _, m in renders])))
+                    np.stack([character_cells(m, (8, 8)) for _, m in renders])))
     return out
 
 

@@ -173,6 +173,9 @@ class TrainConfig:
     # Real triplets: consecutive shots, or recall = the target's latest earlier appearance + the shot before it
     memory_pick: Literal["consecutive", "recall"] = "consecutive"
     first_shot_prob: float = 0.0  # I2V: share of examples that generate shot 1 from its first frame, no memory
+    # L_shot weighs each latent cell 1 + W x the share of it characters cover (records with character_cells,
+    # i.e. synthetic stories; others weigh 1): the character, a small part of a frame, carries identity.
+    character_loss_weight: float = 0.0
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     log_every: int = 10
@@ -185,6 +188,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise UserError(f"train.{name} must be in [0, 1], got {v}")
+        if self.character_loss_weight < 0:
+            raise UserError(f"train.character_loss_weight must be >= 0, got {self.character_loss_weight}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.steps < 1 or self.batch_size < 1:

@@ -156,3 +156,30 @@ def test_teacher_forced_sampler_generates_from_the_memory_it_is_given():
     assert not np.allclose(one, empty) and not np.allclose(one, wrong)
     with pytest.raises(ValueError, match="3 memory shots"):
         sample([shot] * 3, caption, noise)
+
+
+def test_character_cells_pool_masks_to_the_latent_grid():
+    """Wan's grouping (frame 0, then 4 frames a latent frame) and 8x8 pooling, by hand."""
+    from onestory_jax.data.prepare import character_cells
+
+    masks = np.zeros((5, 16, 16), np.uint8)
+    masks[0, :8, :8] = 1  # frame 0: the top-left cell, fully
+    masks[1:3, 8:, 8:] = 255  # frames 1-2 of the group 1-4: the bottom-right cell, half the time
+    masks[4, 8:12, :8] = 1  # frame 4: half of the bottom-left cell, a quarter of the time
+    cells = character_cells(masks, (2, 2))
+    np.testing.assert_allclose(cells, [[[1, 0], [0, 0]], [[0, 0], [0.125, 0.5]]])
+
+
+def test_character_weight_weighs_the_target_shots_cells():
+    video = _keyed_video([0, 1, 2, 0], np.random.default_rng(0))
+    cells = np.random.default_rng(1).uniform(0, 1, video["latents"].shape[:-1]).astype(np.float32)
+    rng = np.random.default_rng(2)
+    plain = three_shot_example({**video, "character_cells": cells}, rng, None, load_config("tiny"))
+    assert "loss_weight" not in plain  # train.character_loss_weight 0: uniform L_shot
+    cfg = load_config("tiny", ["train.character_loss_weight=4", "train.first_shot_prob=0.5"])
+    for _ in range(20):
+        ex = three_shot_example({**video, "character_cells": cells}, rng, None, cfg)
+        target = int(ex["target"][0, 0, 0, 0])
+        np.testing.assert_allclose(ex["loss_weight"], 1 + 4 * cells[target])
+    unknown = three_shot_example(video, rng, None, cfg)  # a record without characters (a real video) weighs 1
+    np.testing.assert_array_equal(unknown["loss_weight"], 1.0)

@@ -56,11 +56,21 @@ def memory_shots(keys: np.ndarray, n_shots: int, rng: np.random.Generator, pick:
     return (same[-1] if same else int(rng.integers(0, j - 1))), j - 1, j
 
 
+def with_loss_weight(example: Example, video: dict[str, np.ndarray], shot: int, cfg: Config) -> Example:
+    """The example with L_shot's cell weights (train.character_loss_weight > 0): 1 + W x the target shot's
+    character share per latent cell, or 1 where the record knows no characters."""
+    w = cfg.train.character_loss_weight
+    if w == 0.0:
+        return example
+    cells = video["character_cells"][shot] if "character_cells" in video else np.zeros(example["target"].shape[:-1], np.float32)
+    return {**example, "loss_weight": (1.0 + w * cells).astype(np.float32)}
+
+
 def first_shot_example(video: dict[str, np.ndarray], cfg: Config) -> Example:
     """Shot 1 generated from its first frame (Wan's I2V task), with an empty memory."""
     lat = video["latents"]
     t = lat.shape[1]
-    return {
+    return with_loss_weight({
         "target": lat[0].astype(np.float32),
         "memory": np.zeros((2 * t, *lat.shape[2:]), np.float32),
         "memory_valid": np.zeros((2 * t,), bool),
@@ -68,7 +78,7 @@ def first_shot_example(video: dict[str, np.ndarray], cfg: Config) -> Example:
         "text": _padded_text(video, 0, cfg.dit.text_len),
         "image": video["image_tokens"].astype(np.float32),
         "cond": i2v_channels(video["first_image"]),
-    }
+    }, video, 0, cfg)
 
 
 def three_shot_example(video: dict[str, np.ndarray], rng: np.random.Generator, other: Any, cfg: Config) -> Example:
@@ -109,7 +119,7 @@ def three_shot_example(video: dict[str, np.ndarray], rng: np.random.Generator, o
         tokens = video["image_tokens"].astype(np.float32)
         example["image"] = tokens if cfg.memory.later_shots_see_first_image else np.zeros_like(tokens)
         example["cond"] = np.zeros((t, h, w, 4 + lat.shape[-1]), np.float32)  # later shots: mask 0, no image
-    return example
+    return with_loss_weight(example, video, last, cfg)
 
 
 def other_index(rng: np.random.Generator, n: int, exclude: int) -> int:

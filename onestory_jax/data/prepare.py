@@ -105,7 +105,19 @@ def encode_video(video_id: str, shots: Shots, captions: list[str], comps: Any, e
         "shot_keys": np.asarray(shot_keys if shot_keys is not None else [-1] * len(shots), np.int32),
         "id": np.bytes_(video_id),
     }
+    if masks is not None:
+        record["character_cells"] = np.stack([character_cells(sample_frames(m, frames), latents.shape[2:4]) for m in masks])
     return record
+
+
+def character_cells(masks: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:
+    """The share of each latent cell [T, h, w] that characters cover, from pixel masks [F, H, W] (F = 4k+1):
+    Wan's causal grouping in time (frame 0, then groups of 4), average pooling in space."""
+    on = (masks > 0).astype(np.float32)
+    groups = [on[:1]] + [on[i:i + 4] for i in range(1, len(on), 4)]
+    per_frame = np.stack([g.mean(0) for g in groups])  # [T, H, W]
+    (h, w), (ph, pw) = latent_hw, (on.shape[1] // latent_hw[0], on.shape[2] // latent_hw[1])
+    return per_frame.reshape(len(groups), h, ph, w, pw).mean((2, 4)).astype(np.float32)
 
 
 def _jsonl(path: Path | None, key: str, parse: Callable[[Any], Any]) -> dict[str, Any]:

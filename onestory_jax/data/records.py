@@ -10,6 +10,8 @@ A video record (S shots of T latent frames of h x w):
   first_image        [T, h, w, 16]     latents of shot 1's first frame as Wan's I2V encodes it (data.video.image_clip)
   shot_keys          [S]               who each shot shows (synthetic stories: the character; -1: unknown)
   id                 []                the video's name (bytes)
+  character_cells    [S, T, h, w]      optional: the share of each latent cell the characters cover
+                                       (synthetic stories; train.character_loss_weight weighs L_shot by it)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from onestory_jax.io import atomic_path
 
 RECORD_KEYS = ("latents", "text", "text_lengths", "frame_embeddings", "augmented_first", "image_tokens", "first_image",
                "shot_keys", "id")
+OPTIONAL_KEYS = ("character_cells",)
 
 
 def encode_record(video: dict[str, np.ndarray]) -> bytes:
@@ -37,7 +40,7 @@ def encode_record(video: dict[str, np.ndarray]) -> bytes:
     if missing:
         raise ValueError(f"video record lacks {', '.join(missing)}")
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(video[k]) for k in RECORD_KEYS})
+    np.savez(buf, **{k: np.asarray(video[k]) for k in (*RECORD_KEYS, *OPTIONAL_KEYS) if k in video})
     return buf.getvalue()
 
 
@@ -52,7 +55,7 @@ def decode_record(data: bytes, index: int | str | None = None) -> dict[str, np.n
     try:
         with _NPY_HEADER_LOCK, np.load(io.BytesIO(data)) as z:
             missing = [k for k in RECORD_KEYS if k not in z.files]
-            video = {k: z[k] for k in RECORD_KEYS if k in z.files}
+            video = {k: z[k] for k in (*RECORD_KEYS, *OPTIONAL_KEYS) if k in z.files}
     except Exception as e:  # zip/npy errors come in many types
         raise UserError(f"dataset record {index if index is not None else '?'} is corrupt: {e}") from None
     if missing:
