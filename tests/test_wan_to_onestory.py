@@ -129,7 +129,7 @@ def test_train_from_the_converted_release_and_sample_the_export(model_folder, tm
     workdir = tmp_path / "run"
     # The DiT frozen (memory modules only): the export's DiT must be the converted one, bit for bit.
     r = run(["train.py", "--config", "configs/train/tiny.yaml", "--workdir", str(workdir), "--no-progress",
-             f"train.data={tmp_path / 'data' / 'records'}", f"train.init_from={model_folder}", "train.steps=3",
+             f"train.data={tmp_path / 'data' / 'records'}", f"train.init_from={model_folder}", "train.steps=10",
              "train.trainable=[\"^memory/\"]", "mesh.data=2", "mesh.fsdp=1"], tmp_path, **train_env(devices=2))
     assert r.returncode == 0, r.stderr
     export = workdir / "model"
@@ -146,7 +146,7 @@ def test_train_from_the_converted_release_and_sample_the_export(model_folder, tm
     # LoRA beside the memory modules (the single-GPU recipe): the export folds it into the DiT.
     lora_run = tmp_path / "lora"
     r = run(["train.py", "--config", "configs/train/tiny.yaml", "--workdir", str(lora_run), "--no-progress",
-             f"train.data={tmp_path / 'data' / 'records'}", f"train.init_from={model_folder}", "train.steps=3",
+             f"train.data={tmp_path / 'data' / 'records'}", f"train.init_from={model_folder}", "train.steps=10",
              "dit.lora_rank=2", "train.trainable=[\"^memory/\", \"/lora_[ab]$\"]", "mesh.data=2", "mesh.fsdp=1"],
             tmp_path, **train_env(devices=2))
     assert r.returncode == 0, r.stderr
