@@ -142,7 +142,7 @@ def test_bad_inputs_are_one_clear_line(tmp_path, model_folder):
     r = prepare("--model", model_folder, "--out", tmp_path / "o", "--videos", videos, "--captions", tmp_path / "c.jsonl")
     assert r.returncode == 2 and "3 shots but 1 captions" in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = prepare("--model", tmp_path, "--out", tmp_path / "o", "--synthetic", "1")
-    assert r.returncode == 2 and "not a model folder" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2 and "not a part of a model folder" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_synthetic_stories_prepare(tmp_path, model_folder):

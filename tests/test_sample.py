@@ -103,34 +103,38 @@ def test_story_sharded_over_sequence_and_cfg_pair_equals_the_plain_run(rendered,
         np.testing.assert_allclose(np.load(tmp_path / "out" / f"shot_0{i}.npy"), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
 
 
-def test_redo_rerolls_the_shot_and_the_reroll_stays(rendered, tmp_path):
+def test_redo_rerolls_the_shot_and_the_reroll_stays(rendered, tmp_path, capsys):
     import shutil
+
+    from train_runs import cli_output
 
     out = tmp_path / "out"
     shutil.copytree(rendered / "out", out)
     before = np.load(out / "shot_03.npy")
-    args = ("--config", "tiny", "--story", str(rendered / "story.yaml"), "--out", str(out), "--no-progress")
-    r = run(*args, "--redo", "3")
-    assert r.returncode == 0 and "re-rolling shot 3 with seed" in r.stdout, r.stderr
+    args = ["--config", "tiny", "--story", rendered / "story.yaml", "--out", out, "--no-progress"]
+    code, stdout, err = cli_output("sample", [*args, "--redo", "3"], capsys)
+    assert code == 0 and "re-rolling shot 3 with seed" in stdout, err
     shot3 = json.loads((out / "manifest.json").read_text())["shots"][2]
     assert shot3["seed"] != 3 and not np.allclose(np.load(out / "shot_03.npy"), before)  # story seed 1 + 2 = 3
     rerolled = np.load(out / "shot_03.npy")
-    r = run(*args)  # a plain re-run keeps the re-roll
-    assert r.returncode == 0, r.stderr
+    code, _, err = cli_output("sample", args, capsys)  # a plain re-run keeps the re-roll
+    assert code == 0, err
     assert [s["resumed"] for s in json.loads((out / "manifest.json").read_text())["shots"]] == [True] * 3
-    r = run(*args, "--redo", "3", "--same-seed")  # repeats the re-rolled shot
-    assert r.returncode == 0 and "re-rolling" not in r.stdout, r.stderr
+    code, stdout, err = cli_output("sample", [*args, "--redo", "3", "--same-seed"], capsys)  # repeats the re-rolled shot
+    assert code == 0 and "re-rolling" not in stdout, err
     np.testing.assert_allclose(np.load(out / "shot_03.npy"), rerolled, atol=1e-5)
     assert json.loads((out / "manifest.json").read_text())["shots"][2]["seed"] == shot3["seed"]
 
 
-def test_several_stories_in_one_run(rendered, tmp_path):
+def test_several_stories_in_one_run(rendered, tmp_path, capsys):
+    from train_runs import cli_output
+
     for name in ("a", "b"):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**STORY, "shots": STORY["shots"][:2]}))
-    r = run("--config", "tiny", "--story", str(tmp_path / "a.yaml"), "--story", str(tmp_path / "b.yaml"),
-            "--out", str(tmp_path / "out"), "--no-progress")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count("plan: 2 shots of 32x48") == 2
+    code, stdout, err = cli_output("sample", ["--config", "tiny", "--story", tmp_path / "a.yaml", "--story", tmp_path / "b.yaml",
+                                              "--out", tmp_path / "out", "--no-progress"], capsys)
+    assert code == 0, err
+    assert stdout.count("plan: 2 shots of 32x48") == 2
     assert all(len(json.loads((tmp_path / "out" / n / "manifest.json").read_text())["shots"]) == 2 for n in "ab")
 
 

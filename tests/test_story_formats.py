@@ -2,12 +2,11 @@
 previous one (no cut). The scripts here are written for the tests in that format."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from train_runs import cli_output
 
 from onestory_jax.errors import UserError
 from onestory_jax.sampling.story import load_story
@@ -58,7 +57,7 @@ def test_the_first_shot_cannot_continue(tmp_path):
 
 
 @pytest.mark.skipif(not (MODEL / "onestory").is_dir(), reason="models/demo is not in this tree")
-def test_a_continued_shot_starts_from_the_previous_shots_last_frame(tmp_path):
+def test_a_continued_shot_starts_from_the_previous_shots_last_frame(tmp_path, capsys):
     """On the embedded default, the same two prompts with cut False and with cut True: frame 0 of the
     continued shot is much closer to the previous shot's last frame (measured 17.9 against 30.1 mean
     levels of 255; the VAE round trip alone is 12-13)."""
@@ -67,10 +66,9 @@ def test_a_continued_shot_starts_from_the_previous_shots_last_frame(tmp_path):
     def seam(flag):
         script = {"scenes": [{"cut": ["True", flag], "video_prompts": ["A red square hops across a snowy field."] * 2}]}
         out = tmp_path / flag
-        r = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(MODEL), "--story",
-                            str(write(tmp_path, script, f"{flag}.json")), "--out", str(out), "--no-progress"],
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
+        code, _, err = cli_output("sample", ["--checkpoint", MODEL, "--story", write(tmp_path, script, f"{flag}.json"),
+                                             "--out", out, "--no-progress"], capsys)
+        assert code == 0, err
         shots = []
         for i in (1, 2):
             with av.open(str(out / f"shot_{i:02d}.mp4")) as c:

@@ -73,12 +73,20 @@ def train_cmd(workdir: Path, records: Path, *extra: str) -> list[str]:
 
 def cli(script: str, argv: list[str], capsys) -> tuple[int, str]:
     """Run sample.py's or train.py's main in this process as its CLI does: (exit status, stderr)."""
+    code, _, err = cli_output(script, argv, capsys)
+    return code, err
+
+
+def cli_output(script: str, argv: list[str], capsys) -> tuple[int, str, str]:
+    """`cli` with stdout too: (exit status, stdout, stderr). In-process runs share compiled programs
+    (the story program is cached per spec), so a test's later runs do not compile again."""
     spec = importlib.util.spec_from_file_location(script, ROOT / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     with pytest.raises(SystemExit) as exit_:
-        run_cli(module.main, argv)
-    return exit_.value.code, capsys.readouterr().err
+        run_cli(module.main, [str(a) for a in argv])
+    captured = capsys.readouterr()
+    return exit_.value.code, captured.out, captured.err
 
 
 def run_train(workdir: Path, records: Path, *extra: str) -> subprocess.CompletedProcess:
