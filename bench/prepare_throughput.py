@@ -3,7 +3,8 @@
     python bench/prepare_throughput.py [--model models/demo] [--videos 12] [--size 64x64] [--frames 9]
 
 Writes N three-shot mp4s (synthetic renders cut together, 27 frames each), then prepares them from
-the files with shot detection (PySceneDetect), once as one process and once as two shards run side by
+the files (with their shot boundaries given: PySceneDetect misses some cuts between the synthetic
+world's low-saturation scenes at 64x64), once as one process and once as two shards run side by
 side on the same --out (`--shard 0/2`, `--shard 1/2`). Reports videos per minute of each, on this
 machine, with the model folder's frozen parts -> bench/results/prepare_throughput.json.
 """
@@ -32,12 +33,14 @@ def write_videos(folder: Path, count: int, size: int) -> Path:
     from onestory_jax.data.video import write_mp4
 
     folder.mkdir(parents=True)
-    rows = []
+    rows, cuts = [], []
     for i in range(count):
         story = synthetic.make_story(i, 3)
         write_mp4(folder / f"v{i:03d}.mp4", np.concatenate([v for v, _ in synthetic.render_synthetic(story, 9, size)]), 8)
         rows.append(json.dumps({"video": f"v{i:03d}.mp4", "captions": [s.caption for s in story.shots]}))
+        cuts.append(json.dumps({"video": f"v{i:03d}.mp4", "shots": [[0, 9], [9, 18], [18, 27]]}))
     (folder.parent / "captions.jsonl").write_text("\n".join(rows))
+    (folder.parent / "shots.jsonl").write_text("\n".join(cuts))
     return folder.parent / "captions.jsonl"
 
 
@@ -62,7 +65,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         captions = write_videos(Path(tmp) / "videos", args.videos, args.size)
         base = [sys.executable, "-m", "onestory_jax.data.prepare", "--model", str(args.model), "--videos",
-                str(Path(tmp) / "videos"), "--captions", str(captions), "--frames", str(args.frames),
+                str(Path(tmp) / "videos"), "--captions", str(captions), "--boundaries", str(Path(tmp) / "shots.jsonl"),
+                "--frames", str(args.frames),
                 "--size", f"{args.size}x{args.size}", "--no-progress"]
         one = timed([[*base, "--out", str(Path(tmp) / "one")]])
         two = timed([[*base, "--out", str(Path(tmp) / "two"), "--shard", f"{i}/2"] for i in range(2)])
