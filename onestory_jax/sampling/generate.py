@@ -168,11 +168,6 @@ def generate_story(
             jax.debug.callback(on_shot, shot)
         cond, shot_tokens = carried if follows else (None, tokens)
         bank, record = next_shot(params, cfg, spec, bank, inputs, shot, on_step, shot_tokens, pair_sharding, cond)
-        if follows:  # the next shot starts from this one's last frame, or from nothing
-            nxt = jnp.minimum(shot + 1, max_shots - 1)
-            carried = jax.lax.cond(inputs.continues[nxt] & (shot + 1 < max_shots),
-                                   lambda: continuation(cfg, params, record.latents),
-                                   lambda: (jnp.zeros_like(inputs.cond), tokens))
         if on_shot_done is not None:  # hand a newly generated shot to the host now (e.g. to save it)
             new = inputs.active[shot] & ~inputs.done[shot]
             io_callback(on_shot_done, None, shot, new, record.latents, ordered=True)
@@ -181,8 +176,11 @@ def generate_story(
         elif cfg.dit.has_image_branch:  # without a start image, later shots see CLIP of shot 1's first frame
             from_shot1 = (shot == 0) & ~inputs.has_start_image
             tokens = jax.lax.cond(from_shot1, lambda: latent_to_image_tokens(cfg, params, record.latents[0]), lambda: tokens)
-        if follows:  # a shot that does not continue sees the story's tokens (those just updated)
-            carried = (carried[0], jnp.where(inputs.continues[jnp.minimum(shot + 1, max_shots - 1)], carried[1], tokens))
+        if follows:  # the next shot: from this one's last frame if it continues it, else as any later shot
+            nxt = jnp.minimum(shot + 1, max_shots - 1)
+            carried = jax.lax.cond(inputs.continues[nxt] & (shot + 1 < max_shots),
+                                   lambda: continuation(cfg, params, record.latents),
+                                   lambda: (jnp.zeros_like(inputs.cond), tokens))
         return (bank, tokens, carried), record
 
     _, records = jax.lax.scan(body, (bank, tokens, carried), jnp.arange(max_shots))
