@@ -98,3 +98,41 @@ def test_baseline_strategies_pick_the_expected_frames(strategy, expected):
     scores, candidates = baseline_candidates(strategy, valid, 3)
     idx, _, ok = select_top_k(scores[None], candidates[None], 3)
     assert [int(i) for i, o in zip(idx[0], ok[0]) if o] == expected
+
+
+def _bank(valid_slots: int, references=None):
+    bank = empty_bank(SHOTS, T, H, W, references=references)
+    rng = np.random.default_rng(3)
+    return bank.replace(latents=jnp.asarray(rng.standard_normal(bank.latents.shape), jnp.float32),
+                        valid=jnp.arange(bank.capacity) < valid_slots)
+
+
+def _chosen(indices, selected) -> list[int]:
+    return [int(i) for i, s in zip(indices, selected) if s]
+
+
+def test_pinned_slots_rank_first_and_excluded_never_appear(model):
+    """memory.pin / memory.exclude: the mask arguments of context_for_shot (onestory and a baseline)."""
+    from onestory_jax.sampling.generate import PIN_BOOST, context_for_shot
+
+    cfg, params = model
+    bank, caption = _bank(6), _inputs(cfg).text[2]
+    pinned, excluded = jnp.arange(6) == 1, jnp.arange(6) >= 4  # pin shot 1's frame 1, exclude shot 3
+    _, free_idx, free_scores, free_sel = context_for_shot(params, cfg, bank, caption, _spec(k=3))
+    _, idx, scores, sel = context_for_shot(params, cfg, bank, caption, _spec(k=3), pinned, excluded)
+    chosen = _chosen(idx, sel)
+    assert chosen[0] == 1 and not {4, 5} & set(chosen), chosen
+    assert float(scores[0]) < PIN_BOOST / 2  # the manifest shows the selector's own score, not the boost
+    assert _chosen(free_idx, free_sel) != chosen  # the masks changed the choice
+    _, idx, _, sel = context_for_shot(params, cfg, bank, caption, _spec("last_frame", 1), None, excluded)
+    assert _chosen(idx, sel) == [3]  # the latest frame that is not excluded
+
+
+def test_references_are_memory_before_shot_one(model):
+    cfg, params = model
+    refs = jnp.asarray(np.random.default_rng(5).standard_normal((1, H, W, 16)), jnp.float32)
+    run = jax.jit(lambda p, i: generate_story(p, cfg, _spec(), i))
+    plain, with_ref = run(params, _inputs(cfg)), run(params, dataclasses.replace(_inputs(cfg), references=refs))
+    assert _chosen(with_ref.indices[0], with_ref.selected[0]) == [0]  # shot 1 sees the reference
+    assert sorted(_chosen(with_ref.indices[1], with_ref.selected[1])) == [0, 1, 2]  # the reference + shot 1's frames
+    assert np.abs(np.asarray(plain.latents[0] - with_ref.latents[0])).max() > 1e-3

@@ -123,14 +123,15 @@ def baseline_candidates(strategy: str, valid: Array, k: int) -> tuple[Array, Arr
     """
     slots = jnp.arange(valid.shape[0])
     recency = slots.astype(jnp.float32)  # later slot = more recent = ranked higher
+    rank = jnp.cumsum(valid) - 1  # among the valid slots (a prefix, unless some are excluded)
     n = valid.sum()
     if strategy == "recent":
         return recency, valid
     if strategy == "last_frame":
-        return recency, valid & (slots == n - 1)
+        return recency, valid & (rank == n - 1)
     if strategy == "uniform":
-        targets = jnp.round(jnp.linspace(0.0, 1.0, k) * (n - 1).astype(jnp.float32)).astype(slots.dtype)
-        chosen = jnp.any(slots[:, None] == targets[None, :], axis=1)
+        targets = jnp.round(jnp.linspace(0.0, 1.0, k) * (n - 1).astype(jnp.float32)).astype(rank.dtype)
+        chosen = jnp.any(rank[:, None] == targets[None, :], axis=1)
         return recency, valid & chosen
     if strategy == "none":
         return recency, jnp.zeros_like(valid)

@@ -48,6 +48,14 @@ class StoryInputs:
     image_tokens: Array | None  # [Li, image_dim] CLIP tokens of the start image (I2V), or None
     has_start_image: Array | None = None  # bool scalar (I2V): False = use shot 1's first frame
     continues: Array | None = None  # [S] bool (I2V): the shot starts from the previous shot's last frame
+    references: Array | None = None  # [R, h, w, C] the story's reference images: memory before shot 1
+    pinned: Array | None = None  # [S, R + S x T] bool: slots always in shot i's memory (`memory.pin`)
+    excluded: Array | None = None  # [S, R + S x T] bool: slots never in it (`memory.exclude`)
+
+    @property
+    def reference_slots(self) -> int:
+        """R: the bank slots before shot 1's."""
+        return 0 if self.references is None else self.references.shape[0]
 
 
 @flax.struct.dataclass
@@ -73,22 +81,37 @@ class GenerationSpec:
     cache: float = 0.0  # step caching threshold (0 = off)
 
 
+PIN_BOOST = 1.0e4  # added to a pinned slot's ranking score: pinned frames rank first (best first among them)
+
+
 def context_for_shot(
     params: dict,
     cfg: Config,
     bank: MemoryBank,
     caption: Array,
     spec: GenerationSpec,
+    pinned: Array | None = None,
+    excluded: Array | None = None,
 ) -> tuple[ContextTokens, Array, Array, Array]:
-    """Choose memory frames for the next shot and patchify them: (context, indices, scores, selected)."""
-    latents, valid = bank.latents[None], bank.valid[None]
+    """Choose memory frames for the next shot and patchify them: (context, indices, scores, selected).
+
+    pinned / excluded [S] bool: slots the user put in / kept out of this shot's memory. Excluded
+    slots are never candidates; pinned ones always are, ranked first (among them by their score).
+    """
+    latents = bank.latents[None]
+    valid = bank.valid if excluded is None else bank.valid & ~excluded
     if spec.strategy == "onestory":
-        scores, candidates = memory_scores(params, cfg, caption[None], latents, valid), valid
+        scores, candidates = memory_scores(params, cfg, caption[None], latents, valid[None]), valid[None]
     else:
-        s, c = baseline_candidates(spec.strategy, bank.valid, spec.k)
+        s, c = baseline_candidates(spec.strategy, valid, spec.k)
         scores, candidates = s[None], c[None]
+    boost = jnp.zeros(bank.valid.shape, scores.dtype)
+    if pinned is not None:
+        pin = pinned & bank.valid
+        boost = jnp.where(pin, PIN_BOOST, 0.0).astype(scores.dtype)
+        scores, candidates = scores + boost[None], candidates | pin[None]
     context, indices, top, selected = memory_context(params, cfg, latents, scores, candidates, k=spec.k)
-    return context, indices[0], top[0], selected[0]
+    return context, indices[0], top[0] - boost[indices[0]], selected[0]
 
 
 def next_shot(
@@ -111,7 +134,8 @@ def next_shot(
     mask 0).
     """
     caption = inputs.text[shot]
-    context, indices, scores, selected = context_for_shot(params, cfg, bank, caption, spec)
+    control = [None if m is None else m[shot] for m in (inputs.pinned, inputs.excluded)]
+    context, indices, scores, selected = context_for_shot(params, cfg, bank, caption, spec, *control)
 
     image = None if image_tokens is None else image_tokens[None]
     if cond is None and inputs.cond is not None:
@@ -135,7 +159,8 @@ def next_shot(
 
     skip = lambda: jnp.where(inputs.done[shot], inputs.done_latents[shot], 0.0)
     latents = jax.lax.cond(inputs.active[shot] & ~inputs.done[shot], generate, skip)
-    bank = jax.tree.map(lambda new, old: jnp.where(inputs.active[shot], new, old), write_shot(bank, shot, latents), bank)
+    written = write_shot(bank, shot, latents, inputs.reference_slots)
+    bank = jax.tree.map(lambda new, old: jnp.where(inputs.active[shot], new, old), written, bank)
     return bank, ShotRecord(latents, indices, scores, selected)
 
 
@@ -157,7 +182,7 @@ def generate_story(
     or none at all when memory.later_shots_see_first_image is off.
     """
     max_shots, t, h, w, c = inputs.noise.shape
-    bank = empty_bank(max_shots, t, h, w, c)
+    bank = empty_bank(max_shots, t, h, w, c, inputs.references)
     tokens = inputs.image_tokens
     follows = inputs.continues is not None and inputs.cond is not None  # shots continuing their previous one
     carried = (inputs.cond, tokens) if follows else None  # the next shot's I2V channels and CLIP tokens

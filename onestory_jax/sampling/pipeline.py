@@ -27,6 +27,7 @@ from onestory_jax.models.memory import frames_per_patchifier
 from onestory_jax.sampling import outputs, resume
 from onestory_jax.sampling.generate import (GenerationSpec, Progress, ShotRecord, StoryInputs, generation_spec,
                                            story_program)
+from onestory_jax.sampling.memory_bank import control_masks, item_slots
 from onestory_jax.sampling.story import Story, story_to_dict, with_sampler
 
 
@@ -113,12 +114,21 @@ def encode_story(cfg: Config, comps: Components, story: Story, prepared: Prepare
     cond = None
     if cfg.dit.has_image_branch:
         cond = jnp.asarray(i2v_condition(comps.encode_video, prepared.image, s.frames, shape))
+    references, pinned, excluded = None, None, None
+    if story.references:  # each image one latent frame, as the VAE encodes a video's first frame
+        references = np.concatenate([comps.encode_video(_load_image(r.path, s.width, s.height)[None])
+                                     for r in story.references])
+    if any(shot.pin or shot.exclude for shot in story.shots):
+        pinned, excluded = control_masks([shot.pin for shot in story.shots], [shot.exclude for shot in story.shots],
+                                         [r.name for r in story.references], shape[0])
     return StoryInputs(
         text=jnp.asarray(embeddings), negative=jnp.asarray(negative), noise=jnp.asarray(noise),
         active=jnp.ones((n,), bool), done=jnp.asarray(done), done_latents=jnp.asarray(done_latents), cond=cond,
         image_tokens=None if prepared.image_tokens is None else jnp.asarray(prepared.image_tokens),
         has_start_image=jnp.asarray(story.start_image is not None),
         continues=jnp.asarray([shot.continues for shot in story.shots]) if any(s.continues for s in story.shots) else None,
+        references=None if references is None else jnp.asarray(references),
+        pinned=None if pinned is None else jnp.asarray(pinned), excluded=None if excluded is None else jnp.asarray(excluded),
     )
 
 
@@ -194,12 +204,14 @@ def write_story(out: Path, cfg: Config, story: Story, prepared: PreparedStory, r
     counts = frames_per_patchifier(cfg.memory, prepared.latent_shape[1:3])
     level_of_rank = np.repeat(np.arange(len(counts)), counts)
     shot_s, decode_s = timings.pop("shot_s", {}), timings.pop("decode_s", [None] * len(videos))
+    refs = [r.name for r in story.references]
+    pinned = [{s for item in shot.pin for s in item_slots(item, refs, t_lat)} for shot in story.shots]
     manifest_shots = []
     for i, video in enumerate(videos):
         t0 = time.perf_counter()
         outputs.write_mp4(out / outputs.shot_name(i, ".mp4"), video, s.fps)
         memory = [
-            {"shot": int(slot) // t_lat + 1, "frame": int(slot) % t_lat, "score": float(score),
+            {**slot_source(int(slot), refs, t_lat), "score": float(score), "pinned": bool(slot in pinned[i]),
              "patchifier": list(cfg.memory.patchifier_kernels[level_of_rank[rank]])}
             for rank, (slot, score, used) in enumerate(zip(records.indices[i], records.scores[i], records.selected[i])) if used
         ]
@@ -207,6 +219,8 @@ def write_story(out: Path, cfg: Config, story: Story, prepared: PreparedStory, r
             "shot": i + 1, "caption": story.shots[i].caption, "seed": story.shot_seed(i), "continues": story.shots[i].continues,
             "resumed": i < len(prepared.finished), "generated_because": prepared.reasons[i],
             "fingerprint": prepared.fingerprints[i], "memory": memory,
+            **({"memory_control": {"pin": list(story.shots[i].pin), "exclude": list(story.shots[i].exclude)}}
+               if story.shots[i].pin or story.shots[i].exclude else {}),
             "timings": {"denoise_s": shot_s.get(i), "decode_s": decode_s[i], "write_s": time.perf_counter() - t0},
         })
     outputs.write_mp4(out / "story.mp4", np.concatenate(videos), s.fps)
@@ -217,6 +231,14 @@ def write_story(out: Path, cfg: Config, story: Story, prepared: PreparedStory, r
                 "latent_shape": list(prepared.latent_shape)}
     outputs.save_json(out / "manifest.json", manifest)
     return manifest
+
+
+def slot_source(slot: int, references: list[str], frames_per_shot: int) -> dict[str, Any]:
+    """What a memory bank slot holds: {"reference": name}, or {"shot": N (1-based), "frame": latent frame}."""
+    if slot < len(references):
+        return {"reference": references[slot]}
+    slot -= len(references)
+    return {"shot": slot // frames_per_shot + 1, "frame": slot % frames_per_shot}
 
 
 def render_story(cfg: Config, params: dict, comps: Components, story: Story, out: Path, progress: bool = True,

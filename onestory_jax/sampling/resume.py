@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,15 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def model_identity(checkpoint: Path | None, config: dict[str, Any], seed: int, tokenizer: Path | None = None) -> str:
+def model_identity(checkpoint: Path | None, config: dict[str, Any], seed: int, tokenizer: Path | None = None,
+                   loras: Sequence[tuple[Path, float]] = ()) -> str:
     """A hash naming the model: its config, and the checkpoint's small files by content (orbax
     manifests change whenever the weights are rewritten) and large ones by name and size; or the seed
-    of random weights. A tokenizer given apart from the checkpoint (--tokenizer) counts by content."""
+    of random weights. A tokenizer given apart from the checkpoint (--tokenizer) and the LoRAs merged
+    into the DiT, each (file, scale), count by content."""
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for path, scale in loras:
+        h.update(f"lora {file_digest(Path(path))} x {float(scale)!r}".encode())
     for path in sorted(p for p in Path(tokenizer).rglob("*") if p.is_file()) if tokenizer is not None else ():
         h.update(f"tokenizer {path.relative_to(tokenizer)}:{file_digest(path)}".encode())
     if checkpoint is None:
@@ -56,12 +61,17 @@ def shot_inputs(story: Story, i: int, model_id: str) -> dict[str, Any]:
     start = {"start_image": story.start_image, "start_video": story.start_video}
     return {
         "caption": story.shots[i].caption, "seed": story.shot_seed(i),
-        # fps only changes how the mp4s play: a new fps rewrites them, it does not regenerate shots
-        "settings": {k: v for k, v in dataclasses.asdict(story.settings).items() if k != "fps"},
+        # fps only changes how the mp4s play: a new fps rewrites them, it does not regenerate shots; the
+        # LoRAs are merged into the model, and count in `model_id` by content
+        "settings": {k: v for k, v in dataclasses.asdict(story.settings).items() if k not in ("fps", "lora")},
         "memory": dataclasses.asdict(story.memory),
         **{k: (file_digest(p) if p is not None and p.is_file() else None) for k, p in start.items()},
         "model": model_id, **({"rerolled": True} if story.shots[i].rerolled else {}),
         **({"continues": True} if story.shots[i].continues else {}),
+        # what memory holds (absent when unused, so that earlier runs' shots stay valid)
+        **({"references": [[r.name, file_digest(r.path)] for r in story.references]} if story.references else {}),
+        **({"memory_pin": list(story.shots[i].pin)} if story.shots[i].pin else {}),
+        **({"memory_exclude": list(story.shots[i].exclude)} if story.shots[i].exclude else {}),
     }
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 
@@ -22,6 +23,13 @@ STRATEGIES = ("onestory", "last_frame", "uniform", "recent", "none")
 SOLVERS = ("unipc", "euler")
 SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1: jax.random.key keeps 32 bits, so 2**32 would repeat seed 0
 MAX_STEPS = 1000  # the flow-matching grid has 1000 training timesteps; more steps repeat timesteps
+
+
+class LoraFile(NamedTuple):
+    """A community LoRA merged into the DiT at load (`convert/lora_formats.py`): its file and user scale."""
+
+    path: Path
+    scale: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +46,7 @@ class Settings:
     solver: Literal["unipc", "euler"] | None = None
     negative_prompt: str | None = None
     cache: float | None = None  # step caching threshold (0 = off)
+    lora: tuple[LoraFile, ...] = ()  # merged into the model: every story of one run has the same
 
 
 SAMPLER_FIELDS = ("steps", "guidance", "shift", "solver", "negative_prompt", "cache", "width", "height", "frames", "fps")  # = config.SamplerConfig's
@@ -56,6 +65,16 @@ class Shot:
     seed: int | None = None
     continues: bool = False  # no cut: starts from the previous shot's last frame (I2V), keeping its memory
     rerolled: bool = False  # its seed was drawn by `sample.py --redo` (not a story-file field)
+    pin: tuple[str, ...] = ()  # memory items always in this shot's memory: "N" (shot N), "N:F" (its latent frame F), a reference's name
+    exclude: tuple[str, ...] = ()  # memory items never in it
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """A user's image, VAE-encoded into one memory frame before shot 1."""
+
+    name: str
+    path: Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +84,7 @@ class Story:
     shots: tuple[Shot, ...]
     start_image: Path | None = None
     start_video: Path | None = None
+    references: tuple[Reference, ...] = ()
 
     @property
     def latent_frames(self) -> int:
@@ -103,10 +123,37 @@ def _check_seed(where: str, seed: int) -> None:
         raise UserError(f"{where}: {seed} is not in 0..{SEED_LIMIT - 1}")
 
 
-def _settings(src: str, data: Any) -> Settings:
-    data = _check_keys(f"{src}: settings", data or {}, set(_SETTING_TYPES))
-    kw = {k: _typed(f"{src}: settings.{k}", v, _SETTING_TYPES[k]) for k, v in data.items()}
-    s = Settings(**kw)
+def _loras(src: str, base: Path, data: Any) -> tuple[LoraFile, ...]:
+    """settings.lora: a list of `FILE` or `{path: FILE, scale: S}` (paths relative to the story file)."""
+    if not isinstance(data, list):
+        raise UserError(f"{src}: settings.lora: must be a list of FILE or {{path: FILE, scale: S}}")
+    out = []
+    for i, item in enumerate(data, 1):
+        where = f"settings.lora[{i}]"
+        item = _check_keys(f"{src}: {where}", {"path": item} if isinstance(item, str) else item, {"path", "scale"})
+        scale = _typed(f"{src}: {where}.scale", item.get("scale", 1.0), _FLOAT)
+        out.append(LoraFile(_path(src, base, f"{where}.path", item.get("path")), scale))
+    return tuple(out)
+
+
+def lora_from_arg(text: str) -> LoraFile:
+    """`sample.py --lora FILE[:SCALE]`: a trailing `:number` is the scale (default 1.0)."""
+    head, sep, tail = text.rpartition(":")
+    try:
+        path, scale = (head, float(tail)) if sep else (text, 1.0)
+    except ValueError:
+        path, scale = text, 1.0
+    if not math.isfinite(scale):
+        raise UserError(f"--lora {text}: the scale must be a finite number")
+    if not Path(path).is_file():
+        raise UserError(f"--lora {text}: file '{path}' does not exist")
+    return LoraFile(Path(path), scale)
+
+
+def _settings(src: str, data: Any, base: Path) -> Settings:
+    data = _check_keys(f"{src}: settings", data or {}, {*_SETTING_TYPES, "lora"})
+    kw = {k: _typed(f"{src}: settings.{k}", v, _SETTING_TYPES[k]) for k, v in data.items() if k != "lora"}
+    s = Settings(**kw, lora=_loras(src, base, data.get("lora") or []))
     for name in ("width", "height"):
         v = getattr(s, name)
         if v is not None and (v <= 0 or v % 16):
@@ -143,11 +190,11 @@ def _memory(src: str, data: Any) -> MemorySettings:
     return m
 
 
-def _shot(src: str, i: int, data: Any) -> Shot:
+def _shot(src: str, i: int, data: Any, references: set[str] = frozenset()) -> Shot:
     where = f"{src}: shots[{i}]"
     if isinstance(data, str):
         data = {"caption": data}
-    data = _check_keys(where, data, {"caption", "seed", "continue"})
+    data = _check_keys(where, data, {"caption", "seed", "continue", "memory"})
     caption = data.get("caption")
     if isinstance(caption, bool):  # YAML 1.1: `caption: yes` is True
         raise UserError(f"{where}.caption: must be a non-empty string, got {caption} (YAML reads yes/no/on/off as "
@@ -162,7 +209,62 @@ def _shot(src: str, i: int, data: Any) -> Shot:
         raise UserError(f"{where}.continue: expected true or false, got {shown(continues)}")
     if continues and i == 1:
         raise UserError(f"{where}.continue: the first shot has no shot to continue")
-    return Shot(caption=caption.strip(), seed=seed, continues=continues)
+    pin, exclude = _shot_memory(where, i, data.get("memory"), references)
+    return Shot(caption=caption.strip(), seed=seed, continues=continues, pin=pin, exclude=exclude)
+
+
+_SHOT_ITEM = re.compile(r"(\d+)(?::(\d+))?")
+
+
+def _memory_item(where: str, shot: int, item: Any, references: set[str]) -> str:
+    """A pin/exclude item as written in the manifest: "N", "N:F" or a reference's name."""
+    text = str(item).strip() if isinstance(item, (int, str)) and not isinstance(item, bool) else None
+    if text is None or not text:
+        raise UserError(f"{where}: {shown(item)} is not a shot number, SHOT:FRAME or a reference's name")
+    m = _SHOT_ITEM.fullmatch(text)
+    if m is None:
+        if text not in references:
+            known = ", ".join(sorted(references)) or "none: the story has no `references:`"
+            raise UserError(f"{where}: {shown(item)} is not a shot number, SHOT:FRAME or a reference (references: {known})")
+        return text
+    if not 1 <= int(m[1]) < shot:
+        raise UserError(f"{where}: {shown(item)}: shot {m[1]} is not an earlier shot (shot {shot}'s memory holds shots 1..{shot - 1})")
+    return text
+
+
+def _shot_memory(where: str, shot: int, data: Any, references: set[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(pin, exclude) of a shot's `memory: {pin: [...], exclude: [...]}`."""
+    if data is None:
+        return (), ()
+    data = _check_keys(f"{where}.memory", data, {"pin", "exclude"})
+    lists = []
+    for key in ("pin", "exclude"):
+        items = data.get(key) or []
+        items = items if isinstance(items, list) else [items]
+        lists.append(tuple(dict.fromkeys(_memory_item(f"{where}.memory.{key}", shot, x, references) for x in items)))
+    both = set(lists[0]) & set(lists[1])
+    if both:
+        raise UserError(f"{where}.memory: {sorted(both)[0]} is both pinned and excluded")
+    return lists[0], lists[1]
+
+
+def _references(src: str, base: Path, data: Any) -> tuple[Reference, ...]:
+    """`references:` a list of `FILE` or `{path: FILE, name: NAME}` (names default to ref1, ref2, ...)."""
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise UserError(f"{src}: references: must be a list of FILE or {{path: FILE, name: NAME}}")
+    out = []
+    for i, item in enumerate(data, 1):
+        where = f"references[{i}]"
+        item = _check_keys(f"{src}: {where}", {"path": item} if isinstance(item, str) else item, {"path", "name"})
+        name = _typed(f"{src}: {where}.name", item.get("name", f"ref{i}"), _STR).strip()
+        if not name or _SHOT_ITEM.fullmatch(name):
+            raise UserError(f"{src}: {where}.name: {shown(name)} must be a name, not empty or a shot number")
+        if name in {r.name for r in out}:
+            raise UserError(f"{src}: {where}.name: two references are named {name!r}")
+        out.append(Reference(name, _path(src, base, f"{where}.path", item.get("path"))))
+    return tuple(out)
 
 
 def _path(src: str, base: Path, field: str, value: Any) -> Path | None:
@@ -178,16 +280,18 @@ def _path(src: str, base: Path, field: str, value: Any) -> Path | None:
 
 def parse_story(data: Any, src: str = "story", base: Path = Path(".")) -> Story:
     """Validate a story mapping; relative paths resolve against `base`."""
-    data = _check_keys(src, data, {"settings", "memory", "shots", "start_image", "start_video"}, sep=": ")
+    data = _check_keys(src, data, {"settings", "memory", "shots", "start_image", "start_video", "references"}, sep=": ")
     shots = data.get("shots")
     if not isinstance(shots, list) or not shots:
         raise UserError(f"{src}: shots: must be a non-empty list of {{caption, seed?}}")
+    references = _references(src, base, data.get("references"))
     story = Story(
-        settings=_settings(src, data.get("settings")),
+        settings=_settings(src, data.get("settings"), base),
         memory=_memory(src, data.get("memory")),
-        shots=tuple(_shot(src, i + 1, s) for i, s in enumerate(shots)),
+        shots=tuple(_shot(src, i + 1, s, {r.name for r in references}) for i, s in enumerate(shots)),
         start_image=_path(src, base, "start_image", data.get("start_image")),
         start_video=_path(src, base, "start_video", data.get("start_video")),
+        references=references,
     )
     if story.start_image and story.start_video:
         raise UserError(f"{src}: give start_image or start_video, not both")
@@ -271,4 +375,5 @@ def story_to_dict(story: Story) -> dict[str, Any]:
     for k in ("start_image", "start_video"):
         d[k] = str(d[k]) if d[k] else None
     d["shots"] = list(d["shots"])
+    d["references"] = [{"name": r.name, "path": str(r.path)} for r in story.references]
     return d
