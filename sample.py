@@ -9,6 +9,7 @@ preset with random weights. key=value pairs override the model config (e.g. dit.
 The story file format is in the README. Every shot is saved as soon as it is denoised. Re-running
 into the same --out resumes: shots whose inputs (caption, seed, settings, memory, model, earlier
 shots) are unchanged are kept, and from the first edited shot on everything is regenerated.
+--lora FILE[:SCALE] merges a community Wan2.1 LoRA into the DiT (repeatable; docs/sampling.md).
 --redo K re-rolls shot K (a new seed, recorded; it stays until the shot is edited) and regenerates
 every later shot; --redo K --same-seed repeats shot K. A story's missing size, frames and fps are the
 model's (the size it was trained at). Before loading, the plan is printed with estimates of memory
@@ -22,8 +23,12 @@ import contextlib
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from onestory_jax.errors import UserError, run_cli
+
+if TYPE_CHECKING:
+    from onestory_jax.sampling.story import LoraFile, Story
 
 STORY_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -57,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="output directory (resumes if it has shots)")
     ap.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the checkpoint's tokenizer/)")
     ap.add_argument("--seed", type=int, help="seed of the random weights of --config (a story's seeds are in the story)")
+    ap.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                    help="a Wan2.1 LoRA (diffusers, kohya or original/ComfyUI keys) merged into the DiT at load, times SCALE "
+                    "(default 1); repeatable, and added to the story's settings.lora (docs/sampling.md)")
     ap.add_argument("--redo", type=int, metavar="K", help="re-roll shot K (1-based) with a new seed, and regenerate every "
                     "shot after it")
     ap.add_argument("--same-seed", action="store_true", help="with --redo: regenerate shot K with the seed it had")
@@ -75,15 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     from onestory_jax.locking import folder_lock
     from onestory_jax.sampling.components import load_for_sampling  # heavy imports after arg parsing
     from onestory_jax.config import to_dict
+    from onestory_jax.convert.lora_formats import apply_loras, read_loras
     from onestory_jax.sampling.pipeline import render_story
     from onestory_jax.sampling.feasibility import check_story_fits, plan
     from onestory_jax.sampling.resume import check_not_foreign, model_identity, with_rerolls
-    from onestory_jax.sampling.story import SEED_LIMIT, load_story, reroll, with_sampler
+    from onestory_jax.sampling.story import SEED_LIMIT, load_story, lora_from_arg, reroll, with_sampler
     from onestory_jax.sharding import activate
 
     files = story_files(args.story)
     stories = [load_story(f) for f in files]
     outs = [args.out] if len(files) == 1 else [args.out / f.stem for f in files]
+    loras = run_loras([lora_from_arg(a) for a in args.lora], stories)
     for story, file in zip(stories, files):
         if args.redo is not None and not 1 <= args.redo <= len(story.shots):
             raise UserError(f"--redo {args.redo}: {file.name} has shots 1..{len(story.shots)}")
@@ -92,10 +102,14 @@ def main(argv: list[str] | None = None) -> int:
 
             load_image(story.start_image)
 
+    lora_deltas = {}
+
     def check(cfg) -> None:
         for story in stories:
             check_story_fits(story, cfg)
             print(plan(story, cfg), flush=True)
+        if loras:  # a LoRA that does not fit the model is refused before any weight is loaded
+            lora_deltas.update(read_loras(loras, cfg.dit))
 
     with contextlib.ExitStack() as locks:
         for out in outs:  # one run per --out; also checks it is a writable folder
@@ -103,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
             check_not_foreign(out)
         cfg, params, comps, mesh = load_for_sampling(args.checkpoint, args.config, args.overrides, args.seed or 0,
                                                      args.tokenizer, check=check, allow_random=args.allow_random)
-        model_id = model_identity(args.checkpoint, to_dict(cfg), args.seed or 0, args.tokenizer)
+        if loras:  # merged before anything is compiled
+            print(f"merging {len(loras)} LoRA(s) into the DiT: {', '.join(f'{p} x{s:g}' for p, s in loras)}", flush=True)
+            with activate(mesh):
+                params = {**params, "dit": apply_loras(params["dit"], lora_deltas)}
+        model_id = model_identity(args.checkpoint, to_dict(cfg), args.seed or 0, args.tokenizer, loras)
         for story, out in zip(stories, outs):
             story = with_rerolls(out, with_sampler(story, cfg.sampler), model_id)  # re-rolls stay until their shot is edited
             if args.redo is not None and not args.same_seed:
@@ -118,6 +136,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"kept {kept} unchanged shot(s) from an earlier run; regenerated the rest (manifest.json says why)")
             print(f"wrote {len(manifest['shots'])} shots to {out}/ (story.mp4, contact_sheet.png, manifest.json)")
     return 0
+
+
+def run_loras(cli: list[LoraFile], stories: list[Story]) -> tuple[LoraFile, ...]:
+    """The LoRAs of a run: --lora's, then the stories' settings.lora (the same in every story: the model is
+    loaded once)."""
+    in_stories = {story.settings.lora for story in stories}
+    if len(in_stories) > 1:
+        raise UserError("the stories of one run have different settings.lora (LoRAs are merged into the one model the "
+                        "run loads): render them in separate runs")
+    return (*cli, *in_stories.pop())
 
 
 def enable_compilation_cache() -> None:

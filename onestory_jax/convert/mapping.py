@@ -14,10 +14,13 @@ from typing import Any, Literal, NamedTuple
 
 import flax.linen as nn
 import jax
+import ml_dtypes
 import numpy as np
 
 from onestory_jax.errors import UserError
 
+# Floating-point types numpy does not count as np.floating (safetensors' BF16, F8_*).
+ML_FLOATS = tuple(np.dtype(t) for t in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2))
 Layout = Literal["diffusers", "original"]  # diffusers: the diffusers / transformers module names
 Shape = tuple[int, ...]
 TensorShapes = Mapping[str, Shape]
@@ -115,7 +118,7 @@ def checked(name: str, tensor: Any) -> np.ndarray:
     """A source tensor as numpy, refused unless it holds finite floating-point weights (a NaN weight, or
     weights stored as integers, would convert silently into a broken model)."""
     array = np.asarray(tensor)
-    if not np.issubdtype(array.dtype, np.floating):
+    if not (np.issubdtype(array.dtype, np.floating) or array.dtype in ML_FLOATS):
         raise UserError(f"source tensor '{name}' holds {array.dtype} values, not floating-point weights: a corrupt or "
                         "mislabelled checkpoint")
     if not np.isfinite(array).all():

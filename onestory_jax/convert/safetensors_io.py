@@ -40,7 +40,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._entries, self._data_start = _parse_header(self.path)
+        self._entries, self._data_start, self.metadata = _parse_header(self.path)
         self.shapes: dict[str, tuple[int, ...]] = {name: e[1] for name, e in self._entries.items()}
         self._map: np.memmap | None = None
 
@@ -52,8 +52,8 @@ class SafetensorsFile:
         return self._map[self._data_start + begin : self._data_start + end].view(dtype).reshape(shape)
 
 
-def _parse_header(path: Path) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...], int, int]], int]:
-    """name -> (dtype, shape, begin, end) and the byte offset where data starts; strict."""
+def _parse_header(path: Path) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...], int, int]], int, dict[str, str]]:
+    """(name -> (dtype, shape, begin, end), the byte offset where data starts, the `__metadata__` strings); strict."""
 
     def bad(why: str) -> UserError:
         return UserError(f"'{path}' is not a valid safetensors file: {why}")
@@ -76,7 +76,9 @@ def _parse_header(path: Path) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...]
         raise bad(f"header is not JSON ({e})") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("__metadata__ is not a map of strings")
     data_size = size - 8 - n
     entries = {}
     for name, info in header.items():
@@ -91,7 +93,7 @@ def _parse_header(path: Path) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...]
         if end > data_size:
             raise bad(f"tensor '{name}' ends at byte {end} but the data holds {data_size} bytes (truncated?)")
         entries[name] = (dtype, shape, begin, end)
-    return entries, 8 + n
+    return entries, 8 + n, metadata
 
 
 class SafetensorsReader:
