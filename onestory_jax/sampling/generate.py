@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -221,41 +222,56 @@ def continuation(cfg: Config, params: dict[str, Any], latents: Array) -> tuple[A
     return i2v_channels(clip), image_tokens(cfg, params, last)
 
 
-class Progress:
-    """Host-side listeners of a running story program (set by the caller, read by its callbacks).
+@dataclasses.dataclass
+class Listeners:
+    """Host callbacks of one run of a story program (progress bars, saving each shot as it finishes)."""
 
-    The compiled program calls the module-level `_on_shot` / `_on_step` / `_on_shot_done`, never a
-    closure, so one compiled program serves every call."""
-
-    on_shot: Callable[[int], None] | None = None
-    on_step: Callable[[int], None] | None = None
+    on_shot: Callable[[int], None] | None = None  # a shot starts
+    on_step: Callable[[int], None] | None = None  # a denoising step starts
     on_shot_done: Callable[[int, np.ndarray], None] | None = None  # a newly generated shot's latents
 
 
-def _on_shot_done(shot: Any, new: Any, latents: Any) -> None:
-    if Progress.on_shot_done is not None and bool(new):
-        Progress.on_shot_done(int(shot), np.asarray(latents))
+class StoryProgram:
+    """The jitted story program `(params, inputs) -> ShotRecord [S, ...]` of one static spec, and the
+    listeners of its current run. Its callbacks are this object's methods, never a per-run closure,
+    so one compiled program serves every run; runs of one program take turns (a lock)."""
 
+    def __init__(self, cfg: Config, spec: GenerationSpec, pair_sharding: jax.sharding.Sharding | None = None):
+        self._listeners = Listeners()
+        self._lock = threading.Lock()
+        self.jitted = jax.jit(lambda params, inputs: generate_story(
+            params, cfg, spec, inputs, self._on_shot, self._on_step, pair_sharding, self._on_shot_done))
 
-def _on_shot(shot: Any) -> None:
-    if Progress.on_shot is not None:
-        Progress.on_shot(int(shot))
+    def trace(self, params: dict, inputs: StoryInputs) -> Any:
+        """The traced program (its jaxpr, for tests and analysis)."""
+        return self.jitted.trace(params, inputs)
 
+    def __call__(self, params: dict, inputs: StoryInputs, listeners: Listeners | None = None) -> ShotRecord:
+        """Run it to the end (host records), reporting to `listeners`."""
+        with self._lock:
+            self._listeners = listeners or Listeners()
+            try:
+                return jax.device_get(self.jitted(params, inputs))
+            finally:
+                self._listeners = Listeners()
 
-def _on_step(step: Any) -> None:
-    if Progress.on_step is not None:
-        Progress.on_step(int(step))
+    def _on_shot_done(self, shot: Any, new: Any, latents: Any) -> None:
+        if self._listeners.on_shot_done is not None and bool(new):
+            self._listeners.on_shot_done(int(shot), np.asarray(latents))
+
+    def _on_shot(self, shot: Any) -> None:
+        if self._listeners.on_shot is not None:
+            self._listeners.on_shot(int(shot))
+
+    def _on_step(self, step: Any) -> None:
+        if self._listeners.on_step is not None:
+            self._listeners.on_step(int(step))
 
 
 @functools.cache
-def story_program(cfg: Config, spec: GenerationSpec, pair_sharding: jax.sharding.Sharding | None = None
-                  ) -> Callable[[dict, StoryInputs], ShotRecord]:
-    """The jitted story program `(params, inputs) -> ShotRecord [S, ...]`, compiled once per static spec.
-
-    Progress is reported through `Progress`. Parameters are arguments: nothing is compiled in.
-    """
-    return jax.jit(lambda params, inputs: generate_story(params, cfg, spec, inputs, _on_shot, _on_step, pair_sharding,
-                                                        _on_shot_done))
+def story_program(cfg: Config, spec: GenerationSpec, pair_sharding: jax.sharding.Sharding | None = None) -> StoryProgram:
+    """The story program of a static spec, compiled once (parameters are arguments: nothing is compiled in)."""
+    return StoryProgram(cfg, spec, pair_sharding)
 
 
 def latent_to_image_tokens(cfg: Config, params: dict[str, Any], z: Array) -> Array:

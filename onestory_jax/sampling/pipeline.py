@@ -25,7 +25,7 @@ from onestory_jax.errors import UserError
 from onestory_jax.models.frozen import Components
 from onestory_jax.models.memory import frames_per_patchifier
 from onestory_jax.sampling import outputs, resume
-from onestory_jax.sampling.generate import (GenerationSpec, Progress, ShotRecord, StoryInputs, generation_spec,
+from onestory_jax.sampling.generate import (GenerationSpec, Listeners, ShotRecord, StoryInputs, generation_spec,
                                            story_program)
 from onestory_jax.sampling.memory_bank import control_masks, item_slots
 from onestory_jax.sampling.story import Story, story_to_dict, with_sampler
@@ -168,11 +168,9 @@ def run_story(cfg: Config, params: dict, spec: GenerationSpec, inputs: StoryInpu
     if mesh is not None and mesh.shape["data"] == 2:
         pair = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     t0 = time.perf_counter()
-    Progress.on_shot, Progress.on_step, Progress.on_shot_done = on_shot, on_step, on_shot_done
     try:
-        records: ShotRecord = jax.device_get(story_program(cfg, spec, pair)(params, inputs))
+        records = story_program(cfg, spec, pair)(params, inputs, Listeners(on_shot, on_step, on_shot_done))
     finally:
-        Progress.on_shot = Progress.on_step = Progress.on_shot_done = None
         bar.close()
     end = time.perf_counter()
     timings: dict[str, Any] = {"generate_s": end - t0}
