@@ -98,3 +98,17 @@ def test_story_settings_override_the_model_sampler():
                          SamplerConfig(steps=20, guidance=3.0, negative_prompt="blur"))
     s = story.settings
     assert (s.steps, s.guidance, s.shift, s.solver, s.negative_prompt) == (7, 3.0, 3.0, "unipc", "blur")
+
+
+def test_memory_budget_precedence_story_then_command_line_then_model():
+    """A story's memory.budget wins; without one, the model config's, which `sample.py ... memory.budget=2` sets."""
+    from onestory_jax.config import load_config
+    from onestory_jax.sampling.pipeline import story_spec
+
+    cli = load_config("tiny", ["memory.budget=2"])
+    size = {"width": 32, "height": 32, "frames": 5}
+    plain = parse_story({"settings": size, "shots": ["a", "b"]})
+    assert plain.memory.budget is None
+    assert story_spec(cli, plain)[0].memory.budget == 2
+    assert story_spec(load_config("tiny"), plain)[0].memory.budget == load_config("tiny").memory.budget
+    assert story_spec(cli, parse_story({"settings": size, "memory": {"budget": 3}, "shots": ["a"]}))[0].memory.budget == 3

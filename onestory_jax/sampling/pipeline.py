@@ -133,9 +133,11 @@ def encode_story(cfg: Config, comps: Components, story: Story, prepared: Prepare
 
 
 def story_spec(cfg: Config, story: Story) -> tuple[Config, GenerationSpec]:
-    """The config with the story's memory budget, and the static spec of its compiled program."""
+    """The config with the story's memory budget (the story's, else the model config's, which a command-line
+    `memory.budget=N` sets), and the static spec of its compiled program."""
     s = with_sampler(story, cfg.sampler).settings
-    cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, budget=story.memory.budget))
+    if story.memory.budget is not None:
+        cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, budget=story.memory.budget))
     hw = latent_shape(cfg, story)[1:3]
     return cfg, generation_spec(cfg, story.memory.strategy, story.memory.k, hw, s.steps, s.shift, s.solver, s.guidance,
                                 s.cache)

@@ -55,7 +55,7 @@ SAMPLER_FIELDS = ("steps", "guidance", "shift", "solver", "negative_prompt", "ca
 @dataclasses.dataclass(frozen=True)
 class MemorySettings:
     strategy: Literal["onestory", "last_frame", "uniform", "recent", "none"] = "onestory"
-    budget: int = 1  # latent-frame equivalents of context tokens
+    budget: int | None = None  # latent-frame equivalents of context tokens; None: the model config's memory.budget
     k: int | None = None  # frames kept; default: what the budget allows
 
 
@@ -178,12 +178,12 @@ def _memory(src: str, data: Any) -> MemorySettings:
     data = _check_keys(f"{src}: memory", data or {}, {"strategy", "budget", "k"})
     m = MemorySettings(
         strategy=_typed(f"{src}: memory.strategy", data.get("strategy", "onestory"), _STR),
-        budget=_typed(f"{src}: memory.budget", data.get("budget", 1), _INT),
+        budget=None if data.get("budget") is None else _typed(f"{src}: memory.budget", data["budget"], _INT),
         k=None if data.get("k") is None else _typed(f"{src}: memory.k", data["k"], _INT),
     )
     if m.strategy not in STRATEGIES:
         raise UserError(f"{src}: memory.strategy: {shown(m.strategy)} is not one of {', '.join(STRATEGIES)}")
-    if m.budget not in (1, 2, 3):
+    if m.budget not in (None, 1, 2, 3):
         raise UserError(f"{src}: memory.budget: {m.budget} is not 1, 2 or 3")
     if m.k is not None and m.k < 1:
         raise UserError(f"{src}: memory.k: must be >= 1")
