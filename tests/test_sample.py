@@ -141,3 +141,16 @@ def test_several_stories_in_one_run(rendered, tmp_path, capsys):
 def test_seed_is_refused_with_a_checkpoint(rendered):
     r = run("--checkpoint", "models/demo", "--seed", "3", "--story", str(rendered / "story.yaml"), "--out", str(rendered / "x"))
     assert r.returncode == 2 and "--seed seeds the random weights of --config" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_contact_sheet_rows_are_labelled(tmp_path):
+    """Each row carries its shot number in the white left margin (dark text pixels in that row only)."""
+    from PIL import Image
+
+    from onestory_jax.sampling.outputs import LABEL_MARGIN, contact_sheet
+
+    contact_sheet(tmp_path / "c.png", [np.full((5, 32, 32, 3), 200, np.uint8) for _ in range(3)])
+    margin = np.asarray(Image.open(tmp_path / "c.png"))[:, :LABEL_MARGIN].min(-1)
+    rows = np.array_split(margin, 3)
+    assert all((r < 100).any() for r in rows), "a row without its label"
+    assert (margin[:2] > 250).all()  # white around the labels

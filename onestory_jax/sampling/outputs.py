@@ -18,12 +18,16 @@ from onestory_jax.io import save_npy as save_latents
 __all__ = ["atomic_path", "contact_sheet", "save_json", "save_latents", "shot_name", "to_uint8", "write_mp4"]
 
 
+LABEL_MARGIN = 24  # px left of each row: the shot's number
+
+
 def contact_sheet(path: Path, shots: Sequence[np.ndarray], per_shot: int = 5, max_width: int = 2000) -> None:
-    """One row per shot with `per_shot` evenly spaced frames; uint8 shots [T, H, W, 3].
+    """One row per shot with `per_shot` evenly spaced frames, labelled with its number in a left margin;
+    uint8 shots [T, H, W, 3].
 
     Small frames are enlarged (nearest) to at least 128 px high; the sheet is at most max_width wide.
     """
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
     rows = []
     for video in shots:
@@ -36,5 +40,10 @@ def contact_sheet(path: Path, shots: Sequence[np.ndarray], per_shot: int = 5, ma
     scale = min(scale, max_width / sheet.width)
     if scale != 1:
         sheet = sheet.resize((int(sheet.width * scale), int(sheet.height * scale)), Image.NEAREST)
+    labelled = Image.new("RGB", (sheet.width + LABEL_MARGIN, sheet.height), (255, 255, 255))
+    labelled.paste(sheet, (LABEL_MARGIN, 0))
+    draw, row_height = ImageDraw.Draw(labelled), sheet.height / len(shots)
+    for i in range(len(shots)):
+        draw.text((4, int((i + 0.5) * row_height) - 6), str(i + 1), fill=(0, 0, 0))
     with atomic_path(path) as tmp:
-        sheet.save(tmp, format="PNG")
+        labelled.save(tmp, format="PNG")
