@@ -85,10 +85,13 @@ def test_a_pinned_reference_is_used_and_a_later_edit_keeps_earlier_shots(tmp_pat
     assert first[2]["memory"][0] == {**first[2]["memory"][0], "reference": "hero", "pinned": True}
     assert first[2]["memory_control"] == {"pin": ["hero"], "exclude": []}
     latents = [np.load(tmp_path / "out" / f"shot_{i:02d}.npy") for i in (1, 2, 3)]
+    mp4_times = [(tmp_path / "out" / f"shot_{i:02d}.mp4").stat().st_mtime_ns for i in (1, 2, 3)]
     shots[2] = {**shots[2], "memory": {"exclude": ["hero", "2"]}}
     second = render(shots)
     assert [s["resumed"] for s in second] == [True, True, False]
     assert "memory_exclude" in second[2]["generated_because"] and "memory_pin" in second[2]["generated_because"]
     assert all("reference" not in m and m["shot"] != 2 for m in second[2]["memory"])
     np.testing.assert_array_equal(np.load(tmp_path / "out" / "shot_02.npy"), latents[1])
+    now = [(tmp_path / "out" / f"shot_{i:02d}.mp4").stat().st_mtime_ns for i in (1, 2, 3)]
+    assert now[:2] == mp4_times[:2] and now[2] != mp4_times[2]  # kept shots' mp4s are not rewritten
     assert np.abs(np.load(tmp_path / "out" / "shot_03.npy") - latents[2]).max() > 1e-3

@@ -8,6 +8,7 @@ and the memory is rebuilt from their latents (`resume.py`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -204,12 +205,14 @@ def write_story(out: Path, cfg: Config, story: Story, prepared: PreparedStory, r
     counts = frames_per_patchifier(cfg.memory, prepared.latent_shape[1:3])
     level_of_rank = np.repeat(np.arange(len(counts)), counts)
     shot_s, decode_s = timings.pop("shot_s", {}), timings.pop("decode_s", [None] * len(videos))
+    unchanged = written_mp4s(out, prepared.fingerprints, s.fps)
     refs = [r.name for r in story.references]
     pinned = [{s for item in shot.pin for s in item_slots(item, refs, t_lat)} for shot in story.shots]
     manifest_shots = []
     for i, video in enumerate(videos):
         t0 = time.perf_counter()
-        outputs.write_mp4(out / outputs.shot_name(i, ".mp4"), video, s.fps)
+        if i not in unchanged:
+            outputs.write_mp4(out / outputs.shot_name(i, ".mp4"), video, s.fps)
         memory = [
             {**slot_source(int(slot), refs, t_lat), "score": float(score), "pinned": bool(slot in pinned[i]),
              "patchifier": list(cfg.memory.patchifier_kernels[level_of_rank[rank]])}
@@ -231,6 +234,18 @@ def write_story(out: Path, cfg: Config, story: Story, prepared: PreparedStory, r
                 "latent_shape": list(prepared.latent_shape)}
     outputs.save_json(out / "manifest.json", manifest)
     return manifest
+
+
+def written_mp4s(out: Path, fingerprints: list[str], fps: int) -> set[int]:
+    """Shots whose mp4 the last complete run wrote from the same fingerprint at the same fps (kept as is)."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        if manifest["story"]["settings"]["fps"] != fps:
+            return set()
+        return {i for i, shot in enumerate(manifest["shots"][: len(fingerprints)])
+                if shot["fingerprint"] == fingerprints[i] and (out / outputs.shot_name(i, ".mp4")).is_file()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return set()
 
 
 def slot_source(slot: int, references: list[str], frames_per_shot: int) -> dict[str, Any]:
