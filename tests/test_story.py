@@ -112,3 +112,14 @@ def test_memory_budget_precedence_story_then_command_line_then_model():
     assert story_spec(cli, plain)[0].memory.budget == 2
     assert story_spec(load_config("tiny"), plain)[0].memory.budget == load_config("tiny").memory.budget
     assert story_spec(cli, parse_story({"settings": size, "memory": {"budget": 3}, "shots": ["a"]}))[0].memory.budget == 3
+
+
+def test_cli_warnings_are_one_line_without_source():
+    import subprocess
+    import sys
+
+    code = ("import warnings\nfrom onestory_jax.errors import run_cli\n"
+            "def main(argv):\n    warnings.warn('the sky is odd')  # this source line must not print\n"
+            "run_cli(main, [])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == "warning: the sky is odd (UserWarning)\n", r.stderr
