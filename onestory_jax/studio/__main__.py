@@ -11,6 +11,8 @@ either can continue the other's work. Needs the `studio` extra: pip install -e '
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 from pathlib import Path
 
 from onestory_jax.errors import UserError, run_cli
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.story is not None:  # the opened story becomes the studio's (OUT/story.yaml)
         studio.write_story(initial)
     print(f"studio: run folder {args.out}, story file {studio.story_file}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stop by `kill` cleans up too (the previews)
     launch(build(studio, initial), studio, args.host, args.port)
     return 0
 

@@ -9,6 +9,7 @@ replace the previews when the render ends.
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
 import tempfile
@@ -90,6 +91,7 @@ class Studio:
         self.out.mkdir(parents=True, exist_ok=True)
         self.console_progress = console_progress
         self.preview_dir = Path(tempfile.mkdtemp(prefix="onestory-studio-"))
+        atexit.register(shutil.rmtree, self.preview_dir, ignore_errors=True)
         self.job: RenderJob | None = None
         self._previews: dict[tuple[int, str, float], Path] = {}
         self._lock = threading.Lock()
