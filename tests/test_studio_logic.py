@@ -1,7 +1,6 @@
 """The studio's logic without a browser or a model: story <-> table, memory pins, references, the
 manifest's memory frames as thumbnails, a render's per-shot progress (onestory_jax/studio)."""
 
-import dataclasses
 import json
 import os
 import time
@@ -226,16 +225,15 @@ def test_engine_saves_the_story_and_references_in_the_run_folder(tmp_path):
     assert studio.manifest() is None and studio.downloads() == []
 
 
-def test_render_into_refuses_before_touching_the_folder(tmp_path):
+def test_refused_before_touching_the_folder(tmp_path):
     from onestory_jax.sampling.session import render_into
-    from onestory_jax.sampling.story import LoraFile
+    from onestory_jax.studio.engine import Studio
 
-    story = parse_story({"shots": ["One.", "Two."]})
     with pytest.raises(UserError, match="shots 1..2"):
-        render_into(SimpleNamespace(), story, tmp_path / "out", redo=3)
-    lora = tmp_path / "l.safetensors"
-    lora.write_bytes(b"")
-    with_lora = dataclasses.replace(story, settings=dataclasses.replace(story.settings, lora=(LoraFile(lora),)))
-    with pytest.raises(UserError, match="settings.lora"):
-        render_into(SimpleNamespace(), with_lora, tmp_path / "out")
+        render_into(SimpleNamespace(), parse_story({"shots": ["One.", "Two."]}), tmp_path / "out", redo=3)
     assert not (tmp_path / "out").exists()
+    (tmp_path / "l.safetensors").write_bytes(b"")
+    studio = Studio(SimpleNamespace(model_id="m"), tmp_path / "studio", console_progress=False)
+    with pytest.raises(UserError, match="settings.lora"):  # the studio's model is loaded without LoRAs
+        studio.start({"settings": {"lora": [str(tmp_path / "l.safetensors")]}, "shots": ["One."]})
+    assert studio.job is None

@@ -52,7 +52,8 @@ def open_model(checkpoint: Path | None, config: str | None = None, overrides: Se
 
 def render_into(model: SamplingModel, story: Story, out: Path, redo: int | None = None, reroll_seed: int | None = None,
                 progress: bool = True, on_start: Callable[[Story], None] | None = None, lock: bool = True) -> dict[str, Any]:
-    """Render (or resume) `story` into `out` under its folder lock; returns the manifest.
+    """Render (or resume) `story` into `out` under its folder lock; returns the manifest. The story's
+    settings.lora must be merged into `model` already (sample.py merges them when it loads).
 
     As `sample.py`: a folder holding files sample.py did not write is refused, shots re-rolled there
     keep their seeds until edited, `redo` (1-based) regenerates that shot and every later one, with
@@ -71,9 +72,6 @@ def render_into(model: SamplingModel, story: Story, out: Path, redo: int | None 
 
     if redo is not None and not 1 <= redo <= len(story.shots):
         raise UserError(f"redo {redo}: the story has shots 1..{len(story.shots)}")
-    if getattr(story.settings, "lora", ()):
-        raise UserError("settings.lora: LoRAs are merged into the model when it is loaded; render this story with "
-                        "sample.py --lora, or start the studio with a merged model")
     check_story_fits(story, model.cfg)
     with folder_lock(out, "--out") if lock else contextlib.nullcontext():
         check_not_foreign(out)

@@ -129,6 +129,9 @@ class Studio:
             if self.job is not None and self.job.running:
                 raise UserError("a render is running: wait for it to finish")
             story = self.save_story(data)
+            if story.settings.lora:
+                raise UserError("settings.lora: LoRAs are merged into the model when it is loaded: render this story "
+                                "with sample.py --lora, or remove settings.lora")
             self.job = RenderJob(self, story, redo, reroll_seed)
             return self.job
 
