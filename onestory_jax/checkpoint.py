@@ -238,7 +238,11 @@ def quiet_failed_reads() -> None:
     logging.getLogger("asyncio").addFilter(
         lambda r: not ((m := r.getMessage()).startswith("Task exception was never retrieved") and "tensorstore" in m)
     )
-    logging.getLogger("absl").addFilter(lambda r: not r.getMessage().startswith("Failed to get item metadata"))
+    # orbax's notes on a checkpoint being read back (resume), not problems: "Failed to get item metadata",
+    # "Metadata file does not exist" (a checkpoint written without the optional metadata file)
+    logging.getLogger("absl").addFilter(
+        lambda r: not r.getMessage().startswith(("Failed to get item metadata", "Metadata file does not exist"))
+    )
 
 
 def _first_line(e: BaseException) -> str:

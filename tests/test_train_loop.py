@@ -16,6 +16,8 @@ def test_resume_reaches_the_same_params_bitwise(tmp_path, records, straight_run)
     assert run_train(tmp_path / "split", records, "--stop-after", "3").returncode == 0
     r = run_train(tmp_path / "split", records)
     assert r.returncode == 0, r.stderr
+    assert "step 6/6: loss " in r.stdout and "steps/s" in r.stdout, r.stdout  # --no-progress: one line per log
+    assert "Metadata file does not exist" not in r.stderr, r.stderr  # no absl noise on resume
     assert_same_params(straight_run, tmp_path / "split")
     lines = (straight_run / "metrics.csv").read_text().splitlines()
     assert lines[0].startswith("step,time,") and [int(r.split(",")[0]) for r in lines[1:]] == [1, 2, 3, 4, 5, 6]

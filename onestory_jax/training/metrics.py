@@ -65,7 +65,9 @@ BAR_METRICS = {"loss": "loss", "l_sel": "l_sel", "mse": "mse", "grad_norm": "gno
 
 class TrainMonitor:
     """The progress bar (loss, L_sel, grad norm, lr, steps/s, tokens/s, MFU, validation loss),
-    `metrics.csv` (one row per logged step) and `val.csv` (step, bucket, loss, loss_no_context)."""
+    `metrics.csv` (one row per logged step) and `val.csv` (step, bucket, loss, loss_no_context).
+    Without the bar (`progress=False`, e.g. train.py --no-progress), the writing host prints one line
+    per logged step instead."""
 
     def __init__(self, cfg: Config, workdir: Path, start: int, progress: bool = True, write: bool = True):
         self.cfg = cfg
@@ -75,6 +77,7 @@ class TrainMonitor:
         self.val_csv = CsvLog(workdir / "val.csv", start, write)
         self.bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", disable=not progress)
         self.postfix: dict[str, str] = {}
+        self.print_lines = write and not progress
         self._reset()
 
     def _reset(self) -> None:
@@ -111,9 +114,9 @@ class TrainMonitor:
                "lr": f"{lr:.6g}", **{k: "" if v is None else f"{v:.4g}" for k, v in rates.items()}}
         self.metrics_csv.write(row)
         shown = {name: f"{metrics[key]:.4f}" for key, name in BAR_METRICS.items() if key in metrics}
-        self.postfix.update(shown, lr=f"{lr:.2e}", step_s=_fmt(rates["steps_per_s"], ".2f"), tok_s=_fmt(rates["tokens_per_s"], ".0f"),
+        self.postfix.update(shown, lr=f"{lr:.2e}", **{"steps/s": _fmt(rates["steps_per_s"], ".2f")}, tok_s=_fmt(rates["tokens_per_s"], ".0f"),
                             mfu=_fmt(rates["mfu"], ".1%"))
-        self.bar.set_postfix(self.postfix, refresh=True)
+        self._show(step)
         self._reset()
 
     def log_validation(self, step: int, losses: Mapping[float, float], no_context: Mapping[float, float]) -> None:
@@ -124,7 +127,12 @@ class TrainMonitor:
                                 "loss_no_context": f"{no_context[sigma]:.9g}"})
         self.postfix["val"] = f"{sum(losses.values()) / len(losses):.4f}"
         self.postfix["val_noctx"] = f"{sum(no_context.values()) / len(no_context):.4f}"
+        self._show(step)
+
+    def _show(self, step: int) -> None:
         self.bar.set_postfix(self.postfix, refresh=True)
+        if self.print_lines:
+            print(f"step {step}/{self.cfg.train.steps}: " + ", ".join(f"{k} {v}" for k, v in self.postfix.items()), flush=True)
 
     def close(self) -> None:
         self.bar.close()
