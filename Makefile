@@ -13,7 +13,7 @@ $(PY):
 # torch first, pinned, so CPU machines take the local CPU build and diffusers never pulls CUDA wheels.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,convert,video]'
+	$(PY) -m pip install -q -e '.[test,convert,video,studio]'
 	touch $@
 
 # The embedded default model when it is in the tree (models/demo), else the tiny config's random weights.

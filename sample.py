@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -79,15 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.same_seed and args.redo is None:
         raise UserError("--same-seed goes with --redo K")
 
+    from onestory_jax.sampling.session import enable_compilation_cache  # heavy imports after arg parsing
+
     enable_compilation_cache()
-    from onestory_jax.locking import folder_lock
-    from onestory_jax.sampling.components import load_for_sampling  # heavy imports after arg parsing
     from onestory_jax.config import to_dict
     from onestory_jax.convert.lora_formats import apply_loras, read_loras
-    from onestory_jax.sampling.pipeline import render_story
+    from onestory_jax.locking import folder_lock
+    from onestory_jax.sampling.components import load_for_sampling
     from onestory_jax.sampling.feasibility import check_story_fits, plan
-    from onestory_jax.sampling.resume import check_not_foreign, model_identity, with_rerolls
-    from onestory_jax.sampling.story import SEED_LIMIT, load_story, lora_from_arg, reroll, with_sampler
+    from onestory_jax.sampling.resume import check_not_foreign, model_identity
+    from onestory_jax.sampling.session import SamplingModel, render_into
+    from onestory_jax.sampling.story import SEED_LIMIT, load_story, lora_from_arg
     from onestory_jax.sharding import activate
 
     files = story_files(args.story)
@@ -121,16 +122,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"merging {len(loras)} LoRA(s) into the DiT: {', '.join(f'{p} x{s:g}' for p, s in loras)}", flush=True)
             with activate(mesh):
                 params = {**params, "dit": apply_loras(params["dit"], lora_deltas)}
-        model_id = model_identity(args.checkpoint, to_dict(cfg), args.seed or 0, args.tokenizer, loras)
+        model = SamplingModel(cfg, params, comps, mesh, model_identity(args.checkpoint, to_dict(cfg), args.seed or 0,
+                                                                        args.tokenizer, loras))
         for story, out in zip(stories, outs):
-            story = with_rerolls(out, with_sampler(story, cfg.sampler), model_id)  # re-rolls stay until their shot is edited
+            seed = None
             if args.redo is not None and not args.same_seed:
                 seed = secrets.randbelow(SEED_LIMIT)
-                story = reroll(story, args.redo - 1, seed)
                 print(f"re-rolling shot {args.redo} with seed {seed} (--same-seed would have kept its seed)")
-            with activate(mesh):
-                manifest = render_story(cfg, params, comps, story, out, progress=not args.no_progress, mesh=mesh,
-                                        model_id=model_id, redo=args.redo)
+            # the locks are held above; re-rolls made earlier in `out` stay until their shot is edited
+            manifest = render_into(model, story, out, args.redo, seed, progress=not args.no_progress, lock=False)
             kept = sum(sh["resumed"] for sh in manifest["shots"])
             if kept:
                 print(f"kept {kept} unchanged shot(s) from an earlier run; regenerated the rest (manifest.json says why)")
@@ -146,16 +146,6 @@ def run_loras(cli: list[LoraFile], stories: list[Story]) -> tuple[LoraFile, ...]
         raise UserError("the stories of one run have different settings.lora (LoRAs are merged into the one model the "
                         "run loads): render them in separate runs")
     return (*cli, *in_stories.pop())
-
-
-def enable_compilation_cache() -> None:
-    """JAX's persistent compilation cache, on by default: a second story of the same size starts without
-    compiling. Its place: $JAX_COMPILATION_CACHE_DIR, else $ONESTORY_CACHE/jax, else ~/.cache/onestory_jax/jax."""
-    import jax
-
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        root = Path(os.environ.get("ONESTORY_CACHE", Path.home() / ".cache" / "onestory_jax"))
-        jax.config.update("jax_compilation_cache_dir", str(root / "jax"))
 
 
 if __name__ == "__main__":

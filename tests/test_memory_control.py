@@ -37,6 +37,7 @@ def test_pins_and_excludes_are_parsed_to_items(tmp_path):
     ({"pin": [1], "exclude": ["1"]}, "both pinned and excluded"),
     ({"pin": [True]}, "not a shot number"),
     ({"keep": [1]}, "unknown field"),
+    ({"pin": [120]}, 'an unquoted 2:0 reads as 120 in YAML: quote it, "2:0"'),
 ])
 def test_bad_memory_items_are_one_line(tmp_path, shot3_memory, message):
     with pytest.raises(UserError, match=message):

@@ -228,7 +228,10 @@ def _memory_item(where: str, shot: int, item: Any, references: set[str]) -> str:
             raise UserError(f"{where}: {shown(item)} is not a shot number, SHOT:FRAME or a reference (references: {known})")
         return text
     if not 1 <= int(m[1]) < shot:
-        raise UserError(f"{where}: {shown(item)}: shot {m[1]} is not an earlier shot (shot {shot}'s memory holds shots 1..{shot - 1})")
+        sexagesimal = isinstance(item, int) and item >= 60  # YAML 1.1 reads an unquoted 2:0 as 2 x 60 + 0
+        hint = f" (an unquoted {item // 60}:{item % 60} reads as {item} in YAML: quote it, \"{item // 60}:{item % 60}\")" if sexagesimal else ""
+        raise UserError(f"{where}: {shown(item)}: shot {m[1]} is not an earlier shot (shot {shot}'s memory holds shots "
+                        f"1..{shot - 1}){hint}")
     return text
 
 
