@@ -31,7 +31,6 @@ demo-model: $(STAMP)
 	$(PY) train.py --config configs/train/demo-vae-decoder.yaml --workdir runs/demo-vae-decoder
 	$(PY) -m onestory_jax.data.prepare --model models/demo --out data/demo --synthetic $(DEMO_STORIES) --frames 9 --character-weight 0.7
 	$(PY) train.py --config configs/train/demo.yaml --workdir runs/demo train.data=data/demo/records
-	$(PY) train.py --config configs/train/demo-continue.yaml --workdir runs/demo-long train.data=data/demo/records
 	for v in $(VARIANTS); do $(PY) train.py --config configs/train/memory-$$v.yaml --workdir runs/memory-$$v train.data=data/demo/records || exit 1; done
 	rm -rf models/demo.new models/ablation.new && mkdir -p models/demo.new models/ablation.new
 	cp -r models/demo/text_encoder models/demo/image_encoder models/demo/tokenizer runs/demo-vae-decoder/model/vae runs/memory-onestory/model/onestory models/demo.new/
