@@ -104,14 +104,18 @@ def test_memory_budget_precedence_story_then_command_line_then_model():
     """A story's memory.budget wins; without one, the model config's, which `sample.py ... memory.budget=2` sets."""
     from onestory_jax.config import load_config
     from onestory_jax.sampling.pipeline import story_spec
+    from onestory_jax.sampling.story import with_sampler
 
-    cli = load_config("tiny", ["memory.budget=2"])
+    cli, model = load_config("tiny", ["memory.budget=2"]), load_config("tiny")
     size = {"width": 32, "height": 32, "frames": 5}
     plain = parse_story({"settings": size, "shots": ["a", "b"]})
     assert plain.memory.budget is None
-    assert story_spec(cli, plain)[0].memory.budget == 2
-    assert story_spec(load_config("tiny"), plain)[0].memory.budget == load_config("tiny").memory.budget
-    assert story_spec(cli, parse_story({"settings": size, "memory": {"budget": 3}, "shots": ["a"]}))[0].memory.budget == 3
+    assert story_spec(cli, with_sampler(plain, cli.sampler))[0].memory.budget == 2
+    assert story_spec(model, with_sampler(plain, model.sampler))[0].memory.budget == model.memory.budget
+    own = with_sampler(parse_story({"settings": size, "memory": {"budget": 3}, "shots": ["a"]}), cli.sampler)
+    assert story_spec(cli, own)[0].memory.budget == 3
+    with pytest.raises(ValueError, match="not resolved"):  # the parts take a story resolved once, at the top
+        story_spec(cli, plain)
 
 
 def test_cli_warnings_are_one_line_without_source():

@@ -29,7 +29,7 @@ from onestory_jax.sampling import outputs, resume
 from onestory_jax.sampling.generate import (GenerationSpec, Listeners, ShotRecord, StoryInputs, generation_spec,
                                            story_program)
 from onestory_jax.sampling.memory_bank import control_masks, item_slots
-from onestory_jax.sampling.story import Story, story_to_dict, with_sampler
+from onestory_jax.sampling.story import Story, require_resolved, story_to_dict, with_sampler
 
 
 def i2v_condition(encode_video: Callable[[np.ndarray], np.ndarray], image: np.ndarray | None, frames: int,
@@ -76,8 +76,7 @@ def prepare_story(cfg: Config, comps: Components, story: Story, out: Path, model
                   redo: int | None = None) -> PreparedStory:
     """Which saved shots in `out` are kept (by fingerprint, or up to shot `redo`, 1-based), the start
     video encoded and saved as shot 1, and the start image with its CLIP tokens."""
-    story = with_sampler(story, cfg.sampler)  # fingerprints cover the sampler settings actually used
-    s, shape = story.settings, latent_shape(cfg, story)
+    s, shape = require_resolved(story).settings, latent_shape(cfg, story)  # fingerprints cover the settings used
     shot_inputs, prints = resume.story_fingerprints(story, model_id)
     finished, reasons = resume.reusable_shots(out, story, model_id, shape, redo)
     image, image_tokens = None, None
@@ -102,7 +101,7 @@ def prepare_story(cfg: Config, comps: Components, story: Story, out: Path, model
 def encode_story(cfg: Config, comps: Components, story: Story, prepared: PreparedStory) -> StoryInputs:
     """The story program's inputs: caption and negative embeddings, each shot's seeded noise, the
     kept shots' latents and the I2V condition."""
-    s, shape, n = with_sampler(story, cfg.sampler).settings, prepared.latent_shape, len(story.shots)
+    s, shape, n = require_resolved(story).settings, prepared.latent_shape, len(story.shots)
     embeddings = np.asarray(comps.encode_text([shot.caption for shot in story.shots]))
     negative = null_text(embeddings.shape[1:])
     if s.negative_prompt:  # Wan's recipe for its own weights; the default "" is the null text training drops to
@@ -136,7 +135,7 @@ def encode_story(cfg: Config, comps: Components, story: Story, prepared: Prepare
 def story_spec(cfg: Config, story: Story) -> tuple[Config, GenerationSpec]:
     """The config with the story's memory budget (the story's, else the model config's, which a command-line
     `memory.budget=N` sets), and the static spec of its compiled program."""
-    s = with_sampler(story, cfg.sampler).settings
+    s = require_resolved(story).settings
     if story.memory.budget is not None:
         cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, budget=story.memory.budget))
     hw = latent_shape(cfg, story)[1:3]
@@ -269,14 +268,14 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
     out.mkdir(parents=True, exist_ok=True)
     stage = (lambda text: print(text, flush=True)) if progress else (lambda text: None)
     t0 = time.perf_counter()
-    story = with_sampler(story, cfg.sampler)
+    story = story if story.resolved else with_sampler(story, cfg.sampler)  # resolved once for every part below
     stage(f"{out}: checking saved shots and the start image")
     prepared = prepare_story(cfg, comps, story, out, model_id, redo)
     t1 = time.perf_counter()
     stage(f"encoding {len(story.shots)} captions")
     inputs = encode_story(cfg, comps, story, prepared)
     t2 = time.perf_counter()
-    cfg, spec = story_spec(cfg, story)
+    run_cfg, spec = story_spec(cfg, story)  # the config with the story's memory budget
     stage("compiling the story program (read from the compilation cache after the first run at this size), then denoising")
     failed: list[UserError] = []  # raised once the program returns (an error inside a callback is a traceback)
 
@@ -293,9 +292,9 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
         except UserError as e:  # a full disk: the shots before it are kept
             failed.append(e)
 
-    records, run_timings = run_story(cfg, params, spec, inputs, on_shot_done, progress, mesh)
+    records, run_timings = run_story(run_cfg, params, spec, inputs, on_shot_done, progress, mesh)
     if failed:
         raise failed[0]
     videos, decode_s = decode_shots(comps, records.latents[: len(story.shots)], progress)
     timings = {"prepare_s": t1 - t0, "encode_text_s": t2 - t1, **run_timings, "decode_s": decode_s}
-    return write_story(out, cfg, story, prepared, records, videos, timings, started=t0)
+    return write_story(out, run_cfg, story, prepared, records, videos, timings, started=t0)

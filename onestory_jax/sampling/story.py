@@ -85,6 +85,7 @@ class Story:
     start_image: Path | None = None
     start_video: Path | None = None
     references: tuple[Reference, ...] = ()
+    resolved: bool = False  # its missing sampler settings were filled from the model's (`with_sampler`)
 
     @property
     def latent_frames(self) -> int:
@@ -362,7 +363,15 @@ def from_scene_script(data: dict[str, Any], src: str) -> dict[str, Any]:
 def with_sampler(story: Story, sampler: SamplerConfig) -> Story:
     """The story with each sampler setting it leaves out taken from the model's `sampler` config."""
     filled = {f: getattr(sampler, f) for f in SAMPLER_FIELDS if getattr(story.settings, f) is None}
-    return dataclasses.replace(story, settings=dataclasses.replace(story.settings, **filled))
+    return dataclasses.replace(story, settings=dataclasses.replace(story.settings, **filled), resolved=True)
+
+
+def require_resolved(story: Story) -> Story:
+    """The story, which must have been through `with_sampler` (the sampler settings are resolved once, at
+    the top of a render)."""
+    if not story.resolved:
+        raise ValueError("story settings not resolved: pass with_sampler(story, cfg.sampler)")
+    return story
 
 
 def reroll(story: Story, i: int, seed: int) -> Story:
