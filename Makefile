@@ -10,7 +10,8 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# torch first, pinned, so CPU machines take the local CPU build and diffusers never pulls CUDA wheels.
+# torch first, pinned, so CPU machines take the local CPU build and diffusers never pulls CUDA wheels (the pin is
+# the cap of pyproject.toml's torch range; tests/test_packaging.py checks they agree).
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,convert,video,studio]'

@@ -20,7 +20,13 @@ import yaml
 from onestory_jax.errors import UserError, shown
 from onestory_jax.io import load_yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The shipped files, laid out as in the checkout: configs/ (presets, training configs, stories, the byte tokenizer)
+# and models/demo (the embedded default). An installed wheel holds them in onestory_jax/shipped/ (setup.py copies
+# them there); a checkout, or an editable install, reads the checkout's own.
+_PACKAGE_DIR = Path(__file__).resolve().parent
+SHIPPED_DIR = _PACKAGE_DIR / "shipped" if (_PACKAGE_DIR / "shipped").is_dir() else _PACKAGE_DIR.parent
+CONFIG_DIR = SHIPPED_DIR / "configs"
+DEMO_MODEL = SHIPPED_DIR / "models" / "demo"
 
 
 # DiT settings that do not change its parameters or function: compute and storage dtypes, activation
