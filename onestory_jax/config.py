@@ -310,6 +310,7 @@ class ImageEncoderConfig:
     num_layers: int = 32  # depth of the tower; features come after num_layers - 1 blocks
     num_heads: int = 16
     eps: float = 1e-5
+    activation: Literal["gelu", "quick_gelu"] = "gelu"  # the MLP's: Wan's tower exact GELU; transformers' CLIP default quick_gelu
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; norms and residuals stay fp32
     param_dtype: Literal["float32", "bfloat16"] = "float32"
 

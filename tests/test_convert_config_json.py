@@ -107,8 +107,10 @@ def test_config_json_defaults_and_composites():
         vocab_size=250112, d_model=512, d_ff=1024, num_layers=8, num_heads=6)
     assert CLIP_JSON.section({"model_type": "clip", "vision_config": clip_config().to_dict()},
                              ImageEncoderConfig()) == EXPECTED["clip"][1]
-    with pytest.raises(UserError, match="hidden_act='quick_gelu' is not supported"):
-        CLIP_JSON.section(clip_config(hidden_act="quick_gelu").to_diff_dict(), ImageEncoderConfig())  # the default: omitted
+    quick = CLIP_JSON.section(clip_config(hidden_act="quick_gelu").to_diff_dict(), ImageEncoderConfig())  # the default: omitted
+    assert quick.activation == "quick_gelu"
+    with pytest.raises(UserError, match="relu"):
+        CLIP_JSON.section(clip_config(hidden_act="relu").to_diff_dict(), ImageEncoderConfig())
     with pytest.raises(UserError, match="describes a t5, not a umT5"):
         UMT5_JSON.section({"model_type": "t5"}, TextEncoderConfig())
 

@@ -1,6 +1,7 @@
 """The Flax CLIP vision tower against transformers' CLIPVisionModel hidden_states[-2] (random
 weights, fp32), its converters (transformers and original Wan names), and image preprocessing."""
 
+import dataclasses
 import re
 
 import jax
@@ -38,7 +39,7 @@ QKV = VM + r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)"
 def hf_config(cfg: ImageEncoderConfig, projection_dim: int = 512) -> CLIPVisionConfig:
     return CLIPVisionConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                            image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_act="gelu",
+                            image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_act=cfg.activation,
                             projection_dim=projection_dim)
 
 
@@ -98,6 +99,22 @@ def test_matches_transformers_penultimate_layer(reference):
     params = convert_clip(TINY, {k: v.shape for k, v in sd.items()}, sd.__getitem__, "diffusers")
     assert params["blocks"]["fc1"]["kernel"].shape[0] == TINY.num_layers - 1  # the last block is not kept
     assert _error(params, pixels, ref) < 1e-4
+
+
+def test_quick_gelu_tower_matches_transformers():
+    """transformers' CLIP default activation (x * sigmoid(1.702 x)), read from its config.json by convert."""
+    quick = dataclasses.replace(TINY, activation="quick_gelu")
+    torch.manual_seed(1)
+    model = CLIPVisionModel(hf_config(quick)).eval()
+    pixels = np.random.default_rng(1).standard_normal((1, 28, 28, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2), output_hidden_states=True).hidden_states[-2].numpy()
+    sd = state_dict_numpy(model)
+    params = convert_clip(quick, {k: v.shape for k, v in sd.items()}, sd.__getitem__, "diffusers")
+    out = np.asarray(jax.jit(CLIPVisionTower(quick).apply)({"params": params}, pixels))
+    assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-4
+    exact = np.asarray(jax.jit(CLIPVisionTower(TINY).apply)({"params": params}, pixels))
+    assert np.abs(exact - ref).max() / np.abs(ref).max() > 1e-3  # the activation matters: the test can fail
 
 
 def test_original_layout_matches_transformers(reference):

@@ -19,13 +19,13 @@ from onestory_jax.models.image_encoder import init_fn
 from onestory_jax.models.layers import DTYPES
 
 # transformers `CLIPVisionConfig` (config.json of `image_encoder/`, or a CLIPConfig's vision_config):
-# our field -> (its key, its default); Wan's tower uses exact GELU on RGB.
+# our field -> (its key, its default); Wan's tower uses exact GELU on RGB, transformers' default is quick GELU.
 CONFIG_JSON = SourceSchema(
     "CLIP vision tower (CLIPVisionConfig)", {"model_type": ("clip_vision_model",)},
     {"image_size": ("image_size", 224), "patch_size": ("patch_size", 32), "hidden_size": ("hidden_size", 768),
      "intermediate_size": ("intermediate_size", 3072), "num_layers": ("num_hidden_layers", 12),
-     "num_heads": ("num_attention_heads", 12), "eps": ("layer_norm_eps", 1e-5)},
-    fixed={"hidden_act": "gelu", "num_channels": 3}, fixed_defaults={"hidden_act": "quick_gelu"}, nested="vision_config")
+     "num_heads": ("num_attention_heads", 12), "eps": ("layer_norm_eps", 1e-5), "activation": ("hidden_act", "quick_gelu")},
+    fixed={"num_channels": 3}, nested="vision_config")
 
 _LINEAR = (("kernel", "weight", "linear"), ("bias", "bias", "identity"))
 _NORM = (("scale", "weight", "identity"), ("bias", "bias", "identity"))

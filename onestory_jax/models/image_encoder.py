@@ -48,7 +48,7 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm CLIP encoder layer: attention and exact-GELU MLP, fp32 residuals."""
+    """Pre-norm CLIP encoder layer: attention and a GELU MLP (exact, or CLIP's quick GELU), fp32 residuals."""
 
     cfg: ImageEncoderConfig
 
@@ -58,7 +58,8 @@ class Block(nn.Module):
         norm = lambda name: LayerNorm(cfg.eps, affine=True, param_dtype=pdt, name=name)
         x = x + SelfAttention(cfg, name="attn")(norm("norm1")(x)).astype(jnp.float32)
         h = Dense(cfg.intermediate_size, ("embed", "mlp"), dtype=dt, param_dtype=pdt, name="fc1")(norm("norm2")(x))
-        h = constrain(nn.gelu(h, approximate=False), ("act_batch", "act_length", "act_mlp"))
+        h = nn.gelu(h, approximate=False) if cfg.activation == "gelu" else h * jax.nn.sigmoid(1.702 * h)  # quick GELU
+        h = constrain(h, ("act_batch", "act_length", "act_mlp"))
         x = x + Dense(cfg.hidden_size, ("mlp", "embed"), dtype=dt, param_dtype=pdt, name="fc2")(h).astype(jnp.float32)
         return constrain(x, TOKENS), None
 
