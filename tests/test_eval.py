@@ -15,7 +15,7 @@ import pytest
 from onestory_jax.data import synthetic
 from onestory_jax.data.video import write_mp4
 from onestory_jax.errors import UserError, run_cli
-from onestory_jax.eval import HistogramFeatures, evaluate_story, load_features, metrics, regions
+from onestory_jax.eval import HistogramFeatures, evaluate_story, load_features, loading, metrics, regions
 from onestory_jax.eval.__main__ import main
 from onestory_jax.eval.recall import recall_shots
 from onestory_jax.io import shot_name
@@ -212,3 +212,21 @@ def test_dinov2_from_local_folder(tmp_path):
     assert r["feature"] == "dinov2:dino" and r["character_consistency"]["pairs"] == 1
     f = features(frames[0][:2], masks[0][:2] > 0, crop=True)
     assert f.shape == (2, 32) and np.allclose(np.linalg.norm(f, axis=-1), 1.0, atol=1e-5)
+
+
+def test_a_truth_story_from_the_command_line_and_a_run_of_another_story(tmp_path, capsys):
+    """`python -m onestory_jax.data.synthetic` writes the truth and the story sample.py renders; a run whose
+    captions are not the truth's is refused (it was scored silently)."""
+    from onestory_jax.sampling.story import load_story
+
+    assert synthetic.main(["--seed", "5", "--stories", "2", "--shots", "3", "--out", str(tmp_path / "t")]) == 0
+    truth = loading.load_truth(tmp_path / "t" / "s5")
+    assert [s.caption for s in load_story(tmp_path / "t" / "s5" / "story.yaml").shots] == [s.caption for s in truth.shots]
+    assert (tmp_path / "t" / "s6" / "story.json").is_file()
+    frames, _ = rendered()
+    run = _write_run(tmp_path / "run", frames)
+    shots = [{"shot": i + 1, "caption": "A green diamond rests in the ocean shore."} for i in range(len(frames))]
+    (run / "manifest.json").write_text(json.dumps({"shots": shots}))
+    synthetic.save_synthetic(tmp_path / "truth", recall_story())
+    with pytest.raises(UserError, match="shot 1 was rendered from 'A green diamond"):
+        main(["--run", str(run), "--truth", str(tmp_path / "truth")])

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from onestory_jax.errors import UserError
+
 SHAPES = ("square", "circle", "triangle", "diamond")
 COLOURS = {"red": (220, 40, 40), "yellow": (230, 210, 40), "green": (50, 190, 60),
            "cyan": (40, 200, 210), "blue": (50, 70, 230), "magenta": (210, 50, 210)}
@@ -217,3 +219,39 @@ def story_file(story: SyntheticStory, frames: int = 17, size: int = 64, **settin
     """A sample.py story dict (captions only) for a synthetic story."""
     return {"settings": {"width": size, "height": size, "frames": frames, **settings},
             "shots": [{"caption": s.caption} for s in story.shots]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m onestory_jax.data.synthetic`: write ground-truth stories and their story files."""
+    import argparse
+
+    import yaml
+
+    ap = argparse.ArgumentParser(description="Write synthetic ground-truth stories: OUT/sSEED/story.json (what "
+                                 "`python -m onestory_jax.eval --truth` reads), story.yaml (what sample.py renders) "
+                                 "and, with --render, the true frames and masks (shot_NN.npz, for `eval --stories`).")
+    ap.add_argument("--seed", type=int, default=1_000_000, help="first seed (held-out stories start at 1,000,000)")
+    ap.add_argument("--stories", type=int, default=1)
+    ap.add_argument("--shots", type=int, default=8)
+    ap.add_argument("--frames", type=int, default=9, help="frames a shot, 4k + 1")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--render", action="store_true")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    if args.shots < 2 or args.stories < 1 or args.frames < 1 or (args.frames - 1) % 4 or args.size % 16:
+        raise UserError("--shots must be >= 2, --stories >= 1, --frames 4k + 1 and --size a multiple of 16")
+    for seed in range(args.seed, args.seed + args.stories):
+        story = make_story(seed, args.shots)
+        folder = save_synthetic(args.out / f"s{seed}", story,
+                                render_synthetic(story, args.frames, args.size) if args.render else None)
+        (folder / "story.yaml").write_text(yaml.safe_dump(story_file(story, args.frames, args.size), sort_keys=False))
+        print(f"{folder}: {len(story.shots)} shots; render with `python sample.py --checkpoint models/demo --story "
+              f"{folder}/story.yaml --out out/s{seed}`, score with `python -m onestory_jax.eval --run out/s{seed} "
+              f"--truth {folder}`")
+    return 0
+
+
+if __name__ == "__main__":
+    from onestory_jax.errors import run_cli
+
+    run_cli(main)

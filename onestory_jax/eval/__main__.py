@@ -37,7 +37,21 @@ def evaluate_run(run: Path, truth: Path | None, features: FeatureExtractor) -> d
     frames = loading.load_run(run)
     if story is not None and len(story.shots) != len(frames):
         raise UserError(f"run '{run}' has {len(frames)} shots but the ground truth '{truth}' has {len(story.shots)}")
+    if story is not None:
+        check_captions(run, [s.caption for s in story.shots], truth)
     return {"run": str(run), "truth": None if truth is None else str(truth), **_evaluate(frames, story, features)}
+
+
+def check_captions(run: Path, truth_captions: list[str], truth: Path) -> None:
+    """Refuse a run whose captions (its manifest's) are not the ground truth's: it was made from another story."""
+    try:
+        captions = [shot["caption"] for shot in json.loads((run / "manifest.json").read_text())["shots"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no manifest (shot videos only): nothing to compare
+    for i, (ours, theirs) in enumerate(zip(captions, truth_captions)):
+        if ours != theirs:
+            raise UserError(f"run '{run}' shot {i + 1} was rendered from {ours!r}, but the ground truth '{truth}' says "
+                            f"{theirs!r}: score a run of this story (its story.yaml)")
 
 
 def _mean_summary(results: list[dict[str, Any]]) -> dict[str, float | None]:
