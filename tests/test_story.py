@@ -41,6 +41,10 @@ def test_valid_story_and_defaults(tmp_path):
     ({"settings": {"seed": 2**32}}, r"settings\.seed: 4294967296 is not in"),  # jax would make it seed 0
     ({"shots": [{"caption": "a", "seed": -2**70}]}, r"shots\[1\]\.seed: -1180591620717411303424 is not in"),
     ({"settings": {"seed": 2**32 - 1}, "shots": ["a", "b"]}, r"shots\[2\] seed \(settings\.seed \+ 1\): 4294967296 is not in"),
+    ({"settings": {"width": 10**400}}, r"settings\.width: 1000.*000 is more than 16384"),  # overflowed later
+    ({"settings": {"fps": 1e30}}, r"settings\.fps: expected int"),
+    ({"settings": {"fps": 10**30}}, r"settings\.fps: .* is more than 1000"),  # failed after every shot was made
+    ({"shots": ["a \ud800 b"]}, r"shots\[1\]\.caption: is not valid Unicode text"),
 ])
 def test_schema_errors_name_the_field(patch, message):
     with pytest.raises(UserError, match=message):
@@ -81,11 +85,11 @@ def test_sizes_must_suit_the_model_and_fit_in_memory():
     with pytest.raises(UserError, match=r"settings\.height: 16 is below 32 px: this I2V model encodes the story's first frame"):
         check_story_fits(sized(32, 16), tiny, available=GIB)
     check_story_fits(parse_story({"settings": {"width": 32, "height": 16, "frames": 5}, "shots": ["a"]}), tiny, available=GIB)
-    huge = sized(100_000, 100_000)  # the probe's 100000 px story: an 18.6 GiB allocation error after the model loaded
-    assert estimate_bytes(huge, tiny)["latents"] == 2 * 2 * 12500**2 * (2 * 16 + 20) * 4
-    with pytest.raises(UserError, match=r"a 100000x100000 story of 2 shots of 5 frames needs at least \d+\.\d GiB "
-                                        r"\(latents 121\.1, .*weights not counted\) but the devices have 64\.0 GiB in all") as e:
-        check_story_fits(huge, tiny, available=64 * GIB)
+    huge = sized(16_000, 16_000)  # the probe's 100000 px story gave an allocation error after the model loaded
+    assert estimate_bytes(huge, tiny)["latents"] == 2 * 2 * 2000**2 * (2 * 16 + 20) * 4
+    with pytest.raises(UserError, match=r"a 16000x16000 story of 2 shots of 5 frames needs at least \d+\.\d GiB "
+                                        r"\(latents 3\.1, .*weights not counted\) but the devices have 1\.0 GiB in all") as e:
+        check_story_fits(huge, tiny, available=GIB)
     assert "\n" not in str(e.value)
 
 

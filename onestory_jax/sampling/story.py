@@ -23,6 +23,7 @@ STRATEGIES = ("onestory", "last_frame", "uniform", "recent", "none")
 SOLVERS = ("unipc", "euler")
 SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1: jax.random.key keeps 32 bits, so 2**32 would repeat seed 0
 MAX_STEPS = 1000  # the flow-matching grid has 1000 training timesteps; more steps repeat timesteps
+LIMITS = {"width": 16384, "height": 16384, "frames": 4097, "fps": 1000}  # far beyond any model, below overflow
 
 
 class LoraFile(NamedTuple):
@@ -155,6 +156,10 @@ def _settings(src: str, data: Any, base: Path) -> Settings:
     data = _check_keys(f"{src}: settings", data or {}, {*_SETTING_TYPES, "lora"})
     kw = {k: _typed(f"{src}: settings.{k}", v, _SETTING_TYPES[k]) for k, v in data.items() if k != "lora"}
     s = Settings(**kw, lora=_loras(src, base, data.get("lora") or []))
+    for name, most in LIMITS.items():  # sizes beyond any model (10**400 overflowed later as a traceback)
+        v = getattr(s, name)
+        if v is not None and v > most:
+            raise UserError(f"{src}: settings.{name}: {shown(v)} is more than {most}")
     for name in ("width", "height"):
         v = getattr(s, name)
         if v is not None and (v <= 0 or v % 16):
@@ -202,6 +207,10 @@ def _shot(src: str, i: int, data: Any, references: set[str] = frozenset()) -> Sh
                         "booleans: quote the caption)")
     if not isinstance(caption, str) or not caption.strip():
         raise UserError(f"{where}.caption: must be a non-empty string")
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (e.g. a JSON "\ud800"): no tokenizer or file can take it
+        raise UserError(f"{where}.caption: is not valid Unicode text (it holds a lone surrogate)") from None
     seed = data.get("seed")
     if seed is not None:
         _check_seed(f"{where}.seed", _typed(f"{where}.seed", seed, _INT))
