@@ -261,3 +261,12 @@ def test_full_size_key_map(preset):
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     DIT.check(cfg, shapes, "diffusers")
     DIT.check(cfg, to_original_layout(shapes), "original")
+
+
+def test_a_pth_holding_no_state_dict_is_one_line(tmp_path):
+    """A .pth of a list (the probe's case) was a traceback."""
+    from onestory_jax.convert.frozen_components import TorchFile
+
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")
+    with pytest.raises(UserError, match="holds a list, not a state dict"):
+        TorchFile(tmp_path / "list.pth")

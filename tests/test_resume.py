@@ -171,3 +171,11 @@ def test_yaml_aliases_are_refused_in_one_short_line(tmp_path):
     with pytest.raises(UserError) as e:
         load_story(tmp_path / "t.yaml")
     assert len(str(e.value)) < 200
+
+
+def test_a_record_that_is_not_a_mapping_regenerates_its_shot(tmp_path):
+    """A list-valued shot_NN.json (in a folder with our manifest) was a traceback."""
+    _save_all(tmp_path, _story())
+    (tmp_path / "shot_02.json").write_text("[1, 2]")
+    kept, reasons = resume.reusable_shots(tmp_path, _story(), "m", SHAPE)
+    assert len(kept) == 1 and reasons[1] == "its record is not a shot record"

@@ -64,6 +64,8 @@ class TorchFile:
             raise UserError(f"cannot read '{self.path}' as a torch state dict: {str(e).splitlines()[0]}") from None
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
+        if not isinstance(sd, dict):
+            raise UserError(f"'{self.path}' holds a {type(sd).__name__}, not a state dict (a mapping of names to tensors)")
         self._sd = {k: v for k, v in sd.items() if hasattr(v, "shape")}
         self.shapes = {k: tuple(v.shape) for k, v in self._sd.items()}
 

@@ -173,6 +173,8 @@ def _check_saved(out: Path, i: int, latent_shape: tuple[int, ...], inputs: dict[
         lat = np.load(npy)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot resume: '{npy}' or its record is unreadable ({e}); delete them to regenerate that shot") from None
+    if not isinstance(saved, dict):  # a hand-edited record (a list, a number): regenerate the shot
+        return "its record is not a shot record"
     if saved.get("fingerprint") != print_:
         return _changed(saved.get("inputs", {}), json.loads(json.dumps(inputs, default=str)))
     if lat.shape != tuple(latent_shape):
