@@ -128,6 +128,31 @@ def sample_story_multi_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+CARD_24GB_GIB = 24564 / 1024  # an RTX 4090's 24 GB as nvidia-smi reports it
+
+
+def sample_memory_aot_table(data: dict) -> str:
+    """The low-VRAM variants of the 14B story program: compile-only CPU analysis and the GPU estimate."""
+    lines = [
+        f"Compile-only analysis on {data['meta']['cpu']['device']} (XLA's CPU compiler, JAX {data['meta']['cpu']['jax']}); "
+        f"`{data['meta']['preset']}`, latents {data['meta']['latent']}, {data['meta']['shots']} shots, {data['meta']['steps']} "
+        "steps; GiB.",
+        "",
+        "| variant | resident on device | params in host memory | CPU analysis: device peak, 40 layers | CPU per-layer weight copy "
+        "| CPU activations | **GPU estimate** | 24 GB card (10% free) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, e in sorted(data.get("estimates", {}).items(), key=lambda kv: -kv[1]["resident_gib"]):
+        backend, variant = key.split("/", 1)
+        row = data["rows"][f"{backend}/{variant}/40"]
+        gpu = e.get("gpu_estimate_gib")
+        fits = "-" if gpu is None else "yes" if gpu <= 0.9 * CARD_24GB_GIB else "no"
+        lines.append(f"| {variant} | {e['resident_gib']:.1f} | {e['host_gib']:.1f} | {row['device_peak_gib']:.1f} | "
+                     f"{e['per_layer_temporaries_gib']:.2f} | {e['activations_gib']:.1f} | "
+                     f"**{'-' if gpu is None else f'{gpu:.1f}'}** | {fits} |")
+    return "\n".join(lines)
+
+
 def generic_table(data: dict) -> str:
     rows = data["rows"] if isinstance(data, dict) and "rows" in data else [data]
     keys = list(rows[0])
@@ -138,7 +163,8 @@ def generic_table(data: dict) -> str:
 
 RENDERERS = {"dit_forward_cpu": dit_forward_table, "dit_forward_gpu": dit_forward_table, "vae_memory": vae_memory_table,
              "train_step_cpu": train_step_cpu_table, "train_step_aot": train_step_aot_table,
-             "train_step_aot_presets": train_step_presets_table, "sample_story_multi": sample_story_multi_table}
+             "train_step_aot_presets": train_step_presets_table, "sample_story_multi": sample_story_multi_table,
+             "sample_memory_aot": sample_memory_aot_table}
 # Tables drawn from another table's results file: table name -> results file stem.
 SOURCES = {"train_step_aot_presets": "train_step_aot"}
 

@@ -35,6 +35,9 @@ DIT_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention", "sequ
 # The LoRA adapter on a DiT: a fine-tune may add one to a DiT that has none (models/lora.py).
 DIT_ADAPTER_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
 LORA_TARGETS = ("q", "k", "v", "o", "k_img", "v_img", "fc1", "fc2")  # the blocks' linear layers
+# Low-VRAM sampling switches of the DiT (models/lowvram.py): how its weights are stored and where, not what it computes.
+DIT_LOWVRAM_FIELDS = ("weights_dtype", "fp8_layers", "offload")
+FP8_LAYERS = {"ffn": ("fc1", "fc2"), "all": LORA_TARGETS}  # dit.fp8_layers -> the block layers stored in fp8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,15 +74,29 @@ class DiTConfig:
     lora_rank: int = 0
     lora_alpha: float = 1.0
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "fc1", "fc2")
+    # Low VRAM (sampling; docs/performance.md "Low VRAM"). weights_dtype=fp8: the blocks' linear kernels named by
+    # fp8_layers (ffn: fc1, fc2; all: also attention q, k, v, o, k_img, v_img) are stored as float8_e4m3fn with a
+    # per-output-channel fp32 `scale` beside each, quantized at load and dequantized per layer before each matmul.
+    weights_dtype: Literal["param", "fp8"] = "param"
+    fp8_layers: Literal["ffn", "all"] = "ffn"
+    # offload=blocks: the stacked block params live in host memory (memory kind pinned_host) and each layer is
+    # moved to the device inside the layer scan, one layer at a time.
+    offload: Literal["none", "blocks"] = "none"
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
     def architecture(self) -> "DiTConfig":
-        """This config with its runtime settings (DIT_RUNTIME_FIELDS) and LoRA adapter at their defaults: two
-        DiTs with equal architectures hold the same base parameters and compute the same base function."""
-        return dataclasses.replace(self, **{f: getattr(DiTConfig, f) for f in DIT_RUNTIME_FIELDS + DIT_ADAPTER_FIELDS})
+        """This config with its runtime settings (DIT_RUNTIME_FIELDS), LoRA adapter and low-VRAM switches at their
+        defaults: two DiTs with equal architectures hold the same base parameters and compute the same base function."""
+        fields = DIT_RUNTIME_FIELDS + DIT_ADAPTER_FIELDS + DIT_LOWVRAM_FIELDS
+        return dataclasses.replace(self, **{f: getattr(DiTConfig, f) for f in fields})
+
+    def plain(self) -> "DiTConfig":
+        """This config without its low-VRAM switches: the parameter tree as initialised, stored and loaded
+        (before `models.lowvram.quantize_dit` and the host placement of `offload`)."""
+        return dataclasses.replace(self, **{f: getattr(DiTConfig, f) for f in DIT_LOWVRAM_FIELDS})
 
     @property
     def has_image_branch(self) -> bool:
@@ -235,6 +252,10 @@ class VAEConfig:
     latents_mean: tuple[float, ...] = WAN21_LATENTS_MEAN
     latents_std: tuple[float, ...] = WAN21_LATENTS_STD
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params and norms stay fp32
+    # Low VRAM: decode in spatial tiles of `tile` x `tile` pixels (stride 3/4 tile, the overlap blended linearly,
+    # as diffusers' AutoencoderKLWan.enable_tiling: 256 / 192 there), each tile over all frames with its own
+    # causal cache; 0 = whole frames. A multiple of 4 x the spatial factor (32 for Wan2.1).
+    tile: int = 0
 
     @property
     def temporal_factor(self) -> int:
@@ -264,6 +285,9 @@ class VAEConfig:
             raise UserError("vae.latents_mean and vae.latents_std must be given together")
         if any(s <= 0 for s in self.latents_std):
             raise UserError("vae.latents_std values must be positive")
+        if self.tile < 0 or self.tile % (4 * self.spatial_factor):
+            raise UserError(f"vae.tile must be 0 (off) or a positive multiple of {4 * self.spatial_factor} "
+                            f"(4 x the spatial factor: the 3/4 stride is whole latents), got {self.tile}")
 
 # --- text and image encoders ---
 
@@ -284,6 +308,9 @@ class TextEncoderConfig:
     text_len: int = 512  # tokens per prompt: longer prompts are truncated, outputs zero-padded to this
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; norms and residuals stay fp32
     param_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Low VRAM (sampling): mesh = on the model's devices; cpu = loaded and run on the host CPU (jax's cpu backend),
+    # never on the accelerator (captions are encoded once per story, before the DiT runs).
+    device: Literal["mesh", "cpu"] = "mesh"
 
     @property
     def inner_dim(self) -> int:

@@ -253,6 +253,10 @@ class _File:
 def read_loras(loras: Iterable[tuple[Path, float]], cfg: DiTConfig) -> dict[LeafPath, LeafDelta]:
     """Leaf path -> what the LoRA files, each (path, user scale), add to a DiT of this config; every key is
     checked against the config's (abstract) param shapes, so a LoRA is refused before any weight is loaded."""
+    switches = [f"dit.{f}={getattr(cfg, f)}" for f in ("weights_dtype", "offload") if getattr(cfg, f) != getattr(DiTConfig, f)]
+    if switches:  # the merge adds to full-precision kernels on the device; these store them in fp8 or in host memory
+        raise UserError(f"a LoRA cannot be merged into a DiT loaded with {' and '.join(switches)} (low VRAM): "
+                        "sample without these switches, or with a model folder the LoRA is already merged into")
     deltas: dict[LeafPath, LeafDelta] = {}
     known, abstract = names(cfg), abstract_tree(dit_init_fn(cfg))
     for path, scale in loras:

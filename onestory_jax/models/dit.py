@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onestory_jax.config import DiTConfig
+from onestory_jax.config import FP8_LAYERS, DiTConfig
 from onestory_jax.models.layers import (
     DTYPES,
     Dense,
@@ -28,6 +28,7 @@ from onestory_jax.models.layers import (
     attention,
     constrain,
     grid_positions,
+    on_device,
     partitioned,
     remat_policy,
     rope_tables,
@@ -72,10 +73,12 @@ def _modulation(table: Array, e: Array, group_onehot: Array | None) -> list[Arra
 
 
 def block_dense(cfg: DiTConfig, features: int, axes: tuple[str, str], name: str) -> Dense:
-    """A block's linear layer `name`, with the config's LoRA when `name` is one of its targets."""
+    """A block's linear layer `name`, with the config's LoRA when `name` is one of its targets, and its kernel
+    in fp8 when `dit.weights_dtype=fp8` names it (`dit.fp8_layers`)."""
     rank = cfg.lora_rank if name in cfg.lora_targets else 0
+    fp8 = cfg.weights_dtype == "fp8" and name in FP8_LAYERS[cfg.fp8_layers]
     return Dense(features, axes, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], lora_rank=rank,
-                 lora_alpha=cfg.lora_alpha, name=name)
+                 lora_alpha=cfg.lora_alpha, fp8=fp8, name=name)
 
 
 class SelfAttention(nn.Module):
@@ -253,9 +256,11 @@ class WanDiT(nn.Module):
         image_emb = constrain(ImageEmbedding(cfg, name="image_embedding")(image), context_axes) if cfg.has_image_branch else None
 
         block = Block
+        if cfg.offload == "blocks":  # each layer's params, sliced from the host-resident stack, moved to the device
+            block = nn.map_variables(Block, "params", trans_in_fn=on_device, init=True)
         policy = remat_policy(cfg.remat_policy)
         if cfg.remat_policy != "none":
-            block = nn.remat(Block, policy=policy, prevent_cse=False)
+            block = nn.remat(block, policy=policy, prevent_cse=False)
         blocks = nn.scan(
             block,
             variable_axes={"params": 0},

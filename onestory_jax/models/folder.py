@@ -29,7 +29,7 @@ from onestory_jax.config import Config, DiTConfig
 from onestory_jax.errors import UserError
 from onestory_jax.models.dit import init_fn as dit_init_fn
 from onestory_jax.models.onestory import component_init_fns, memory_init_fn, memory_params_from_dit
-from onestory_jax.sharding import init_sharded
+from onestory_jax.sharding import activate, init_sharded
 
 ONESTORY = "onestory"
 FROZEN_PARTS = ("vae", "text_encoder", "image_encoder")
@@ -124,23 +124,34 @@ def read_onestory(folder: Path, cfg: Config, mesh: jax.sharding.Mesh) -> tuple[C
     return source, checkpoint.load_params(path, mesh, init)
 
 
-def load_model(folder: Path, cfg: Config, mesh: jax.sharding.Mesh, seed: int, allow_random: bool = False) -> dict[str, Any]:
+def load_model(folder: Path, cfg: Config, mesh: jax.sharding.Mesh, seed: int, allow_random: bool = False,
+               meshes: dict[str, jax.sharding.Mesh] | None = None) -> dict[str, Any]:
     """Every param of a model folder, sharded on `mesh`: its DiT and memory modules (initialised from the
-    DiT when it has none, with a note), and frozen parts. Missing parts: see `require_parts`."""
+    DiT when it has none, with a note), and frozen parts. Missing parts: see `require_parts`. The DiT is the
+    stored tree (`DiTConfig.plain`: low-VRAM switches apply after loading). `meshes`: a part's own mesh
+    instead of `mesh` ("dit" for the DiT and the memory modules, "text_encoder", ...), e.g. the host CPU's."""
+    on = lambda part: (meshes or {}).get(part, mesh)  # noqa: E731
+    cfg = dataclasses.replace(cfg, dit=cfg.dit.plain())
     missing = require_parts(folder, cfg, allow_random)
     fns = component_init_fns(cfg)
     random = [p for p in missing if p in fns]
-    params = {p: init_sharded(fns[p], mesh, jax.random.key(seed + i)) for i, p in enumerate(random)}
-    if ONESTORY in missing:
-        params["dit"] = init_sharded(fns["dit"], mesh, jax.random.key(seed))
-    else:
-        params.update(read_onestory(folder, cfg, mesh)[1])
-    if "memory" not in params:
-        if ONESTORY not in missing:
-            print(f"note: '{folder}' has no OneStory modules (a converted Wan2.1): the Frame Selector is random and the "
-                  "patchifiers start from the DiT's patch embedding (docs/design.md)")
-        params["memory"] = memory_params_from_dit(cfg, params["dit"], jax.random.key(seed + 1))
-    params.update(load_frozen_parts(folder, cfg, mesh, [p for p in FROZEN_PARTS if p in fns and p not in missing]))
+    params = {}
+    for i, p in enumerate(random):
+        with activate(on(p)):  # each part is read or made under its own mesh (keys, checks and all)
+            params[p] = init_sharded(fns[p], on(p), jax.random.key(seed + i))
+    with activate(on("dit")):
+        if ONESTORY in missing:
+            params["dit"] = init_sharded(fns["dit"], on("dit"), jax.random.key(seed))
+        else:
+            params.update(read_onestory(folder, cfg, on("dit"))[1])
+        if "memory" not in params:
+            if ONESTORY not in missing:
+                print(f"note: '{folder}' has no OneStory modules (a converted Wan2.1): the Frame Selector is random and "
+                      "the patchifiers start from the DiT's patch embedding (docs/design.md)")
+            params["memory"] = memory_params_from_dit(cfg, params["dit"], jax.random.key(seed + 1))
+    for part in [p for p in FROZEN_PARTS if p in fns and p not in missing]:
+        with activate(on(part)):
+            params.update(load_frozen_parts(folder, cfg, on(part), [part]))
     return params
 
 

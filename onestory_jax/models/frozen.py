@@ -19,7 +19,7 @@ import numpy as np
 from onestory_jax.config import Config, TextEncoderConfig, VAEConfig
 from onestory_jax.models import prompts
 from onestory_jax.models.embedding_cache import EmbeddingCache
-from onestory_jax.models import image_encoder, text_encoder, vae
+from onestory_jax.models import image_encoder, lowvram, text_encoder, vae
 
 Array = jax.Array
 
@@ -64,16 +64,43 @@ def vae_decode_fn(cfg: VAEConfig) -> Callable[[Any, Array], Array]:
 
 
 @functools.cache
+def vae_decode_raw_fn(cfg: VAEConfig) -> Callable[[Any, Array], Array]:
+    """jit (params, latents [B, t, h, w, z]) -> video [B, T, H, W, 3], unclamped (one tile of `vae.tiled_decode`)."""
+    return jax.jit(functools.partial(vae.decode_raw, cfg))
+
+
+def decode_video(cfg: VAEConfig, params: Any, latents: np.ndarray) -> np.ndarray:
+    """Latents [B, t, h, w, z] -> video [B, T, H, W, 3] in [-1, 1] on the host: whole, or with `vae.tile` tile by
+    tile (one jitted call each, so that one tile's decode is all the device holds at a time)."""
+    if not cfg.tile:
+        return np.asarray(vae_decode_fn(cfg)(params, jnp.asarray(latents)))
+    raw = vae_decode_raw_fn(cfg)
+    return vae.tiled_decode(cfg, np.asarray(latents), lambda tile: np.asarray(raw(params, jnp.asarray(tile))))
+
+
+@functools.cache
 def image_tokens_fn(cfg: Config) -> Callable[[dict[str, Any], Array], Array]:
     """jit (params, image [H, W, 3]) -> CLIP tokens [Li, image_dim]."""
     return jax.jit(functools.partial(image_tokens, cfg))
+
+
+def on_host(fn: Callable[..., Array]) -> Callable[..., Array]:
+    """`fn` called under the host CPU's mesh (`lowvram.host_mesh`), for params that live there."""
+
+    def called(*args: Any) -> Array:
+        with jax.set_mesh(lowvram.host_mesh()):
+            return fn(*args)
+
+    return called
 
 
 def build_components(cfg: Config, params: dict[str, Any], tokenizer_dir: Path, cache: EmbeddingCache | None = None) -> Components:
     """Host-callable encode/decode functions over jitted JAX models; text embeddings cached if given."""
     tok = prompts.load_tokenizer(tokenizer_dir)
     t5_apply = functools.partial(text_encoder_fn(cfg.text_encoder), params["text_encoder"])
-    encode, decode = vae_encode_fn(cfg.vae), vae_decode_fn(cfg.vae)
+    if cfg.text_encoder.device == "cpu":  # its params are on the host CPU's mesh: it runs there, whatever mesh is active
+        t5_apply = on_host(t5_apply)
+    encode = vae_encode_fn(cfg.vae)
 
     def encode_text(texts: list[str]) -> np.ndarray:
         return prompts.encode_prompts(texts, tok, t5_apply, cfg.text_encoder.text_len, cache)
@@ -84,6 +111,6 @@ def build_components(cfg: Config, params: dict[str, Any], tokenizer_dir: Path, c
     return Components(
         encode_text=encode_text,
         encode_video=lambda video: np.asarray(encode(params["vae"], jnp.asarray(video)[None]))[0],
-        decode_latents=lambda z: np.asarray(decode(params["vae"], jnp.asarray(z)[None]))[0],
+        decode_latents=lambda z: decode_video(cfg.vae, params["vae"], np.asarray(z)[None])[0],
         encode_image=encode_image,
     )

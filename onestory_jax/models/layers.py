@@ -32,10 +32,17 @@ def constrain(x: Array, axes: AxisNames) -> Array:
     return nn.with_logical_constraint(x, axes)
 
 
+def dequantize(kernel: Array, scale: Array, dtype: Any) -> Array:
+    """An fp8 kernel [..., in, out] times its per-output-channel scale [..., out], in `dtype` (the product in fp32,
+    rounded once): the weight a quantized `Dense` multiplies by (`models/lowvram.py: quantize_fp8`)."""
+    return (kernel.astype(jnp.float32) * scale[..., None, :].astype(jnp.float32)).astype(dtype)
+
+
 class Dense(nn.Module):
     """Linear layer `y = x W + b` with logical axes (in_axis, out_axis) on W; with `lora_rank` r > 0, plus
     the LoRA term (lora_alpha / r) x A B, A [in, r] (Kaiming-uniform) and B [r, out] (zeros: the layer
-    starts as its base)."""
+    starts as its base). With `fp8`, W = kernel x scale: a `scale` [out] (fp32) beside the kernel, which
+    holds float8_e4m3fn values once `models/lowvram.py: quantize_dit` has quantized it (initialised: ones)."""
 
     features: int
     axes: tuple[str | None, str | None]
@@ -44,6 +51,7 @@ class Dense(nn.Module):
     param_dtype: Any = jnp.float32
     lora_rank: int = 0
     lora_alpha: float = 1.0
+    fp8: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -53,6 +61,12 @@ class Dense(nn.Module):
             (x.shape[-1], self.features),
             self.param_dtype,
         )
+        if self.fp8:
+            scale = self.param("scale", partitioned(nn.initializers.ones, self.axes[1:]), (self.features,), jnp.float32)
+            # Tied to x by a barrier: XLA cannot hoist the (loop-invariant) dequantization out of the layer and step
+            # loops, which would hold the whole stack dequantized; one layer's kernel, right before its matmul.
+            kernel, scale, x = jax.lax.optimization_barrier((kernel, scale, x))
+            kernel = dequantize(kernel, scale, self.dtype)
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.lora_rank:
             kaiming = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # PEFT's A init
@@ -65,6 +79,12 @@ class Dense(nn.Module):
             bias = self.param("bias", partitioned(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
+
+
+def on_device(tree: Any) -> Any:
+    """Every array of `tree` moved to device memory (traced: a transfer from host memory where it lives there,
+    as the blocks' params of `dit.offload=blocks`; lowered only for GPU and TPU, a no-op on the CPU backend)."""
+    return jax.tree.map(lambda a: jax.device_put(a, jax.memory.Space.Device), tree)
 
 
 class RMSNorm(nn.Module):

@@ -11,6 +11,7 @@ frame and keeps a zero cache).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -338,10 +339,54 @@ def encode(cfg: VAEConfig, params: Any, video: Array) -> Array:
     return (mu - mean) * (1.0 / std)
 
 
-def decode(cfg: VAEConfig, params: Any, latents: Array) -> Array:
-    """Normalised latents [B, t, h, w, z] -> video [B, 1+tf(t-1), h*sf, w*sf, 3] clamped to [-1, 1]."""
+def decode_raw(cfg: VAEConfig, params: Any, latents: Array) -> Array:
+    """Normalised latents [B, t, h, w, z] -> video [B, 1+tf(t-1), h*sf, w*sf, 3], unclamped."""
     if latents.shape[-1] != cfg.z_dim:
         raise UserError(f"VAE decode needs {cfg.z_dim} latent channels; got shape {tuple(latents.shape)}")
     mean, std = latent_stats(cfg)
     z = (latents.astype(jnp.float32) * std + mean).astype(DTYPES[cfg.dtype])
-    return jnp.clip(_chunks(cfg, params, WanVAE.decode_chunk, z, 1), -1.0, 1.0)
+    return _chunks(cfg, params, WanVAE.decode_chunk, z, 1)
+
+
+def decode(cfg: VAEConfig, params: Any, latents: Array) -> Array:
+    """Normalised latents [B, t, h, w, z] -> video [B, 1+tf(t-1), h*sf, w*sf, 3] clamped to [-1, 1]."""
+    return jnp.clip(decode_raw(cfg, params, latents), -1.0, 1.0)
+
+
+def tiled_decode(cfg: VAEConfig, latents: np.ndarray, decode_tile: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """`decode` in spatial tiles, as diffusers' `AutoencoderKLWan.tiled_decode`, from the host: latents
+    [B, t, h, w, z] (normalised) -> video [B, T, h*sf, w*sf, 3] clamped to [-1, 1].
+
+    Tiles of `cfg.tile` pixels (tile / sf latents) start every 3/4 tile; `decode_tile` (e.g. a jitted
+    `decode_raw`: one tile on the device at a time) decodes each over all frames with its own causal
+    cache. In row-major order each tile is blended into the (already blended) tile above and the one to
+    its left over the overlap (`cfg.tile` - stride pixels) and its top-left stride x stride pixels kept.
+    A frame no larger than one tile is decoded whole.
+    """
+    sf, tile = cfg.spatial_factor, cfg.tile // cfg.spatial_factor
+    h, w = latents.shape[2:4]
+    if h <= tile and w <= tile:
+        return np.clip(decode_tile(latents), -1.0, 1.0)
+    stride = tile * 3 // 4
+    keep, overlap = stride * sf, cfg.tile - stride * sf
+    rows = [[np.asarray(decode_tile(latents[:, :, i : i + tile, j : j + tile]), np.float32) for j in range(0, w, stride)]
+            for i in range(0, h, stride)]
+    for i, row in enumerate(rows):
+        for j in range(len(row)):
+            if i:
+                row[j] = _blend(rows[i - 1][j], row[j], overlap, axis=2)
+            if j:
+                row[j] = _blend(row[j - 1], row[j], overlap, axis=3)
+    video = np.concatenate([np.concatenate([t[:, :, :keep, :keep] for t in row], axis=3) for row in rows], axis=2)
+    return np.clip(video[:, :, : h * sf, : w * sf], -1.0, 1.0)
+
+
+def _blend(a: np.ndarray, b: np.ndarray, extent: int, axis: int) -> np.ndarray:
+    """b [B, T, H, W, C] with its first `extent` rows (axis 2) or columns (axis 3) faded in from a's last ones:
+    b[y] <- a[-extent + y] (1 - y / extent) + b[y] y / extent (diffusers' blend_v, blend_h)."""
+    extent = min(a.shape[axis], b.shape[axis], extent)
+    weight = (np.arange(extent, dtype=np.float32) / extent).reshape((-1,) + (1,) * (b.ndim - 1 - axis))
+    a_tail = np.take(a, np.arange(a.shape[axis] - extent, a.shape[axis]), axis=axis)
+    b_head = np.take(b, np.arange(extent), axis=axis)
+    rest = np.take(b, np.arange(extent, b.shape[axis]), axis=axis)
+    return np.concatenate([a_tail * (1 - weight) + b_head * weight, rest], axis=axis)

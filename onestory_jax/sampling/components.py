@@ -6,6 +6,7 @@ memory modules are initialised per docs/design.md), or a config preset with rand
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -17,22 +18,50 @@ import jax
 from onestory_jax import checkpoint
 from onestory_jax.config import Config, apply_overrides, from_dict, load_config, to_dict
 from onestory_jax.errors import UserError
-from onestory_jax.models import byte_tokenizer
+from onestory_jax.models import byte_tokenizer, lowvram
 from onestory_jax.models.embedding_cache import EmbeddingCache, encoder_identity
 from onestory_jax.models.folder import TOKENIZER, folder_config, load_model
 from onestory_jax.models.frozen import Components, build_components
-from onestory_jax.models.onestory import full_init_fn, memory_params_from_dit
-from onestory_jax.sharding import activate, init_sharded, make_mesh
+from onestory_jax.models.onestory import component_init_fns, memory_init_fn, memory_params_from_dit
+from onestory_jax.sharding import abstract_params, activate, init_sharded, make_mesh
 
 Array = jax.Array
 
 BYTE_TOKENIZER = byte_tokenizer.OUT  # for random-weight models: any text, no download
 
 
+def part_meshes(cfg: Config) -> dict[str, jax.sharding.Mesh]:
+    """The parts the low-VRAM switches keep off the model's mesh at first, on the host CPU's mesh: the DiT until
+    `lowvram.place_dit` quantizes and places it, the text encoder for good (`text_encoder.device=cpu`)."""
+    host = {"dit": lowvram.loads_via_host(cfg.dit), "text_encoder": cfg.text_encoder.device == "cpu"}
+    return {part: lowvram.host_mesh() for part, on_host in host.items() if on_host}
+
+
 def random_params(cfg: Config, mesh: jax.sharding.Mesh, seed: int) -> dict[str, Any]:
-    """Random params created directly in their shardings; patchifiers from the patch embedding."""
-    params = init_sharded(full_init_fn(cfg), mesh, jax.random.key(seed))
+    """Random params created directly in their shardings (the parts of `part_meshes` on the host first; each
+    part's weights as `full_init_fn` makes them, wherever it is made); patchifiers from the patch embedding."""
+    fns = sorted(component_init_fns(dataclasses.replace(cfg, dit=cfg.dit.plain())).items())
+    meshes = part_meshes(cfg)
+
+    def part(i: int, fn: Callable[[Array], Any]) -> Callable[[], Any]:
+        """Part i's init, its key made inside (as full_init_fn splits it): a key made here would carry the mesh
+        of this context to another part's mesh."""
+        return lambda: fn(jax.random.split(jax.random.key(seed), len(fns))[i])
+
+    params = {name: init_sharded(part(i, fn), meshes.get(name, mesh)) for i, (name, fn) in enumerate(fns)}
+    if "dit" in meshes:
+        params["dit"] = lowvram.place_dit(params["dit"], cfg.dit, mesh)
     return {**params, "memory": memory_params_from_dit(cfg, params["dit"], jax.random.key(seed + 1))}
+
+
+def onto_mesh(cfg: Config, params: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """Loaded params with a DiT (and memory modules) read on the host put on `mesh`: the DiT by
+    `lowvram.place_dit`, the memory modules in their logical shardings."""
+    if not lowvram.loads_via_host(cfg.dit):
+        return params
+    memory = jax.tree.map(lambda a: a.sharding, abstract_params(memory_init_fn(cfg), mesh, jax.random.key(0)))
+    return {**params, "dit": lowvram.place_dit(params["dit"], cfg.dit, mesh),
+            "memory": jax.device_put(params["memory"], memory)}
 
 
 def _with_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -69,7 +98,7 @@ def load_for_sampling(
     with activate(mesh):
         if ckpt is not None:
             print(f"loading the model folder {ckpt} onto {mesh.size} {jax.devices()[0].platform} device(s)", flush=True)
-            params = load_model(Path(ckpt), cfg, mesh, seed, allow_random)
+            params = onto_mesh(cfg, load_model(Path(ckpt), cfg, mesh, seed, allow_random, part_meshes(cfg)), mesh)
         else:
             print(f"note: config '{cfg.name}' with RANDOM weights (seed {seed}): frames will look like noise; "
                   "use --checkpoint for a trained model")
@@ -79,4 +108,7 @@ def load_for_sampling(
     cache = None  # random weights change with every seed: nothing worth caching
     if ckpt is not None and (Path(ckpt) / "text_encoder").is_dir():
         cache = text_cache(cfg, Path(ckpt) / "text_encoder" / checkpoint.PARAMS, tokenizer)
-    return cfg, params, build_components(cfg, params, tokenizer, cache), mesh
+    comps = build_components(cfg, params, tokenizer, cache)
+    if cfg.text_encoder.device == "cpu":  # held by the components only: the story program's params stay on the mesh
+        params = {k: v for k, v in params.items() if k != "text_encoder"}
+    return cfg, params, comps, mesh

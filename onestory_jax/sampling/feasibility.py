@@ -9,7 +9,8 @@ Memory: `estimate_bytes` is a lower bound of what one story needs at once (weigh
   activations one DiT forward of the CFG pair: 2 x N x (dim + ffn_dim) in the compute dtype, for
               N = T x (h / patch) x (w / patch) tokens of one shot (memory tokens not counted)
   attention   the CFG pair's logits for all heads: N x N (attention=xla), 256 x N (chunked, auto), 0 (flash)
-  vae decode  the decoder's full-resolution stage on one 4-frame chunk: 2 x 4 x H x W x base_dim fp32
+  vae decode  the decoder's full-resolution stage on one 4-frame chunk: 2 x 4 x H x W x base_dim fp32 (H, W at
+              most `vae.tile` each with tiled decoding)
 A story whose bound exceeds the memory of all devices together cannot fit whatever the mesh: it is
 refused with the estimate.
 """
@@ -65,11 +66,12 @@ def estimate_bytes(story: Story, cfg: Config) -> dict[str, int]:
     tokens = t * (h // d.patch_size[1]) * (w // d.patch_size[2])
     compute = 2 if d.dtype == "bfloat16" else 4
     queries = {"xla": tokens, "chunked": min(CHUNK, tokens), "auto": min(CHUNK, tokens)}.get(d.attention, 0)
+    tile = lambda side: min(side, cfg.vae.tile) if cfg.vae.tile else side  # noqa: E731
     return {
         "latents": len(story.shots) * t * h * w * channels * 4,
         "activations": 2 * tokens * (d.dim + d.ffn_dim) * compute,
         "attention": 2 * d.num_heads * queries * tokens * 4,
-        "vae decode": 2 * 4 * s.height * s.width * cfg.vae.base_dim * 4,
+        "vae decode": 2 * 4 * tile(s.height) * tile(s.width) * cfg.vae.base_dim * 4,
     }
 
 
