@@ -96,3 +96,7 @@ def test_a_pinned_reference_is_used_and_a_later_edit_keeps_earlier_shots(tmp_pat
     now = [(tmp_path / "out" / f"shot_{i:02d}.mp4").stat().st_mtime_ns for i in (1, 2, 3)]
     assert now[:2] == mp4_times[:2] and now[2] != mp4_times[2]  # kept shots' mp4s are not rewritten
     assert np.abs(np.load(tmp_path / "out" / "shot_03.npy") - latents[2]).max() > 1e-3
+    (tmp_path / "out" / ".story.k2j4x.mp4").write_bytes(b"")  # a killed run's temporary
+    assert len(render(shots[:2])) == 2  # the story shortened: shot 3's files and the temporary go
+    assert sorted(p.name for p in (tmp_path / "out").glob("*shot_03*")) == []
+    assert not (tmp_path / "out" / ".story.k2j4x.mp4").exists() and (tmp_path / "out" / "shot_02.npy").is_file()

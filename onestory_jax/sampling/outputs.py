@@ -6,6 +6,8 @@ the atomic write and the video encoding live in lower modules (the evaluator rea
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from onestory_jax.data.video import to_uint8, write_mp4
 from onestory_jax.io import atomic_path, save_json, shot_name
 from onestory_jax.io import save_npy as save_latents
 
-__all__ = ["atomic_path", "contact_sheet", "save_json", "save_latents", "shot_name", "to_uint8", "write_mp4"]
+__all__ = ["atomic_path", "contact_sheet", "remove_leftovers", "save_json", "save_latents", "shot_name", "to_uint8", "write_mp4"]
 
 
 LABEL_MARGIN = 24  # px left of each row: the shot's number
@@ -47,3 +49,28 @@ def contact_sheet(path: Path, shots: Sequence[np.ndarray], per_shot: int = 5, ma
         draw.text((4, int((i + 0.5) * row_height) - 6), str(i + 1), fill=(0, 0, 0))
     with atomic_path(path) as tmp:
         labelled.save(tmp, format="PNG")
+
+
+# atomic_path's temporaries of the files a run writes (`.shot_01.k2j4x.mp4`): left behind by a killed run
+_TEMPORARY = re.compile(r"\.(shot_\d+|story|contact_sheet|manifest)\.\w+\.(mp4|npy|json|png)")
+_SHOT_FILE = re.compile(r"shot_(\d+)\.(mp4|npy|json)")
+
+
+def remove_leftovers(out: Path, shots: int) -> list[str]:
+    """Remove from a run folder (already known to be a run's) what a killed run's temporaries and a
+    longer earlier version of the story left: files of shots after the story's `shots`, where the shot's
+    record shows sample.py wrote it. Returns the names removed."""
+    removed = []
+    for path in sorted(out.iterdir()) if out.is_dir() else ():  # decided for every file before any is removed
+        stale = bool(_TEMPORARY.fullmatch(path.name))
+        if (m := _SHOT_FILE.fullmatch(path.name)) and int(m[1]) > shots:
+            try:
+                record = json.loads((out / shot_name(int(m[1]) - 1, ".json")).read_text())
+                stale = isinstance(record, dict) and {"fingerprint", "inputs"} <= set(record)
+            except (OSError, ValueError):
+                stale = False
+        if stale and path.is_file():
+            removed.append(path)
+    for path in removed:
+        path.unlink()
+    return [path.name for path in removed]

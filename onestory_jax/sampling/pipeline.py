@@ -232,6 +232,7 @@ def write_story(out: Path, cfg: Config, story: Story, prepared: PreparedStory, r
     manifest = {"config": to_dict(cfg), "story": story_to_dict(story), "shots": manifest_shots, "timings": timings,
                 "latent_shape": list(prepared.latent_shape)}
     outputs.save_json(out / "manifest.json", manifest)
+    outputs.remove_leftovers(out, len(videos))  # a killed run's temporaries, the shots of a longer earlier story
     return manifest
 
 
