@@ -41,6 +41,7 @@ demo-model: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest tests -n 2 --dist loadfile --durations=12  # two workers (CI has 2 cores); a file's tests share one
 
 clean:

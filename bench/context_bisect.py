@@ -23,9 +23,9 @@ import optax
 from onestory_jax.config import load_config
 from onestory_jax.data import synthetic
 from onestory_jax.data.prepare import character_cells
-from onestory_jax.models.onestory import init_params
 from onestory_jax.models.folder import folder_config, load_frozen_parts
 from onestory_jax.models.frozen import build_components
+from onestory_jax.models.onestory import init_params
 from onestory_jax.sharding import activate, make_mesh
 from onestory_jax.training.losses import loss_at_sigmas, loss_fn
 
@@ -47,10 +47,22 @@ def stories(comps, first: int, n: int, kind: str) -> list[Story]:
         story = synthetic.make_story(seed, 8)
         renders = [synthetic.render_shot(story, i, 9) for i in range(8)]
         videos = [v for v, _ in renders]
-        latents = [np.concatenate(([comps.encode_video(v.astype(np.float32) / 127.5 - 1)] if kind != "pooled" else [])
-                                  + ([pooled(v) / pooled_std] if kind in ("pooled", "vae+pooled") else []), -1) for v in videos]
-        out.append((story, np.stack(latents), comps.encode_text([s.caption for s in story.shots]),
-                    np.stack([character_cells(m, (8, 8)) for _, m in renders])))
+        latents = [
+            np.concatenate(
+                ([comps.encode_video(v.astype(np.float32) / 127.5 - 1)] if kind != "pooled" else [])
+                + ([pooled(v) / pooled_std] if kind in ("pooled", "vae+pooled") else []),
+                -1,
+            )
+            for v in videos
+        ]
+        out.append(
+            (
+                story,
+                np.stack(latents),
+                comps.encode_text([s.caption for s in story.shots]),
+                np.stack([character_cells(m, (8, 8)) for _, m in renders]),
+            )
+        )
     return out
 
 
@@ -80,8 +92,13 @@ def batch(parts: list[tuple[np.ndarray, ...]], weight: float | None) -> dict[str
     W < 0: by that share alone (the loss on the characters); None: uniform."""
     target, memory, text, share = (np.stack(p) for p in zip(*parts))
     n, f = memory.shape[:2]
-    out = {"target": target, "memory": memory, "memory_valid": np.ones((n, f), bool), "labels": np.zeros((n, f), np.float32),
-           "text": text}
+    out = {
+        "target": target,
+        "memory": memory,
+        "memory_valid": np.ones((n, f), bool),
+        "labels": np.zeros((n, f), np.float32),
+        "text": text,
+    }
     if weight is not None:
         out["loss_weight"] = (1.0 + weight * share).astype(np.float32) if weight >= 0 else share.astype(np.float32)
     return out
@@ -92,8 +109,12 @@ def main() -> None:
     ap.add_argument("--latents", choices=("pooled", "vae", "vae+pooled", "vae-pca3", "vae-pca6"), required=True)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every latent by this (the latent scale)")
-    ap.add_argument("--character-weight", type=float, help="train with L_shot weighting each latent cell 1 + W x the "
-                    "share of it a character covers (the spec's fallback a); default: uniform")
+    ap.add_argument(
+        "--character-weight",
+        type=float,
+        help="train with L_shot weighting each latent cell 1 + W x the "
+        "share of it a character covers (the spec's fallback a); default: uniform",
+    )
     ap.add_argument("--frozen", type=Path, default=Path("models/demo"), help="model folder of the VAE and text encoder")
     args = ap.parse_args()
     frozen_cfg = folder_config(args.frozen)
@@ -108,8 +129,16 @@ def main() -> None:
     if args.scale != 1.0:
         train, held = ([(s, lat * np.float32(args.scale), t, c) for s, lat, t, c in part] for part in (train, held))
     channels = train[0][1].shape[-1]
-    cfg = load_config("train/demo", ["dit.model_type=t2v", f"dit.in_dim={channels}", f"dit.out_dim={channels}",
-                                     f"memory.latent_channels={channels}", "memory.train_strategy=last_frame"])
+    cfg = load_config(
+        "train/demo",
+        [
+            "dit.model_type=t2v",
+            f"dit.in_dim={channels}",
+            f"dit.out_dim={channels}",
+            f"memory.latent_channels={channels}",
+            "memory.train_strategy=last_frame",
+        ],
+    )
     params = init_params(cfg, jax.random.key(0))
     schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 100, args.steps, 1e-4)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
@@ -140,9 +169,11 @@ def main() -> None:
                         part = example(data, j, true_frame, np.random.default_rng(j))
                         results[true_frame].append(np.asarray(loss(params, batch([part], weight))))
         true, wrong = (np.mean(results[k], axis=0) for k in (True, False))
-        print(f"{args.latents} latents, {args.steps} steps, character weight {args.character_weight}, "
-              f"{len(results[True])} recall shots, L_shot on the {name} at sigma 0.5/0.7/0.9: true frame "
-              f"{np.round(true, 4)}, wrong frame {np.round(wrong, 4)}, gain {np.round(1 - true / wrong, 3)}")
+        print(
+            f"{args.latents} latents, {args.steps} steps, character weight {args.character_weight}, "
+            f"{len(results[True])} recall shots, L_shot on the {name} at sigma 0.5/0.7/0.9: true frame "
+            f"{np.round(true, 4)}, wrong frame {np.round(wrong, 4)}, gain {np.round(1 - true / wrong, 3)}"
+        )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,13 @@ def run_case(name: str, cfg: DiTConfig, latent: tuple[int, int, int], device: st
     with torch.device(tdev):  # random weights: the two models are timed, not compared
         ref = WanTransformer3DModel(**diffusers_config(cfg)).eval().to(torch_dtype)
     sd = {k: v.detach().float().cpu().numpy() for k, v in ref.state_dict().items()}
-    params = convert(cfg, {k: v.shape for k, v in sd.items()}, sd.__getitem__, "diffusers",
-                     dtype=np.float32 if cfg.param_dtype == "float32" else jax.numpy.bfloat16)
+    params = convert(
+        cfg,
+        {k: v.shape for k, v in sd.items()},
+        sd.__getitem__,
+        "diffusers",
+        dtype=np.float32 if cfg.param_dtype == "float32" else jax.numpy.bfloat16,
+    )
     del sd
     params = jax.device_put(params)
 
@@ -81,9 +86,17 @@ def run_case(name: str, cfg: DiTConfig, latent: tuple[int, int, int], device: st
     tokens = (latent[0] // pt) * (latent[1] // ph) * (latent[2] // pw)
     flops = dit_forward_flops(cfg, tokens, 512, 257 if cfg.has_image_branch else 0)
     row = {
-        "case": name, "dtype": cfg.dtype, "layers": cfg.num_layers, "dim": cfg.dim, "tokens": tokens,
-        "jax_s": jax_s, "torch_s": torch_s, "jax_over_torch": jax_s / torch_s, "tflop": flops / 1e12,
-        "jax_tflops": flops / jax_s / 1e12, "torch_tflops": flops / torch_s / 1e12,
+        "case": name,
+        "dtype": cfg.dtype,
+        "layers": cfg.num_layers,
+        "dim": cfg.dim,
+        "tokens": tokens,
+        "jax_s": jax_s,
+        "torch_s": torch_s,
+        "jax_over_torch": jax_s / torch_s,
+        "tflop": flops / 1e12,
+        "jax_tflops": flops / jax_s / 1e12,
+        "torch_tflops": flops / torch_s / 1e12,
     }
     if device == "gpu":
         gpu = torch.cuda.get_device_name()
@@ -108,8 +121,12 @@ def main() -> None:
     rows = [run_case(n, c, lat, args.suite, args.iters) for n, c, lat in cases]
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"dit_forward_{args.suite}.json"
-    meta = {"jax": jax.__version__, "backend": jax.default_backend(), "machine": platform.machine(),
-            "cpu_count": __import__("os").cpu_count()}
+    meta = {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "machine": platform.machine(),
+        "cpu_count": __import__("os").cpu_count(),
+    }
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {out}")
     import report  # bench/report.py, beside this script

@@ -29,9 +29,8 @@ from typing import Any
 
 import numpy as np
 import yaml
-from scipy import stats
-
 from memory_gates import HELD_OUT_SEED, held_out, oracle_sampler, oracle_shot, shot_noise
+from scipy import stats
 
 from onestory_jax.data import synthetic
 from onestory_jax.eval import evaluate_story, load_features
@@ -41,8 +40,15 @@ from onestory_jax.eval.recall import recall_metrics, recall_shots
 
 VARIANTS = ("none", "last_frame", "ac_only", "fs_only", "onestory")
 FROZEN = ("vae", "text_encoder", "image_encoder", "tokenizer")
-METRICS = ("recall_colour", "named_colour", "selection_on_truth", "selection_accuracy", "recall_l_shot_gain",
-           "recall_colour_strict", "named_colour_strict")
+METRICS = (
+    "recall_colour",
+    "named_colour",
+    "selection_on_truth",
+    "selection_accuracy",
+    "recall_l_shot_gain",
+    "recall_colour_strict",
+    "named_colour_strict",
+)
 PAIRED = ("recall_colour", "selection_on_truth", "recall_l_shot_gain")
 SECTION_BEGIN, SECTION_END = "<!-- memory-ablation:begin -->", "<!-- memory-ablation:end -->"
 
@@ -63,8 +69,16 @@ def model_folder(name: str, variants: Path, frozen: Path, out: Path) -> tuple[Pa
     return folder, yaml.safe_load(config.read_text())["memory"]["train_strategy"]
 
 
-def render_and_score(name: str, folder: Path, strategy: str, stories: list[synthetic.SyntheticStory], runs: Path,
-                     steps: int, frames: int, features: Any) -> list[dict[str, Any]]:
+def render_and_score(
+    name: str,
+    folder: Path,
+    strategy: str,
+    stories: list[synthetic.SyntheticStory],
+    runs: Path,
+    steps: int,
+    frames: int,
+    features: Any,
+) -> list[dict[str, Any]]:
     """Render (or resume) every story with sample.py's pipeline under the variant's own scheme; its metrics."""
     from onestory_jax.sampling.components import load_for_sampling
     from onestory_jax.sampling.pipeline import render_story
@@ -78,16 +92,24 @@ def render_and_score(name: str, folder: Path, strategy: str, stories: list[synth
         run = runs / name / f"story_{i:02d}"
         if not (run / "manifest.json").is_file():
             with activate(mesh):
-                render_story(cfg, params, comps, parse_story({**spec, "memory": {"strategy": strategy}}, f"story {i}"),
-                             run, progress=False, mesh=mesh)
+                render_story(
+                    cfg,
+                    params,
+                    comps,
+                    parse_story({**spec, "memory": {"strategy": strategy}}, f"story {i}"),
+                    run,
+                    progress=False,
+                    mesh=mesh,
+                )
         rendered = load_run(run)
         manifest = json.loads((run / "manifest.json").read_text())
         rows.append({"story": i, **recall_metrics(truth, rendered, evaluate_story(rendered, truth, features), manifest)})
     return rows
 
 
-def teacher_forced(folder: Path, strategy: str, stories: list[synthetic.SyntheticStory], first_seed: int, frames: int,
-                   steps: int, oracle: bool) -> list[dict[str, Any]]:
+def teacher_forced(
+    folder: Path, strategy: str, stories: list[synthetic.SyntheticStory], first_seed: int, frames: int, steps: int, oracle: bool
+) -> list[dict[str, Any]]:
     """Per story, with the ground truth's latents as memory: selection_on_truth, recall_l_shot_gain and
     (when `oracle`) oracle_recall, the true frame in context."""
     import jax
@@ -103,17 +125,19 @@ def teacher_forced(folder: Path, strategy: str, stories: list[synthetic.Syntheti
     cfg, params, comps, mesh = load_for_sampling(folder, None, [], 0)
     choose = jax.jit(lambda p, bank, caption, spec: context_for_shot(p, cfg, bank, caption, spec)[1:], static_argnums=3)
     sigmas = jnp.asarray([0.3, 0.5, 0.7], jnp.float32)
-    loss = jax.jit(lambda p, batch, keep: loss_at_sigmas(p, batch, sigmas, jax.random.key(0), cfg, keep).mean(),
-                   static_argnums=2)
+    loss = jax.jit(lambda p, batch, keep: loss_at_sigmas(p, batch, sigmas, jax.random.key(0), cfg, keep).mean(), static_argnums=2)
     rows = []
     with activate(mesh):
         sample = oracle_sampler(params, cfg, steps) if oracle else None
         for i, story in enumerate(stories):
-            latents = [comps.encode_video(v.astype(np.float32) / 127.5 - 1.0) for v, _ in synthetic.render_synthetic(story, frames)]
+            latents = [
+                comps.encode_video(v.astype(np.float32) / 127.5 - 1.0) for v, _ in synthetic.render_synthetic(story, frames)
+            ]
             captions = comps.encode_text([s.caption for s in story.shots])
             t = latents[0].shape[0]
-            spec = generation_spec(cfg, strategy, None, latents[0].shape[1:3], steps, cfg.sampler.shift, cfg.sampler.solver,
-                                   cfg.sampler.guidance)
+            spec = generation_spec(
+                cfg, strategy, None, latents[0].shape[1:3], steps, cfg.sampler.shift, cfg.sampler.solver, cfg.sampler.guidance
+            )
             hits, gains, oracle_hits = [], [], []
             for j, c in recall_shots(story):
                 bank = empty_bank(len(story.shots), *latents[0].shape)
@@ -123,18 +147,31 @@ def teacher_forced(folder: Path, strategy: str, stories: list[synthetic.Syntheti
                 shots = {int(k) // t for k, ok in zip(np.asarray(indices), np.asarray(selected)) if ok}
                 hits.append(any(c in story.shots[s].characters for s in shots))
                 memory = np.concatenate([latents[oracle_shot(story, j, c)], latents[j - 1]])[None]
-                batch = {"target": latents[j][None], "memory": memory, "memory_valid": np.ones((1, 2 * t), bool),
-                         "labels": np.zeros((1, 2 * t), np.float32), "text": captions[j][None],
-                         "image": np.zeros((1, cfg.image_encoder.num_tokens, cfg.dit.image_dim), np.float32),
-                         "cond": np.zeros((*latents[j][None].shape[:-1], 4 + latents[j].shape[-1]), np.float32)}
+                batch = {
+                    "target": latents[j][None],
+                    "memory": memory,
+                    "memory_valid": np.ones((1, 2 * t), bool),
+                    "labels": np.zeros((1, 2 * t), np.float32),
+                    "text": captions[j][None],
+                    "image": np.zeros((1, cfg.image_encoder.num_tokens, cfg.dit.image_dim), np.float32),
+                    "cond": np.zeros((*latents[j][None].shape[:-1], 4 + latents[j].shape[-1]), np.float32),
+                }
                 gains.append(float(loss(params, batch, True)) - float(loss(params, batch, False)))
                 if oracle:
-                    out = sample([latents[oracle_shot(story, j, c)]], captions[j], shot_noise(first_seed + i, j, latents[j].shape))
+                    out = sample(
+                        [latents[oracle_shot(story, j, c)]], captions[j], shot_noise(first_seed + i, j, latents[j].shape)
+                    )
                     colour = story.characters[c].colour
                     oracle_hits.append(shot_colour(to_uint8(comps.decode_latents(out))) == colour)
             mean = lambda v: float(np.mean(v)) if v else None
-            rows.append({"story": i, "selection_on_truth": mean(hits), "recall_l_shot_gain": mean(gains),
-                         **({"oracle_recall": mean(oracle_hits)} if oracle else {})})
+            rows.append(
+                {
+                    "story": i,
+                    "selection_on_truth": mean(hits),
+                    "recall_l_shot_gain": mean(gains),
+                    **({"oracle_recall": mean(oracle_hits)} if oracle else {}),
+                }
+            )
     return rows
 
 
@@ -161,21 +198,37 @@ def paired(results: dict[str, list[dict]], base: str, metric: str, name: str) ->
 
 def report(results: dict[str, list[dict]], strategies: dict[str, str], args: argparse.Namespace, recall_n: int) -> list[str]:
     """The docs/results.md section."""
-    lines = [f"#### Seeds {args.first_seed}..{args.first_seed + args.stories - 1}", "",
-             f"{args.stories} held-out 8-shot stories ({recall_n} recall shots), {args.steps} sampler steps, each variant "
-             "rendered with its own scheme: " + ", ".join(f"{k} = `{v}`" for k, v in strategies.items()) + ". "
-             f"Reproduce: `python bench/memory_ablation.py --first-seed {args.first_seed} --stories {args.stories}`.", "",
-             "| variant | " + " | ".join(METRICS) + " |", "|" + "---|" * (len(METRICS) + 1)]
+    lines = [
+        f"#### Seeds {args.first_seed}..{args.first_seed + args.stories - 1}",
+        "",
+        f"{args.stories} held-out 8-shot stories ({recall_n} recall shots), {args.steps} sampler steps, each variant "
+        "rendered with its own scheme: " + ", ".join(f"{k} = `{v}`" for k, v in strategies.items()) + ". "
+        f"Reproduce: `python bench/memory_ablation.py --first-seed {args.first_seed} --stories {args.stories}`.",
+        "",
+        "| variant | " + " | ".join(METRICS) + " |",
+        "|" + "---|" * (len(METRICS) + 1),
+    ]
     lines += [f"| {k} | " + " | ".join(cell([r.get(m) for r in rows]) for m in METRICS) + " |" for k, rows in results.items()]
     if "oracle_recall" in results.get("fs_only", [{}])[0]:
-        lines += ["", f"Oracle (fs_only's model, the true frame in context): recall_colour "
-                  f"{cell([r['oracle_recall'] for r in results['fs_only']])}."]
+        lines += [
+            "",
+            f"Oracle (fs_only's model, the true frame in context): recall_colour "
+            f"{cell([r['oracle_recall'] for r in results['fs_only']])}.",
+        ]
     for base in ("last_frame", "ac_only"):
         if base in results:
-            lines += ["", f"Paired differences against {base} (mean ± 95% t-interval over stories):", "",
-                      f"| variant - {base} | " + " | ".join(PAIRED) + " |", "|" + "---|" * (len(PAIRED) + 1)]
-            lines += [f"| {k} | " + " | ".join(cell(paired(results, base, m, k), signed=True) for m in PAIRED) + " |"
-                      for k in results if k != base]
+            lines += [
+                "",
+                f"Paired differences against {base} (mean ± 95% t-interval over stories):",
+                "",
+                f"| variant - {base} | " + " | ".join(PAIRED) + " |",
+                "|" + "---|" * (len(PAIRED) + 1),
+            ]
+            lines += [
+                f"| {k} | " + " | ".join(cell(paired(results, base, m, k), signed=True) for m in PAIRED) + " |"
+                for k in results
+                if k != base
+            ]
     return lines
 
 
@@ -185,7 +238,9 @@ def write_section(path: Path, body: list[str], tag: str) -> None:
     text = path.read_text() if path.is_file() else ""
     start, stop = text.find(begin), text.find(end)
     new = "\n".join([begin, *body, end])
-    path.write_text(text[:start] + new + text[stop + len(end):] if 0 <= start < stop else text.rstrip("\n") + "\n\n" + new + "\n")
+    path.write_text(
+        text[:start] + new + text[stop + len(end) :] if 0 <= start < stop else text.rstrip("\n") + "\n\n" + new + "\n"
+    )
 
 
 def main() -> None:
@@ -213,7 +268,9 @@ def main() -> None:
         file = out / f"{name}.json"
         if not file.is_file():
             rows = render_and_score(name, folder, strategies[name], stories, out / "runs", args.steps, args.frames, features)
-            forced = teacher_forced(folder, strategies[name], stories, args.first_seed, args.frames, args.steps, name == "fs_only")
+            forced = teacher_forced(
+                folder, strategies[name], stories, args.first_seed, args.frames, args.steps, name == "fs_only"
+            )
             file.write_text(json.dumps([{**a, **b} for a, b in zip(rows, forced)], indent=1))
         results[name] = json.loads(file.read_text())
         print(f"{name}: recall_colour {cell([r['recall_colour'] for r in results[name]])}", flush=True)

@@ -71,7 +71,7 @@ def gates(model: Path, first_seed: int, n: int, steps: int, frames: int) -> dict
             latents = [comps.encode_video(v.astype(np.float32) / 127.5 - 1.0) for v in truth]
             captions = comps.encode_text([s.caption for s in story.shots])
             decode = lambda lat: to_uint8(comps.decode_latents(lat))
-            colour = lambda j: story.characters[story.shots[j].characters[0]].colour
+            colour = lambda j, story=story: story.characters[story.shots[j].characters[0]].colour
             for j, v in enumerate(truth):
                 hits["ground_truth"].append(shot_colour(v) == colour(j))
                 hits["vae_round_trip"].append(shot_colour(decode(latents[j])) == colour(j))
@@ -101,17 +101,28 @@ def main() -> None:
     rates = {k: float(np.mean(v)) for k, v in hits.items()}
     paired = np.asarray(hits["oracle_recall"], float) - np.asarray(hits["wrong_frame_recall"], float)
     half = 1.96 * paired.std(ddof=1) / np.sqrt(len(paired)) if len(paired) > 1 else float("nan")
-    result = {"model": str(args.model), "first_seed": args.first_seed, "stories": args.stories, "steps": args.steps,
-              "rates": rates, "counts": {k: len(v) for k, v in hits.items()},
-              "oracle_minus_wrong": [float(paired.mean()), float(half)]}
+    result = {
+        "model": str(args.model),
+        "first_seed": args.first_seed,
+        "stories": args.stories,
+        "steps": args.steps,
+        "rates": rates,
+        "counts": {k: len(v) for k, v in hits.items()},
+        "oracle_minus_wrong": [float(paired.mean()), float(half)],
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     for name, target in GATES.items():
-        print(f"gate {name}: {rates[name]:.3f} (n={len(hits[name])}, target >= {target:.2f}) "
-              f"{'PASS' if rates[name] >= target else 'FAIL'}")
+        print(
+            f"gate {name}: {rates[name]:.3f} (n={len(hits[name])}, target >= {target:.2f}) "
+            f"{'PASS' if rates[name] >= target else 'FAIL'}"
+        )
     ok = rates["wrong_frame_recall"] <= WRONG_FRAME_LIMIT
-    print(f"gate wrong_frame_recall: {rates['wrong_frame_recall']:.3f} (target <= {WRONG_FRAME_LIMIT:.2f}) {'PASS' if ok else 'FAIL'}; "
-          f"oracle - wrong {paired.mean():+.3f} ± {half:.3f}")
+    print(
+        f"gate wrong_frame_recall: {rates['wrong_frame_recall']:.3f} (target <= {WRONG_FRAME_LIMIT:.2f}) "
+        f"{'PASS' if ok else 'FAIL'}; "
+        f"oracle - wrong {paired.mean():+.3f} ± {half:.3f}"
+    )
 
 
 if __name__ == "__main__":

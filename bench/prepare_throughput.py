@@ -64,16 +64,38 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         captions = write_videos(Path(tmp) / "videos", args.videos, args.size)
-        base = [sys.executable, "-m", "onestory_jax.data.prepare", "--model", str(args.model), "--videos",
-                str(Path(tmp) / "videos"), "--captions", str(captions), "--boundaries", str(Path(tmp) / "shots.jsonl"),
-                "--frames", str(args.frames),
-                "--size", f"{args.size}x{args.size}", "--no-progress"]
+        base = [
+            sys.executable,
+            "-m",
+            "onestory_jax.data.prepare",
+            "--model",
+            str(args.model),
+            "--videos",
+            str(Path(tmp) / "videos"),
+            "--captions",
+            str(captions),
+            "--boundaries",
+            str(Path(tmp) / "shots.jsonl"),
+            "--frames",
+            str(args.frames),
+            "--size",
+            f"{args.size}x{args.size}",
+            "--no-progress",
+        ]
         one = timed([[*base, "--out", str(Path(tmp) / "one")]])
         two = timed([[*base, "--out", str(Path(tmp) / "two"), "--shard", f"{i}/2"] for i in range(2)])
-    result = {"videos": args.videos, "shots_per_video": 3, "size": args.size, "frames": args.frames, "model": str(args.model),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "one_process_s": round(one, 1),
-              "two_shards_s": round(two, 1), "videos_per_minute_one": round(60 * args.videos / one, 1),
-              "videos_per_minute_two_shards": round(60 * args.videos / two, 1)}
+    result = {
+        "videos": args.videos,
+        "shots_per_video": 3,
+        "size": args.size,
+        "frames": args.frames,
+        "model": str(args.model),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "one_process_s": round(one, 1),
+        "two_shards_s": round(two, 1),
+        "videos_per_minute_one": round(60 * args.videos / one, 1),
+        "videos_per_minute_two_shards": round(60 * args.videos / two, 1),
+    }
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

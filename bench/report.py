@@ -22,14 +22,16 @@ def dit_forward_table(data: dict) -> str:
     lines = [
         f"JAX {meta['jax']} on {meta['backend']} ({meta['cpu_count']} CPU cores); median of timed runs after warm-up.",
         "",
-        "| case | dtype | layers | tokens | TFLOP/fwd | JAX s | diffusers s | JAX / torch time | JAX TFLOP/s | MFU (JAX) | MFU (torch) |",
+        "| case | dtype | layers | tokens | TFLOP/fwd | JAX s | diffusers s | JAX / torch time | JAX TFLOP/s | MFU "
+        "(JAX) | MFU (torch) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
-        mfu = lambda k: f"{r[k]:.1%}" if r.get(k) is not None else "-"
+        mfu = lambda k, r=r: f"{r[k]:.1%}" if r.get(k) is not None else "-"
         lines.append(
             f"| {r['case']} | {r['dtype']} | {r['layers']} | {r['tokens']:,} | {r['tflop']:.3g} | {r['jax_s']:.4g} | "
-            f"{r['torch_s']:.4g} | **{r['jax_over_torch']:.2f}x** | {r['jax_tflops']:.3g} | {mfu('jax_mfu')} | {mfu('torch_mfu')} |"
+            f"{r['torch_s']:.4g} | **{r['jax_over_torch']:.2f}x** | {r['jax_tflops']:.3g} | {mfu('jax_mfu')} | "
+            f"{mfu('torch_mfu')} |"
         )
     return "\n".join(lines)
 
@@ -40,8 +42,10 @@ def vae_memory_table(data: dict) -> str:
         if "backend" not in r:  # run-only notes (e.g. the capped-pool decode) are described in the prose
             continue
         run = r.get("run_seconds")
-        lines.append(f"| {r['backend']} | {r['dtype']} | {key.split('/', 2)[2]} | {r['input_shape']} | "
-                     f"**{r['peak_gib']:.2f}** | {r['temporaries_gib']:.2f} | {run if run is not None else '-'} |")
+        lines.append(
+            f"| {r['backend']} | {r['dtype']} | {key.split('/', 2)[2]} | {r['input_shape']} | "
+            f"**{r['peak_gib']:.2f}** | {r['temporaries_gib']:.2f} | {run if run is not None else '-'} |"
+        )
     return "\n".join(lines)
 
 
@@ -75,16 +79,27 @@ def train_step_aot_table(data: dict) -> str:
         "out GiB | aliased GiB | **peak GiB** | H100 80 GB | v5p 95 GB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = sorted(data["rows"].values(), key=lambda r: (r["devices"], r.get("sequence", r.get("mesh", {}).get("sequence", 1)),
-                                                         r.get("tensor", r.get("mesh", {}).get("tensor", 1)), r["remat"], r["attention"]))
+    rows = sorted(
+        data["rows"].values(),
+        key=lambda r: (
+            r["devices"],
+            r.get("sequence", r.get("mesh", {}).get("sequence", 1)),
+            r.get("tensor", r.get("mesh", {}).get("tensor", 1)),
+            r["remat"],
+            r["attention"],
+        ),
+    )
     yes = lambda ok: "fits" if ok else "no"  # noqa: E731
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['devices']} | seq {r['sequence']}, tensor {r.get('tensor', 1)} | - | {r['remat']} | "
-                         f"{r['attention']} | failed: {r['error'][:80]} | | | | | | | |")
+            lines.append(
+                f"| {r['devices']} | seq {r['sequence']}, tensor {r.get('tensor', 1)} | - | {r['remat']} | "
+                f"{r['attention']} | failed: {r['error'][:80]} | | | | | | | |"
+            )
             continue
         lines.append(
-            f"| {r['devices']} | {_mesh(r['mesh'])} | {r['batch']} | {r['remat']} | {r['attention']} | {r['state_gib_per_device']:.1f} | "
+            f"| {r['devices']} | {_mesh(r['mesh'])} | {r['batch']} | {r['remat']} | {r['attention']} | "
+            f"{r['state_gib_per_device']:.1f} | "
             f"{r['arguments_gib']:.1f} | {r['temporaries_gib']:.1f} | {r['outputs_gib']:.1f} | {r['aliased_gib']:.1f} | "
             f"**{r['peak_gib']:.1f}** | {yes(r['fits_h100_80gb'])} | {yes(r['fits_tpu_v5p_95gb'])} |"
         )
@@ -103,7 +118,8 @@ def train_step_presets_table(data: dict) -> str:
             continue
         trainable = ", ".join(f"`{t}`" for t in r["trainable"]) or "all"
         lines.append(
-            f"| `{name.removeprefix('train/')}` | {r['devices']} | {_mesh(r['mesh'])} | {r['batch']} | {r['remat']} | {trainable} | "
+            f"| `{name.removeprefix('train/')}` | {r['devices']} | {_mesh(r['mesh'])} | {r['batch']} | {r['remat']} | "
+            f"{trainable} | "
             f"{r['state_gib_per_device']:.1f} | {r['temporaries_gib']:.1f} | **{r['peak_gib']:.1f}** | {r['chip']} | "
             f"{r['capacity_gib']:.1f} | {r['headroom']:.0%} | {'yes' if r['fits'] else 'no'} |"
         )
@@ -121,10 +137,17 @@ def sample_story_multi_table(data: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for r in (one, many):
-        lines.append(f"| {r['name']} | {r['compile_s']:.2f} | {r['dit_step_s']:.4f} | {r['denoise_s']:.3f} | {r['story_s']:.2f} |")
-    lines.append(f"| **ratio** (multi / 1 device) | {ratio('compile_s_ratio')} | {ratio('dit_step_s_ratio')} | "
-                 f"{ratio('denoise_s_ratio')} | {ratio('story_s_ratio')} |")
-    lines += ["", f"Largest latent difference, multi-device vs 1 device: {many['max_latent_diff_rel']:.1e} of the latents' scale."]
+        lines.append(
+            f"| {r['name']} | {r['compile_s']:.2f} | {r['dit_step_s']:.4f} | {r['denoise_s']:.3f} | {r['story_s']:.2f} |"
+        )
+    lines.append(
+        f"| **ratio** (multi / 1 device) | {ratio('compile_s_ratio')} | {ratio('dit_step_s_ratio')} | "
+        f"{ratio('denoise_s_ratio')} | {ratio('story_s_ratio')} |"
+    )
+    lines += [
+        "",
+        f"Largest latent difference, multi-device vs 1 device: {many['max_latent_diff_rel']:.1e} of the latents' scale.",
+    ]
     return "\n".join(lines)
 
 
@@ -138,7 +161,8 @@ def sample_memory_aot_table(data: dict) -> str:
         f"`{data['meta']['preset']}`, latents {data['meta']['latent']}, {data['meta']['shots']} shots, {data['meta']['steps']} "
         "steps; GiB.",
         "",
-        "| variant | resident on device | params in host memory | CPU analysis: device peak, 40 layers | CPU per-layer weight copy "
+        "| variant | resident on device | params in host memory | CPU analysis: device peak, 40 layers | CPU "
+        "per-layer weight copy "
         "| CPU activations | **GPU estimate** | 24 GB card (10% free) |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -147,9 +171,11 @@ def sample_memory_aot_table(data: dict) -> str:
         row = data["rows"][f"{backend}/{variant}/40"]
         gpu = e.get("gpu_estimate_gib")
         fits = "-" if gpu is None else "yes" if gpu <= 0.9 * CARD_24GB_GIB else "no"
-        lines.append(f"| {variant} | {e['resident_gib']:.1f} | {e['host_gib']:.1f} | {row['device_peak_gib']:.1f} | "
-                     f"{e['per_layer_temporaries_gib']:.2f} | {e['activations_gib']:.1f} | "
-                     f"**{'-' if gpu is None else f'{gpu:.1f}'}** | {fits} |")
+        lines.append(
+            f"| {variant} | {e['resident_gib']:.1f} | {e['host_gib']:.1f} | {row['device_peak_gib']:.1f} | "
+            f"{e['per_layer_temporaries_gib']:.2f} | {e['activations_gib']:.1f} | "
+            f"**{'-' if gpu is None else f'{gpu:.1f}'}** | {fits} |"
+        )
     return "\n".join(lines)
 
 
@@ -161,10 +187,16 @@ def generic_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"dit_forward_cpu": dit_forward_table, "dit_forward_gpu": dit_forward_table, "vae_memory": vae_memory_table,
-             "train_step_cpu": train_step_cpu_table, "train_step_aot": train_step_aot_table,
-             "train_step_aot_presets": train_step_presets_table, "sample_story_multi": sample_story_multi_table,
-             "sample_memory_aot": sample_memory_aot_table}
+RENDERERS = {
+    "dit_forward_cpu": dit_forward_table,
+    "dit_forward_gpu": dit_forward_table,
+    "vae_memory": vae_memory_table,
+    "train_step_cpu": train_step_cpu_table,
+    "train_step_aot": train_step_aot_table,
+    "train_step_aot_presets": train_step_presets_table,
+    "sample_story_multi": sample_story_multi_table,
+    "sample_memory_aot": sample_memory_aot_table,
+}
 # Tables drawn from another table's results file: table name -> results file stem.
 SOURCES = {"train_step_aot_presets": "train_step_aot"}
 
@@ -177,7 +209,7 @@ def main() -> None:
             continue
         pattern = re.compile(rf"(<!-- table:{name} -->).*?(<!-- /table:{name} -->)", re.S)
         table = RENDERERS.get(name, generic_table)(json.loads(path.read_text()))
-        text = pattern.sub(lambda m: m.group(1) + "\n" + table + "\n" + m.group(2), text)
+        text = pattern.sub(lambda m, table=table: m.group(1) + "\n" + table + "\n" + m.group(2), text)
     DOC.write_text(text)
     print(f"updated {DOC}")
 

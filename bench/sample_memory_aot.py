@@ -35,8 +35,14 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sample_memory_aot.json"
 PRESET = "wan2.1-i2v-14b-480p"
-BF16 = ["dit.param_dtype=bfloat16", "text_encoder.dtype=bfloat16", "text_encoder.param_dtype=bfloat16",
-        "image_encoder.dtype=bfloat16", "image_encoder.param_dtype=bfloat16", "vae.dtype=bfloat16"]
+BF16 = [
+    "dit.param_dtype=bfloat16",
+    "text_encoder.dtype=bfloat16",
+    "text_encoder.param_dtype=bfloat16",
+    "image_encoder.dtype=bfloat16",
+    "image_encoder.param_dtype=bfloat16",
+    "vae.dtype=bfloat16",
+]
 FP8 = {"ffn": ["dit.weights_dtype=fp8", "dit.fp8_layers=ffn"], "all": ["dit.weights_dtype=fp8", "dit.fp8_layers=all"]}
 OFFLOAD = ["dit.offload=blocks"]
 VARIANTS = {  # name -> overrides; text_encoder.device=cpu takes umT5 out of the program's params (as sample.py does)
@@ -72,9 +78,14 @@ def abstract_story_params(cfg) -> dict:
 def memory_row(compiled) -> dict:
     """GiB of XLA's memory analysis (device and host parts) and the peak estimate."""
     m = compiled.memory_analysis()
-    sizes = {"arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
-             "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes,
-             "host_arguments": m.host_argument_size_in_bytes, "host_temporaries": m.host_temp_size_in_bytes}
+    sizes = {
+        "arguments": m.argument_size_in_bytes,
+        "temporaries": m.temp_size_in_bytes,
+        "outputs": m.output_size_in_bytes,
+        "aliased": m.alias_size_in_bytes,
+        "host_arguments": m.host_argument_size_in_bytes,
+        "host_temporaries": m.host_temp_size_in_bytes,
+    }
     peak = sizes["arguments"] + sizes["temporaries"] + sizes["outputs"] - sizes["aliased"]
     return {**{f"{k}_gib": v / GIB for k, v in sizes.items()}, "peak_gib": peak / GIB}
 
@@ -104,8 +115,15 @@ def measure(variant: str, layers: int) -> dict:
         compile_s = time.perf_counter() - t0
     held = {k: v / GIB for k, v in lowvram.bytes_by_memory_kind(params).items()}
     unused = lowvram.bytes_by_memory_kind(params.get("text_encoder", {})).get("device", 0) / GIB
-    row = {"variant": variant, "overrides": VARIANTS[variant], "layers": layers, "compile_s": compile_s,
-           **memory_row(compiled), "params_gib": held, "held_unused_gib": unused}
+    row = {
+        "variant": variant,
+        "overrides": VARIANTS[variant],
+        "layers": layers,
+        "compile_s": compile_s,
+        **memory_row(compiled),
+        "params_gib": held,
+        "held_unused_gib": unused,
+    }
     on_host = held.get(lowvram.HOST, 0.0) if jax.default_backend() == "cpu" else 0.0
     row["device_peak_gib"] = row["peak_gib"] - on_host + unused
     return row
@@ -128,8 +146,11 @@ def vae_decode_rows() -> dict:
         params = abstract_params(vae.init_fn(cfg.vae), make_mesh(cfg.mesh), jax.random.key(0))
         shapes = {"whole": (1, *LATENT), "tile 256": (1, LATENT[0], tile, tile, LATENT[3])}
         fns = {"whole": frozen.vae_decode_fn(cfg.vae), "tile 256": frozen.vae_decode_raw_fn(cfg.vae)}
-        return {name: memory_row(fns[name].trace(params, jax.ShapeDtypeStruct(shape, jnp.float32)).lower()
-                                 .compile(COMPILER_OPTIONS)) | {"latent": list(shape)} for name, shape in shapes.items()}
+        return {
+            name: memory_row(fns[name].trace(params, jax.ShapeDtypeStruct(shape, jnp.float32)).lower().compile(COMPILER_OPTIONS))
+            | {"latent": list(shape)}
+            for name, shape in shapes.items()
+        }
 
 
 def gpu_estimate(rows: list[dict]) -> dict:
@@ -146,9 +167,13 @@ def gpu_estimate(rows: list[dict]) -> dict:
     activations = lo["temporaries_gib"] - 2 * per_layer["temporaries_gib"]
     host = full["params_gib"].get("pinned_host", 0.0)
     resident = full["arguments_gib"] - (host if full["backend"] == "cpu" else full["host_arguments_gib"])
-    return {"per_layer_arguments_gib": per_layer["arguments_gib"], "per_layer_temporaries_gib": per_layer["temporaries_gib"],
-            "activations_gib": activations, "resident_gib": resident + full["held_unused_gib"] + full["outputs_gib"],
-            "host_gib": host}
+    return {
+        "per_layer_arguments_gib": per_layer["arguments_gib"],
+        "per_layer_temporaries_gib": per_layer["temporaries_gib"],
+        "activations_gib": activations,
+        "resident_gib": resident + full["held_unused_gib"] + full["outputs_gib"],
+        "host_gib": host,
+    }
 
 
 def calibrate(estimates: dict) -> None:
@@ -177,8 +202,13 @@ def run_one(variant: str, layers: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="default: all")
-    ap.add_argument("--layers", type=int, nargs="+", default=[2, 4, 40],
-                    help="DiT blocks to compile (default 2 4 40: 2 and 4 split the analysis per layer, `gpu_estimate`)")
+    ap.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=[2, 4, 40],
+        help="DiT blocks to compile (default 2 4 40: 2 and 4 split the analysis per layer, `gpu_estimate`)",
+    )
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # a child process: variant, layers
     args = ap.parse_args()
     if args.one:
@@ -188,8 +218,12 @@ def main() -> None:
 
     backend = jax.default_backend()
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    data.setdefault("meta", {})[backend] = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
-                                            "host": platform.node(), "cpu_count": os.cpu_count()}
+    data.setdefault("meta", {})[backend] = {
+        "jax": jax.__version__,
+        "device": jax.devices()[0].device_kind,
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+    }
     data["meta"].update({"latent": LATENT, "shots": SHOTS, "steps": STEPS, "preset": PRESET})
     data.setdefault("vae_decode", {})[backend] = vae_decode_rows()
     rows = data.setdefault("rows", {})

@@ -30,16 +30,30 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BF16 = ["dit.param_dtype=bfloat16", "text_encoder.dtype=bfloat16", "text_encoder.param_dtype=bfloat16",
-        "image_encoder.dtype=bfloat16", "image_encoder.param_dtype=bfloat16", "vae.dtype=bfloat16"]
+BF16 = [
+    "dit.param_dtype=bfloat16",
+    "text_encoder.dtype=bfloat16",
+    "text_encoder.param_dtype=bfloat16",
+    "image_encoder.dtype=bfloat16",
+    "image_encoder.param_dtype=bfloat16",
+    "vae.dtype=bfloat16",
+]
 SUITES = {
     "cpu": {"config": "tiny", "overrides": [], "width": 32, "height": 48, "frames": 5, "steps": 4},
-    "gpu": {"config": "wan2.1-i2v-14b-480p", "overrides": ["dit.attention=cudnn", *BF16],
-            "width": 832, "height": 480, "frames": 81, "steps": 40},
+    "gpu": {
+        "config": "wan2.1-i2v-14b-480p",
+        "overrides": ["dit.attention=cudnn", *BF16],
+        "width": 832,
+        "height": 480,
+        "frames": 81,
+        "steps": 40,
+    },
 }
-CAPTIONS = ["A red-haired woman in a green coat walks through a snowy market at dawn.",
-            "A close-up of a street vendor handing her a steaming cup of tea.",
-            "The red-haired woman in the green coat smiles and walks on into the falling snow."]
+CAPTIONS = [
+    "A red-haired woman in a green coat walks through a snowy market at dawn.",
+    "A close-up of a street vendor handing her a steaming cup of tea.",
+    "The red-haired woman in the green coat smiles and walks on into the falling snow.",
+]
 
 
 def peak_device_gib() -> float | None:
@@ -63,18 +77,29 @@ def run_story(suite: dict, steps: int, out: Path, overrides: tuple[str, ...] = (
 
     jax.block_until_ready(params)
     build_s = time.perf_counter() - t0
-    story = Story(settings=Settings(width=suite["width"], height=suite["height"], frames=suite["frames"], steps=steps,
-                                    guidance=5.0, solver="unipc"),
-                  memory=MemorySettings(strategy="onestory"), shots=tuple(Shot(c) for c in CAPTIONS))
+    story = Story(
+        settings=Settings(
+            width=suite["width"], height=suite["height"], frames=suite["frames"], steps=steps, guidance=5.0, solver="unipc"
+        ),
+        memory=MemorySettings(strategy="onestory"),
+        shots=tuple(Shot(c) for c in CAPTIONS),
+    )
     with activate(mesh):
         manifest = render_story(cfg, params, comps, story, out, progress=False, mesh=mesh)
     t = manifest["timings"]
     shots = manifest["shots"]
     row = {
-        "build_init_s": build_s, "encode_text_s": t["encode_text_s"], "compile_s": t.get("compile_s"),
-        "dit_step_s": t.get("dit_step_s"), "denoise_s": sum(s["timings"]["denoise_s"] or 0 for s in shots),
-        "vae_decode_s": sum(s["timings"]["decode_s"] for s in shots), "write_s": sum(s["timings"]["write_s"] for s in shots),
-        "story_s": t["total_s"], "steps": steps, "shots": len(shots), "peak_device_gib": peak_device_gib(),
+        "build_init_s": build_s,
+        "encode_text_s": t["encode_text_s"],
+        "compile_s": t.get("compile_s"),
+        "dit_step_s": t.get("dit_step_s"),
+        "denoise_s": sum(s["timings"]["denoise_s"] or 0 for s in shots),
+        "vae_decode_s": sum(s["timings"]["decode_s"] for s in shots),
+        "write_s": sum(s["timings"]["write_s"] for s in shots),
+        "story_s": t["total_s"],
+        "steps": steps,
+        "shots": len(shots),
+        "peak_device_gib": peak_device_gib(),
     }
     if steps < 40 and row["dit_step_s"]:
         row["story_40_steps_s"] = t["total_s"] + len(shots) * (40 - steps) * row["dit_step_s"]
@@ -123,19 +148,39 @@ def multi_device_rows(suite_name: str, steps: int, devices: int) -> list[dict]:
     many forced host devices; the second row carries its time ratios to the first and the latent difference."""
     import numpy as np
 
-    layouts = {1: ("mesh.data=1", "mesh.fsdp=1", "mesh.sequence=1"),
-               devices: ("mesh.data=2", "mesh.fsdp=1", f"mesh.sequence={devices // 2}")}
+    layouts = {
+        1: ("mesh.data=1", "mesh.fsdp=1", "mesh.sequence=1"),
+        devices: ("mesh.data=2", "mesh.fsdp=1", f"mesh.sequence={devices // 2}"),
+    }
     rows, outs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for n, mesh in layouts.items():
             out = Path(tmp) / f"{n}dev"
             env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
-            r = subprocess.run([sys.executable, __file__, "--suite", suite_name, "--steps", str(steps), "--one-story", str(out),
-                                *(f"--override={o}" for o in mesh)], env=env, capture_output=True, text=True)
+            r = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--suite",
+                    suite_name,
+                    "--steps",
+                    str(steps),
+                    "--one-story",
+                    str(out),
+                    *(f"--override={o}" for o in mesh),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             if r.returncode != 0:
                 raise SystemExit(f"{n}-device story failed:\n{r.stderr[-3000:]}")
-            rows.append({"name": f"{n} device{'s' if n > 1 else ''} ({' '.join(o.removeprefix('mesh.') for o in mesh)})",
-                         **json.loads(r.stdout.strip().splitlines()[-1])})
+            rows.append(
+                {
+                    "name": f"{n} device{'s' if n > 1 else ''} ({' '.join(o.removeprefix('mesh.') for o in mesh)})",
+                    **json.loads(r.stdout.strip().splitlines()[-1]),
+                }
+            )
             outs.append(sorted(out.glob("shot_*.npy")))
         ref = [np.load(f) for f in outs[0]]
         scale = max(float(np.abs(a).max()) for a in ref)
@@ -184,8 +229,13 @@ def main() -> None:
         return
     import jax
 
-    meta = {"suite": args.suite, "device": jax.devices()[0].device_kind, "jax": jax.__version__, "host": platform.node(),
-            "latent": latent}
+    meta = {
+        "suite": args.suite,
+        "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "host": platform.node(),
+        "latent": latent,
+    }
     if args.devices:
         rows = multi_device_rows(args.suite, steps, args.devices)
         write_results(RESULTS / "sample_story_multi.json", {**meta, "cpu_count": os.cpu_count(), "rows": rows})
@@ -193,8 +243,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         row = {"name": f"onestory-jax {suite['config']}", **run_story(suite, steps, Path(tmp) / "story")}
     if args.diffusers:  # in a fresh process: JAX keeps its device memory pool until exit
-        r = subprocess.run([sys.executable, __file__, "--suite", args.suite, "--diffusers-only",
-                            "--diffusers-iters", str(args.diffusers_iters)], capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, __file__, "--suite", args.suite, "--diffusers-only", "--diffusers-iters", str(args.diffusers_iters)],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
             raise SystemExit(f"diffusers run failed:\n{r.stderr[-3000:]}")
         row.update(json.loads(r.stdout.strip().splitlines()[-1]))

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from memory_gates import HELD_OUT_SEED
 
 from onestory_jax.data import synthetic
@@ -67,14 +66,24 @@ def main() -> None:
                 metrics = recall_metrics(truth, frames, None, manifest)
                 recall.append(np.nan if metrics["recall_colour"] is None else metrics["recall_colour"])
                 named.append(np.nan if metrics["named_colour"] is None else metrics["named_colour"])
-            rows[cache] = {"denoise_s": round(seconds, 2), "psnr_db": round(float(np.mean(psnrs)), 2) if cache else None,
-                           "recall_colour": round(float(np.nanmean(recall)), 3), "named_colour": round(float(np.nanmean(named)), 3)}
+            rows[cache] = {
+                "denoise_s": round(seconds, 2),
+                "psnr_db": round(float(np.mean(psnrs)), 2) if cache else None,
+                "recall_colour": round(float(np.nanmean(recall)), 3),
+                "named_colour": round(float(np.nanmean(named)), 3),
+            }
             print(f"cache {cache}: {rows[cache]}", flush=True)
     exact = rows[0.0]["denoise_s"]
     for row in rows.values():
         row["speedup"] = round(exact / row["denoise_s"], 2)
-    result = {"model": str(args.model), "stories": args.stories, "shots_per_story": 8, "steps": s.steps,
-              "size": [s.width, s.height, s.frames], "rows": {str(k): v for k, v in rows.items()}}
+    result = {
+        "model": str(args.model),
+        "stories": args.stories,
+        "shots_per_story": 8,
+        "steps": s.steps,
+        "size": [s.width, s.height, s.frames],
+        "rows": {str(k): v for k, v in rows.items()},
+    }
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

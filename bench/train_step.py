@@ -42,11 +42,11 @@ import optax
 
 from onestory_jax.config import Config, load_config
 from onestory_jax.io import save_json
+from onestory_jax.models.flops import context_tokens, noise_tokens, train_step_flops
 from onestory_jax.models.onestory import boxed_init_fn, memory_params_from_dit
 from onestory_jax.sharding import activate, batch_sharding, init_sharded, make_mesh
 from onestory_jax.training import aot
 from onestory_jax.training.aot import CAPACITY_GIB, LATENT_480P, batch_shapes, jit_step
-from onestory_jax.models.flops import context_tokens, noise_tokens, train_step_flops
 from onestory_jax.training.optim import make_optimizer
 from onestory_jax.training.step import TrainState, init_state
 
@@ -116,13 +116,27 @@ def time_case(name: str, cfg: Config, batch: int, latent: tuple[int, int, int], 
     step_s = statistics.median(times)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     row = {
-        "case": name, "dtype": cfg.dit.dtype, "remat": cfg.dit.remat_policy, "dim": cfg.dit.dim, "layers": cfg.dit.num_layers,
-        "heads": cfg.dit.num_heads, "params_m": round(n_params / 1e6, 2), "batch": batch, "latent": list(latent),
-        "noise_tokens": noise, "context_tokens": ctx, "step_s": step_s, "step_s_min": min(times),
-        "tokens_per_s": batch * noise / step_s, "tokens_per_s_best": batch * noise / min(times),
+        "case": name,
+        "dtype": cfg.dit.dtype,
+        "remat": cfg.dit.remat_policy,
+        "dim": cfg.dit.dim,
+        "layers": cfg.dit.num_layers,
+        "heads": cfg.dit.num_heads,
+        "params_m": round(n_params / 1e6, 2),
+        "batch": batch,
+        "latent": list(latent),
+        "noise_tokens": noise,
+        "context_tokens": ctx,
+        "step_s": step_s,
+        "step_s_min": min(times),
+        "tokens_per_s": batch * noise / step_s,
+        "tokens_per_s_best": batch * noise / min(times),
         "all_tokens_per_s": batch * (noise + ctx) / step_s,
-        "tflop_per_step": step_flops(cfg, batch, latent) / 1e12, "tflops": step_flops(cfg, batch, latent) / step_s / 1e12,
-        "first_step_s": compile_s, "iters": iters, "loss": float(metrics["loss"]),
+        "tflop_per_step": step_flops(cfg, batch, latent) / 1e12,
+        "tflops": step_flops(cfg, batch, latent) / step_s / 1e12,
+        "first_step_s": compile_s,
+        "iters": iters,
+        "loss": float(metrics["loss"]),
     }
     print(json.dumps(row), flush=True)
     return row
@@ -132,13 +146,26 @@ def cpu_cases() -> list[tuple[str, Config, int, tuple[int, int, int]]]:
     """tiny preset, and a mid-size model of the 14B's family (dim 512, 8 layers, 8 heads) at ~3.8k tokens,
     with `dots_no_batch` remat (as recorded) and without remat."""
     tiny = load_config("train/tiny")
-    mid = load_config(PRESET_14B, [
-        "dit.dim=512", "dit.ffn_dim=1536", "dit.num_heads=8", "dit.num_layers=8", "dit.dtype=float32",
-        "dit.attention=xla", "dit.remat_policy=dots_no_batch", "mesh.fsdp=-1", "train.batch_size=1",
-    ])
+    mid = load_config(
+        PRESET_14B,
+        [
+            "dit.dim=512",
+            "dit.ffn_dim=1536",
+            "dit.num_heads=8",
+            "dit.num_layers=8",
+            "dit.dtype=float32",
+            "dit.attention=xla",
+            "dit.remat_policy=dots_no_batch",
+            "mesh.fsdp=-1",
+            "train.batch_size=1",
+        ],
+    )
     mid_no_remat = dataclasses.replace(mid, dit=dataclasses.replace(mid.dit, remat_policy="none"))
-    return [("tiny", tiny, tiny.train.batch_size, (3, 16, 16)), ("mid-512d-8L", mid, 1, (4, 48, 64)),
-            ("mid-512d-8L", mid_no_remat, 1, (4, 48, 64))]
+    return [
+        ("tiny", tiny, tiny.train.batch_size, (3, 16, 16)),
+        ("mid-512d-8L", mid, 1, (4, 48, 64)),
+        ("mid-512d-8L", mid_no_remat, 1, (4, 48, 64)),
+    ]
 
 
 def run_cpu(args: argparse.Namespace) -> None:
@@ -157,9 +184,18 @@ def aot_config(devices: int, sequence: int, tensor: int, remat: str, attention: 
     chunked = ["dit.attention=chunked"] if attention == "chunked" else []
     # The recorded table was compiled with GSPMD sequence sharding; Ulysses needs heads (40) divisible
     # by the sequence axis, which 16 is not.
-    return load_config(PRESET_14B, [f"mesh.sequence={sequence}", f"mesh.tensor={tensor}", "mesh.fsdp=-1",
-                                    f"dit.remat_policy={remat}", f"train.batch_size={devices // (sequence * tensor)}",
-                                    "dit.sequence_parallel=gspmd", *chunked])
+    return load_config(
+        PRESET_14B,
+        [
+            f"mesh.sequence={sequence}",
+            f"mesh.tensor={tensor}",
+            "mesh.fsdp=-1",
+            f"dit.remat_policy={remat}",
+            f"train.batch_size={devices // (sequence * tensor)}",
+            "dit.sequence_parallel=gspmd",
+            *chunked,
+        ],
+    )
 
 
 def analyse(cfg: Config) -> dict:
@@ -170,10 +206,17 @@ def analyse(cfg: Config) -> dict:
     noise, ctx = token_counts(cfg, LATENT_480P)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     return {
-        "devices": mesh.size, "mesh": dict(mesh.shape), "remat": cfg.dit.remat_policy, "batch": cfg.train.batch_size,
-        "samples_per_device": cfg.train.batch_size / mesh.size, "noise_tokens": noise, "context_tokens": ctx,
-        "params_b": round(n_params / 1e9, 3), "state_gib_per_device": round(aot.state_gib_per_device(state), 3),
-        **{f"{k}_gib": round(v, 3) for k, v in aot.memory_gib(compiled).items()}, "compile_s": round(compile_s, 1),
+        "devices": mesh.size,
+        "mesh": dict(mesh.shape),
+        "remat": cfg.dit.remat_policy,
+        "batch": cfg.train.batch_size,
+        "samples_per_device": cfg.train.batch_size / mesh.size,
+        "noise_tokens": noise,
+        "context_tokens": ctx,
+        "params_b": round(n_params / 1e9, 3),
+        "state_gib_per_device": round(aot.state_gib_per_device(state), 3),
+        **{f"{k}_gib": round(v, 3) for k, v in aot.memory_gib(compiled).items()},
+        "compile_s": round(compile_s, 1),
     }
 
 
@@ -190,24 +233,43 @@ def compile_preset(preset: str) -> dict:
     cfg = load_config(preset)
     row = analyse(cfg)
     free = aot.headroom(row["peak_gib"], target.chip)
-    return {"preset": preset, "chip": target.chip, "capacity_gib": round(CAPACITY_GIB[target.chip], 2), **row,
-            "attention": cfg.dit.attention, "sequence_parallel": cfg.dit.sequence_parallel,
-            "param_dtype": cfg.dit.param_dtype, "trainable": list(cfg.train.trainable),
-            "headroom": round(free, 4), "fits": free >= aot.HEADROOM, "fingerprint": aot.fingerprint(cfg)}
+    return {
+        "preset": preset,
+        "chip": target.chip,
+        "capacity_gib": round(CAPACITY_GIB[target.chip], 2),
+        **row,
+        "attention": cfg.dit.attention,
+        "sequence_parallel": cfg.dit.sequence_parallel,
+        "param_dtype": cfg.dit.param_dtype,
+        "trainable": list(cfg.train.trainable),
+        "headroom": round(free, 4),
+        "fits": free >= aot.HEADROOM,
+        "fingerprint": aot.fingerprint(cfg),
+    }
 
 
 # (devices, sequence, tensor, remat, attention) of the table in docs/performance.md: the preset and
 # full remat with both attentions on every mesh, then the layouts that make it fit.
-AOT_MATRIX = (
-    [(d, 1, 1, r, a) for d in (8, 64, 256) for r in ("dots_no_batch", "full") for a in ("library", "chunked")]
-    + [(8, 1, 1, "dots", "chunked"), (8, 2, 1, "full", "chunked"), (8, 1, 2, "full", "chunked"),
-       (64, 8, 1, "full", "library"), (64, 8, 1, "dots_no_batch", "chunked"),
-       (256, 4, 1, "full", "library"), (256, 4, 1, "full", "chunked"), (256, 4, 1, "dots_no_batch", "chunked"),
-       (256, 8, 1, "dots_no_batch", "chunked"), (256, 16, 1, "full", "library")]
-)
+AOT_MATRIX = [(d, 1, 1, r, a) for d in (8, 64, 256) for r in ("dots_no_batch", "full") for a in ("library", "chunked")] + [
+    (8, 1, 1, "dots", "chunked"),
+    (8, 2, 1, "full", "chunked"),
+    (8, 1, 2, "full", "chunked"),
+    (64, 8, 1, "full", "library"),
+    (64, 8, 1, "dots_no_batch", "chunked"),
+    (256, 4, 1, "full", "library"),
+    (256, 4, 1, "full", "chunked"),
+    (256, 4, 1, "dots_no_batch", "chunked"),
+    (256, 8, 1, "dots_no_batch", "chunked"),
+    (256, 16, 1, "full", "library"),
+]
 CASE_FIELDS = ("devices", "sequence", "tensor", "remat", "attention")
-CASE_DEFAULTS = {"devices": [8, 64, 256], "sequence": [1], "tensor": [1], "remat": ["dots_no_batch"],
-                 "attention": ["library", "chunked"]}
+CASE_DEFAULTS = {
+    "devices": [8, 64, 256],
+    "sequence": [1],
+    "tensor": [1],
+    "remat": ["dots_no_batch"],
+    "attention": ["library", "chunked"],
+}
 
 
 def aot_cases(args: argparse.Namespace) -> list[dict]:
@@ -215,9 +277,15 @@ def aot_cases(args: argparse.Namespace) -> list[dict]:
     if all(getattr(args, f) is None for f in CASE_FIELDS):
         return [dict(zip(CASE_FIELDS, c)) for c in AOT_MATRIX]
     opts = {f: getattr(args, f) or CASE_DEFAULTS[f] for f in CASE_FIELDS}
-    return [{"devices": d, "sequence": s, "tensor": t, "remat": r, "attention": a}
-            for d in opts["devices"] for s in opts["sequence"] for t in opts["tensor"] for r in opts["remat"]
-            for a in opts["attention"] if d % (s * t) == 0]
+    return [
+        {"devices": d, "sequence": s, "tensor": t, "remat": r, "attention": a}
+        for d in opts["devices"]
+        for s in opts["sequence"]
+        for t in opts["tensor"]
+        for r in opts["remat"]
+        for a in opts["attention"]
+        if d % (s * t) == 0
+    ]
 
 
 def case_key(case: dict) -> str:
@@ -228,8 +296,11 @@ def case_key(case: dict) -> str:
 def run_isolated(devices: int, flag: str, payload: str) -> dict | str:
     """`--FLAG PAYLOAD` of this script in a process with `devices` fake CPU devices (fixed at JAX
     start-up): its JSON row, or the error line."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip(),
+    }
     proc = subprocess.run([sys.executable, __file__, flag, payload], env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
@@ -242,9 +313,15 @@ def run_aot(args: argparse.Namespace) -> None:
     out = RESULTS / "train_step_aot.json"
     data = json.loads(out.read_text()) if out.exists() else {"meta": meta(), "rows": {}}
     matrix = args.matrix or any(getattr(args, f) is not None for f in CASE_FIELDS)
-    jobs = ([("rows", case_key(c), c["devices"], "--one-aot", json.dumps(c)) for c in aot_cases(args)] if matrix else
-            [("presets", t.preset, t.devices, "--one-preset", t.preset) for t in aot.PRESET_TARGETS
-             if args.preset in (None, t.preset)])
+    jobs = (
+        [("rows", case_key(c), c["devices"], "--one-aot", json.dumps(c)) for c in aot_cases(args)]
+        if matrix
+        else [
+            ("presets", t.preset, t.devices, "--one-preset", t.preset)
+            for t in aot.PRESET_TARGETS
+            if args.preset in (None, t.preset)
+        ]
+    )
     if not jobs:
         raise SystemExit(f"--preset {args.preset} is not one of {[t.preset for t in aot.PRESET_TARGETS]}")
     for table, key, devices, flag, payload in jobs:
@@ -252,7 +329,9 @@ def run_aot(args: argparse.Namespace) -> None:
         row = run_isolated(devices, flag, payload)
         if isinstance(row, str):
             print(f"{key}: failed ({row})", flush=True)
-            row = {**json.loads(payload), "error": row[:500]} if matrix else {"preset": key, "devices": devices, "error": row[:500]}
+            row = (
+                {**json.loads(payload), "error": row[:500]} if matrix else {"preset": key, "devices": devices, "error": row[:500]}
+            )
         else:
             print(f"{key}: peak {row['peak_gib']:.1f} GiB/device ({time.perf_counter() - t0:.0f} s)", flush=True)
         data.setdefault(table, {})[key] = row
@@ -290,8 +369,11 @@ def main() -> None:
     ap.add_argument("--sequence", type=ints, help="aot: sequence-parallel sizes (default 1)")
     ap.add_argument("--tensor", type=ints, help="aot: tensor-parallel sizes (default 1)")
     ap.add_argument("--remat", type=lambda s: s.split(","), help="aot: remat policies (default dots_no_batch)")
-    ap.add_argument("--attention", type=lambda s: s.split(","),
-                    help="aot: library (the DiT as written) and/or chunked (flash stand-in); default both")
+    ap.add_argument(
+        "--attention",
+        type=lambda s: s.split(","),
+        help="aot: library (the DiT as written) and/or chunked (flash stand-in); default both",
+    )
     ap.add_argument("--preset", help="aot: only this shipped preset (default: all of training/aot.py PRESET_TARGETS)")
     ap.add_argument("--matrix", action="store_true", help="aot: the exploration matrix instead of the presets")
     ap.add_argument("--one-aot", help=argparse.SUPPRESS)

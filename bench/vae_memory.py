@@ -80,8 +80,7 @@ def _run(cfg: VAEConfig, compiled: Any, shape: tuple[int, ...]) -> dict:
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     gib = lambda b: round(b / GIB, 3) if b else None  # noqa: E731
-    return {"run_seconds": round(min(times), 3), "allocator_peak_before_run_gib": gib(before),
-            "allocator_peak_gib": gib(peak)}
+    return {"run_seconds": round(min(times), 3), "allocator_peak_before_run_gib": gib(before), "allocator_peak_gib": gib(peak)}
 
 
 def main() -> None:

@@ -47,8 +47,10 @@ def check_out_dir(out_dir: str | Path, force: bool) -> Path:
     others = [name for name in held if name not in (CONFIG, PARAMS)]
     if others:  # --force replaces a checkpoint, never a model folder or the user's files
         shown = ", ".join(others[:5]) + (f", ... ({len(others)} in all)" if len(others) > 5 else "")
-        raise UserError(f"output '{out}' holds more than a checkpoint ({shown}): --force replaces only a folder "
-                        f"holding {CONFIG} and {PARAMS}/; pick another --out")
+        raise UserError(
+            f"output '{out}' holds more than a checkpoint ({shown}): --force replaces only a folder "
+            f"holding {CONFIG} and {PARAMS}/; pick another --out"
+        )
     require_writable(out.parent, "the output's parent folder")
     return out
 
@@ -169,8 +171,10 @@ def restore_params(ckpt_dir: str | Path, abstract: Any) -> Any:
             raise unreadable_checkpoint(path, e) from None
     bad = non_finite_leaves(params)
     if bad:
-        raise UserError(f"checkpoint '{path}' holds NaN or Inf in {len(bad)} arrays ({', '.join(bad[:3])}"
-                        f"{', ...' if len(bad) > 3 else ''}): it is corrupt or was saved from a diverged run")
+        raise UserError(
+            f"checkpoint '{path}' holds NaN or Inf in {len(bad)} arrays ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}): it is corrupt or was saved from a diverged run"
+        )
     return params
 
 

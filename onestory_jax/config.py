@@ -87,13 +87,13 @@ class DiTConfig:
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
-    def architecture(self) -> "DiTConfig":
+    def architecture(self) -> DiTConfig:
         """This config with its runtime settings (DIT_RUNTIME_FIELDS), LoRA adapter and low-VRAM switches at their
         defaults: two DiTs with equal architectures hold the same base parameters and compute the same base function."""
         fields = DIT_RUNTIME_FIELDS + DIT_ADAPTER_FIELDS + DIT_LOWVRAM_FIELDS
         return dataclasses.replace(self, **{f: getattr(DiTConfig, f) for f in fields})
 
-    def plain(self) -> "DiTConfig":
+    def plain(self) -> DiTConfig:
         """This config without its low-VRAM switches: the parameter tree as initialised, stored and loaded
         (before `models.lowvram.quantize_dit` and the host placement of `offload`)."""
         return dataclasses.replace(self, **{f: getattr(DiTConfig, f) for f in DIT_LOWVRAM_FIELDS})
@@ -229,10 +229,42 @@ class TrainConfig:
 # --- VAE ---
 
 # Published per-channel statistics of Wan2.1 VAE latents (z = (mu - mean) / std).
-WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
-WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-                     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+WAN21_LATENTS_MEAN = (
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
+)
+WAN21_LATENTS_STD = (
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.9160,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,8 +318,11 @@ class VAEConfig:
         if any(s <= 0 for s in self.latents_std):
             raise UserError("vae.latents_std values must be positive")
         if self.tile < 0 or self.tile % (4 * self.spatial_factor):
-            raise UserError(f"vae.tile must be 0 (off) or a positive multiple of {4 * self.spatial_factor} "
-                            f"(4 x the spatial factor: the 3/4 stride is whole latents), got {self.tile}")
+            raise UserError(
+                f"vae.tile must be 0 (off) or a positive multiple of {4 * self.spatial_factor} "
+                f"(4 x the spatial factor: the 3/4 stride is whole latents), got {self.tile}"
+            )
+
 
 # --- text and image encoders ---
 
@@ -379,8 +414,10 @@ class SamplerConfig:
         if self.steps < 1:
             raise UserError(f"sampler.steps must be >= 1, got {self.steps}")
         if min(self.width, self.height, self.fps) < 1 or self.frames < 1 or (self.frames - 1) % 4:
-            raise UserError(f"sampler: width, height and fps must be >= 1 and frames 4k+1, got "
-                            f"{self.width}x{self.height}x{self.frames} at {self.fps} fps")
+            raise UserError(
+                f"sampler: width, height and fps must be >= 1 and frames 4k+1, got "
+                f"{self.width}x{self.height}x{self.frames} at {self.fps} fps"
+            )
         if self.shift <= 0:
             raise UserError(f"sampler.shift must be > 0, got {self.shift}")
         if self.cache < 0:
@@ -429,11 +466,17 @@ class Config:
     def _check_ulysses(self) -> None:
         """Ulysses splits the heads over sequence x tensor devices: they must divide num_heads."""
         split = self.mesh.sequence * self.mesh.tensor
-        if self.dit.sequence_parallel == "ulysses" and self.mesh.sequence > 1 and self.mesh.tensor > 0 \
-                and self.dit.num_heads % split:
-            raise UserError(f"dit.num_heads={self.dit.num_heads} is not divisible by mesh.sequence={self.mesh.sequence}"
-                            f" x mesh.tensor={self.mesh.tensor} (Ulysses splits the heads over them); change"
-                            " the mesh or set dit.sequence_parallel=gspmd")
+        if (
+            self.dit.sequence_parallel == "ulysses"
+            and self.mesh.sequence > 1
+            and self.mesh.tensor > 0
+            and self.dit.num_heads % split
+        ):
+            raise UserError(
+                f"dit.num_heads={self.dit.num_heads} is not divisible by mesh.sequence={self.mesh.sequence}"
+                f" x mesh.tensor={self.mesh.tensor} (Ulysses splits the heads over them); change"
+                " the mesh or set dit.sequence_parallel=gspmd"
+            )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,8 +28,7 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     sys.exit(code or 0)
 
 
-def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                     line: str | None = None) -> str:
+def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
     """`warnings.formatwarning` for the CLIs: `warning: MESSAGE (Category)`."""
     return f"warning: {message} ({category.__name__})\n"
 

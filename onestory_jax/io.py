@@ -4,9 +4,9 @@ Every file the project writes goes through `atomic_path`: a temp file in the tar
 renamed onto the target only when writing succeeded, so a reader never sees a half-written file.
 A full disk, a read-only or unwritable folder, or a path under a file is one `UserError` naming the
 file, and the temp file is gone. `require_writable` (a folder) and `require_writable_file` check
-an output before any work (CLIs call them before building a model); `require_free_space` checks that a large write (a checkpoint) can fit.
-A run folder (sample.py's output, read back by the evaluator) names shot i's files `shot_NN.*`
-(1-based).
+an output before any work (CLIs call them before building a model); `require_free_space` checks that a
+large write (a checkpoint) can fit. A run folder (sample.py's output, read back by the evaluator) names
+shot i's files `shot_NN.*` (1-based).
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 import numpy as np
+import yaml
 
 from onestory_jax.errors import UserError
 
 # The OS's "this place cannot take the file" errors: full disk or quota, read-only, no permission,
 # too large a file, a path through a file.
-WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
-                          errno.ENOTDIR, errno.EEXIST})
+WRITE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOTDIR, errno.EEXIST}
+)
 
 
 def cannot_write(path: Path, e: OSError) -> UserError:

@@ -73,8 +73,11 @@ def _link_lock(mine: Path, lock: Path, me: dict[str, Any], what: str, folder: Pa
             if holder is None or not _stale(holder):
                 raise UserError(_busy(what, folder, lock, holder)) from None
             if _take_over(lock, holder):
-                print(f"note: {what} '{folder}' was locked by pid {holder['pid']} on {holder['host']} "
-                      f"(since {holder['since']}), which is no longer running: taking over its lock", file=sys.stderr)
+                print(
+                    f"note: {what} '{folder}' was locked by pid {holder['pid']} on {holder['host']} "
+                    f"(since {holder['since']}), which is no longer running: taking over its lock",
+                    file=sys.stderr,
+                )
             continue
         except OSError as e:
             raise UserError(f"{what} '{folder}' is not writable: {e.strerror or e}") from None
@@ -83,8 +86,11 @@ def _link_lock(mine: Path, lock: Path, me: dict[str, Any], what: str, folder: Pa
 
 
 def _busy(what: str, folder: Path, lock: Path, holder: dict[str, Any] | None) -> str:
-    who = (f"pid {holder['pid']} on {holder['host']} since {holder['since']}" if holder
-           else "another run (its lock file is being written or unreadable)")
+    who = (
+        f"pid {holder['pid']} on {holder['host']} since {holder['since']}"
+        if holder
+        else "another run (its lock file is being written or unreadable)"
+    )
     return f"{what} '{folder}' is in use by {who}; if that run is gone, delete '{lock}'"
 
 

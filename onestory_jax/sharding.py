@@ -77,9 +77,7 @@ def make_mesh(cfg: MeshConfig, devices: list[jax.Device] | None = None) -> Mesh:
             raise UserError(f"{len(devices)} devices cannot fill mesh {dict(zip(MESH_AXES, sizes))}")
         sizes[fills[0]] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise UserError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, {len(devices)} present"
-        )
+        raise UserError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, {len(devices)} present")
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 4, devices=devices)
 
 
@@ -165,5 +163,7 @@ def initialize_distributed() -> None:
     try:
         jax.distributed.initialize(num_processes=n, process_id=i)
     except (ValueError, TypeError) as e:
-        raise UserError(f"--distributed: {str(e).strip().splitlines()[0]} (set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES "
-                        "and JAX_PROCESS_ID, or run under SLURM, Open MPI or on a TPU pod)") from None
+        raise UserError(
+            f"--distributed: {str(e).strip().splitlines()[0]} (set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES "
+            "and JAX_PROCESS_ID, or run under SLURM, Open MPI or on a TPU pod)"
+        ) from None

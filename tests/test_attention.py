@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from torch_refs import tiny_dit_config
 
 from onestory_jax.models import layers
 from onestory_jax.models.dit import ContextTokens, WanDiT
 from onestory_jax.models.splash import kv_segment_ids, splash_blocks
-from torch_refs import tiny_dit_config
 
 B, L, N, H = 2, 37, 3, 8
 
@@ -100,7 +100,9 @@ def test_dit_hides_empty_memory_slots_exactly():
     def run(ctx: ContextTokens, rows: slice = slice(None)):
         return model.apply({"params": params}, x[rows], t[rows], text[rows], context=ctx)
 
-    full = ContextTokens(tokens, jnp.cos(ang), jnp.sin(ang), jnp.zeros((2,)), jnp.arange(n_ctx)[None] < jnp.asarray(valid)[:, None])
+    full = ContextTokens(
+        tokens, jnp.cos(ang), jnp.sin(ang), jnp.zeros((2,)), jnp.arange(n_ctx)[None] < jnp.asarray(valid)[:, None]
+    )
     out = run(full)
     for i, n in enumerate(valid):
         rows = slice(i, i + 1)

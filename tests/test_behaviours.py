@@ -65,8 +65,9 @@ def expected_lr(t: int, peak: float, warmup: int, steps: int) -> float:
 
 def test_lr_schedule_warms_up_linearly_then_cosine_to_a_tenth():
     peak, warmup, steps = 2e-3, 10, 100
-    sched = learning_rate_schedule(train_cfg(f"train.learning_rate={peak}", f"train.lr_warmup_steps={warmup}",
-                                             f"train.steps={steps}").train)
+    sched = learning_rate_schedule(
+        train_cfg(f"train.learning_rate={peak}", f"train.lr_warmup_steps={warmup}", f"train.steps={steps}").train
+    )
     hand = {0: 0.0, 5: peak / 2, 10: peak, 55: 0.55 * peak, 100: 0.1 * peak, 500: 0.1 * peak}  # 55: mid-decay
     for t, value in hand.items():
         assert float(sched(t)) == pytest.approx(value, rel=1e-5, abs=1e-12), t
@@ -74,8 +75,7 @@ def test_lr_schedule_warms_up_linearly_then_cosine_to_a_tenth():
     for t in (1, 3, 9, 11, 30, 77, 99):
         assert float(sched(t)) == pytest.approx(expected_lr(t, peak, warmup, steps), rel=1e-5), t
     # a run shorter than its warm-up reaches the peak at its last step
-    short = learning_rate_schedule(train_cfg(f"train.learning_rate={peak}", "train.lr_warmup_steps=50",
-                                             "train.steps=4").train)
+    short = learning_rate_schedule(train_cfg(f"train.learning_rate={peak}", "train.lr_warmup_steps=50", "train.steps=4").train)
     assert [float(short(t)) for t in range(4)] == pytest.approx([0.0, peak / 3, 2 * peak / 3, peak], rel=1e-5)
 
 
@@ -83,8 +83,9 @@ def test_optimizer_steps_by_the_schedule():
     """Adam under a constant gradient g moves each weight by lr(t) * g / (|g| + eps) at step t (its bias-corrected
     moments are g and g^2): the weight deltas are the schedule."""
     peak, warmup, steps = 1e-2, 4, 12
-    tc = train_cfg(f"train.learning_rate={peak}", f"train.lr_warmup_steps={warmup}", f"train.steps={steps}",
-                   "train.weight_decay=0.0").train
+    tc = train_cfg(
+        f"train.learning_rate={peak}", f"train.lr_warmup_steps={warmup}", f"train.steps={steps}", "train.weight_decay=0.0"
+    ).train
     params = {"dit": {"w": jnp.zeros(3)}}
     tx = make_optimizer(tc, params)
     opt_state, grads, deltas = tx.init(params), {"dit": {"w": jnp.full(3, 0.5)}}, []
@@ -179,12 +180,16 @@ def t2v():
     return cfg, params, build_components(cfg, params, BYTE_TOKENIZER), mesh
 
 
-def render(t2v, out: Path, captions: tuple[str, ...] = ("a red square", "the red square, later"),
-           budget: int | None = None, **settings):
+def render(
+    t2v, out: Path, captions: tuple[str, ...] = ("a red square", "the red square, later"), budget: int | None = None, **settings
+):
     """Render at 32x32x5 (4x4x2 latents) with 2 Euler steps -> (manifest, latents [S, 2, 4, 4, 16])."""
     cfg, params, comps, mesh = t2v
-    story = Story(settings=Settings(width=32, height=32, frames=5, steps=2, solver="euler", **settings),
-                  memory=MemorySettings(strategy="onestory", budget=budget), shots=tuple(Shot(c) for c in captions))
+    story = Story(
+        settings=Settings(width=32, height=32, frames=5, steps=2, solver="euler", **settings),
+        memory=MemorySettings(strategy="onestory", budget=budget),
+        shots=tuple(Shot(c) for c in captions),
+    )
     with activate(mesh):
         manifest = render_story(cfg, params, comps, story, out, progress=False, mesh=mesh)
     return manifest, np.stack([np.load(out / outputs.shot_name(i, ".npy")) for i in range(len(captions))])
@@ -225,8 +230,9 @@ BUDGET_FRAMES = {1: (2, 2, 0), 2: (4, 4, 0), 3: (6, 6, 0)}
 def test_memory_budget_sets_the_frames_and_their_patchifiers(t2v, tmp_path, budget):
     """Four shots of 2 latent frames: shot N has 2 (N - 1) memory frames, of which it takes min(2 (N - 1), K),
     the best-ranked with the finest patchifier; every frame one token, so at most 4b tokens."""
-    manifest, _ = render(t2v, tmp_path, captions=("a red square", "a blue circle", "the square", "the circle"),
-                         budget=budget, guidance=1.0)
+    manifest, _ = render(
+        t2v, tmp_path, captions=("a red square", "a blue circle", "the square", "the circle"), budget=budget, guidance=1.0
+    )
     assert manifest["config"]["memory"]["budget"] == budget
     by_rank = [k for k, n in zip(KERNELS, BUDGET_FRAMES[budget]) for _ in range(n)]
     for n, shot in enumerate(manifest["shots"], 1):

@@ -25,8 +25,11 @@ def test_truncated_checkpoint_is_one_line_naming_it(tmp_path):
     abstract = saved(tmp_path / "ck", {"w": np.random.default_rng(0).random((64, 256), np.float32)})
     data = max((p for p in (tmp_path / "ck" / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     os.truncate(data, data.stat().st_size // 2)
-    with pytest.raises(UserError, match=rf"checkpoint '{tmp_path / 'ck' / 'params'}' could not be restored "
-                                        r"\(corrupt or truncated\?\): Encountered error while reading") as e:
+    with pytest.raises(
+        UserError,
+        match=rf"checkpoint '{tmp_path / 'ck' / 'params'}' could not be restored "
+        r"\(corrupt or truncated\?\): Encountered error while reading",
+    ) as e:
         restore_params(tmp_path / "ck", abstract)
     assert "\n" not in str(e.value)
 
@@ -53,11 +56,14 @@ def test_force_replaces_only_a_checkpoint(tmp_path):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.learning_rate=.nan", "config key 'train.learning_rate' must be finite, got nan"),
-    ("sampler.guidance=inf", "config key 'sampler.guidance' must be finite, got 'inf'"),
-    ('train.trainable=["^memory/", "(unclosed"]', r"train.trainable: '\(unclosed' is not a valid regex"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.learning_rate=.nan", "config key 'train.learning_rate' must be finite, got nan"),
+        ("sampler.guidance=inf", "config key 'sampler.guidance' must be finite, got 'inf'"),
+        ('train.trainable=["^memory/", "(unclosed"]', r"train.trainable: '\(unclosed' is not a valid regex"),
+    ],
+)
 def test_bad_config_numbers_and_regexes_name_the_value(override, message):
     with pytest.raises(UserError, match=message):
         load_config("configs/train/tiny.yaml", [override])

@@ -15,10 +15,24 @@ START_IMAGE_ERROR = 15.0  # mean |frame 0 - start image|, 0-255 levels: the VAE 
 def test_embedded_model_renders_a_story_without_random_parts(tmp_path):
     """No size in the story: the model's own (64x64, 9 frames, the size it was trained at)."""
     story = tmp_path / "s.yaml"
-    story.write_text("settings: {steps: 2}\n"
-                     "shots: [A red striped square hops across a snowy field., The same square rests in a desert.]\n")
-    r = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(MODEL), "--story", str(story),
-                        "--out", str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True)
+    story.write_text(
+        "settings: {steps: 2}\nshots: [A red striped square hops across a snowy field., The same square rests in a desert.]\n"
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "sample.py",
+            "--checkpoint",
+            str(MODEL),
+            "--story",
+            str(story),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "RANDOM" not in r.stderr + r.stdout
     assert (tmp_path / "out" / "story.mp4").is_file() and (tmp_path / "out" / "contact_sheet.png").is_file()
@@ -39,10 +53,25 @@ def test_embedded_model_follows_the_start_image(tmp_path):
     story = synthetic.make_story(10**6 + 5, 2)
     image = synthetic.render_shot(story, 0, frames=9)[0][0]
     Image.fromarray(image).save(tmp_path / "start.png")
-    (tmp_path / "s.yaml").write_text("settings: {width: 64, height: 64, frames: 9, steps: 10}\nstart_image: start.png\n"
-                                     f"shots: ['{story.shots[0].caption}']\n")
-    r = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(MODEL), "--story", str(tmp_path / "s.yaml"),
-                        "--out", str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True)
+    (tmp_path / "s.yaml").write_text(
+        "settings: {width: 64, height: 64, frames: 9, steps: 10}\nstart_image: start.png\n"
+        f"shots: ['{story.shots[0].caption}']\n"
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "sample.py",
+            "--checkpoint",
+            str(MODEL),
+            "--story",
+            str(tmp_path / "s.yaml"),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     frame0 = load_run(tmp_path / "out")[0][0].astype(float)
     error = abs(frame0 - image).mean()

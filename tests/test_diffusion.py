@@ -29,8 +29,14 @@ TOL = 1e-5
 
 def _unipc(**kw) -> UniPCMultistepScheduler:
     return UniPCMultistepScheduler(
-        use_flow_sigmas=True, flow_shift=kw.pop("flow_shift", SHIFT), prediction_type="flow_prediction",
-        solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True, **kw,
+        use_flow_sigmas=True,
+        flow_shift=kw.pop("flow_shift", SHIFT),
+        prediction_type="flow_prediction",
+        solver_order=2,
+        solver_type="bh2",
+        predict_x0=True,
+        lower_order_final=True,
+        **kw,
     )
 
 
@@ -187,8 +193,11 @@ def test_step_cache_skips_the_model_while_the_input_barely_moves():
 
     sched = make_schedule("wan", 12, 3.0)
     x = jax.random.normal(jax.random.key(0), (1, 2, 4, 4, 3))
-    run = lambda cache: (calls.clear(), np.asarray(jax.jit(lambda x: sample(velocity, x, sched.sigmas, "unipc", sched.timesteps,
-                                                                              cache=cache))(x)), len(calls))[1:]
+    run = lambda cache: (
+        calls.clear(),
+        np.asarray(jax.jit(lambda x: sample(velocity, x, sched.sigmas, "unipc", sched.timesteps, cache=cache))(x)),
+        len(calls),
+    )[1:]
     exact, n_exact = run(0.0)
     tiny, n_tiny = run(1e-12)
     np.testing.assert_array_equal(tiny, exact)

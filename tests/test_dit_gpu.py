@@ -23,9 +23,13 @@ def test_bf16_dit_close_to_fp32_reference():
     ref32 = run_diffusers_dit(model, x, t, text, image)
     with torch.no_grad():
         m16 = model.to("cuda", torch.bfloat16)
-        out16 = m16(hidden_states=torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3))).cuda().bfloat16(),
-                    timestep=torch.from_numpy(t).cuda(), encoder_hidden_states=torch.from_numpy(text).cuda().bfloat16(),
-                    encoder_hidden_states_image=torch.from_numpy(image).cuda().bfloat16(), return_dict=False)[0]
+        out16 = m16(
+            hidden_states=torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3))).cuda().bfloat16(),
+            timestep=torch.from_numpy(t).cuda(),
+            encoder_hidden_states=torch.from_numpy(text).cuda().bfloat16(),
+            encoder_hidden_states_image=torch.from_numpy(image).cuda().bfloat16(),
+            return_dict=False,
+        )[0]
     torch16 = out16.float().cpu().numpy().transpose(0, 2, 3, 4, 1)
     bf = dataclasses.replace(cfg, dtype="bfloat16", param_dtype="bfloat16", attention="cudnn")
     params = convert(bf, {k: v.shape for k, v in sd.items()}, sd.__getitem__, "diffusers", dtype=jax.numpy.bfloat16)

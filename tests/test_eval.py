@@ -49,8 +49,9 @@ def swapped_recall() -> list[np.ndarray]:
     story = recall_story()
     j, c = recall_shots(story)[0]
     colour = next(k for k in synthetic.COLOURS if k not in {ch.colour for ch in story.characters})
-    other = dataclasses.replace(story, characters=tuple(dataclasses.replace(ch, colour=colour) if i == c else ch
-                                                         for i, ch in enumerate(story.characters)))
+    other = dataclasses.replace(
+        story, characters=tuple(dataclasses.replace(ch, colour=colour) if i == c else ch for i, ch in enumerate(story.characters))
+    )
     return [f if i < j else synthetic.render_shot(other, i, FRAMES, SIZE)[0] for i, f in enumerate(rendered()[0])]
 
 
@@ -90,7 +91,9 @@ def test_shuffled_frames_lower_intra_shot_consistency():
     frames, masks = rendered()
     rng = np.random.default_rng(0)
     order = [rng.permutation(len(f)) for f in frames]
-    shuffled = evaluate_story([f[o] for f, o in zip(frames, order)], recall_story(), FEATURES, [m[o] for m, o in zip(masks, order)])
+    shuffled = evaluate_story(
+        [f[o] for f, o in zip(frames, order)], recall_story(), FEATURES, [m[o] for m, o in zip(masks, order)]
+    )
     truth = truth_result()["intra_shot"]
     assert shuffled["intra_shot"]["subject_consistency"] < truth["subject_consistency"] - 0.003  # slow motion: small
     # frames drawn from all shots: characters and scenes change within a "shot"
@@ -122,8 +125,9 @@ def test_pairs_and_recall_flags():
     assert [s.characters for s in recall_story().shots] == [(0,), (1,), (2,), (0,)]
     assert sorted(metrics.character_pairs(recall_story())) == [(0, 0, 3, True)]
     cast = [(0,), (0,), (1,), (0,)]  # a character kept across a cut, then recalled
-    story = dataclasses.replace(recall_story(), shots=tuple(dataclasses.replace(s, characters=c)
-                                                            for s, c in zip(recall_story().shots, cast)))
+    story = dataclasses.replace(
+        recall_story(), shots=tuple(dataclasses.replace(s, characters=c) for s, c in zip(recall_story().shots, cast))
+    )
     assert sorted(metrics.character_pairs(story)) == [(0, 0, 1, False), (0, 0, 3, True), (0, 1, 3, True)]
     assert metrics.vbench_consistency(np.eye(3)[[0, 0, 0]]) == 1.0
     assert metrics.vbench_consistency(np.eye(3)) == 0.0
@@ -168,15 +172,21 @@ def test_cli_stories(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    proc = subprocess.run([sys.executable, "-m", "onestory_jax.eval", "--run", str(tmp_path / "missing")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "onestory_jax.eval", "--run", str(tmp_path / "missing")], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"error: run directory '{tmp_path / 'missing'}' does not exist or is not a directory"]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: run directory '{tmp_path / 'missing'}' does not exist or is not a directory"
+    ]
     (tmp_path / "afile").write_text("x")
-    for argv, message in [(["--run", str(tmp_path), "--dinov2", str(tmp_path / "nowhere")], ""), (["--stories", str(tmp_path)], ""),
-                          # --out a folder or under a file: tracebacks once the run was scored; now refused first
-                          (["--run", str(tmp_path), "--out", str(tmp_path)], f"--out '{tmp_path}' is a folder"),
-                          (["--run", str(tmp_path), "--out", str(tmp_path / "afile" / "r.json")], "the folder of --out")]:
+    for argv, message in [
+        (["--run", str(tmp_path), "--dinov2", str(tmp_path / "nowhere")], ""),
+        (["--stories", str(tmp_path)], ""),
+        # --out a folder or under a file: tracebacks once the run was scored; now refused first
+        (["--run", str(tmp_path), "--out", str(tmp_path)], f"--out '{tmp_path}' is a folder"),
+        (["--run", str(tmp_path), "--out", str(tmp_path / "afile" / "r.json")], "the folder of --out"),
+    ]:
         with pytest.raises(SystemExit) as e:
             run_cli(main, argv)
         assert e.value.code == 2

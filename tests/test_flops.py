@@ -10,8 +10,9 @@ from onestory_jax.models.flops import dit_forward_flops, peak_flops
 def test_flop_model_matches_xla_cost_analysis():
     """The MFU's FLOP model against XLA's count of the compiled forward (one layer: XLA counts a
     scanned stack's body once); XLA also counts the elementwise ops the model leaves out."""
-    cfg = DiTConfig(model_type="t2v", in_dim=16, dim=256, ffn_dim=1024, num_heads=4, num_layers=1, text_dim=64,
-                    image_dim=None, text_len=32)
+    cfg = DiTConfig(
+        model_type="t2v", in_dim=16, dim=256, ffn_dim=1024, num_heads=4, num_layers=1, text_dim=64, image_dim=None, text_len=32
+    )
     x = init_inputs(cfg, 1, (4, 32, 32), text_len=32)
     model = WanDiT(cfg)
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), x["x"], x["t"], x["text"]))

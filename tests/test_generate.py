@@ -24,9 +24,15 @@ def model():
     dit, mem = WanDiT(cfg.dit), OneStoryMemory(cfg.memory, cfg.dit.dim, cfg.dit.head_dim)
     x = jnp.zeros((1, T, H, W, 16))
     dit_params = nn.meta.unbox(dit.init(jax.random.key(0), x, jnp.zeros((1,)), jnp.zeros((1, 8, cfg.dit.text_dim))))["params"]
-    mem_params = nn.meta.unbox(mem.init(jax.random.key(1), jnp.zeros((1, 8, cfg.dit.text_dim)), jnp.zeros((1, 4, H, W, 16)), jnp.ones((1, 4), bool)))["params"]
-    mem_params = {**mem_params, "conditioner": conditioner_from_patch_embedding(
-        dit_params["patch_embedding"]["kernel"], dit_params["patch_embedding"]["bias"], cfg.memory)}
+    mem_params = nn.meta.unbox(
+        mem.init(jax.random.key(1), jnp.zeros((1, 8, cfg.dit.text_dim)), jnp.zeros((1, 4, H, W, 16)), jnp.ones((1, 4), bool))
+    )["params"]
+    mem_params = {
+        **mem_params,
+        "conditioner": conditioner_from_patch_embedding(
+            dit_params["patch_embedding"]["kernel"], dit_params["patch_embedding"]["bias"], cfg.memory
+        ),
+    }
     return cfg, {"dit": dit_params, "memory": mem_params}
 
 
@@ -85,12 +91,15 @@ def test_inactive_and_done_shots(model):
     np.testing.assert_array_equal(np.asarray(rec.latents[2]), 0.0)  # beyond the story: nothing
 
 
-@pytest.mark.parametrize("strategy,expected", [
-    ("recent", [5, 4, 3]),
-    ("last_frame", [5]),
-    ("uniform", [5, 2, 0]),  # linspace(0, 5, 3) = 0, 2.5, 5; round half to even
-    ("none", []),
-])
+@pytest.mark.parametrize(
+    "strategy,expected",
+    [
+        ("recent", [5, 4, 3]),
+        ("last_frame", [5]),
+        ("uniform", [5, 2, 0]),  # linspace(0, 5, 3) = 0, 2.5, 5; round half to even
+        ("none", []),
+    ],
+)
 def test_baseline_strategies_pick_the_expected_frames(strategy, expected):
     from onestory_jax.models.memory import select_top_k
 
@@ -103,8 +112,9 @@ def test_baseline_strategies_pick_the_expected_frames(strategy, expected):
 def _bank(valid_slots: int, references=None):
     bank = empty_bank(SHOTS, T, H, W, references=references)
     rng = np.random.default_rng(3)
-    return bank.replace(latents=jnp.asarray(rng.standard_normal(bank.latents.shape), jnp.float32),
-                        valid=jnp.arange(bank.capacity) < valid_slots)
+    return bank.replace(
+        latents=jnp.asarray(rng.standard_normal(bank.latents.shape), jnp.float32), valid=jnp.arange(bank.capacity) < valid_slots
+    )
 
 
 def _chosen(indices, selected) -> list[int]:

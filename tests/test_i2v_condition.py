@@ -23,16 +23,22 @@ FRAMES, HEIGHT, WIDTH = 9, 16, 24
 
 def test_condition_matches_diffusers_prepare_latents():
     rng = np.random.default_rng(0)
-    cfg = VAEConfig(base_dim=3, dim_mult=(1, 1, 1, 1), num_res_blocks=1,
-                    latents_mean=tuple(rng.normal(0, 0.3, 16).tolist()), latents_std=tuple(rng.uniform(0.5, 2, 16).tolist()))
+    cfg = VAEConfig(
+        base_dim=3,
+        dim_mult=(1, 1, 1, 1),
+        num_res_blocks=1,
+        latents_mean=tuple(rng.normal(0, 0.3, 16).tolist()),
+        latents_std=tuple(rng.uniform(0.5, 2, 16).tolist()),
+    )
     model = diffusers_vae(cfg)
     sd = state_dict_numpy(model)
     params = convert_vae(cfg, {k: v.shape for k, v in sd.items()}, sd.__getitem__, "diffusers")
     pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=model, scheduler=FlowMatchEulerDiscreteScheduler())
     image = rng.uniform(-1, 1, (HEIGHT, WIDTH, 3)).astype(np.float32)
     with torch.no_grad():
-        _, ref = pipe.prepare_latents(torch.from_numpy(image).permute(2, 0, 1)[None], 1, 16, HEIGHT, WIDTH, FRAMES,
-                                      torch.float32, torch.device("cpu"))
+        _, ref = pipe.prepare_latents(
+            torch.from_numpy(image).permute(2, 0, 1)[None], 1, 16, HEIGHT, WIDTH, FRAMES, torch.float32, torch.device("cpu")
+        )
     ref = ref[0].permute(1, 2, 3, 0).numpy()  # [T, h, w, 4 + 16]
     run = jax.jit(functools.partial(encode, cfg))
     ours = i2v_condition(lambda v: np.asarray(run(params, jnp.asarray(v)[None]))[0], image, FRAMES, ref.shape[:3] + (16,))
@@ -48,7 +54,9 @@ def test_one_null_text_for_training_and_sampling(monkeypatch):
 
     seen = []
     real = losses.shot_loss
-    monkeypatch.setattr(losses, "shot_loss", lambda params, batch, ctx, text, *a: seen.append(text) or real(params, batch, ctx, text, *a))
+    monkeypatch.setattr(
+        losses, "shot_loss", lambda params, batch, ctx, text, *a: seen.append(text) or real(params, batch, ctx, text, *a)
+    )
     cfg = load_config("tiny", ["train.text_dropout=1.0"])
     from test_training import _batch  # the training tests' tiny batch
 

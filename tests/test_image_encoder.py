@@ -14,8 +14,8 @@ from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionMode
 
 from onestory_jax.config import ImageEncoderConfig, MeshConfig
 from onestory_jax.convert.image_encoder import CLIP, convert_clip
-from onestory_jax.errors import UserError
 from onestory_jax.data.video import load_image
+from onestory_jax.errors import UserError
 from onestory_jax.models.image_encoder import CLIP_MEAN, CLIP_STD, CLIPVisionTower, init_fn, preprocess
 from onestory_jax.sharding import abstract_params, make_mesh, replicated_large_params
 
@@ -37,10 +37,16 @@ QKV = VM + r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)"
 
 
 def hf_config(cfg: ImageEncoderConfig, projection_dim: int = 512) -> CLIPVisionConfig:
-    return CLIPVisionConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                            image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_act=cfg.activation,
-                            projection_dim=projection_dim)
+    return CLIPVisionConfig(
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        hidden_act=cfg.activation,
+        projection_dim=projection_dim,
+    )
 
 
 def to_original(tensors: dict, cat=np.concatenate, lead=lambda a, n: a.reshape((1,) * n + a.shape)) -> dict:
@@ -108,7 +114,9 @@ def test_quick_gelu_tower_matches_transformers():
     model = CLIPVisionModel(hf_config(quick)).eval()
     pixels = np.random.default_rng(1).standard_normal((1, 28, 28, 3)).astype(np.float32)
     with torch.no_grad():
-        ref = model(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2), output_hidden_states=True).hidden_states[-2].numpy()
+        ref = (
+            model(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2), output_hidden_states=True).hidden_states[-2].numpy()
+        )
     sd = state_dict_numpy(model)
     params = convert_clip(quick, {k: v.shape for k, v in sd.items()}, sd.__getitem__, "diffusers")
     out = np.asarray(jax.jit(CLIPVisionTower(quick).apply)({"params": params}, pixels))
@@ -130,7 +138,9 @@ def test_strict_conversion_lists_every_problem(reference):
     del shapes["encoder.layers.0.self_attn.k_proj.bias"]
     shapes["encoder.layers.0.adapter.weight"] = (2,)
     shapes["embeddings.position_embedding.weight"] = (4, 32)
-    with pytest.raises(UserError, match=r"1 missing: .*k_proj\.bias; 1 unexpected: .*adapter\.weight; 1 mis-shaped: .*position_embedding"):
+    with pytest.raises(
+        UserError, match=r"1 missing: .*k_proj\.bias; 1 unexpected: .*adapter\.weight; 1 mis-shaped: .*position_embedding"
+    ):
         convert_clip(TINY, shapes, sd.__getitem__, "diffusers")
 
 
@@ -167,9 +177,9 @@ def test_preprocess_matches_clip_image_processor(tmp_path):
     image = load_image(_save(tmp_path, smooth.astype(np.uint8)))
     assert image.shape == (300, 450, 3) and image.dtype == np.uint8
     ours = np.asarray(preprocess(image, ImageEncoderConfig()))
-    ref = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                                image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))(Image.fromarray(image),
-                                                                                      return_tensors="np")
+    ref = CLIPImageProcessorPil(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)
+    )(Image.fromarray(image), return_tensors="np")
     ref = ref["pixel_values"][0].transpose(1, 2, 0)
     assert ours.shape == ref.shape == (224, 224, 3)
     assert np.abs(ours - ref).max() < 0.015  # about one uint8 step after normalisation

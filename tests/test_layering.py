@@ -28,11 +28,13 @@ TIERS = [
     ("sampling", "training", "eval"),
 ]
 PACKAGES = [f"onestory_jax.{name}" for tier in TIERS for name in tier]
+
+
 def blocked(package: str) -> tuple[str, ...]:
     """The packages `package` must not import: every higher tier, and its siblings in the top tier."""
     name = package.removeprefix("onestory_jax.")
     level = next(i for i, tier in enumerate(TIERS) if name in tier)
-    above = [n for tier in TIERS[level + 1:] for n in tier]
+    above = [n for tier in TIERS[level + 1 :] for n in tier]
     siblings = [n for n in TIERS[level] if n != name] if level == len(TIERS) - 1 else []
     return tuple(f"onestory_jax.{n}" for n in above + siblings)
 
@@ -60,8 +62,9 @@ print(len(names))
 @pytest.mark.parametrize("package", PACKAGES)
 def test_importing_a_layer_needs_nothing_above_it(package):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run([sys.executable, "-c", IMPORT_ALL, package, ",".join(blocked(package))],
-                       capture_output=True, text=True, cwd=ROOT, env=env)
+    r = subprocess.run(
+        [sys.executable, "-c", IMPORT_ALL, package, ",".join(blocked(package))], capture_output=True, text=True, cwd=ROOT, env=env
+    )
     assert r.returncode == 0, r.stderr.strip().splitlines()[-1]
 
 
@@ -101,16 +104,23 @@ def test_no_import_statement_reaches_a_layer_above(package):
 
 
 def test_benchmarks_import_the_library_not_the_tests():
-    hacks = [f"{f.name}:{i}" for f in sorted((ROOT / "bench").glob("*.py"))
-             for i, line in enumerate(f.read_text().splitlines(), 1) if "sys.path.insert" in line or "torch_refs" in line]
+    hacks = [
+        f"{f.name}:{i}"
+        for f in sorted((ROOT / "bench").glob("*.py"))
+        for i, line in enumerate(f.read_text().splitlines(), 1)
+        if "sys.path.insert" in line or "torch_refs" in line
+    ]
     assert not hacks, hacks
 
 
 def test_one_onestory_forward():
     """Only models/onestory.py assembles the model (select, condition, DiT): loss and sampler call it."""
     modules = {"WanDiT", "OneStoryMemory"}
-    found = [f"{file.relative_to(ROOT)}:{node.lineno} {node.id}"
-             for package in ("onestory_jax.training", "onestory_jax.sampling", "onestory_jax.eval")
-             for file in _files(package) for node in ast.walk(ast.parse(file.read_text()))
-             if isinstance(node, ast.Name) and node.id in modules]
+    found = [
+        f"{file.relative_to(ROOT)}:{node.lineno} {node.id}"
+        for package in ("onestory_jax.training", "onestory_jax.sampling", "onestory_jax.eval")
+        for file in _files(package)
+        for node in ast.walk(ast.parse(file.read_text()))
+        if isinstance(node, ast.Name) and node.id in modules
+    ]
     assert not found, found

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_runs import cli
 
 from onestory_jax.errors import UserError
 from onestory_jax.locking import LOCK_NAME, folder_lock
-from train_runs import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 STORY = "settings: {width: 32, height: 32, frames: 5, steps: 2}\nshots: [A square., The same square.]\n"
@@ -60,8 +60,7 @@ def test_cli_refuses_a_locked_or_unwritable_folder_before_any_model(tmp_path, ca
     (tmp_path / "s.yaml").write_text(STORY)
     (tmp_path / "afile").write_text("x")
     sample = ["--config", "tiny", "--story", str(tmp_path / "s.yaml"), "--no-progress"]
-    for out, message in [(tmp_path / "afile", "exists and is not a folder"),
-                         (tmp_path / "afile" / "sub", "cannot be created")]:
+    for out, message in [(tmp_path / "afile", "exists and is not a folder"), (tmp_path / "afile" / "sub", "cannot be created")]:
         code, err = cli("sample", [*sample, "--out", str(out)], capsys)
         assert code == 2 and message in err and err.count("\n") == 1, err
     busy = tmp_path / "busy"
@@ -69,8 +68,9 @@ def test_cli_refuses_a_locked_or_unwritable_folder_before_any_model(tmp_path, ca
     (busy / LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "since": "now"}))
     code, err = cli("sample", [*sample, "--out", str(busy)], capsys)
     assert code == 2 and f"--out '{busy}' is in use by pid {os.getppid()}" in err and err.count("\n") == 1, err
-    code, err = cli("train", ["--config", str(ROOT / "configs/train/tiny.yaml"), "--workdir", str(busy),
-                              f"train.data={tmp_path}"], capsys)
+    code, err = cli(
+        "train", ["--config", str(ROOT / "configs/train/tiny.yaml"), "--workdir", str(busy), f"train.data={tmp_path}"], capsys
+    )
     assert code == 2 and f"--workdir '{busy}' is in use" in err and err.count("\n") == 1, err
     assert [p.name for p in busy.iterdir()] == [LOCK_NAME]  # nothing written, the holder's lock kept
 

@@ -40,7 +40,8 @@ def lora_dit():
     params = nn_unbox(init_fn(cfg)(jax.random.key(0)))
     rng = np.random.default_rng(0)  # a trained adapter: B no longer zero
     params = jax.tree_util.tree_map_with_path(
-        lambda p, a: rng.standard_normal(a.shape).astype(np.float32) * 0.1 if "lora_b" in jax.tree_util.keystr(p) else a, params)
+        lambda p, a: rng.standard_normal(a.shape).astype(np.float32) * 0.1 if "lora_b" in jax.tree_util.keystr(p) else a, params
+    )
     return cfg, params
 
 

@@ -26,10 +26,18 @@ from diffusers.loaders import WanLoraLoaderMixin  # noqa: E402
 CFG = tiny_dit_config("i2v")  # 2 blocks, dim 24, ffn 32, with the image branch (k_img, v_img)
 LATENT, RANK, T = (3, 4, 6), 4, 500
 BLOCK_MODULES = [f"attn{a}.{p}" for a in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")] + [
-    "attn2.add_k_proj", "attn2.add_v_proj", "ffn.net.0.proj", "ffn.net.2"]
+    "attn2.add_k_proj",
+    "attn2.add_v_proj",
+    "ffn.net.0.proj",
+    "ffn.net.2",
+]
 # Outside the blocks: the ones diffusers' original-layout converter reads (time_projection, head, text/image MLPs)
-GLOBAL_MODULES = ["condition_embedder.time_proj", "proj_out", "condition_embedder.text_embedder.linear_1",
-                  "condition_embedder.image_embedder.ff.net.0.proj"]
+GLOBAL_MODULES = [
+    "condition_embedder.time_proj",
+    "proj_out",
+    "condition_embedder.text_embedder.linear_1",
+    "condition_embedder.image_embedder.ff.net.0.proj",
+]
 NORMS = ["norm2", "attn1.norm_q"]  # per block, diffusers names
 
 
@@ -82,8 +90,13 @@ def diffusers_file(sd, path):
     for m, (down, up, _) in _factors(sd).items():
         tensors[f"transformer.{m}.lora_A.weight"], tensors[f"transformer.{m}.lora_B.weight"] = down, up
         tensors[f"transformer.{m}.lora_B.bias"] = rng.standard_normal(up.shape[0]).astype(np.float32) * 0.05
-    config = {"r": RANK, "lora_alpha": 2.0, "alpha_pattern": {"blocks.1.ffn.net.2": 8.0}, "lora_bias": True,
-              "target_modules": sorted(_factors(sd))}
+    config = {
+        "r": RANK,
+        "lora_alpha": 2.0,
+        "alpha_pattern": {"blocks.1.ffn.net.2": 8.0},
+        "lora_bias": True,
+        "target_modules": sorted(_factors(sd)),
+    }
     save_file(tensors, path, metadata={"lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()})})
 
 
@@ -164,8 +177,14 @@ def test_norm_diff_and_modulation_diff_add_to_their_leaves(base, tmp_path):
     rng = np.random.default_rng(0)
     d_norm, d_bias, d_mod = (rng.standard_normal(s).astype(np.float32) for s in ((24,), (24,), (1, 6, 24)))
     path = tmp_path / "diff.safetensors"
-    save_file({"diffusion_model.blocks.1.norm3.diff": d_norm, "diffusion_model.blocks.1.norm3.diff_b": d_bias,
-               "diffusion_model.blocks.0.modulation.diff": d_mod}, path)
+    save_file(
+        {
+            "diffusion_model.blocks.1.norm3.diff": d_norm,
+            "diffusion_model.blocks.1.norm3.diff_b": d_bias,
+            "diffusion_model.blocks.0.modulation.diff": d_mod,
+        },
+        path,
+    )
     params, blocks = merged(base, path, 2.0)["blocks"], base[1]["blocks"]
     np.testing.assert_allclose(params["norm_cross"]["scale"][1], blocks["norm_cross"]["scale"][1] + 2 * d_norm, rtol=1e-6)
     np.testing.assert_allclose(params["norm_cross"]["bias"][1], blocks["norm_cross"]["bias"][1] + 2 * d_bias, rtol=1e-6)
@@ -201,17 +220,31 @@ def _one_line_error(path, fragment: str) -> None:
 def test_unmatched_keys_are_one_line(base, tmp_path):
     path = tmp_path / "bad.safetensors"
     down, up, _ = _factors(base[0])["blocks.0.attn1.to_q"]
-    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": down, "transformer.blocks.0.attn1.to_q.lora_B.weight": up,
-               "transformer.blocks.7.attn1.to_q.lora_A.weight": down,  # no block 7 in this model
-               "transformer.blocks.0.attn1.to_q.lora_magnitude_vector": up[:, 0]}, path)  # DoRA
-    _one_line_error(path, "2 key(s) match no layer of this Wan2.1 I2V DiT (2 blocks): transformer.blocks.0.attn1.to_q."
-                          "lora_magnitude_vector, transformer.blocks.7.attn1.to_q.lora_A.weight")
+    save_file(
+        {
+            "transformer.blocks.0.attn1.to_q.lora_A.weight": down,
+            "transformer.blocks.0.attn1.to_q.lora_B.weight": up,
+            "transformer.blocks.7.attn1.to_q.lora_A.weight": down,  # no block 7 in this model
+            "transformer.blocks.0.attn1.to_q.lora_magnitude_vector": up[:, 0],
+        },
+        path,
+    )  # DoRA
+    _one_line_error(
+        path,
+        "2 key(s) match no layer of this Wan2.1 I2V DiT (2 blocks): transformer.blocks.0.attn1.to_q."
+        "lora_magnitude_vector, transformer.blocks.7.attn1.to_q.lora_A.weight",
+    )
 
 
 def test_lora_that_does_not_fit_is_one_line(base, tmp_path):
     path = tmp_path / "other_model.safetensors"
-    save_file({"diffusion_model.blocks.0.ffn.0.lora_down.weight": np.ones((RANK, 40), np.float32),
-               "diffusion_model.blocks.0.ffn.0.lora_up.weight": np.ones((32, RANK), np.float32)}, path)
+    save_file(
+        {
+            "diffusion_model.blocks.0.ffn.0.lora_down.weight": np.ones((RANK, 40), np.float32),
+            "diffusion_model.blocks.0.ffn.0.lora_up.weight": np.ones((32, RANK), np.float32),
+        },
+        path,
+    )
     _one_line_error(path, "blocks.0.ffn.0: lora_down [4, 40] and lora_up [32, 4] do not fit its weight [out 32, in 24]")
     save_file({"lora_unet_blocks_0_ffn_0.lora_down.weight": np.ones((RANK, 24), np.float32)}, path)
     _one_line_error(path, "blocks.0.ffn.0 has no lora_up weight")
@@ -221,12 +254,17 @@ def test_lora_that_does_not_fit_is_one_line(base, tmp_path):
 
 def test_story_lora_setting_and_cli_argument(tmp_path):
     (tmp_path / "style.safetensors").write_bytes(b"")
-    story = parse_story({"settings": {"lora": ["style.safetensors", {"path": "style.safetensors", "scale": 0.5}]},
-                         "shots": ["a"]}, "s.yaml", tmp_path)
+    story = parse_story(
+        {"settings": {"lora": ["style.safetensors", {"path": "style.safetensors", "scale": 0.5}]}, "shots": ["a"]},
+        "s.yaml",
+        tmp_path,
+    )
     assert story.settings.lora == (LoraFile(tmp_path / "style.safetensors", 1.0), LoraFile(tmp_path / "style.safetensors", 0.5))
-    for bad, message in (({"path": "missing.safetensors"}, "settings.lora[1].path: file"),
-                         ({"path": "style.safetensors", "scale": "x"}, "settings.lora[1].scale: expected"),
-                         ({"file": "style.safetensors"}, "settings.lora[1].file: unknown field")):
+    for bad, message in (
+        ({"path": "missing.safetensors"}, "settings.lora[1].path: file"),
+        ({"path": "style.safetensors", "scale": "x"}, "settings.lora[1].scale: expected"),
+        ({"file": "style.safetensors"}, "settings.lora[1].file: unknown field"),
+    ):
         with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
             parse_story({"settings": {"lora": [bad]}, "shots": ["a"]}, "s.yaml", tmp_path)
     path = tmp_path / "style.safetensors"

@@ -18,8 +18,8 @@ from onestory_jax.convert.vae import convert_vae
 from onestory_jax.errors import UserError
 from onestory_jax.models import lowvram
 from onestory_jax.models.dit import WanDiT, init_fn, init_inputs
-from onestory_jax.models.layers import Dense
 from onestory_jax.models.frozen import decode_video
+from onestory_jax.models.layers import Dense
 from onestory_jax.sampling.components import load_for_sampling
 from onestory_jax.sampling.pipeline import render_story
 from onestory_jax.sampling.story import MemorySettings, Settings, Shot, Story
@@ -116,8 +116,9 @@ def test_tiled_decode_matches_diffusers_tiled_decode():
     params = convert_vae(cfg, {k: v.shape for k, v in sd.items()}, sd.__getitem__, "diffusers")
     latents = np.random.default_rng(0).standard_normal((1, 3, 6, 9, cfg.z_dim)).astype(np.float32)
     mean, std = np.asarray(cfg.latents_mean, np.float32), np.asarray(cfg.latents_std, np.float32)
-    model.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24,
-                        tile_sample_stride_width=24)
+    model.enable_tiling(
+        tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24, tile_sample_stride_width=24
+    )
     with torch.no_grad():
         ref = model.decode(torch.from_numpy(latents * std + mean).permute(0, 4, 1, 2, 3)).sample
     ref = ref.permute(0, 2, 3, 4, 1).numpy()
@@ -153,22 +154,24 @@ def test_offloaded_blocks_live_in_host_memory_and_compute_the_same():
         # params arrive in host memory and every block leaf is annotated for device placement inside the loop.
         text = apply(offload).trace(placed, inputs).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count('mhlo.memory_kind = "pinned_host"') == len(jax.tree.leaves(placed["blocks"]))
-    body = text[text.index("stablehlo.while"):]
+    body = text[text.index("stablehlo.while") :]
     assert body.count('_xla_buffer_placement = "device"') >= len(jax.tree.leaves(placed["blocks"]))
 
 
 def test_story_renders_with_every_low_vram_switch(tmp_path):
     """fp8 (all layers), blocks in host memory, captions encoded on the host CPU, tiled decode: sample.py's load
     and render path end to end on the tiny preset (48x32 frames, tiles of 32 px)."""
-    switches = ["dit.weights_dtype=fp8", "dit.fp8_layers=all", "dit.offload=blocks", "text_encoder.device=cpu",
-                "vae.tile=32"]
+    switches = ["dit.weights_dtype=fp8", "dit.fp8_layers=all", "dit.offload=blocks", "text_encoder.device=cpu", "vae.tile=32"]
     cfg, params, comps, mesh = load_for_sampling(None, "tiny", switches, seed=0)
     assert "text_encoder" not in params  # only the components hold it, on the host
     base_comps = load_for_sampling(None, "tiny", [], seed=0)[2]
     captions = ["a red square", "the same square, later"]
     np.testing.assert_allclose(comps.encode_text(captions), base_comps.encode_text(captions), rtol=1e-5, atol=1e-6)
-    story = Story(settings=Settings(width=32, height=48, frames=5, steps=2, guidance=3.0, solver="unipc"),
-                  memory=MemorySettings(strategy="onestory"), shots=tuple(Shot(c) for c in captions))
+    story = Story(
+        settings=Settings(width=32, height=48, frames=5, steps=2, guidance=3.0, solver="unipc"),
+        memory=MemorySettings(strategy="onestory"),
+        shots=tuple(Shot(c) for c in captions),
+    )
     with activate(mesh):
         manifest = render_story(cfg, params, comps, story, tmp_path, progress=False, mesh=mesh)
     assert len(manifest["shots"]) == 2 and (tmp_path / "story.mp4").is_file()

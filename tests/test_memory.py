@@ -169,8 +169,10 @@ def test_dit_with_empty_or_masked_context_matches_diffusers():
     for n_ctx in (0, 5):
         ctx = ContextTokens(
             tokens=jnp.asarray(rng.standard_normal((2, n_ctx, cfg.dim)), jnp.float32),
-            cos=jnp.ones((2, n_ctx, hd2)), sin=jnp.zeros((2, n_ctx, hd2)),
-            timestep=jnp.zeros((2,)), mask=jnp.zeros((2, n_ctx), bool),
+            cos=jnp.ones((2, n_ctx, hd2)),
+            sin=jnp.zeros((2, n_ctx, hd2)),
+            timestep=jnp.zeros((2,)),
+            mask=jnp.zeros((2, n_ctx), bool),
         )
         out = np.asarray(WanDiT(cfg).apply({"params": params}, x, t, text, image, context=ctx))
         assert out.shape == ref.shape  # context tokens are sliced off before the head

@@ -43,10 +43,15 @@ def test_each_variant_trains_on_its_own_frames():
 
 
 def _batch(cfg, rng, b=2):
-    return {"target": rng.standard_normal((b, T, H, W, 16)).astype(np.float32),
-            "memory": rng.standard_normal((b, F, H, W, 16)).astype(np.float32),
-            "memory_valid": np.ones((b, F), bool), "labels": np.zeros((b, F), np.float32), "text": rng.standard_normal((b, 8, cfg.dit.text_dim)).astype(np.float32),
-            "image": np.zeros((b, 4, cfg.dit.image_dim), np.float32), "cond": np.zeros((b, T, H, W, 20), np.float32)}
+    return {
+        "target": rng.standard_normal((b, T, H, W, 16)).astype(np.float32),
+        "memory": rng.standard_normal((b, F, H, W, 16)).astype(np.float32),
+        "memory_valid": np.ones((b, F), bool),
+        "labels": np.zeros((b, F), np.float32),
+        "text": rng.standard_normal((b, 8, cfg.dit.text_dim)).astype(np.float32),
+        "image": np.zeros((b, 4, cfg.dit.image_dim), np.float32),
+        "cond": np.zeros((b, T, H, W, 20), np.float32),
+    }
 
 
 def test_validation_loss_without_context_ignores_the_memory():
@@ -62,12 +67,17 @@ def test_validation_loss_without_context_ignores_the_memory():
 
 
 def _video(rng, shots=3):
-    return {"latents": rng.standard_normal((shots, T, H, W, 16)).astype(np.float32),
-            "frame_embeddings": rng.standard_normal((shots, T, 5)).astype(np.float32),
-            "text": rng.standard_normal((shots, 4, 32)).astype(np.float32), "text_lengths": np.full((shots,), 4, np.int32),
-            "augmented_first": np.zeros((T, H, W, 16), np.float32), "image_tokens": np.ones((4, 16), np.float32),
-            "first_image": np.zeros((T, H, W, 16), np.float32), "shot_keys": np.arange(shots, dtype=np.int32),
-            "id": np.bytes_("v")}
+    return {
+        "latents": rng.standard_normal((shots, T, H, W, 16)).astype(np.float32),
+        "frame_embeddings": rng.standard_normal((shots, T, 5)).astype(np.float32),
+        "text": rng.standard_normal((shots, 4, 32)).astype(np.float32),
+        "text_lengths": np.full((shots,), 4, np.int32),
+        "augmented_first": np.zeros((T, H, W, 16), np.float32),
+        "image_tokens": np.ones((4, 16), np.float32),
+        "first_image": np.zeros((T, H, W, 16), np.float32),
+        "shot_keys": np.arange(shots, dtype=np.int32),
+        "id": np.bytes_("v"),
+    }
 
 
 @pytest.mark.parametrize("see", [True, False])
@@ -135,10 +145,14 @@ def test_a_fine_tune_carries_the_bases_selector_and_derives_its_patchifiers():
     params["memory"]["conditioner"]["patchifier_0"]["kernel"] = kernel + 1.0  # "trained": differs from the DiT's
     variant = load_config("tiny", ABLATION)  # (1,2,4) and (1,4,4)
     memory = memory_params_from_pretrained(variant, base, params["memory"], params["dit"], jax.random.key(1))
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(memory["selector"]), jax.tree.leaves(params["memory"]["selector"])))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(memory["selector"]), jax.tree.leaves(params["memory"]["selector"]))
+    )
     wide = np.asarray(memory["conditioner"]["patchifier_0"]["kernel"])  # (1,2,4): each base weight twice, halved
     np.testing.assert_allclose(wide[:, :, 0::2] * 2, kernel + 1.0, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(memory["conditioner"]["patchifier_1"]["kernel"])[:, 0::2, 0::2] * 4, kernel + 1.0, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(memory["conditioner"]["patchifier_1"]["kernel"])[:, 0::2, 0::2] * 4, kernel + 1.0, rtol=1e-6
+    )
     other = load_config("tiny", [*ABLATION, "memory.num_queries=3"])  # another selector: a fresh one
     fresh = memory_params_from_pretrained(other, base, params["memory"], params["dit"], jax.random.key(1))
     assert fresh["selector"]["queries"].shape[0] == 3
@@ -154,10 +168,16 @@ def test_later_shots_get_no_clip_tokens_when_configured():
 
     def story(tokens):  # no memory frames: shot 2 could only see shot 1 through its CLIP tokens
         inputs = StoryInputs(
-            text=text, negative=jnp.zeros((8, cfg.dit.text_dim)),
-            noise=jnp.ones((shots, t, H, W, 16)), active=jnp.ones((shots,), bool), done=jnp.zeros((shots,), bool),
-            done_latents=jnp.zeros((shots, t, H, W, 16)), cond=jnp.zeros((t, H, W, 20)),
-            image_tokens=jnp.asarray(tokens, jnp.float32), has_start_image=jnp.array(True))
+            text=text,
+            negative=jnp.zeros((8, cfg.dit.text_dim)),
+            noise=jnp.ones((shots, t, H, W, 16)),
+            active=jnp.ones((shots,), bool),
+            done=jnp.zeros((shots,), bool),
+            done_latents=jnp.zeros((shots, t, H, W, 16)),
+            cond=jnp.zeros((t, H, W, 20)),
+            image_tokens=jnp.asarray(tokens, jnp.float32),
+            has_start_image=jnp.array(True),
+        )
         spec = generation_spec(cfg, "none", None, (H, W), 2, 3.0, "euler", 1.0)
         return np.asarray(generate_story(params, cfg, spec, inputs).latents)
 

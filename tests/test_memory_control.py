@@ -24,32 +24,41 @@ def story(tmp_path, shots, references=None):
 
 
 def test_pins_and_excludes_are_parsed_to_items(tmp_path):
-    s = story(tmp_path, ["a", "b", {"caption": "c", "memory": {"pin": ["hero", 1], "exclude": "2:0"}}],
-              [{"path": "red.png", "name": "hero"}, "red.png"])
+    s = story(
+        tmp_path,
+        ["a", "b", {"caption": "c", "memory": {"pin": ["hero", 1], "exclude": "2:0"}}],
+        [{"path": "red.png", "name": "hero"}, "red.png"],
+    )
     assert [r.name for r in s.references] == ["hero", "ref2"]
     assert s.shots[2].pin == ("hero", "1") and s.shots[2].exclude == ("2:0",)
 
 
-@pytest.mark.parametrize("shot3_memory,message", [
-    ({"pin": [3]}, "shot 3 is not an earlier shot"),
-    ({"exclude": ["4:0"]}, "shot 4 is not an earlier shot"),
-    ({"pin": ["villain"]}, "references: hero"),
-    ({"pin": [1], "exclude": ["1"]}, "both pinned and excluded"),
-    ({"pin": [True]}, "not a shot number"),
-    ({"keep": [1]}, "unknown field"),
-    ({"pin": [120]}, 'an unquoted 2:0 reads as 120 in YAML: quote it, "2:0"'),
-])
+@pytest.mark.parametrize(
+    "shot3_memory,message",
+    [
+        ({"pin": [3]}, "shot 3 is not an earlier shot"),
+        ({"exclude": ["4:0"]}, "shot 4 is not an earlier shot"),
+        ({"pin": ["villain"]}, "references: hero"),
+        ({"pin": [1], "exclude": ["1"]}, "both pinned and excluded"),
+        ({"pin": [True]}, "not a shot number"),
+        ({"keep": [1]}, "unknown field"),
+        ({"pin": [120]}, 'an unquoted 2:0 reads as 120 in YAML: quote it, "2:0"'),
+    ],
+)
 def test_bad_memory_items_are_one_line(tmp_path, shot3_memory, message):
     with pytest.raises(UserError, match=message):
         story(tmp_path, ["a", "b", {"caption": "c", "memory": shot3_memory}], [{"path": "red.png", "name": "hero"}])
 
 
-@pytest.mark.parametrize("references,message", [
-    ([{"path": "red.png", "name": "2"}], "not empty or a shot number"),
-    ([{"path": "red.png", "name": "x"}, {"path": "red.png", "name": "x"}], "two references"),
-    ([{"path": "missing.png"}], "does not exist"),
-    ("red.png", "must be a list"),
-])
+@pytest.mark.parametrize(
+    "references,message",
+    [
+        ([{"path": "red.png", "name": "2"}], "not empty or a shot number"),
+        ([{"path": "red.png", "name": "x"}, {"path": "red.png", "name": "x"}], "two references"),
+        ([{"path": "missing.png"}], "does not exist"),
+        ("red.png", "must be a list"),
+    ],
+)
 def test_bad_references_are_one_line(tmp_path, references, message):
     with pytest.raises(UserError, match=message):
         story(tmp_path, ["a"], references)
@@ -69,15 +78,19 @@ def test_items_map_to_bank_slots():
 
 @pytest.mark.skipif(not (MODEL / "onestory").is_dir(), reason="models/demo is not in this tree")
 def test_a_pinned_reference_is_used_and_a_later_edit_keeps_earlier_shots(tmp_path, capsys):
-    shots = ["A red square hops across a snowy field.", "A blue circle slides through a desert.",
-             {"caption": "The same square returns to a snowy field.", "memory": {"pin": ["hero"]}}]
+    shots = [
+        "A red square hops across a snowy field.",
+        "A blue circle slides through a desert.",
+        {"caption": "The same square returns to a snowy field.", "memory": {"pin": ["hero"]}},
+    ]
     Image.new("RGB", (64, 64), (50, 70, 230)).save(tmp_path / "hero.png")
 
     def render(shots):
         data = {"settings": {"steps": 4}, "references": [{"path": "hero.png", "name": "hero"}], "shots": shots}
         (tmp_path / "s.json").write_text(json.dumps(data))
-        code, _, err = cli_output("sample", ["--checkpoint", MODEL, "--story", tmp_path / "s.json", "--out",
-                                             tmp_path / "out", "--no-progress"], capsys)
+        code, _, err = cli_output(
+            "sample", ["--checkpoint", MODEL, "--story", tmp_path / "s.json", "--out", tmp_path / "out", "--no-progress"], capsys
+        )
         assert code == 0, err
         return json.loads((tmp_path / "out" / "manifest.json").read_text())["shots"]
 

@@ -27,8 +27,11 @@ def test_an_earlier_versions_dit_folder_still_loads(tmp_path):
 def test_what_is_not_a_model_folder_is_one_line(tmp_path):
     cfg = load_config("tiny")
     save_model(tmp_path / "ckpt", {"w": np.zeros(2, np.float32)}, cfg)
-    cases = {tmp_path / "nowhere": "does not exist", tmp_path / "ckpt": "a single checkpoint, not a model folder",
-             tmp_path: "holds ckpt/, not a part"}
+    cases = {
+        tmp_path / "nowhere": "does not exist",
+        tmp_path / "ckpt": "a single checkpoint, not a model folder",
+        tmp_path: "holds ckpt/, not a part",
+    }
     for path, message in cases.items():
         with pytest.raises(UserError, match=message) as e:
             check_folder(path)

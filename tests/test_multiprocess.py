@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from train_runs import MESH, ROOT, TINY, assert_same_params, train_cmd, train_env
 
 HOSTS = 2
@@ -58,16 +57,24 @@ def run_all(procs: list[subprocess.Popen], timeout: float = 400) -> list[str]:
 def start(cmd: list[str], **env: str) -> subprocess.Popen:
     """`cmd` with LLVM-optimised CPU code: the 1e-6 tolerances below hold for its reduction orders (it passed
     5 runs of 5); with the suite's unoptimised code one parameter of 24576 was 1.6e-6 off."""
-    return subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=train_env(optimised=True, **env))
+    return subprocess.Popen(
+        cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=train_env(optimised=True, **env)
+    )
 
 
 def distributed_run(workdir: Path, records: Path) -> list[subprocess.Popen]:
     """train.py --distributed in `HOSTS` processes with 8 / HOSTS devices each."""
     coordinator = f"127.0.0.1:{free_port()}"
-    return [start(train_cmd(workdir, records, "--distributed", *EXTRA), devices=8 // HOSTS,
-                  JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES=str(HOSTS), JAX_PROCESS_ID=str(i))
-            for i in range(HOSTS)]
+    return [
+        start(
+            train_cmd(workdir, records, "--distributed", *EXTRA),
+            devices=8 // HOSTS,
+            JAX_COORDINATOR_ADDRESS=coordinator,
+            JAX_NUM_PROCESSES=str(HOSTS),
+            JAX_PROCESS_ID=str(i),
+        )
+        for i in range(HOSTS)
+    ]
 
 
 def reference_run(workdir: Path, records: Path) -> subprocess.Popen:

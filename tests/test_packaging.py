@@ -27,8 +27,11 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SHIPPED = "onestory_jax/shipped"  # where setup.py puts configs/ and models/demo in the wheel
-SCRIPTS = {"onestory-sample": "onestory_jax.cli.sample:run", "onestory-train": "onestory_jax.cli.train:run",
-           "onestory-convert": "onestory_jax.cli:convert"}
+SCRIPTS = {
+    "onestory-sample": "onestory_jax.cli.sample:run",
+    "onestory-train": "onestory_jax.cli.train:run",
+    "onestory-convert": "onestory_jax.cli:convert",
+}
 
 
 def _files(folder: Path) -> list[str]:
@@ -46,8 +49,11 @@ def wheel(tmp_path_factory) -> Iterator[zipfile.ZipFile]:
         shutil.copy2(ROOT / name, src / name)
     for folder in ("onestory_jax", "configs", "models/demo"):
         shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
-                        "-w", str(tmp / "dist")], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (built,) = (tmp / "dist").glob("onestory_jax-*.whl")
     with zipfile.ZipFile(built) as z:
@@ -56,9 +62,16 @@ def wheel(tmp_path_factory) -> Iterator[zipfile.ZipFile]:
 
 def test_wheel_ships_configs_tokenizer_story_and_demo_model(wheel):
     names = set(wheel.namelist())
-    for key in ("configs/tiny.yaml", "configs/demo.yaml", "configs/wan2.1-i2v-14b-480p.yaml", "configs/train/tiny.yaml",
-                "configs/stories/demo.yaml", "configs/tokenizers/bytes/tokenizer.json",
-                "models/demo/onestory/config.yaml", "models/demo/tokenizer/tokenizer.json"):
+    for key in (
+        "configs/tiny.yaml",
+        "configs/demo.yaml",
+        "configs/wan2.1-i2v-14b-480p.yaml",
+        "configs/train/tiny.yaml",
+        "configs/stories/demo.yaml",
+        "configs/tokenizers/bytes/tokenizer.json",
+        "models/demo/onestory/config.yaml",
+        "models/demo/tokenizer/tokenizer.json",
+    ):
         assert f"{SHIPPED}/{key}" in names, key
     missing = [f for f in _files(ROOT / "configs") + _files(ROOT / "models" / "demo") if f"{SHIPPED}/{f}" not in names]
     assert not missing, missing
@@ -96,8 +109,12 @@ def test_every_third_party_import_is_declared():
 def test_torch_pins_agree():
     """The Makefile installs torch==X first; every extra asks for the same range, capped at X (pyproject.toml says why)."""
     (pin,) = re.findall(r"pip install -q torch==([\w.]+)", (ROOT / "Makefile").read_text())
-    torch = {str(Requirement(r).specifier) for extra in PYPROJECT["project"]["optional-dependencies"].values()
-             for r in extra if Requirement(r).name == "torch"}
+    torch = {
+        str(Requirement(r).specifier)
+        for extra in PYPROJECT["project"]["optional-dependencies"].values()
+        for r in extra
+        if Requirement(r).name == "torch"
+    }
     assert len(torch) == 1, torch
     (spec,) = torch
     assert f"<={pin}" in spec.split(","), (spec, pin)

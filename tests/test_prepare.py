@@ -44,8 +44,11 @@ def model_folder(tmp_path_factory):
 
 
 def prepare(*args):
-    return subprocess.run([sys.executable, "-m", "onestory_jax.data.prepare", "--no-progress", "--size", SIZE,
-                           "--frames", "5", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "onestory_jax.data.prepare", "--no-progress", "--size", SIZE, "--frames", "5", *map(str, args)],
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_shot_detector_finds_the_cuts(tmp_path):
@@ -67,7 +70,7 @@ def test_augment_mirrors_the_width_axis_and_keeps_channel_order():
         out = augment(clip, np.random.default_rng(seed))
         assert out.shape == clip.shape and np.abs(out).max() <= 1
         for (r, c), colour in mirrored.items():  # corners: inside their quadrant whatever the 80-100% crop
-            corner = out[:, r * 28:r * 28 + 4, c * 28:c * 28 + 4]
+            corner = out[:, r * 28 : r * 28 + 4, c * 28 : c * 28 + 4]
             np.testing.assert_array_equal(np.sign(corner), np.broadcast_to(np.float32(colour), corner.shape))
 
 
@@ -88,7 +91,10 @@ def test_videos_become_records_and_a_rerun_resumes(tmp_path, model_folder):
     assert batch["target"].shape == (2, 2, 4, 4, 16) and batch["memory"].shape == (2, 4, 4, 4, 16)
     assert np.isfinite(batch["labels"]).all()
     mtime = record.stat().st_mtime_ns
-    assert prepare("--model", model_folder, "--out", out, "--videos", videos, "--captions", tmp_path / "captions.jsonl").returncode == 0
+    assert (
+        prepare("--model", model_folder, "--out", out, "--videos", videos, "--captions", tmp_path / "captions.jsonl").returncode
+        == 0
+    )
     assert record.stat().st_mtime_ns == mtime  # skipped, not rewritten
 
 
@@ -96,8 +102,10 @@ def test_inserted_shot_never_comes_from_the_same_video(tmp_path):
     """Shot inflation's "shot from another video" (pseudo-label -1) is never the video itself."""
     videos = random_videos(2, 2, 2, (4, 4), 32, (4, 16))
     write_records(tmp_path / "two.arrayrecord", videos)
-    cfg = load_config("configs/train/tiny.yaml", [f"train.data={tmp_path / 'two.arrayrecord'}", "train.insertion_prob=1",
-                                                  "train.swap_order_prob=0"])
+    cfg = load_config(
+        "configs/train/tiny.yaml",
+        [f"train.data={tmp_path / 'two.arrayrecord'}", "train.insertion_prob=1", "train.swap_order_prob=0"],
+    )
     it = iter(make_dataset(cfg, 2))
     for _ in range(16):
         batch = next(it)
@@ -128,7 +136,9 @@ def test_records_of_an_older_version_are_refused_in_one_line():
     video = random_videos(1, 2, 2, (4, 4), 32, (4, 16))[0]
     buf = io.BytesIO()
     np.savez(buf, **{k: v for k, v in video.items() if k not in ("first_image", "shot_keys")})
-    with pytest.raises(UserError, match="record 3 was prepared by an older version .*first_image, shot_keys.*prepare the data again"):
+    with pytest.raises(
+        UserError, match="record 3 was prepared by an older version .*first_image, shot_keys.*prepare the data again"
+    ):
         decode_record(buf.getvalue(), 3)
     assert decode_record(encode_record(video), 0)["shot_keys"].tolist() == [0, 1]
 
@@ -155,8 +165,11 @@ def test_synthetic_stories_prepare(tmp_path, model_folder):
         prepare_main([*again, "--frames", "9", "--size", "64x64"])
     # ...and from each kept record when the manifest is gone (a first run killed before writing it)
     (tmp_path / "syn" / "manifest.json").unlink()
-    with pytest.raises(UserError, match=r"synthetic-000001.arrayrecord' holds latents of 2 frames of 4x4 but this run "
-                                        r"makes 3 of 4x4 \(other --frames or --size\)"):
+    with pytest.raises(
+        UserError,
+        match=r"synthetic-000001.arrayrecord' holds latents of 2 frames of 4x4 but this run "
+        r"makes 3 of 4x4 \(other --frames or --size\)",
+    ):
         prepare_main([*again, "--frames", "9", "--size", "32x32"])
     record = tmp_path / "syn" / "records" / "synthetic-000002.arrayrecord"
     os.truncate(record, record.stat().st_size // 2)  # a damaged record is named, not a riegeli traceback
@@ -168,20 +181,25 @@ def test_video_names_sharing_a_stem_are_refused(tmp_path):
     """`a.mp4` and `a.mov` would both be records/a.arrayrecord: the second was silently dropped."""
     for name in ("a.mp4", "a.mov", "b.mp4"):
         (tmp_path / name).write_bytes(b"")
-    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"video": n, "captions": ["x"]}) + "\n" for n in ("a.mp4", "a.mov", "b.mp4")))
+    (tmp_path / "c.jsonl").write_text(
+        "".join(json.dumps({"video": n, "captions": ["x"]}) + "\n" for n in ("a.mp4", "a.mov", "b.mp4"))
+    )
     with pytest.raises(UserError, match=r"videos a.mov and a.mp4 would both become records/a.arrayrecord: rename one"):
         list(real_videos(tmp_path, tmp_path / "c.jsonl", None))
 
 
-@pytest.mark.parametrize("args,rows,message", [
-    (["--frames", "-3"], {}, r"--frames must be 4k\+1 \(e.g. 17, 81\), got -3"),
-    (["--size", "0x0"], {}, r"--size must be positive, got 0x0"),
-    (["--synthetic", "-5"], {}, r"--synthetic must be >= 1, got -5"),
-    ([], {"captions": "one two three"}, r"c.jsonl:1: .*captions must be a list of non-empty strings, got 'one two three'"),
-    ([], {"shots": "0-5"}, r"b.jsonl:1: .*shots must be a list of \[start, end\] frame pairs of integers, got '0-5'"),
-    ([], {"shots": [[0.5, 5], [5, 9]]}, r"b.jsonl:1: .*got \[\[0.5, 5\], \[5, 9\]\]"),
-    ([], {"shots": [[0], [5, 9]]}, r"b.jsonl:1: .*frame pairs of integers"),
-])
+@pytest.mark.parametrize(
+    "args,rows,message",
+    [
+        (["--frames", "-3"], {}, r"--frames must be 4k\+1 \(e.g. 17, 81\), got -3"),
+        (["--size", "0x0"], {}, r"--size must be positive, got 0x0"),
+        (["--synthetic", "-5"], {}, r"--synthetic must be >= 1, got -5"),
+        ([], {"captions": "one two three"}, r"c.jsonl:1: .*captions must be a list of non-empty strings, got 'one two three'"),
+        ([], {"shots": "0-5"}, r"b.jsonl:1: .*shots must be a list of \[start, end\] frame pairs of integers, got '0-5'"),
+        ([], {"shots": [[0.5, 5], [5, 9]]}, r"b.jsonl:1: .*got \[\[0.5, 5\], \[5, 9\]\]"),
+        ([], {"shots": [[0], [5, 9]]}, r"b.jsonl:1: .*frame pairs of integers"),
+    ],
+)
 def test_bad_arguments_and_jsonl_values_are_one_line_before_any_model(tmp_path, args, rows, message):
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -190,15 +208,34 @@ def test_bad_arguments_and_jsonl_values_are_one_line_before_any_model(tmp_path, 
     (tmp_path / "b.jsonl").write_text(json.dumps({"video": "clip.mp4", "shots": rows.get("shots", [[0, 5], [5, 9]])}) + "\n")
     source = ["--videos", str(videos), "--captions", str(tmp_path / "c.jsonl"), "--boundaries", str(tmp_path / "b.jsonl")]
     with pytest.raises(UserError, match=message) as e:
-        prepare_main(["--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"), *(args if "--synthetic" in args else source + args)])
+        prepare_main(
+            [
+                "--model",
+                str(tmp_path / "no-model"),
+                "--out",
+                str(tmp_path / "o"),
+                *(args if "--synthetic" in args else source + args),
+            ]
+        )
     assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
 
 
 def test_vae_stage_learns_and_exports_the_frozen_parts(tmp_path):
-    cfg = load_config("tiny", ["train.stage=vae", "train.steps=12", "train.batch_size=2", "train.vae_stage.clip_size=16",
-                               "mesh.fsdp=2", "mesh.sequence=-1",  # the batch of 2 splits over data x fsdp
-                               "train.learning_rate=3e-3", "train.lr_warmup_steps=1", "train.log_every=1",
-                               "train.checkpoint_every=12"])
+    cfg = load_config(
+        "tiny",
+        [
+            "train.stage=vae",
+            "train.steps=12",
+            "train.batch_size=2",
+            "train.vae_stage.clip_size=16",
+            "mesh.fsdp=2",
+            "mesh.sequence=-1",  # the batch of 2 splits over data x fsdp
+            "train.learning_rate=3e-3",
+            "train.lr_warmup_steps=1",
+            "train.log_every=1",
+            "train.checkpoint_every=12",
+        ],
+    )
     first = train_vae(cfg, tmp_path / "w", progress=False, stop_after=1)
     assert not (tmp_path / "w" / "model").exists()  # exported only when the run is complete
     last = train_vae(cfg, tmp_path / "w", progress=False)  # resumes from step 1
@@ -216,9 +253,17 @@ def test_embedders_average_their_cosines_and_clip_loads_locally(tmp_path):
 
     from onestory_jax.data.embedders import combined, load_embedder
 
-    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                                   num_attention_heads=2, image_size=28, patch_size=14,
-                                                   projection_dim=8)).save_pretrained(tmp_path / "clip")
+    CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+            projection_dim=8,
+        )
+    ).save_pretrained(tmp_path / "clip")
     _, clip = load_embedder(f"clip:{tmp_path / 'clip'}")
     _, pixel = load_embedder("pixel")
     frames = np.stack([v[0] for v, _ in synthetic.render_synthetic(synthetic.make_story(1, 3), frames=1, size=32)])
@@ -241,19 +286,29 @@ def test_damaged_or_foreign_records_are_one_line_naming_the_file(tmp_path):
     data = (tmp_path / "good.arrayrecord").read_bytes()
     flipped = bytearray(data)
     flipped[1000:1400] = bytes(b ^ 0xFF for b in flipped[1000:1400])
-    damaged = {"trunc": data[:len(data) // 2], "flip": bytes(flipped),
-               "garbage": np.random.default_rng(0).bytes(5000), "png": b"\x89PNG\r\n\x1a\n" + bytes(100)}
+    damaged = {
+        "trunc": data[: len(data) // 2],
+        "flip": bytes(flipped),
+        "garbage": np.random.default_rng(0).bytes(5000),
+        "png": b"\x89PNG\r\n\x1a\n" + bytes(100),
+    }
     for name, content in damaged.items():
         (tmp_path / name).mkdir()
         path = tmp_path / name / "train.arrayrecord"
         path.write_bytes(content)
         cfg = load_config("configs/train/tiny.yaml", [f"train.data={tmp_path / name}"])
-        with pytest.raises(UserError, match=rf"'{path}' (is not a readable ArrayRecord file|cannot be read) \(corrupt or "
-                                            r"truncated\?\)") as e:
+        with pytest.raises(
+            UserError,
+            match=rf"'{path}' (is not a readable ArrayRecord file|cannot be read) \(corrupt or "
+            r"truncated\?\)",
+        ) as e:
             next(iter(make_dataset(cfg, 1)))
         assert "\n" not in str(e.value), name
     write_records(tmp_path / "other.arrayrecord", random_videos(2, 2, 2, (4, 4), 64, (4, 16)))
     cfg = load_config("configs/train/tiny.yaml", [f"train.data={tmp_path / 'other.arrayrecord'}"])
-    with pytest.raises(UserError, match=r"other.arrayrecord' was prepared for another model: its text have width 64, "
-                                        r"this config's dit.text_dim is 32"):
+    with pytest.raises(
+        UserError,
+        match=r"other.arrayrecord' was prepared for another model: its text have width 64, "
+        r"this config's dit.text_dim is 32",
+    ):
         make_dataset(cfg, 1)

@@ -30,8 +30,9 @@ def test_preset_fields_fit_its_devices(name):
 
 def test_preset_problems_are_found():
     cfg = load_config(TARGETS["wan2.1-i2v-14b-480p-v5p"].preset)
-    bad = dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=-1, sequence=16, tensor=1),
-                              dit=dataclasses.replace(cfg.dit, attention="xla"))
+    bad = dataclasses.replace(
+        cfg, mesh=MeshConfig(data=1, fsdp=-1, sequence=16, tensor=1), dit=dataclasses.replace(cfg.dit, attention="xla")
+    )
     problems = " ".join(aot.preset_problems(bad, 256))
     assert "fill (-1)" in problems and "not divisible by sequence x tensor = 16" in problems and "full" in problems
     assert "covers 256 devices, the target has 64" in " ".join(aot.preset_problems(cfg, 64))
@@ -60,11 +61,20 @@ def tiny_twin(cfg: Config, devices: int = 8) -> Config:
     data = min(m.data, devices // (split * fsdp))
     heads = 2 * split
     overrides = [
-        f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.sequence={m.sequence}", f"mesh.tensor={m.tensor}",
-        f"dit.num_heads={heads}", f"dit.dim={8 * heads}", f"dit.remat_policy={cfg.dit.remat_policy}",
-        f"dit.attention={cfg.dit.attention}", f"dit.sequence_parallel={cfg.dit.sequence_parallel}",
-        f"dit.dtype={cfg.dit.dtype}", f"dit.param_dtype={cfg.dit.param_dtype}", f"train.batch_size={data * fsdp}",
-        f"train.trainable={json.dumps(list(cfg.train.trainable))}", f"train.ema_decay={cfg.train.ema_decay}",
+        f"mesh.data={data}",
+        f"mesh.fsdp={fsdp}",
+        f"mesh.sequence={m.sequence}",
+        f"mesh.tensor={m.tensor}",
+        f"dit.num_heads={heads}",
+        f"dit.dim={8 * heads}",
+        f"dit.remat_policy={cfg.dit.remat_policy}",
+        f"dit.attention={cfg.dit.attention}",
+        f"dit.sequence_parallel={cfg.dit.sequence_parallel}",
+        f"dit.dtype={cfg.dit.dtype}",
+        f"dit.param_dtype={cfg.dit.param_dtype}",
+        f"train.batch_size={data * fsdp}",
+        f"train.trainable={json.dumps(list(cfg.train.trainable))}",
+        f"train.ema_decay={cfg.train.ema_decay}",
     ]
     return load_config("tiny", overrides)
 

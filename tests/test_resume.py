@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from onestory_jax.sampling import resume
-from onestory_jax.sampling.story import Settings, Shot, Story, MemorySettings
+from onestory_jax.sampling.story import MemorySettings, Settings, Shot, Story
 
 SHAPE = (2, 3, 4, 16)
 
@@ -70,8 +70,10 @@ def test_redo_and_damaged_or_partial_shots_are_regenerated(tmp_path):
     assert reasons[0] == "not generated yet"
 
 
-STORY = {"settings": {"width": 32, "height": 48, "frames": 5, "steps": 4, "seed": 3},
-         "shots": [{"caption": f"Shot {i}: a red square."} for i in range(1, 4)]}
+STORY = {
+    "settings": {"width": 32, "height": 48, "frames": 5, "steps": 4, "seed": 3},
+    "shots": [{"caption": f"Shot {i}: a red square."} for i in range(1, 4)],
+}
 
 # sample.py, SIGKILLed by itself the moment shot 2 is on disk: inside the running story program
 # (the save is its ordered host callback), before shot 3 is denoised.
@@ -91,8 +93,12 @@ runpy.run_path("sample.py", run_name="__main__")
 
 def _sample(story: Path, out: Path, killed: bool = False) -> subprocess.Popen:
     prefix = ["-c", KILLED_AFTER_SHOT_2, "sample.py"] if killed else ["sample.py"]
-    return subprocess.Popen([sys.executable, *prefix, "--config", "tiny", "--story", str(story), "--out", str(out),
-                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, *prefix, "--config", "tiny", "--story", str(story), "--out", str(out), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_sigkill_keeps_finished_shots_and_the_rerun_is_bitwise_equal(tmp_path):
@@ -102,7 +108,11 @@ def test_sigkill_keeps_finished_shots_and_the_rerun_is_bitwise_equal(tmp_path):
     reference, killed = _sample(story, tmp_path / "ref"), _sample(story, tmp_path / "out", killed=True)
     assert killed.wait() == -signal.SIGKILL, killed.communicate()
     assert sorted(p.name for p in (tmp_path / "out").glob("shot_*")) == [
-        "shot_01.json", "shot_01.npy", "shot_02.json", "shot_02.npy"]
+        "shot_01.json",
+        "shot_01.npy",
+        "shot_02.json",
+        "shot_02.npy",
+    ]
     assert reference.wait() == 0, reference.communicate()
     rerun = _sample(story, tmp_path / "out")
     assert rerun.wait() == 0, rerun.communicate()
@@ -162,12 +172,17 @@ def test_yaml_aliases_are_refused_in_one_short_line(tmp_path):
     from onestory_jax.errors import UserError
     from onestory_jax.sampling.story import load_story
 
-    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
+    bomb = (
+        "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+        "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
+    )
     (tmp_path / "s.yaml").write_text(bomb + "shots: *c\n")
     with pytest.raises(UserError, match="aliases") as e:
         load_story(tmp_path / "s.yaml")
     assert len(str(e.value)) < 200
-    (tmp_path / "t.yaml").write_text("shots: [{caption: a, seed: " + "[1, 2, 3, 4, 5, 6, 7, 8] " * 0 + "'" + "9" * 10000 + "'}]\n")
+    (tmp_path / "t.yaml").write_text(
+        "shots: [{caption: a, seed: " + "[1, 2, 3, 4, 5, 6, 7, 8] " * 0 + "'" + "9" * 10000 + "'}]\n"
+    )
     with pytest.raises(UserError) as e:
         load_story(tmp_path / "t.yaml")
     assert len(str(e.value)) < 200

@@ -62,11 +62,14 @@ def test_resume_skips_finished_shots_and_same_seed_same_latents(rendered):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--checkpoint", "/nonexistent/ckpt"], "does not exist"),
-    (["--config", "nosuchpreset"], "unknown config preset"),
-    (["--config", "tiny", "dit.num_layers=two"], "dit.num_layers"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--checkpoint", "/nonexistent/ckpt"], "does not exist"),
+        (["--config", "nosuchpreset"], "unknown config preset"),
+        (["--config", "tiny", "dit.num_layers=two"], "dit.num_layers"),
+    ],
+)
 def test_bad_input_is_one_clear_line(rendered, args, message):
     r = run(*args, "--story", str(rendered / "story.yaml"), "--out", str(rendered / "bad"))
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -95,8 +98,18 @@ def test_start_video_resumes_every_shot(rendered):
 
 def test_story_sharded_over_sequence_and_cfg_pair_equals_the_plain_run(rendered, tmp_path):
     """8 host devices as data 2 (the CFG pair split) x sequence 2 (Ulysses) x fsdp 2 = the fsdp-only run."""
-    r = run("--config", "tiny", "--story", str(rendered / "story.yaml"), "--out", str(tmp_path / "out"), "--no-progress",
-            "mesh.data=2", "mesh.sequence=2", "mesh.fsdp=2")
+    r = run(
+        "--config",
+        "tiny",
+        "--story",
+        str(rendered / "story.yaml"),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+        "mesh.data=2",
+        "mesh.sequence=2",
+        "mesh.fsdp=2",
+    )
     assert r.returncode == 0, r.stderr
     for i in (1, 2, 3):  # fp32 reduction order differs, amplified x5 by guidance and over shots: 2e-5 of the scale
         ref = np.load(rendered / "out" / f"shot_0{i}.npy")
@@ -131,8 +144,21 @@ def test_several_stories_in_one_run(rendered, tmp_path, capsys):
 
     for name in ("a", "b"):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**STORY, "shots": STORY["shots"][:2]}))
-    code, stdout, err = cli_output("sample", ["--config", "tiny", "--story", tmp_path / "a.yaml", "--story", tmp_path / "b.yaml",
-                                              "--out", tmp_path / "out", "--no-progress"], capsys)
+    code, stdout, err = cli_output(
+        "sample",
+        [
+            "--config",
+            "tiny",
+            "--story",
+            tmp_path / "a.yaml",
+            "--story",
+            tmp_path / "b.yaml",
+            "--out",
+            tmp_path / "out",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert stdout.count("plan: 2 shots of 32x48") == 2
     assert all(len(json.loads((tmp_path / "out" / n / "manifest.json").read_text())["shots"]) == 2 for n in "ab")

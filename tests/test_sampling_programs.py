@@ -70,8 +70,10 @@ def test_story_program_takes_params_as_arguments(tiny):
 @contextlib.contextmanager
 def as_on_a_gpu():
     """Let jax's cuDNN attention trace on this CPU: its version/device probes pass, its layout checks run."""
-    with mock.patch.object(cudnn_checks, "check_cudnn_version", lambda *a, **k: None), \
-         mock.patch.object(cudnn_checks, "check_compute_capability", lambda *a, **k: True):
+    with (
+        mock.patch.object(cudnn_checks, "check_cudnn_version", lambda *a, **k: None),
+        mock.patch.object(cudnn_checks, "check_compute_capability", lambda *a, **k: True),
+    ):
         yield
 
 

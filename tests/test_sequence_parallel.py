@@ -8,13 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from torch_refs import tiny_dit_config
 
 from onestory_jax.config import MeshConfig, load_config
 from onestory_jax.errors import UserError
 from onestory_jax.models import layers
 from onestory_jax.models.dit import ContextTokens, WanDiT
 from onestory_jax.sharding import activate, make_mesh
-from torch_refs import tiny_dit_config
 
 B, L, N, H = 2, 37, 4, 8  # L = 37 is not a multiple of the sequence axis: the padded path
 MESHES = {
@@ -88,8 +88,13 @@ def dit_setup():
     t, text = jnp.asarray([300.0, 700.0]), jnp.asarray(r.standard_normal((B, 6, cfg.text_dim)), jnp.float32)
     n_ctx = 5  # 13 tokens with context: padded to 16 for the all-to-all
     ang = jnp.asarray(r.uniform(-3, 3, (B, n_ctx, cfg.head_dim // 2)), jnp.float32)
-    ctx = ContextTokens(jnp.asarray(r.standard_normal((B, n_ctx, cfg.dim)), jnp.float32), jnp.cos(ang), jnp.sin(ang),
-                        jnp.zeros((B,)), jnp.arange(n_ctx)[None] < jnp.asarray([3, 0])[:, None])
+    ctx = ContextTokens(
+        jnp.asarray(r.standard_normal((B, n_ctx, cfg.dim)), jnp.float32),
+        jnp.cos(ang),
+        jnp.sin(ang),
+        jnp.zeros((B,)),
+        jnp.arange(n_ctx)[None] < jnp.asarray([3, 0])[:, None],
+    )
     params = nn.meta.unbox(jax.jit(WanDiT(cfg).init)(jax.random.key(0), x, t, text)["params"])
     return cfg, params, (x, t, text), ctx
 

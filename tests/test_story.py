@@ -19,33 +19,39 @@ def test_valid_story_and_defaults(tmp_path):
     assert load_story("configs/stories/demo.yaml").shots[0].caption.startswith("A red")
 
 
-@pytest.mark.parametrize("patch,message", [
-    ({"shots": []}, "shots"),
-    ({"shots": [{"caption": "a"}, {"caption": ""}]}, r"shots\[2\]\.caption"),
-    ({"shots": [{"caption": "a"}, {"caption": "b", "seed": "x"}]}, r"shots\[2\]\.seed"),
-    ({"shots": [{"caption": "a", "colour": 1}]}, r"shots\[1\]\.colour"),
-    ({"settings": {"width": 70}}, r"settings\.width.*multiple of 16"),
-    ({"settings": {"frames": 16}}, r"settings\.frames.*4k\+1"),
-    ({"settings": {"steps": "many"}}, r"settings\.steps"),
-    ({"memory": {"strategy": "magic"}}, r"memory\.strategy"),
-    ({"memory": {"budget": 5}}, r"memory\.budget"),
-    ({"start_image": "missing.png"}, "start_image"),
-    ({"plot": "twist"}, r"^story: plot: unknown field"),  # was `story.plot`
-    ({"settings": {"guidance": float("nan")}}, r"settings\.guidance: must be a finite number"),
-    ({"settings": {"guidance": float("inf")}}, r"settings\.guidance: must be a finite number"),
-    ({"settings": {"shift": float("nan")}}, r"settings\.shift: must be a finite number"),
-    ({"settings": {"shift": -1}}, r"settings\.shift: must be > 0"),
-    ({"shots": [{"caption": True}]}, r"shots\[1\]\.caption: must be a non-empty string, got True \(YAML reads yes/no"),
-    ({"settings": {"steps": 10**9}}, r"settings\.steps: 1000000000 is not in 1\.\.1000"),
-    ({"settings": {"seed": -5}}, r"settings\.seed: -5 is not in 0\.\.4294967295"),
-    ({"settings": {"seed": 2**32}}, r"settings\.seed: 4294967296 is not in"),  # jax would make it seed 0
-    ({"shots": [{"caption": "a", "seed": -2**70}]}, r"shots\[1\]\.seed: -1180591620717411303424 is not in"),
-    ({"settings": {"seed": 2**32 - 1}, "shots": ["a", "b"]}, r"shots\[2\] seed \(settings\.seed \+ 1\): 4294967296 is not in"),
-    ({"settings": {"width": 10**400}}, r"settings\.width: 1000.*000 is more than 16384"),  # overflowed later
-    ({"settings": {"fps": 1e30}}, r"settings\.fps: expected int"),
-    ({"settings": {"fps": 10**30}}, r"settings\.fps: .* is more than 1000"),  # failed after every shot was made
-    ({"shots": ["a \ud800 b"]}, r"shots\[1\]\.caption: is not valid Unicode text"),
-])
+@pytest.mark.parametrize(
+    "patch,message",
+    [
+        ({"shots": []}, "shots"),
+        ({"shots": [{"caption": "a"}, {"caption": ""}]}, r"shots\[2\]\.caption"),
+        ({"shots": [{"caption": "a"}, {"caption": "b", "seed": "x"}]}, r"shots\[2\]\.seed"),
+        ({"shots": [{"caption": "a", "colour": 1}]}, r"shots\[1\]\.colour"),
+        ({"settings": {"width": 70}}, r"settings\.width.*multiple of 16"),
+        ({"settings": {"frames": 16}}, r"settings\.frames.*4k\+1"),
+        ({"settings": {"steps": "many"}}, r"settings\.steps"),
+        ({"memory": {"strategy": "magic"}}, r"memory\.strategy"),
+        ({"memory": {"budget": 5}}, r"memory\.budget"),
+        ({"start_image": "missing.png"}, "start_image"),
+        ({"plot": "twist"}, r"^story: plot: unknown field"),  # was `story.plot`
+        ({"settings": {"guidance": float("nan")}}, r"settings\.guidance: must be a finite number"),
+        ({"settings": {"guidance": float("inf")}}, r"settings\.guidance: must be a finite number"),
+        ({"settings": {"shift": float("nan")}}, r"settings\.shift: must be a finite number"),
+        ({"settings": {"shift": -1}}, r"settings\.shift: must be > 0"),
+        ({"shots": [{"caption": True}]}, r"shots\[1\]\.caption: must be a non-empty string, got True \(YAML reads yes/no"),
+        ({"settings": {"steps": 10**9}}, r"settings\.steps: 1000000000 is not in 1\.\.1000"),
+        ({"settings": {"seed": -5}}, r"settings\.seed: -5 is not in 0\.\.4294967295"),
+        ({"settings": {"seed": 2**32}}, r"settings\.seed: 4294967296 is not in"),  # jax would make it seed 0
+        ({"shots": [{"caption": "a", "seed": -(2**70)}]}, r"shots\[1\]\.seed: -1180591620717411303424 is not in"),
+        (
+            {"settings": {"seed": 2**32 - 1}, "shots": ["a", "b"]},
+            r"shots\[2\] seed \(settings\.seed \+ 1\): 4294967296 is not in",
+        ),
+        ({"settings": {"width": 10**400}}, r"settings\.width: 1000.*000 is more than 16384"),  # overflowed later
+        ({"settings": {"fps": 1e30}}, r"settings\.fps: expected int"),
+        ({"settings": {"fps": 10**30}}, r"settings\.fps: .* is more than 1000"),  # failed after every shot was made
+        ({"shots": ["a \ud800 b"]}, r"shots\[1\]\.caption: is not valid Unicode text"),
+    ],
+)
 def test_schema_errors_name_the_field(patch, message):
     with pytest.raises(UserError, match=message):
         parse_story({**GOOD, **patch})
@@ -87,8 +93,11 @@ def test_sizes_must_suit_the_model_and_fit_in_memory():
     check_story_fits(parse_story({"settings": {"width": 32, "height": 16, "frames": 5}, "shots": ["a"]}), tiny, available=GIB)
     huge = sized(16_000, 16_000)  # the probe's 100000 px story gave an allocation error after the model loaded
     assert estimate_bytes(huge, tiny)["latents"] == 2 * 2 * 2000**2 * (2 * 16 + 20) * 4
-    with pytest.raises(UserError, match=r"a 16000x16000 story of 2 shots of 5 frames needs at least \d+\.\d GiB "
-                                        r"\(latents 3\.1, .*weights not counted\) but the devices have 1\.0 GiB in all") as e:
+    with pytest.raises(
+        UserError,
+        match=r"a 16000x16000 story of 2 shots of 5 frames needs at least \d+\.\d GiB "
+        r"\(latents 3\.1, .*weights not counted\) but the devices have 1\.0 GiB in all",
+    ) as e:
         check_story_fits(huge, tiny, available=GIB)
     assert "\n" not in str(e.value)
 
@@ -98,8 +107,10 @@ def test_story_settings_override_the_model_sampler():
     from onestory_jax.config import SamplerConfig
     from onestory_jax.sampling.story import with_sampler
 
-    story = with_sampler(parse_story({**GOOD, "settings": {**GOOD["settings"], "steps": 7}}),
-                         SamplerConfig(steps=20, guidance=3.0, negative_prompt="blur"))
+    story = with_sampler(
+        parse_story({**GOOD, "settings": {**GOOD["settings"], "steps": 7}}),
+        SamplerConfig(steps=20, guidance=3.0, negative_prompt="blur"),
+    )
     s = story.settings
     assert (s.steps, s.guidance, s.shift, s.solver, s.negative_prompt) == (7, 3.0, 3.0, "unipc", "blur")
 
@@ -126,8 +137,10 @@ def test_cli_warnings_are_one_line_without_source():
     import subprocess
     import sys
 
-    code = ("import warnings\nfrom onestory_jax.errors import run_cli\n"
-            "def main(argv):\n    warnings.warn('the sky is odd')  # this source line must not print\n"
-            "run_cli(main, [])\n")
+    code = (
+        "import warnings\nfrom onestory_jax.errors import run_cli\n"
+        "def main(argv):\n    warnings.warn('the sky is odd')  # this source line must not print\n"
+        "run_cli(main, [])\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stderr == "warning: the sky is odd (UserWarning)\n", r.stderr

@@ -16,10 +16,17 @@ SCRIPT = {
     "story_name": "square",
     "story_overview": "A red square travels, meets a blue circle, and goes home.",
     "scenes": [
-        {"scene_num": 1, "cut": "True", "first_frame_prompt": "A red square in a snowy field.",
-         "video_prompts": ["A red square hops across a snowy field.", "The square keeps hopping through the snow."]},
-        {"scene_num": 2, "cut": ["True", "False"],
-         "video_prompts": ["A blue circle rolls across a desert.", "The circle rolls on and stops."]},
+        {
+            "scene_num": 1,
+            "cut": "True",
+            "first_frame_prompt": "A red square in a snowy field.",
+            "video_prompts": ["A red square hops across a snowy field.", "The square keeps hopping through the snow."],
+        },
+        {
+            "scene_num": 2,
+            "cut": ["True", "False"],
+            "video_prompts": ["A blue circle rolls across a desert.", "The circle rolls on and stops."],
+        },
         {"scene_num": 3, "cut": "False", "video_prompts": "The same square returns to the snowy field."},
     ],
 }
@@ -32,18 +39,24 @@ def write(tmp_path, data, name="script.json"):
 
 def test_a_scene_script_becomes_shots_in_order(tmp_path):
     story = load_story(write(tmp_path, SCRIPT))
-    assert [s.caption for s in story.shots] == [p for sc in SCRIPT["scenes"] for p in
-                                                 ([sc["video_prompts"]] if isinstance(sc["video_prompts"], str) else sc["video_prompts"])]
+    assert [s.caption for s in story.shots] == [
+        p
+        for sc in SCRIPT["scenes"]
+        for p in ([sc["video_prompts"]] if isinstance(sc["video_prompts"], str) else sc["video_prompts"])
+    ]
     # one flag: the scene's first prompt (the others are cuts); a list: one flag a prompt
     assert [s.continues for s in story.shots] == [False, False, False, True, True]
 
 
-@pytest.mark.parametrize("data,message", [
-    ({"title": "x", "prompts": ["a"]}, "not a story: expected `shots:`"),
-    ({"scenes": [{"cut": ["True", "False", "True"], "video_prompts": ["a", "b"]}]}, "scenes\\[1\\].cut: 3 flags for 2"),
-    ({"scenes": [{"cut": "maybe", "video_prompts": ["a"]}]}, "expected True or False"),
-    ({"scenes": [{"video_prompts": []}]}, "video_prompts: must be a non-empty list"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"title": "x", "prompts": ["a"]}, "not a story: expected `shots:`"),
+        ({"scenes": [{"cut": ["True", "False", "True"], "video_prompts": ["a", "b"]}]}, "scenes\\[1\\].cut: 3 flags for 2"),
+        ({"scenes": [{"cut": "maybe", "video_prompts": ["a"]}]}, "expected True or False"),
+        ({"scenes": [{"video_prompts": []}]}, "video_prompts: must be a non-empty list"),
+    ],
+)
 def test_bad_scene_scripts_are_one_line(tmp_path, data, message):
     with pytest.raises(UserError, match=message) as e:
         load_story(write(tmp_path, data))
@@ -67,8 +80,11 @@ def test_a_continued_shot_starts_from_the_previous_shots_last_frame(tmp_path, ca
         caption = "A red square hops across a snowy field."
         story = {"settings": {"steps": 8}, "shots": [caption, {"caption": caption, "continue": flag == "False"}]}
         out = tmp_path / flag
-        code, _, err = cli_output("sample", ["--checkpoint", MODEL, "--story", write(tmp_path, story, f"{flag}.json"),
-                                             "--out", out, "--no-progress"], capsys)
+        code, _, err = cli_output(
+            "sample",
+            ["--checkpoint", MODEL, "--story", write(tmp_path, story, f"{flag}.json"), "--out", out, "--no-progress"],
+            capsys,
+        )
         assert code == 0, err
         shots = []
         for i in (1, 2):

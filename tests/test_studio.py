@@ -21,11 +21,16 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "demo"
-CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
-                 if p and Path(p).is_file()), None)
+CHROMIUM = next(
+    (p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium") if p and Path(p).is_file()),
+    None,
+)
 DRIVER = shutil.which("chromedriver") or next((p for p in ("/usr/bin/chromedriver",) if Path(p).is_file()), None)
-CAPTIONS = ["A red square hops across a snowy field.", "A blue circle slides through a forest.",
-            "The same square returns to a night city."]
+CAPTIONS = [
+    "A red square hops across a snowy field.",
+    "A blue circle slides through a forest.",
+    "The same square returns to a night city.",
+]
 
 
 def _missing() -> str | None:
@@ -57,8 +62,13 @@ def studio(tmp_path_factory):
     out, log_path, port = tmp / "out", tmp / "studio.log", _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "JAX_PLATFORMS": "cpu"}  # one CPU device
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "onestory_jax.studio", "--checkpoint", str(MODEL), "--out", str(out),
-                                 "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "onestory_jax.studio", "--checkpoint", str(MODEL), "--out", str(out), "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + 240

@@ -18,8 +18,11 @@ from onestory_jax.studio import story_edit as se
 STORY = {
     "settings": {"steps": 4, "seed": 3},
     "memory": {"strategy": "onestory", "budget": 1},
-    "shots": [{"caption": "A red square."}, {"caption": "A blue circle.", "seed": 9},
-              {"caption": "The square again.", "continue": True, "memory": {"pin": ["2:0", 1], "exclude": ["alice"]}}],
+    "shots": [
+        {"caption": "A red square."},
+        {"caption": "A blue circle.", "seed": 9},
+        {"caption": "The square again.", "continue": True, "memory": {"pin": ["2:0", 1], "exclude": ["alice"]}},
+    ],
 }
 
 
@@ -32,13 +35,15 @@ def _png(path, colour=(200, 30, 30), size=32):
 
 def test_table_round_trip_keeps_every_shot_field():
     rows = se.story_rows(STORY)
-    assert rows == [["A red square.", "", False, "", ""], ["A blue circle.", 9, False, "", ""],
-                    ["The square again.", "", True, "2:0, 1", "alice"]]
+    assert rows == [
+        ["A red square.", "", False, "", ""],
+        ["A blue circle.", 9, False, "", ""],
+        ["The square again.", "", True, "2:0, 1", "alice"],
+    ]
     assert se.apply_rows(STORY, rows) == STORY
 
 
-@pytest.mark.parametrize("cell,seed", [("", None), (None, None), (float("nan"), None), (7, 7), (7.0, 7), ("7", 7),
-                                       (" 12 ", 12)])
+@pytest.mark.parametrize("cell,seed", [("", None), (None, None), (float("nan"), None), (7, 7), (7.0, 7), ("7", 7), (" 12 ", 12)])
 def test_seed_cells(cell, seed):
     shot = se.apply_rows({}, [["a caption", cell, False, "", ""]])["shots"][0]
     assert shot.get("seed") == seed
@@ -119,8 +124,12 @@ def test_yaml_is_a_valid_story_with_references_and_pins(tmp_path):
 
 
 def test_paths_absolute_on_open_relative_on_save(tmp_path):
-    data = {"start_image": "img/a.png", "references": [{"path": "b.png"}, "/abs/c.png"],
-            "settings": {"lora": ["l.safetensors", {"path": "m.safetensors", "scale": 0.5}]}, "shots": []}
+    data = {
+        "start_image": "img/a.png",
+        "references": [{"path": "b.png"}, "/abs/c.png"],
+        "settings": {"lora": ["l.safetensors", {"path": "m.safetensors", "scale": 0.5}]},
+        "shots": [],
+    }
     absolute = se.absolute_paths(data, tmp_path)
     assert absolute["start_image"] == str(tmp_path.resolve() / "img/a.png")
     assert absolute["references"] == [{"path": str(tmp_path.resolve() / "b.png")}, "/abs/c.png"]
@@ -133,18 +142,28 @@ def test_paths_absolute_on_open_relative_on_save(tmp_path):
 def test_read_story_text_formats():
     assert se.read_story_text(yaml.safe_dump(STORY), "s.yaml") == STORY
     script = {"scenes": [{"video_prompts": ["One.", "Two."], "cut": [True, False]}]}
-    assert se.read_story_text(json.dumps(script), "s.json")["shots"] == [{"caption": "One."},
-                                                                          {"caption": "Two.", "continue": True}]
+    assert se.read_story_text(json.dumps(script), "s.json")["shots"] == [
+        {"caption": "One."},
+        {"caption": "Two.", "continue": True},
+    ]
     for text, name in (("{not json", "s.json"), ("a: [", "s.yaml"), ("settings: {}", "s.yaml")):
         with pytest.raises(UserError):
             se.read_story_text(text, name)
 
 
-MANIFEST = {"shots": [
-    {"shot": 1, "caption": "a", "memory": [{"reference": "alice", "score": 0.9, "patchifier": [1, 2, 2], "pinned": True}]},
-    {"shot": 2, "caption": "b", "memory": [{"shot": 1, "frame": 2, "score": 0.6, "patchifier": [1, 2, 4]},
-                                          {"reference": "alice", "score": 0.1, "patchifier": [1, 4, 4]}]},
-]}
+MANIFEST = {
+    "shots": [
+        {"shot": 1, "caption": "a", "memory": [{"reference": "alice", "score": 0.9, "patchifier": [1, 2, 2], "pinned": True}]},
+        {
+            "shot": 2,
+            "caption": "b",
+            "memory": [
+                {"shot": 1, "frame": 2, "score": 0.6, "patchifier": [1, 2, 4]},
+                {"reference": "alice", "score": 0.1, "patchifier": [1, 4, 4]},
+            ],
+        },
+    ]
+}
 
 
 def test_memory_frames_of_the_manifest():

@@ -29,7 +29,10 @@ HF_TO_ORIGINAL = [
     (r"encoder\.final_layer_norm\.weight", "norm.weight"),
     (r"encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight", r"blocks.\1.norm1.weight"),
     (r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.weight", r"blocks.\1.attn.\2.weight"),
-    (r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.weight", r"blocks.\1.pos_embedding.embedding.weight"),
+    (
+        r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.weight",
+        r"blocks.\1.pos_embedding.embedding.weight",
+    ),
     (r"encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight", r"blocks.\1.norm2.weight"),
     (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.weight", r"blocks.\1.ffn.gate.0.weight"),
     (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.weight", r"blocks.\1.ffn.fc1.weight"),
@@ -38,11 +41,19 @@ HF_TO_ORIGINAL = [
 
 
 def hf_config(cfg: TextEncoderConfig) -> UMT5Config:
-    return UMT5Config(vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff,
-                      num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-                      relative_attention_num_buckets=cfg.relative_attention_num_buckets,
-                      relative_attention_max_distance=cfg.relative_attention_max_distance,
-                      feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=cfg.eps)
+    return UMT5Config(
+        vocab_size=cfg.vocab_size,
+        d_model=cfg.d_model,
+        d_kv=cfg.d_kv,
+        d_ff=cfg.d_ff,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        relative_attention_num_buckets=cfg.relative_attention_num_buckets,
+        relative_attention_max_distance=cfg.relative_attention_max_distance,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        layer_norm_epsilon=cfg.eps,
+    )
 
 
 def to_original(tensors: dict) -> dict:
@@ -108,7 +119,9 @@ def test_strict_conversion_lists_every_problem(reference):
     del shapes["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
     shapes["encoder.block.0.extra.weight"] = (3,)
     shapes["encoder.final_layer_norm.weight"] = (31,)
-    with pytest.raises(UserError, match=r"1 missing: .*wo\.weight; 1 unexpected: .*extra\.weight; 1 mis-shaped: .*final_layer_norm"):
+    with pytest.raises(
+        UserError, match=r"1 missing: .*wo\.weight; 1 unexpected: .*extra\.weight; 1 mis-shaped: .*final_layer_norm"
+    ):
         convert_umt5(TINY, shapes, sd.__getitem__, "diffusers")
 
 

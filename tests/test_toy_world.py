@@ -51,12 +51,17 @@ def test_characters_are_large_plain_and_the_only_saturated_pixels():
 
 def _keyed_video(keys, rng):
     n = len(keys)
-    return {"latents": np.arange(n, dtype=np.float32)[:, None, None, None, None] * np.ones((n, T, H, W, 16), np.float32),
-            "frame_embeddings": rng.standard_normal((n, T, 5)).astype(np.float32),
-            "text": rng.standard_normal((n, 4, 32)).astype(np.float32), "text_lengths": np.full((n,), 4, np.int32),
-            "augmented_first": np.zeros((T, H, W, 16), np.float32), "image_tokens": np.ones((4, 16), np.float32),
-            "first_image": np.full((T, H, W, 16), 7.0, np.float32), "shot_keys": np.asarray(keys, np.int32),
-            "id": np.bytes_("v")}
+    return {
+        "latents": np.arange(n, dtype=np.float32)[:, None, None, None, None] * np.ones((n, T, H, W, 16), np.float32),
+        "frame_embeddings": rng.standard_normal((n, T, 5)).astype(np.float32),
+        "text": rng.standard_normal((n, 4, 32)).astype(np.float32),
+        "text_lengths": np.full((n,), 4, np.int32),
+        "augmented_first": np.zeros((T, H, W, 16), np.float32),
+        "image_tokens": np.ones((4, 16), np.float32),
+        "first_image": np.full((T, H, W, 16), 7.0, np.float32),
+        "shot_keys": np.asarray(keys, np.int32),
+        "id": np.bytes_("v"),
+    }
 
 
 def test_recall_triplets_hold_the_targets_latest_earlier_appearance():
@@ -151,7 +156,12 @@ def test_teacher_forced_sampler_generates_from_the_memory_it_is_given():
     noise = rng.standard_normal((2, H, W, 16)).astype(np.float32)
     caption = rng.standard_normal((8, cfg.dit.text_dim)).astype(np.float32)
     shot, other = (rng.standard_normal((2, H, W, 16)).astype(np.float32) for _ in range(2))
-    empty, one, again, wrong = sample([], caption, noise), sample([shot], caption, noise), sample([shot], caption, noise), sample([other], caption, noise)
+    empty, one, again, wrong = (
+        sample([], caption, noise),
+        sample([shot], caption, noise),
+        sample([shot], caption, noise),
+        sample([other], caption, noise),
+    )
     assert one.shape == noise.shape and np.array_equal(one, again)
     assert not np.allclose(one, empty) and not np.allclose(one, wrong)
     with pytest.raises(ValueError, match="3 memory shots"):

@@ -5,11 +5,11 @@ import sys
 
 import numpy as np
 import pytest
+from train_runs import MESH, TINY, assert_same_params, cli, run_train
 
 from onestory_jax.config import load_config
 from onestory_jax.data.pipeline import make_dataset
 from onestory_jax.errors import UserError
-from train_runs import MESH, TINY, assert_same_params, cli, run_train
 
 
 def test_resume_reaches_the_same_params_bitwise(tmp_path, records, straight_run):
@@ -67,8 +67,9 @@ def test_bad_stop_after_and_a_disk_without_room_are_refused(tmp_path, records, c
 def test_non_finite_state_is_never_saved(tmp_path, records):
     """Checkpoint steps that are not logging steps are checked too (a NaN state was saved at step 2)."""
     w = tmp_path / "nan"
-    r = run_train(w, records, "train.learning_rate=1e30", "train.lr_warmup_steps=0", "train.log_every=3",
-                  "train.checkpoint_every=2")
+    r = run_train(
+        w, records, "train.learning_rate=1e30", "train.lr_warmup_steps=0", "train.log_every=3", "train.checkpoint_every=2"
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "error: non-finite loss at step 2" in r.stderr and "no checkpoint was saved" in r.stderr, r.stderr
     assert not [p for p in (w / "checkpoints").iterdir() if p.name[0].isdigit()]  # not even a partial save
@@ -83,8 +84,11 @@ def test_state_to_be_saved_is_checked_even_if_its_loss_is_finite():
     manager = SimpleNamespace(latest_step=lambda: 4, directory="w/checkpoints")
     state = {"params": {"a": np.ones(2, np.float32), "b": np.array([1.0, np.inf], np.float32)}, "step": np.int32(5)}
     _check_finite(5, {"loss": 0.5}, None, manager)  # a logging step only: the state is not looked at
-    with pytest.raises(UserError, match=r"non-finite state after step 5 \(1 arrays, e.g. params/b\); stopped "
-                                        r"without saving it: the last good checkpoint is step 4 in w/checkpoints"):
+    with pytest.raises(
+        UserError,
+        match=r"non-finite state after step 5 \(1 arrays, e.g. params/b\); stopped "
+        r"without saving it: the last good checkpoint is step 4 in w/checkpoints",
+    ):
         _check_finite(5, {"loss": 0.5}, state, manager)
 
 
@@ -93,8 +97,18 @@ def test_trained_model_renders_a_story(tmp_path, straight_run):
     refuses the incomplete folder, and renders from it with --allow-random (frozen parts random, warned)."""
     story = tmp_path / "s.yaml"
     story.write_text("settings: {width: 32, height: 32, frames: 5, steps: 2}\nshots: [A square., The same square.]\n")
-    argv = [sys.executable, "sample.py", "--checkpoint", str(straight_run / "model"), "--story", str(story),
-            "--out", str(tmp_path / "out"), "--no-progress", *MESH]
+    argv = [
+        sys.executable,
+        "sample.py",
+        "--checkpoint",
+        str(straight_run / "model"),
+        "--story",
+        str(story),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+        *MESH,
+    ]
     r = subprocess.run(argv, capture_output=True, text=True)
     assert r.returncode == 2 and "lacks vae/, text_encoder/, image_encoder/, tokenizer/" in r.stderr, r.stderr
     r = subprocess.run([*argv, "--allow-random"], capture_output=True, text=True)

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orbax.checkpoint as ocp
+from train_runs import assert_same_params, run_train, start_train
 
 from onestory_jax.training.metrics import CsvLog
-from train_runs import assert_same_params, run_train, start_train
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
@@ -72,7 +72,9 @@ def test_sigkill_while_a_save_is_in_flight(tmp_path, records, straight_run):
     w, every_step = tmp_path / "w", "train.checkpoint_every=1"
     assert kill_when(start_train(w, records, every_step), lambda: bool(partial_saves(w))), w.with_suffix(".log").read_text()
     partial = {int(p.name.split(".")[0]) for p in partial_saves(w)}
-    with ocp.CheckpointManager(w / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state", "data")) as m:
+    with ocp.CheckpointManager(
+        w / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state", "data")
+    ) as m:
         assert m.latest_step() is None or m.latest_step() < min(partial)
     finish_and_compare(w, records, straight_run, every_step)
 

@@ -1,6 +1,5 @@
 """Training core: overfitting a batch, the selector learning pseudo-labels, freezing masks."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +26,10 @@ def _batch(cfg, rng, b=2):
     memory = _memory(target, rng)
     labels = np.array([[1.0, 1.0, -1.0, -1.0]] * b, np.float32)
     return {
-        "target": target, "memory": memory, "memory_valid": np.ones((b, F), bool), "labels": labels,
+        "target": target,
+        "memory": memory,
+        "memory_valid": np.ones((b, F), bool),
+        "labels": labels,
         "text": rng.standard_normal((b, 8, cfg.dit.text_dim)).astype(np.float32),
         "image": rng.standard_normal((b, 4, cfg.dit.image_dim)).astype(np.float32),
         "cond": np.zeros((b, T, H, W, 20), np.float32),
@@ -47,12 +49,24 @@ def _train(cfg, batch, steps, fresh_memory=None):
 
 
 def test_overfit_one_batch_and_learn_pseudo_labels():
-    cfg = load_config("tiny", ["train.steps=300", "train.learning_rate=1e-2", "train.lr_warmup_steps=10",
-                               "train.text_dropout=0.0", "train.context_dropout=0.0", "train.decoupled_warmup=0.1"])
+    cfg = load_config(
+        "tiny",
+        [
+            "train.steps=300",
+            "train.learning_rate=1e-2",
+            "train.lr_warmup_steps=10",
+            "train.text_dropout=0.0",
+            "train.context_dropout=0.0",
+            "train.decoupled_warmup=0.1",
+        ],
+    )
     batch = _batch(cfg, np.random.default_rng(0))
     # Loss at 8 fixed (timestep, noise) draws, before and after training.
-    eval_loss = jax.jit(lambda p: jnp.mean(jnp.stack(
-        [loss_fn(p, batch, jax.random.key(k), jnp.array(False), cfg)[1]["l_shot"] for k in range(8)])))
+    eval_loss = jax.jit(
+        lambda p: jnp.mean(
+            jnp.stack([loss_fn(p, batch, jax.random.key(k), jnp.array(False), cfg)[1]["l_shot"] for k in range(8)])
+        )
+    )
     # Each step sees new memory frames (new noise), so the selector must learn which frames match the
     # caption's shot rather than memorise the frames it was trained on.
     params, state, metrics = _train(cfg, batch, cfg.train.steps, fresh_memory=np.random.default_rng(1))
@@ -79,19 +93,21 @@ def test_freezing_mask_keeps_frozen_params():
     assert changed["dit"]["blocks"]["ffn"]["fc1"]["kernel"] and changed["memory"]["selector"]["queries"]
 
 
-
 def test_frozen_params_cost_no_weight_gradients():
     """Frozen params are cut from differentiation: the step has fewer matmuls than with all params
     training (no weight-gradient dots for the frozen DiT)."""
+
     def step_jaxpr(trainable: str) -> str:
         cfg = load_config("tiny", [f"train.trainable={trainable}"])
         params = init_params(cfg, jax.random.key(0))
         tx = make_optimizer(cfg.train, params)
-        return str(jax.make_jaxpr(make_train_step(cfg, tx))(init_state(params, tx, 0, ema=False),
-                                                            _batch(cfg, np.random.default_rng(0))))
+        return str(
+            jax.make_jaxpr(make_train_step(cfg, tx))(init_state(params, tx, 0, ema=False), _batch(cfg, np.random.default_rng(0)))
+        )
 
     frozen, everything = step_jaxpr("['^memory/']").count("dot_general"), step_jaxpr("[]").count("dot_general")
     assert frozen < 0.8 * everything, (frozen, everything)
+
 
 def test_sharded_train_step_equals_unsharded():
     """Loss and gradients of the step on a (data, fsdp, tensor) mesh equal the single-device ones.
@@ -140,12 +156,16 @@ def test_cell_weighted_shot_loss():
     noise = jnp.asarray(rng.standard_normal(batch["target"].shape), jnp.float32)
     sigma = jnp.array([0.3, 0.8])
     plain = shot_loss(params, batch, None, batch["text"], sigma, noise, cfg)
-    uniform = shot_loss(params, {**batch, "loss_weight": np.full((2, T, H, W), 3.0, np.float32)}, None, batch["text"], sigma, noise, cfg)
+    uniform = shot_loss(
+        params, {**batch, "loss_weight": np.full((2, T, H, W), 3.0, np.float32)}, None, batch["text"], sigma, noise, cfg
+    )
     np.testing.assert_allclose(uniform, plain, rtol=1e-5)
     one_hot = np.zeros((2, T, H, W), np.float32)
     one_hot[1, 0, 2, 3] = 1.0
-    v = velocity(params, cfg, add_noise(batch["target"], noise, sigma), sigma * 1000.0, batch["text"], batch["image"],
-                 batch["cond"], None)
+    v = velocity(
+        params, cfg, add_noise(batch["target"], noise, sigma), sigma * 1000.0, batch["text"], batch["image"], batch["cond"], None
+    )
     cell = np.mean((np.asarray(v) - np.asarray(velocity_target(batch["target"], noise)))[1, 0, 2, 3] ** 2)
-    np.testing.assert_allclose(shot_loss(params, {**batch, "loss_weight": one_hot}, None, batch["text"], sigma, noise, cfg),
-                               cell, rtol=1e-4)
+    np.testing.assert_allclose(
+        shot_loss(params, {**batch, "loss_weight": one_hot}, None, batch["text"], sigma, noise, cfg), cell, rtol=1e-4
+    )

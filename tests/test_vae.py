@@ -26,9 +26,15 @@ TINY = {  # diffusers' own test config, and the 4-level / 2-block layout the off
 def diffusers_vae(cfg: VAEConfig, seed: int = 0) -> AutoencoderKLWan:
     """A random AutoencoderKLWan; gammas and biases perturbed so that every weight matters."""
     torch.manual_seed(seed)
-    model = AutoencoderKLWan(base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
-                             num_res_blocks=cfg.num_res_blocks, temperal_downsample=list(cfg.temperal_downsample),
-                             latents_mean=list(cfg.latents_mean), latents_std=list(cfg.latents_std)).eval()
+    model = AutoencoderKLWan(
+        base_dim=cfg.base_dim,
+        z_dim=cfg.z_dim,
+        dim_mult=list(cfg.dim_mult),
+        num_res_blocks=cfg.num_res_blocks,
+        temperal_downsample=list(cfg.temperal_downsample),
+        latents_mean=list(cfg.latents_mean),
+        latents_std=list(cfg.latents_std),
+    ).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.add_(torch.randn_like(p) * (0.2 if name.endswith("gamma") else 0.05))
@@ -89,17 +95,35 @@ def test_vae_matches_diffusers(reference, frames):
 # converter (diffusers scripts/convert_wan_to_diffusers.py, `convert_vae`); `to_original` is its
 # inverse, checked below by a round trip, and synthesises original-layout state dicts.
 
-_RESIDUAL = {"residual.0.gamma": "norm1.gamma", "residual.2.bias": "conv1.bias", "residual.2.weight": "conv1.weight",
-             "residual.3.gamma": "norm2.gamma", "residual.6.bias": "conv2.bias", "residual.6.weight": "conv2.weight"}
+_RESIDUAL = {
+    "residual.0.gamma": "norm1.gamma",
+    "residual.2.bias": "conv1.bias",
+    "residual.2.weight": "conv1.weight",
+    "residual.3.gamma": "norm2.gamma",
+    "residual.6.bias": "conv2.bias",
+    "residual.6.weight": "conv2.weight",
+}
 _FIXED = {
-    **{f"{m}.middle.{2 * i}.{a}": f"{m}.mid_block.resnets.{i}.{b}"
-       for m in ("encoder", "decoder") for i in (0, 1) for a, b in _RESIDUAL.items()},
-    **{f"{m}.middle.1.{p}": f"{m}.mid_block.attentions.0.{p}"
-       for m in ("encoder", "decoder") for p in ("norm.gamma", "to_qkv.weight", "to_qkv.bias", "proj.weight", "proj.bias")},
-    **{f"{m}.head.{a}": f"{m}.{b}" for m in ("encoder", "decoder")
-       for a, b in (("0.gamma", "norm_out.gamma"), ("2.bias", "conv_out.bias"), ("2.weight", "conv_out.weight"))},
-    "conv1.weight": "quant_conv.weight", "conv1.bias": "quant_conv.bias",
-    "conv2.weight": "post_quant_conv.weight", "conv2.bias": "post_quant_conv.bias",
+    **{
+        f"{m}.middle.{2 * i}.{a}": f"{m}.mid_block.resnets.{i}.{b}"
+        for m in ("encoder", "decoder")
+        for i in (0, 1)
+        for a, b in _RESIDUAL.items()
+    },
+    **{
+        f"{m}.middle.1.{p}": f"{m}.mid_block.attentions.0.{p}"
+        for m in ("encoder", "decoder")
+        for p in ("norm.gamma", "to_qkv.weight", "to_qkv.bias", "proj.weight", "proj.bias")
+    },
+    **{
+        f"{m}.head.{a}": f"{m}.{b}"
+        for m in ("encoder", "decoder")
+        for a, b in (("0.gamma", "norm_out.gamma"), ("2.bias", "conv_out.bias"), ("2.weight", "conv_out.weight"))
+    },
+    "conv1.weight": "quant_conv.weight",
+    "conv1.bias": "quant_conv.bias",
+    "conv2.weight": "post_quant_conv.weight",
+    "conv2.bias": "post_quant_conv.bias",
     **{f"{m}.conv1.{p}": f"{m}.conv_in.{p}" for m in ("encoder", "decoder") for p in ("weight", "bias")},
 }
 _UP_RESNETS = {0: 0, 1: 0, 2: 0, 4: 1, 5: 1, 6: 1, 8: 2, 9: 2, 10: 2, 12: 3, 13: 3, 14: 3}
@@ -134,8 +158,10 @@ def to_original(key: str) -> str:
     inverse_fixed = {v: k for k, v in _FIXED.items()}
     if key in inverse_fixed:
         return inverse_fixed[key]
-    inverse_residual = {b: a for a, b in _RESIDUAL.items()} | {"conv_shortcut.bias": "shortcut.bias",
-                                                               "conv_shortcut.weight": "shortcut.weight"}
+    inverse_residual = {b: a for a, b in _RESIDUAL.items()} | {
+        "conv_shortcut.bias": "shortcut.bias",
+        "conv_shortcut.weight": "shortcut.weight",
+    }
     m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.(.+)", key)
     if m:
         return f"encoder.downsamples.{m[1]}.{inverse_residual.get(m[2], m[2])}"
@@ -168,8 +194,11 @@ def test_vae_convert_is_strict():
     del shapes["decoder.conv_out.bias"]
     shapes["encoder.extra.weight"] = (1,)
     shapes["quant_conv.weight"] = (1, 2, 3)
-    with pytest.raises(UserError, match=r"1 missing: decoder\.conv_out\.bias; 1 unexpected: encoder\.extra\.weight; "
-                                        r"1 mis-shaped: quant_conv\.weight"):
+    with pytest.raises(
+        UserError,
+        match=r"1 missing: decoder\.conv_out\.bias; 1 unexpected: encoder\.extra\.weight; "
+        r"1 mis-shaped: quant_conv\.weight",
+    ):
         convert_vae(cfg, shapes, sd.__getitem__, "diffusers")
 
 

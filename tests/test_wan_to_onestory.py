@@ -23,22 +23,39 @@ STORY = {"settings": {"width": 32, "height": 32, "frames": 5, "steps": 2}, "shot
 
 
 def run(argv, tmp_path, **env):
-    return subprocess.run([sys.executable, *argv], capture_output=True, text=True,
-                          env={**os.environ, "ONESTORY_CACHE": str(tmp_path / "cache"), **env})
+    return subprocess.run(
+        [sys.executable, *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ONESTORY_CACHE": str(tmp_path / "cache"), **env},
+    )
 
 
 def sample(folder, tmp_path, *extra):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(STORY))
-    return run(["sample.py", "--checkpoint", str(folder), "--story", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out"),
-                "--no-progress", *extra], tmp_path)
+    return run(
+        [
+            "sample.py",
+            "--checkpoint",
+            str(folder),
+            "--story",
+            str(tmp_path / "s.yaml"),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+            *extra,
+        ],
+        tmp_path,
+    )
 
 
 def sample_here(folder, tmp_path, capsys, out="out"):
     """sample.py in this process (compiled programs are shared between a test's renders): a result like run's."""
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(STORY))
     with mock.patch.dict(os.environ, {"ONESTORY_CACHE": str(tmp_path / "cache")}):
-        code, out_text, err = cli_output("sample", ["--checkpoint", folder, "--story", tmp_path / "s.yaml",
-                                                    "--out", tmp_path / out, "--no-progress"], capsys)
+        code, out_text, err = cli_output(
+            "sample", ["--checkpoint", folder, "--story", tmp_path / "s.yaml", "--out", tmp_path / out, "--no-progress"], capsys
+        )
     return subprocess.CompletedProcess([], code, out_text, err)
 
 
@@ -51,23 +68,52 @@ def release(tmp_path_factory):
     src = tmp_path_factory.mktemp("Wan2.1-I2V-tiny-480P-Diffusers")
     dit = diffusers_dit(dataclasses.replace(tiny_dit_config("i2v"), image_dim=16))
     dit.save_pretrained(src / "transformer")
-    AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                     temperal_downsample=[False, True, True]).save_pretrained(src / "vae")
-    UMT5EncoderModel(UMT5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                                feed_forward_proj="gated-gelu")).save_pretrained(src / "text_encoder")
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-                                     image_size=28, patch_size=14, hidden_act="gelu")).save_pretrained(src / "image_encoder")
+    AutoencoderKLWan(
+        base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    ).save_pretrained(src / "vae")
+    UMT5EncoderModel(
+        UMT5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu")
+    ).save_pretrained(src / "text_encoder")
+    CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+            hidden_act="gelu",
+        )
+    ).save_pretrained(src / "image_encoder")
     shutil.copytree(CONFIG_DIR / "tokenizers" / "bytes", src / "tokenizer")
     (src / "scheduler").mkdir()
-    (src / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "UniPCMultistepScheduler", "flow_shift": 3.0}))
+    (src / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "UniPCMultistepScheduler", "flow_shift": 3.0})
+    )
     return src
 
 
 @pytest.fixture(scope="module")
 def model_folder(release, tmp_path_factory):
     folder = tmp_path_factory.mktemp("converted") / "wan"
-    r = subprocess.run([sys.executable, "-m", "onestory_jax.convert", "--component", "all", "--source", str(release),
-                        "--out", str(folder), "--config", "tiny", "--verify"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onestory_jax.convert",
+            "--component",
+            "all",
+            "--source",
+            str(release),
+            "--out",
+            str(folder),
+            "--config",
+            "tiny",
+            "--verify",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("OK") == 4, r.stdout  # the DiT and the three frozen parts, each against its reference
     return folder
@@ -106,20 +152,31 @@ def test_incomplete_folder_is_refused_unless_random_is_asked(model_folder, tmp_p
     assert ("holds umt5/" if case == "misnamed" else "lacks vae/") in r.stderr
     if case == "missing":
         with pytest.warns(UserWarning, match="lacks vae/: using RANDOM weights"):
-            code, _, err = cli_output("sample", ["--checkpoint", folder, "--story", tmp_path / "s.yaml", "--out",
-                                                 tmp_path / "out", "--no-progress", "--allow-random"], capsys)
+            code, _, err = cli_output(
+                "sample",
+                [
+                    "--checkpoint",
+                    folder,
+                    "--story",
+                    tmp_path / "s.yaml",
+                    "--out",
+                    tmp_path / "out",
+                    "--no-progress",
+                    "--allow-random",
+                ],
+                capsys,
+            )
         assert code == 0, err
 
 
 def test_train_from_the_converted_release_and_sample_the_export(model_folder, tmp_path, capsys):
     from onestory_jax.checkpoint import load_params
+    from onestory_jax.data import synthetic
+    from onestory_jax.data.video import write_mp4
     from onestory_jax.models.dit import init_fn
     from onestory_jax.models.folder import folder_config
     from onestory_jax.models.onestory import boxed_init_fn
     from onestory_jax.sharding import make_mesh
-
-    from onestory_jax.data import synthetic
-    from onestory_jax.data.video import write_mp4
 
     videos, captions = tmp_path / "videos", []
     videos.mkdir()
@@ -128,11 +185,28 @@ def test_train_from_the_converted_release_and_sample_the_export(model_folder, tm
         write_mp4(videos / f"v{i}.mp4", np.concatenate([v for v, _ in synthetic.render_synthetic(story, 9, 32)]), 8)
         captions.append({"video": f"v{i}.mp4", "captions": [s.caption for s in story.shots]})
     (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(c) for c in captions))
-    argv = [sys.executable, "-m", "onestory_jax.data.prepare", "--model", str(model_folder), "--out", str(tmp_path / "data"),
-            "--videos", str(videos), "--captions", str(tmp_path / "captions.jsonl"), "--frames", "5", "--size", "32x32",
-            "--no-progress"]
-    shards = [subprocess.Popen([*argv, "--shard", f"{i}/2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-              for i in range(2)]  # two processes at once on one --out
+    argv = [
+        sys.executable,
+        "-m",
+        "onestory_jax.data.prepare",
+        "--model",
+        str(model_folder),
+        "--out",
+        str(tmp_path / "data"),
+        "--videos",
+        str(videos),
+        "--captions",
+        str(tmp_path / "captions.jsonl"),
+        "--frames",
+        "5",
+        "--size",
+        "32x32",
+        "--no-progress",
+    ]
+    shards = [
+        subprocess.Popen([*argv, "--shard", f"{i}/2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]  # two processes at once on one --out
     for p in shards:
         _, err = p.communicate()
         assert p.returncode == 0, err
@@ -140,9 +214,24 @@ def test_train_from_the_converted_release_and_sample_the_export(model_folder, tm
     assert [v["id"] for v in manifest["videos"]] == ["v0", "v1", "v2"]  # the union of both shards
     workdir = tmp_path / "run"
     # The DiT frozen (memory modules only): the export's DiT must be the converted one, bit for bit.
-    r = run(["train.py", "--config", "configs/train/tiny.yaml", "--workdir", str(workdir), "--no-progress",
-             f"train.data={tmp_path / 'data' / 'records'}", f"train.init_from={model_folder}", "train.steps=10",
-             "train.trainable=[\"^memory/\"]", "mesh.data=2", "mesh.fsdp=1"], tmp_path, **train_env(devices=2))
+    r = run(
+        [
+            "train.py",
+            "--config",
+            "configs/train/tiny.yaml",
+            "--workdir",
+            str(workdir),
+            "--no-progress",
+            f"train.data={tmp_path / 'data' / 'records'}",
+            f"train.init_from={model_folder}",
+            "train.steps=10",
+            'train.trainable=["^memory/"]',
+            "mesh.data=2",
+            "mesh.fsdp=1",
+        ],
+        tmp_path,
+        **train_env(devices=2),
+    )
     assert r.returncode == 0, r.stderr
     export = workdir / "model"
     assert sorted(p.name for p in export.iterdir()) == ["image_encoder", "onestory", "text_encoder", "tokenizer", "vae"]
@@ -157,10 +246,25 @@ def test_train_from_the_converted_release_and_sample_the_export(model_folder, tm
 
     # LoRA beside the memory modules (the single-GPU recipe): the export folds it into the DiT.
     lora_run = tmp_path / "lora"
-    r = run(["train.py", "--config", "configs/train/tiny.yaml", "--workdir", str(lora_run), "--no-progress",
-             f"train.data={tmp_path / 'data' / 'records'}", f"train.init_from={model_folder}", "train.steps=10",
-             "dit.lora_rank=2", "train.trainable=[\"^memory/\", \"/lora_[ab]$\"]", "mesh.data=2", "mesh.fsdp=1"],
-            tmp_path, **train_env(devices=2))
+    r = run(
+        [
+            "train.py",
+            "--config",
+            "configs/train/tiny.yaml",
+            "--workdir",
+            str(lora_run),
+            "--no-progress",
+            f"train.data={tmp_path / 'data' / 'records'}",
+            f"train.init_from={model_folder}",
+            "train.steps=10",
+            "dit.lora_rank=2",
+            'train.trainable=["^memory/", "/lora_[ab]$"]',
+            "mesh.data=2",
+            "mesh.fsdp=1",
+        ],
+        tmp_path,
+        **train_env(devices=2),
+    )
     assert r.returncode == 0, r.stderr
     assert folder_config(lora_run / "model").dit.lora_rank == 0  # merged: a plain DiT
     tuned = load_params(lora_run / "model" / "onestory", mesh, boxed_init_fn(cfg))["dit"]
@@ -177,8 +281,21 @@ def test_a_wan_sized_run_needs_init_from(tmp_path):
 
 
 def test_frozen_component_bad_source(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "onestory_jax.convert", "--component", "vae", "--source", str(tmp_path),
-                        "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onestory_jax.convert",
+            "--component",
+            "vae",
+            "--source",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "no vae weights" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
 
@@ -188,8 +305,20 @@ def test_model_folder_without_tokenizer_is_one_line(model_folder, tmp_path):
     shutil.copytree(model_folder, folder)
     shutil.rmtree(folder / "tokenizer")
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({"shots": ["A cat."]}))
-    r = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(folder), "--story", str(tmp_path / "s.yaml"),
-                        "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "sample.py",
+            "--checkpoint",
+            str(folder),
+            "--story",
+            str(tmp_path / "s.yaml"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "no tokenizer/" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
@@ -202,4 +331,7 @@ def test_embedding_cache_is_keyed_by_the_tokenizer(model_folder, tmp_path):
     shutil.copytree(model_folder / "tokenizer", other)
     (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text().replace('"a"', '"b"', 1) + " ")
     assert text_cache(cfg, weights, model_folder / "tokenizer").identity != text_cache(cfg, weights, other).identity
-    assert text_cache(cfg, weights, model_folder / "tokenizer").identity == text_cache(cfg, weights, model_folder / "tokenizer").identity
+    assert (
+        text_cache(cfg, weights, model_folder / "tokenizer").identity
+        == text_cache(cfg, weights, model_folder / "tokenizer").identity
+    )

@@ -6,16 +6,25 @@ import numpy as np
 import torch
 from diffusers import WanTransformer3DModel
 
-from onestory_jax.convert.dit_source import diffusers_config
 from onestory_jax.config import DiTConfig
+from onestory_jax.convert.dit_source import diffusers_config
 
 TINY_HEADS, TINY_HEAD_DIM = 2, 12
 
 
 def tiny_dit_config(model_type: str = "i2v", layers: int = 2) -> DiTConfig:
     i2v = model_type == "i2v"
-    return DiTConfig(model_type=model_type, in_dim=36 if i2v else 16, out_dim=16, dim=TINY_HEADS * TINY_HEAD_DIM,
-                     ffn_dim=32, num_heads=TINY_HEADS, num_layers=layers, text_dim=32, image_dim=4 if i2v else None)
+    return DiTConfig(
+        model_type=model_type,
+        in_dim=36 if i2v else 16,
+        out_dim=16,
+        dim=TINY_HEADS * TINY_HEAD_DIM,
+        ffn_dim=32,
+        num_heads=TINY_HEADS,
+        num_layers=layers,
+        text_dim=32,
+        image_dim=4 if i2v else None,
+    )
 
 
 def diffusers_dit(cfg: DiTConfig, seed: int = 0) -> WanTransformer3DModel:

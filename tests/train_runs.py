@@ -23,8 +23,16 @@ TINY = "configs/train/tiny.yaml"
 MESH = ("mesh.data=2", "mesh.fsdp=1", "mesh.sequence=2", "mesh.tensor=2", "dit.sequence_parallel=gspmd")
 
 
-def random_videos(n: int, shots: int, frames: int, hw: tuple[int, int], text_dim: int, image_tokens: tuple[int, int],
-                  seed: int = 0, embed_dim: int = 8) -> list[dict[str, np.ndarray]]:
+def random_videos(
+    n: int,
+    shots: int,
+    frames: int,
+    hw: tuple[int, int],
+    text_dim: int,
+    image_tokens: tuple[int, int],
+    seed: int = 0,
+    embed_dim: int = 8,
+) -> list[dict[str, np.ndarray]]:
     """Random but structured videos for tests: each shot has a colour; embeddings follow it."""
     rng = np.random.default_rng(seed)
     out = []
@@ -36,15 +44,19 @@ def random_videos(n: int, shots: int, frames: int, hw: tuple[int, int], text_dim
         for s, n_tok in enumerate(lengths):
             text[s, :n_tok] = rng.standard_normal((n_tok, text_dim))
         emb = np.repeat(colours[:, :, 0, 0, :embed_dim], frames, axis=1)  # [S, T, E]
-        out.append({
-            "latents": latents, "text": text, "text_lengths": lengths.astype(np.int32),
-            "frame_embeddings": emb + 0.05 * rng.standard_normal(emb.shape).astype(np.float32),
-            "augmented_first": latents[0, :, :, ::-1],  # a horizontal flip
-            "image_tokens": rng.standard_normal(image_tokens).astype(np.float32),
-            "first_image": latents[0],
-            "shot_keys": np.arange(shots, dtype=np.int32),
-            "id": np.bytes_(f"synthetic-{v:04d}"),
-        })
+        out.append(
+            {
+                "latents": latents,
+                "text": text,
+                "text_lengths": lengths.astype(np.int32),
+                "frame_embeddings": emb + 0.05 * rng.standard_normal(emb.shape).astype(np.float32),
+                "augmented_first": latents[0, :, :, ::-1],  # a horizontal flip
+                "image_tokens": rng.standard_normal(image_tokens).astype(np.float32),
+                "first_image": latents[0],
+                "shot_keys": np.arange(shots, dtype=np.int32),
+                "id": np.bytes_(f"synthetic-{v:04d}"),
+            }
+        )
     return out
 
 
@@ -62,13 +74,29 @@ def train_env(devices: int = 8, optimised: bool = False, **extra: str) -> dict[s
     same program (bitwise results hold)."""
     dropped = ("--xla_force_host_platform_device_count",) + (("--xla_backend_optimization_level",) if optimised else ())
     flags = [f for f in os.environ["XLA_FLAGS"].split() if not f.startswith(dropped)]
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join([f"--xla_force_host_platform_device_count={devices}", *flags]),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **extra}
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": " ".join([f"--xla_force_host_platform_device_count={devices}", *flags]),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        **extra,
+    }
 
 
 def train_cmd(workdir: Path, records: Path, *extra: str) -> list[str]:
-    return [sys.executable, "train.py", "--config", TINY, "--workdir", str(workdir), "--no-progress",
-            f"train.data={records}", *MESH, *extra]
+    return [
+        sys.executable,
+        "train.py",
+        "--config",
+        TINY,
+        "--workdir",
+        str(workdir),
+        "--no-progress",
+        f"train.data={records}",
+        *MESH,
+        *extra,
+    ]
 
 
 def cli(script: str, argv: list[str], capsys) -> tuple[int, str]:
@@ -96,8 +124,9 @@ def run_train(workdir: Path, records: Path, *extra: str) -> subprocess.Completed
 def start_train(workdir: Path, records: Path, *extra: str, **env: str) -> subprocess.Popen:
     """train.py in the background (stderr to workdir.log, beside the workdir)."""
     log = workdir.with_suffix(".log").open("w")
-    return subprocess.Popen(train_cmd(workdir, records, *extra), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                            env=train_env(**env))
+    return subprocess.Popen(
+        train_cmd(workdir, records, *extra), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=train_env(**env)
+    )
 
 
 def final_params(workdir: Path) -> tuple[dict, int]:

@@ -73,31 +73,51 @@ def story_files(paths: list[Path]) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", type=Path, help="model folder (docs/model-folder.md): a trained OneStory, e.g. "
-                     "WORKDIR/model, or a converted Wan2.1 release; `demo`: the shipped embedded default model")
+    src.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="model folder (docs/model-folder.md): a trained OneStory, e.g. "
+        "WORKDIR/model, or a converted Wan2.1 release; `demo`: the shipped embedded default model",
+    )
     src.add_argument("--config", help="model preset or YAML (random weights), e.g. tiny")
-    ap.add_argument("--story", type=Path, required=True, action="append",
-                    help="story file (.yaml/.yml/.json, ours or ST-Bench's) or a shipped story's name (demo); repeat it, "
-                    "or give a folder, for several stories in one run (one model load), each into --out/NAME")
+    ap.add_argument(
+        "--story",
+        type=Path,
+        required=True,
+        action="append",
+        help="story file (.yaml/.yml/.json, ours or ST-Bench's) or a shipped story's name (demo); repeat it, "
+        "or give a folder, for several stories in one run (one model load), each into --out/NAME",
+    )
     ap.add_argument("--out", type=Path, required=True, help="output directory (resumes if it has shots)")
     ap.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the checkpoint's tokenizer/)")
     ap.add_argument("--seed", type=int, help="seed of the random weights of --config (a story's seeds are in the story)")
-    ap.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                    help="a Wan2.1 LoRA (diffusers, kohya or original/ComfyUI keys) merged into the DiT at load, times SCALE "
-                    "(default 1); repeatable, and added to the story's settings.lora (docs/sampling.md)")
-    ap.add_argument("--redo", type=int, metavar="K", help="re-roll shot K (1-based) with a new seed, and regenerate every "
-                    "shot after it")
+    ap.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="a Wan2.1 LoRA (diffusers, kohya or original/ComfyUI keys) merged into the DiT at load, times SCALE "
+        "(default 1); repeatable, and added to the story's settings.lora (docs/sampling.md)",
+    )
+    ap.add_argument(
+        "--redo", type=int, metavar="K", help="re-roll shot K (1-based) with a new seed, and regenerate every shot after it"
+    )
     ap.add_argument("--same-seed", action="store_true", help="with --redo: regenerate shot K with the seed it had")
-    ap.add_argument("--allow-random", action="store_true", help="RANDOM weights for parts the model folder lacks "
-                    "(tests and benchmarks; without it such a folder is refused)")
+    ap.add_argument(
+        "--allow-random",
+        action="store_true",
+        help="RANDOM weights for parts the model folder lacks (tests and benchmarks; without it such a folder is refused)",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("overrides", nargs="*", help="key=value model config overrides")
     args = ap.parse_intermixed_args(argv)  # key=value overrides may follow options
     if args.checkpoint is not None:
         args.checkpoint = checkpoint_path(args.checkpoint)
     if args.seed is not None and args.checkpoint is not None:
-        raise UserError("--seed seeds the random weights of --config; a checkpoint's stories take their seeds from the "
-                        "story file (settings.seed, shots[i].seed), and --redo K re-rolls shot K")
+        raise UserError(
+            "--seed seeds the random weights of --config; a checkpoint's stories take their seeds from the "
+            "story file (settings.seed, shots[i].seed), and --redo K re-rolls shot K"
+        )
     if args.same_seed and args.redo is None:
         raise UserError("--same-seed goes with --redo K")
 
@@ -139,14 +159,22 @@ def main(argv: list[str] | None = None) -> int:
         for out in outs:  # one run per --out; also checks it is a writable folder
             locks.enter_context(folder_lock(out, "--out"))
             check_not_foreign(out)
-        cfg, params, comps, mesh = load_for_sampling(args.checkpoint, args.config, args.overrides, args.seed or 0,
-                                                     args.tokenizer, check=check, allow_random=args.allow_random)
+        cfg, params, comps, mesh = load_for_sampling(
+            args.checkpoint,
+            args.config,
+            args.overrides,
+            args.seed or 0,
+            args.tokenizer,
+            check=check,
+            allow_random=args.allow_random,
+        )
         if loras:  # merged before anything is compiled
             print(f"merging {len(loras)} LoRA(s) into the DiT: {', '.join(f'{p} x{s:g}' for p, s in loras)}", flush=True)
             with activate(mesh):
                 params = {**params, "dit": apply_loras(params["dit"], lora_deltas)}
-        model = SamplingModel(cfg, params, comps, mesh, model_identity(args.checkpoint, to_dict(cfg), args.seed or 0,
-                                                                        args.tokenizer, loras))
+        model = SamplingModel(
+            cfg, params, comps, mesh, model_identity(args.checkpoint, to_dict(cfg), args.seed or 0, args.tokenizer, loras)
+        )
         for story, out in zip(stories, outs):
             seed = None
             if args.redo is not None and not args.same_seed:
@@ -166,8 +194,10 @@ def run_loras(cli: list[LoraFile], stories: list[Story]) -> tuple[LoraFile, ...]
     loaded once)."""
     in_stories = {story.settings.lora for story in stories}
     if len(in_stories) > 1:
-        raise UserError("the stories of one run have different settings.lora (LoRAs are merged into the one model the "
-                        "run loads): render them in separate runs")
+        raise UserError(
+            "the stories of one run have different settings.lora (LoRAs are merged into the one model the "
+            "run loads): render them in separate runs"
+        )
     return (*cli, *in_stories.pop())
 
 

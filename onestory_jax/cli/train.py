@@ -22,7 +22,11 @@ from onestory_jax.errors import UserError, run_cli
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="training preset (a name under configs/, e.g. train/tiny) or YAML file, e.g. configs/train/tiny.yaml")
+    ap.add_argument(
+        "--config",
+        required=True,
+        help="training preset (a name under configs/, e.g. train/tiny) or YAML file, e.g. configs/train/tiny.yaml",
+    )
     ap.add_argument("--workdir", required=True, help="checkpoints, metrics.csv and config.yaml go here")
     ap.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
     ap.add_argument("--stop-after", type=int, help="end this run after N steps, with a checkpoint")

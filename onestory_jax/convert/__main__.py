@@ -23,6 +23,7 @@ from onestory_jax.convert.source_config import written_config
 from onestory_jax.errors import run_cli
 from onestory_jax.models.layers import DTYPES
 
+
 def dit_params(args: argparse.Namespace) -> tuple[Any, Config, DiTSource, Callable[[Path, DiTSource], int]]:
     """(converted DiT params, written config, source, verify) of the Wan2.1 DiT of `args.source`."""
     if args.verify:
@@ -31,14 +32,18 @@ def dit_params(args: argparse.Namespace) -> tuple[Any, Config, DiTSource, Callab
         require_torch()
     source = open_dit_source(args.source, args.layout)
     base = load_config(args.config) if args.config else Config()
-    dit = dataclasses.replace(source.config, param_dtype=args.dtype,
-                              **{k: getattr(base.dit, k) for k in DIT_RUNTIME_FIELDS if k != "param_dtype"})
+    dit = dataclasses.replace(
+        source.config, param_dtype=args.dtype, **{k: getattr(base.dit, k) for k in DIT_RUNTIME_FIELDS if k != "param_dtype"}
+    )
     config = written_config(base, "dit", dit, Path(args.source).resolve().name, args.config)
-    params = DIT.convert(config.dit, source.tensors.shapes, source.tensors.read, source.layout, DTYPES[args.dtype],
-                         bar=f"dit ({source.layout})")
+    params = DIT.convert(
+        config.dit, source.tensors.shapes, source.tensors.read, source.layout, DTYPES[args.dtype], bar=f"dit ({source.layout})"
+    )
     leaves = jax.tree.leaves(params)
-    print(f"dit: {config.dit.model_type}, {sum(a.size for a in leaves):,} {args.dtype} params "
-          f"({sum(a.nbytes for a in leaves) / 2**20:,.1f} MiB), from {source.root}")
+    print(
+        f"dit: {config.dit.model_type}, {sum(a.size for a in leaves):,} {args.dtype} params "
+        f"({sum(a.nbytes for a in leaves) / 2**20:,.1f} MiB), from {source.root}"
+    )
     return params, config, source, verify
 
 
@@ -61,22 +66,33 @@ def convert_dit(args: argparse.Namespace) -> int:
 
 
 COMPONENTS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "all": lambda args: convert_all(args, dit_params, convert_frozen), "dit": convert_dit,
-    **{name: convert_frozen for name in FROZEN}}
+    "all": lambda args: convert_all(args, dit_params, convert_frozen),
+    "dit": convert_dit,
+    **{name: convert_frozen for name in FROZEN},
+}
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m onestory_jax.convert", description=__doc__.splitlines()[0])
-    p.add_argument("--component", choices=sorted(COMPONENTS), default="all",
-                   help="all: a whole release into one model folder (docs/model-folder.md); else one component's checkpoint")
+    p.add_argument(
+        "--component",
+        choices=sorted(COMPONENTS),
+        default="all",
+        help="all: a whole release into one model folder (docs/model-folder.md); else one component's checkpoint",
+    )
     p.add_argument("--source", required=True, help="checkpoint folder (diffusers repo or original Wan release)")
     p.add_argument("--out", required=True, help="output folder (written atomically): the model folder with --component all")
-    p.add_argument("--config", help="preset or YAML for what the source cannot say: runtime settings (dtype, attention, "
-                   "text length) and the other components' sections of the written config.yaml; the architecture "
-                   "comes from the source's config.json (default: built-in defaults)")
+    p.add_argument(
+        "--config",
+        help="preset or YAML for what the source cannot say: runtime settings (dtype, attention, "
+        "text length) and the other components' sections of the written config.yaml; the architecture "
+        "comes from the source's config.json (default: built-in defaults)",
+    )
     p.add_argument("--layout", choices=("auto", "diffusers", "original"), default="auto")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="stored parameter dtype")
-    p.add_argument("--force", action="store_true", help="replace a checkpoint at --out (a folder of config.yaml and params/ only)")
+    p.add_argument(
+        "--force", action="store_true", help="replace a checkpoint at --out (a folder of config.yaml and params/ only)"
+    )
     p.add_argument("--verify", action="store_true", help="compare with the PyTorch reference (needs the convert extra)")
     return p
 

@@ -74,61 +74,95 @@ def detect_layout(raw: dict[str, Any], path: Path) -> Layout:
 
 def dit_config_from_diffusers(raw: dict[str, Any]) -> DiTConfig:
     """DiTConfig from a diffusers `WanTransformer3DModel` config.json."""
-    require(raw, ("num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
-                  "freq_dim", "ffn_dim", "num_layers", "eps"), "diffusers Wan2.1 DiT")
+    require(
+        raw,
+        (
+            "num_attention_heads",
+            "attention_head_dim",
+            "in_channels",
+            "out_channels",
+            "text_dim",
+            "freq_dim",
+            "ffn_dim",
+            "num_layers",
+            "eps",
+        ),
+        "diffusers Wan2.1 DiT",
+    )
     unsupported(raw, {"qk_norm": "rms_norm_across_heads", "cross_attn_norm": True, "pos_embed_seq_len": None})
     dim = raw["num_attention_heads"] * raw["attention_head_dim"]
     image_dim, added_kv = raw.get("image_dim"), raw.get("added_kv_proj_dim")
     if (image_dim is None) != (added_kv is None) or added_kv not in (None, dim):
-        raise UserError(f"image_dim={image_dim} with added_kv_proj_dim={added_kv} is not a Wan2.1 model "
-                        f"(I2V has both, added_kv_proj_dim = heads x head dim = {dim}; T2V has neither)")
-    return from_dict(DiTConfig, {
-        "model_type": "t2v" if image_dim is None else "i2v",
-        "in_dim": raw["in_channels"],
-        "out_dim": raw["out_channels"] if raw["out_channels"] is not None else raw["in_channels"],
-        "dim": dim,
-        "ffn_dim": raw["ffn_dim"],
-        "num_heads": raw["num_attention_heads"],
-        "num_layers": raw["num_layers"],
-        "patch_size": raw.get("patch_size", [1, 2, 2]),
-        "freq_dim": raw["freq_dim"],
-        "text_dim": raw["text_dim"],
-        "image_dim": image_dim,
-        "eps": raw["eps"],
-    })
+        raise UserError(
+            f"image_dim={image_dim} with added_kv_proj_dim={added_kv} is not a Wan2.1 model "
+            f"(I2V has both, added_kv_proj_dim = heads x head dim = {dim}; T2V has neither)"
+        )
+    return from_dict(
+        DiTConfig,
+        {
+            "model_type": "t2v" if image_dim is None else "i2v",
+            "in_dim": raw["in_channels"],
+            "out_dim": raw["out_channels"] if raw["out_channels"] is not None else raw["in_channels"],
+            "dim": dim,
+            "ffn_dim": raw["ffn_dim"],
+            "num_heads": raw["num_attention_heads"],
+            "num_layers": raw["num_layers"],
+            "patch_size": raw.get("patch_size", [1, 2, 2]),
+            "freq_dim": raw["freq_dim"],
+            "text_dim": raw["text_dim"],
+            "image_dim": image_dim,
+            "eps": raw["eps"],
+        },
+    )
 
 
 def diffusers_config(cfg: DiTConfig) -> dict[str, Any]:
     """Keyword arguments of a diffusers `WanTransformer3DModel` with `cfg`'s architecture (inverse of
     `dit_config_from_diffusers`), for reference models in parity tests and benchmarks."""
     return {
-        "patch_size": tuple(cfg.patch_size), "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.head_dim,
-        "in_channels": cfg.in_dim, "out_channels": cfg.out_dim, "text_dim": cfg.text_dim, "freq_dim": cfg.freq_dim,
-        "ffn_dim": cfg.ffn_dim, "num_layers": cfg.num_layers, "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads",
-        "eps": cfg.eps, "rope_max_seq_len": 1024, "image_dim": cfg.image_dim,
+        "patch_size": tuple(cfg.patch_size),
+        "num_attention_heads": cfg.num_heads,
+        "attention_head_dim": cfg.head_dim,
+        "in_channels": cfg.in_dim,
+        "out_channels": cfg.out_dim,
+        "text_dim": cfg.text_dim,
+        "freq_dim": cfg.freq_dim,
+        "ffn_dim": cfg.ffn_dim,
+        "num_layers": cfg.num_layers,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": cfg.eps,
+        "rope_max_seq_len": 1024,
+        "image_dim": cfg.image_dim,
         "added_kv_proj_dim": cfg.dim if cfg.has_image_branch else None,
     }
 
 
 def dit_config_from_original(raw: dict[str, Any]) -> DiTConfig:
     """DiTConfig from an original Wan `WanModel` config.json."""
-    require(raw, ("dim", "ffn_dim", "freq_dim", "in_dim", "model_type", "num_heads", "num_layers", "out_dim",
-                  "text_len", "eps"), "original Wan2.1 DiT")
+    require(
+        raw,
+        ("dim", "ffn_dim", "freq_dim", "in_dim", "model_type", "num_heads", "num_layers", "out_dim", "text_len", "eps"),
+        "original Wan2.1 DiT",
+    )
     if raw["model_type"] not in ("t2v", "i2v"):
         raise UserError(f"model_type={raw['model_type']!r} is not supported (Wan2.1 t2v or i2v)")
     unsupported(raw, {"window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True})
-    return from_dict(DiTConfig, {
-        "model_type": raw["model_type"],
-        "in_dim": raw["in_dim"],
-        "out_dim": raw["out_dim"],
-        "dim": raw["dim"],
-        "ffn_dim": raw["ffn_dim"],
-        "num_heads": raw["num_heads"],
-        "num_layers": raw["num_layers"],
-        "patch_size": raw.get("patch_size", [1, 2, 2]),
-        "freq_dim": raw["freq_dim"],
-        "text_dim": raw.get("text_dim", 4096),
-        "text_len": raw["text_len"],
-        "image_dim": ORIGINAL_IMAGE_DIM if raw["model_type"] == "i2v" else None,
-        "eps": raw["eps"],
-    })
+    return from_dict(
+        DiTConfig,
+        {
+            "model_type": raw["model_type"],
+            "in_dim": raw["in_dim"],
+            "out_dim": raw["out_dim"],
+            "dim": raw["dim"],
+            "ffn_dim": raw["ffn_dim"],
+            "num_heads": raw["num_heads"],
+            "num_layers": raw["num_layers"],
+            "patch_size": raw.get("patch_size", [1, 2, 2]),
+            "freq_dim": raw["freq_dim"],
+            "text_dim": raw.get("text_dim", 4096),
+            "text_len": raw["text_len"],
+            "image_dim": ORIGINAL_IMAGE_DIM if raw["model_type"] == "i2v" else None,
+            "eps": raw["eps"],
+        },
+    )

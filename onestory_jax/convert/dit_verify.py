@@ -44,9 +44,11 @@ class VerifyResult:
         return self.relative_error <= self.tolerance
 
     def summary(self) -> str:
-        return (f"verify: max |ours - diffusers| = {self.max_abs_error:.3e}, output std {self.output_std:.3e}, "
-                f"relative {self.relative_error:.3e} (tolerance {self.tolerance:.0e}): "
-                f"{'OK' if self.ok else 'FAILED'}")
+        return (
+            f"verify: max |ours - diffusers| = {self.max_abs_error:.3e}, output std {self.output_std:.3e}, "
+            f"relative {self.relative_error:.3e} (tolerance {self.tolerance:.0e}): "
+            f"{'OK' if self.ok else 'FAILED'}"
+        )
 
 
 def require_torch() -> None:
@@ -55,9 +57,7 @@ def require_torch() -> None:
         import diffusers  # noqa: F401
         import torch  # noqa: F401
     except ImportError as e:
-        raise UserError(
-            f"--verify needs torch and diffusers ({e.name} is missing): pip install -e '.[convert]'"
-        ) from None
+        raise UserError(f"--verify needs torch and diffusers ({e.name} is missing): pip install -e '.[convert]'") from None
 
 
 def verify_dit(ckpt_dir: str | Path, source: DiTSource, seed: int = 0) -> VerifyResult:
@@ -113,8 +113,11 @@ def reference_model(source: DiTSource) -> Any:
         model = WanTransformer3DModel.from_config(model_config)
     with warnings.catch_warnings():  # the mapped source is read-only; the reference never writes it
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        state = {rename.get(name, name): torch.from_numpy(np.asarray(source.tensors.read(name), np.float32))
-                 for name in source.tensors.shapes if not is_ignored(name, source.layout)}
+        state = {
+            rename.get(name, name): torch.from_numpy(np.asarray(source.tensors.read(name), np.float32))
+            for name in source.tensors.shapes
+            if not is_ignored(name, source.layout)
+        }
     model.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers (the RoPE tables) are not in the state dict: take them from a CPU twin
     # without blocks (they depend on the head and patch geometry only).

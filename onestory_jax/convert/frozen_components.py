@@ -42,8 +42,13 @@ class Frozen:
 FROZEN = {
     "vae": Frozen("vae", "Wan2.1_VAE.pth", "vae", vae_map.VAE, vae_map.CONFIG_JSON),
     "umt5": Frozen("text_encoder", "models_t5_umt5-xxl-enc-bf16.pth", "text_encoder", umt5_map.UMT5, umt5_map.CONFIG_JSON),
-    "clip": Frozen("image_encoder", "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", "image_encoder",
-                   clip_map.CLIP, clip_map.CONFIG_JSON),
+    "clip": Frozen(
+        "image_encoder",
+        "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
+        "image_encoder",
+        clip_map.CLIP,
+        clip_map.CONFIG_JSON,
+    ),
 }
 
 
@@ -92,8 +97,10 @@ def open_frozen_source(comp: Frozen, source: Path, layout: str) -> tuple[Any, st
     if layout != "auto":
         candidates = [c for c in candidates if c[0] == layout]
     if not candidates:
-        raise UserError(f"'{source}' holds no {comp.section} weights: expected {comp.original_file} (original) or "
-                        f"{comp.diffusers_dir}/*.safetensors (diffusers)")
+        raise UserError(
+            f"'{source}' holds no {comp.section} weights: expected {comp.original_file} (original) or "
+            f"{comp.diffusers_dir}/*.safetensors (diffusers)"
+        )
     kind, path = candidates[0]
     reader = TorchFile(path) if path.suffix in (".pth", ".pt", ".bin") else open_dir(path)
     return reader, kind, path
@@ -127,10 +134,13 @@ def convert_frozen(args: argparse.Namespace) -> int:
 
         require_torch()
         if layout != "diffusers":
-            raise UserError(f"--verify for {args.component} loads the transformers/diffusers module: give the "
-                            f"diffusers-layout source ({comp.diffusers_dir}/), or convert without --verify")
-    params = comp.model.convert(section, reader.shapes, reader.read, layout, DTYPES[args.dtype],
-                                bar=f"{args.component} ({layout})")
+            raise UserError(
+                f"--verify for {args.component} loads the transformers/diffusers module: give the "
+                f"diffusers-layout source ({comp.diffusers_dir}/), or convert without --verify"
+            )
+    params = comp.model.convert(
+        section, reader.shapes, reader.read, layout, DTYPES[args.dtype], bar=f"{args.component} ({layout})"
+    )
     save_model(out, params, config, force=args.force)
     leaves = jax.tree.leaves(params)
     print(f"wrote {out}: {args.component} ({layout}), {sum(a.size for a in leaves):,} {args.dtype} params")
@@ -140,7 +150,9 @@ def convert_frozen(args: argparse.Namespace) -> int:
     from onestory_jax.convert.dit_verify import TOLERANCE
 
     tol = TOLERANCE[args.dtype]
-    print(f"verify: max |ours - reference| = {err:.3e}, relative {rel:.3e} (tolerance {tol:g}): {'OK' if rel <= tol else 'FAILED'}")
+    print(
+        f"verify: max |ours - reference| = {err:.3e}, relative {rel:.3e} (tolerance {tol:g}): {'OK' if rel <= tol else 'FAILED'}"
+    )
     return 0 if rel <= tol else 1
 
 

@@ -21,11 +21,21 @@ from onestory_jax.models.layers import DTYPES
 # transformers `CLIPVisionConfig` (config.json of `image_encoder/`, or a CLIPConfig's vision_config):
 # our field -> (its key, its default); Wan's tower uses exact GELU on RGB, transformers' default is quick GELU.
 CONFIG_JSON = SourceSchema(
-    "CLIP vision tower (CLIPVisionConfig)", {"model_type": ("clip_vision_model",)},
-    {"image_size": ("image_size", 224), "patch_size": ("patch_size", 32), "hidden_size": ("hidden_size", 768),
-     "intermediate_size": ("intermediate_size", 3072), "num_layers": ("num_hidden_layers", 12),
-     "num_heads": ("num_attention_heads", 12), "eps": ("layer_norm_eps", 1e-5), "activation": ("hidden_act", "quick_gelu")},
-    fixed={"num_channels": 3}, nested="vision_config")
+    "CLIP vision tower (CLIPVisionConfig)",
+    {"model_type": ("clip_vision_model",)},
+    {
+        "image_size": ("image_size", 224),
+        "patch_size": ("patch_size", 32),
+        "hidden_size": ("hidden_size", 768),
+        "intermediate_size": ("intermediate_size", 3072),
+        "num_layers": ("num_hidden_layers", 12),
+        "num_heads": ("num_attention_heads", 12),
+        "eps": ("layer_norm_eps", 1e-5),
+        "activation": ("hidden_act", "quick_gelu"),
+    },
+    fixed={"num_channels": 3},
+    nested="vision_config",
+)
 
 _LINEAR = (("kernel", "weight", "linear"), ("bias", "bias", "identity"))
 _NORM = (("scale", "weight", "identity"), ("bias", "bias", "identity"))
@@ -57,8 +67,9 @@ def hf_prefix(shapes: TensorShapes) -> str:
 def sources(cfg: ImageEncoderConfig, layout: Layout, shapes: TensorShapes, abstract: Any = None) -> list[Source]:
     """Every leaf's PyTorch source (blocks 0 .. num_layers - 2)."""
     original, vm = layout == "original", hf_prefix(shapes)
-    out = [Source(path, (orig if original else vm + hf,), tf_orig if original else tf_hf)
-           for path, hf, orig, tf_hf, tf_orig in _TOP]
+    out = [
+        Source(path, (orig if original else vm + hf,), tf_orig if original else tf_hf) for path, hf, orig, tf_hf, tf_orig in _TOP
+    ]
     prefix = "visual.transformer." if original else f"{vm}encoder.layers."
     per_layer = lambda name: tuple(f"{prefix}{i}.{name}" for i in range(cfg.num_layers - 1))
     for path, hf, orig, tf in _BLOCK:
@@ -75,8 +86,9 @@ def _unused(cfg: ImageEncoderConfig, layout: Layout, shapes: TensorShapes):
     if layout == "original":
         return ignore_modules([f"visual.transformer.{last}", "visual.post_norm", "visual.head", "textual", "log_scale"])
     vm = hf_prefix(shapes)
-    return ignore_modules([f"{vm}encoder.layers.{last}", f"{vm}post_layernorm", "visual_projection",
-                           f"{vm}embeddings.position_ids"])
+    return ignore_modules(
+        [f"{vm}encoder.layers.{last}", f"{vm}post_layernorm", "visual_projection", f"{vm}embeddings.position_ids"]
+    )
 
 
 CLIP = ModelMap("CLIP vision", init_fn, sources, _unused)

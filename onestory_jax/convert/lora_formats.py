@@ -47,14 +47,19 @@ LeafPath = tuple[str, ...]
 PREFIXES = {"transformer.": "diffusers", "diffusion_model.": "original", "lora_unet_": "kohya"}
 # key suffix -> what the tensor is
 SUFFIXES = {
-    ".lora_A.weight": "down", ".lora_down.weight": "down",  # [rank, in]
-    ".lora_B.weight": "up", ".lora_up.weight": "up",  # [out, rank]
+    ".lora_A.weight": "down",
+    ".lora_down.weight": "down",  # [rank, in]
+    ".lora_B.weight": "up",
+    ".lora_up.weight": "up",  # [out, rank]
     ".alpha": "alpha",  # one number
-    ".lora_B.bias": "up_bias", ".diff_b": "diff_b",  # [out]
+    ".lora_B.bias": "up_bias",
+    ".diff_b": "diff_b",  # [out]
     ".diff": "diff",  # the full tensor's shape
 }
-FORMATS_HINT = ("read: diffusers/PEFT `transformer.*.lora_A|lora_B.weight`, kohya `lora_unet_*.lora_down|lora_up.weight`, "
-                "original Wan `diffusion_model.*` with `.diff`/`.diff_b`; docs/sampling.md")
+FORMATS_HINT = (
+    "read: diffusers/PEFT `transformer.*.lora_A|lora_B.weight`, kohya `lora_unet_*.lora_down|lora_up.weight`, "
+    "original Wan `diffusion_model.*` with `.diff`/`.diff_b`; docs/sampling.md"
+)
 ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' safetensors header entry: the PEFT LoraConfig as JSON
 
 
@@ -111,8 +116,10 @@ class Names(NamedTuple):
 def names(cfg: DiTConfig) -> Names:
     """Every source tensor name of this DiT in both layouts (the converter's map), and the kohya spelling of
     each original module name ("." written "_")."""
-    targets = {layout: {name: Target(src, i) for src in dit.sources(cfg, layout) for i, name in enumerate(src.names)}
-               for layout in ("diffusers", "original")}
+    targets = {
+        layout: {name: Target(src, i) for src in dit.sources(cfg, layout) for i, name in enumerate(src.names)}
+        for layout in ("diffusers", "original")
+    }
     return Names(targets, {_module(name).replace(".", "_"): _module(name) for name in targets["original"]})
 
 
@@ -183,7 +190,14 @@ class _File:
     """One LoRA file being read into `deltas`: its tensors, user scale and where its errors point."""
 
     def __init__(self, path: Path, scale: float, cfg: DiTConfig, known: Names, abstract: Any, deltas: dict[LeafPath, LeafDelta]):
-        self.file, self.scale, self.cfg, self.known, self.abstract, self.deltas = SafetensorsFile(path), scale, cfg, known, abstract, deltas
+        self.file, self.scale, self.cfg, self.known, self.abstract, self.deltas = (
+            SafetensorsFile(path),
+            scale,
+            cfg,
+            known,
+            abstract,
+            deltas,
+        )
         self.where = f"LoRA '{path}'"
         self.alpha_of = _metadata_alpha(self.file.metadata, self.where)
 
@@ -202,15 +216,19 @@ class _File:
         """kernel += scale * (alpha / rank) * (up @ down)^T, and bias += the same factor * lora_B.bias; checked
         against the kernel's shape."""
         if missing := [k for k in ("down", "up") if k not in keys]:
-            raise UserError(f"{self.where}: {module} has no lora_{missing[0]} weight (its keys: {', '.join(sorted(keys.values()))})")
+            raise UserError(
+                f"{self.where}: {module} has no lora_{missing[0]} weight (its keys: {', '.join(sorted(keys.values()))})"
+            )
         t, shape, delta = self.target(layout, module, "down")
         if t.source.transform != "linear":
             raise UserError(f"{self.where}: {keys['down']}: LoRA on '{module}' (not a linear layer) is not supported")
         down, up = self.tensor(keys["down"]), self.tensor(keys["up"])  # [rank, in], [out, rank]
         rank, (in_dim, out_dim) = down.shape[0], shape
         if down.shape != (rank, in_dim) or up.shape != (out_dim, rank):
-            raise UserError(f"{self.where}: {module}: lora_down {list(down.shape)} and lora_up {list(up.shape)} do not fit "
-                            f"its weight [out {out_dim}, in {in_dim}] (a LoRA for another Wan model?)")
+            raise UserError(
+                f"{self.where}: {module}: lora_down {list(down.shape)} and lora_up {list(up.shape)} do not fit "
+                f"its weight [out {out_dim}, in {in_dim}] (a LoRA for another Wan model?)"
+            )
         factor = self.scale * self.alpha(keys.get("alpha"), module, rank) / rank
         delta.add_factors(t.layer, down.T, up.T * factor)  # [in, r], [r, out]
         if "up_bias" in keys:
@@ -240,8 +258,10 @@ class _File:
             raise UserError(f"{self.where} holds no tensors")
         groups, unmatched = _group(self.file.shapes, self.known)
         if unmatched:
-            raise UserError(f"{self.where}: {len(unmatched)} key(s) match no layer of this Wan2.1 {self.cfg.model_type.upper()} "
-                            f"DiT ({self.cfg.num_layers} blocks): {_shown(sorted(unmatched))} ({FORMATS_HINT})")
+            raise UserError(
+                f"{self.where}: {len(unmatched)} key(s) match no layer of this Wan2.1 {self.cfg.model_type.upper()} "
+                f"DiT ({self.cfg.num_layers} blocks): {_shown(sorted(unmatched))} ({FORMATS_HINT})"
+            )
         for (layout, module), keys in groups.items():
             if keys.keys() & {"down", "up", "alpha", "up_bias"}:
                 self.add_low_rank(layout, module, keys)
@@ -255,8 +275,10 @@ def read_loras(loras: Iterable[tuple[Path, float]], cfg: DiTConfig) -> dict[Leaf
     checked against the config's (abstract) param shapes, so a LoRA is refused before any weight is loaded."""
     switches = [f"dit.{f}={getattr(cfg, f)}" for f in ("weights_dtype", "offload") if getattr(cfg, f) != getattr(DiTConfig, f)]
     if switches:  # the merge adds to full-precision kernels on the device; these store them in fp8 or in host memory
-        raise UserError(f"a LoRA cannot be merged into a DiT loaded with {' and '.join(switches)} (low VRAM): "
-                        "sample without these switches, or with a model folder the LoRA is already merged into")
+        raise UserError(
+            f"a LoRA cannot be merged into a DiT loaded with {' and '.join(switches)} (low VRAM): "
+            "sample without these switches, or with a model folder the LoRA is already merged into"
+        )
     deltas: dict[LeafPath, LeafDelta] = {}
     known, abstract = names(cfg), abstract_tree(dit_init_fn(cfg))
     for path, scale in loras:

@@ -40,7 +40,9 @@ TRANSFORMS: dict[str, Transform] = {
     "identity": Transform(lambda s: s, lambda t, s: t),
     "linear": Transform(lambda s: s[::-1], lambda t, s: t.T),  # [out, in] -> [in, out]
     "conv2d": Transform(lambda s: (s[3], s[2], s[0], s[1]), lambda t, s: t.transpose(2, 3, 1, 0)),  # [O, I, h, w] -> [h, w, I, O]
-    "conv3d": Transform(lambda s: (s[4], s[3], *s[:3]), lambda t, s: t.transpose(2, 3, 4, 1, 0)),  # [O, I, t, h, w] -> [t, h, w, I, O]
+    "conv3d": Transform(
+        lambda s: (s[4], s[3], *s[:3]), lambda t, s: t.transpose(2, 3, 4, 1, 0)
+    ),  # [O, I, t, h, w] -> [t, h, w, I, O]
     "conv1x1": Transform(lambda s: (s[1], s[0], 1, 1), lambda t, s: t[:, :, 0, 0].T),  # a 1x1 Conv2d as Dense [I, O]
     # PyTorch keeps leading 1s up to rank 3: [1, 1, D] -> [D], [1, L, D] -> [L, D].
     "leading_ones": Transform(lambda s: (1,) * (3 - len(s)) + s, _reshape),
@@ -103,8 +105,9 @@ def check_keys(shapes: TensorShapes, expected: Mapping[str, Shape], ignored: Cal
     present = {k: tuple(v) for k, v in shapes.items() if not ignored(k)}
     missing = sorted(set(expected) - set(present))
     unexpected = sorted(set(present) - set(expected))
-    misshaped = sorted(f"{k} {present[k]} != expected {expected[k]}"
-                       for k in set(expected) & set(present) if present[k] != expected[k])
+    misshaped = sorted(
+        f"{k} {present[k]} != expected {expected[k]}" for k in set(expected) & set(present) if present[k] != expected[k]
+    )
     parts = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
         if items:
@@ -119,15 +122,17 @@ def checked(name: str, tensor: Any) -> np.ndarray:
     weights stored as integers, would convert silently into a broken model)."""
     array = np.asarray(tensor)
     if not (np.issubdtype(array.dtype, np.floating) or array.dtype in ML_FLOATS):
-        raise UserError(f"source tensor '{name}' holds {array.dtype} values, not floating-point weights: a corrupt or "
-                        "mislabelled checkpoint")
+        raise UserError(
+            f"source tensor '{name}' holds {array.dtype} values, not floating-point weights: a corrupt or mislabelled checkpoint"
+        )
     if not np.isfinite(array).all():
         raise UserError(f"source tensor '{name}' holds NaN or Inf: the checkpoint is corrupt or from a diverged run")
     return array
 
 
-def build_tree(sources: Iterable[Source], abstract: Any, read: ReadTensor, dtype: Any,
-               progress: Callable[[Source], None] | None = None) -> dict:
+def build_tree(
+    sources: Iterable[Source], abstract: Any, read: ReadTensor, dtype: Any, progress: Callable[[Source], None] | None = None
+) -> dict:
     """The Flax param tree in `dtype`, read tensor by tensor; `progress` is called after each leaf."""
     params: dict = {}
     for src in sources:
@@ -181,12 +186,12 @@ class ModelMap:
         check_layout(layout)
         abstract = abstract_tree(self.init_fn(cfg))
         srcs = self.sources(cfg, layout, shapes, abstract)
-        check_keys(shapes, expected_shapes(srcs, abstract), self.ignored(cfg, layout, shapes),
-                   f"{layout} {self.what} config")
+        check_keys(shapes, expected_shapes(srcs, abstract), self.ignored(cfg, layout, shapes), f"{layout} {self.what} config")
         return srcs, abstract
 
-    def convert(self, cfg: Any, shapes: TensorShapes, read: ReadTensor, layout: Layout, dtype: Any,
-                bar: str | None = None) -> dict:
+    def convert(
+        self, cfg: Any, shapes: TensorShapes, read: ReadTensor, layout: Layout, dtype: Any, bar: str | None = None
+    ) -> dict:
         """The Flax param tree in `dtype` from a PyTorch state dict (strict); with `bar`, a progress bar
         of that name counts the tensors (shown after the key check passes)."""
         srcs, abstract = self.check(cfg, shapes, layout)

@@ -21,9 +21,11 @@ from onestory_jax.io import require_writable
 from onestory_jax.models.folder import ONESTORY, PARTS, TOKENIZER
 
 # Wan2.1's `sample_neg_prompt` (wan/configs/shared_config.py); I2V prepends "镜头晃动，" (camera shake).
-WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
-                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
-                       "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
 I2V_NEGATIVE_PREFIX = "镜头晃动，"
 TOKENIZER_DIRS = ("tokenizer", "google/umt5-xxl")  # diffusers; original release
 FROZEN_COMPONENTS = {"vae": "vae", "umt5": "text_encoder", "clip": "image_encoder"}  # --component: part
@@ -57,14 +59,17 @@ def check_folder_out(out: Path, force: bool) -> Path:
     if held and not force:
         raise UserError(f"output '{out}' exists and is not empty (pass --force to replace it)")
     if others := [h for h in held if h not in PARTS]:
-        raise UserError(f"output '{out}' holds more than a model folder ({', '.join(others[:5])}): --force replaces only "
-                        "a folder of model parts; pick another --out")
+        raise UserError(
+            f"output '{out}' holds more than a model folder ({', '.join(others[:5])}): --force replaces only "
+            "a folder of model parts; pick another --out"
+        )
     require_writable(out.parent, "the output's parent folder")
     return out
 
 
-def convert_all(args: argparse.Namespace, dit: Callable[[argparse.Namespace], tuple],
-                frozen: Callable[[argparse.Namespace], int]) -> int:
+def convert_all(
+    args: argparse.Namespace, dit: Callable[[argparse.Namespace], tuple], frozen: Callable[[argparse.Namespace], int]
+) -> int:
     """Every part of a release into one model folder. `dit(args)` -> (params, config, source, verify);
     `frozen(args)` converts one frozen component (convert_frozen)."""
     source = Path(args.source)
@@ -85,14 +90,19 @@ def convert_all(args: argparse.Namespace, dit: Callable[[argparse.Namespace], tu
             if part == "image_encoder" and not i2v:
                 continue
             verify_part = args.verify and (source / part).is_dir()  # frozen parts verify from the diffusers layout
-            status |= frozen(argparse.Namespace(**{**vars(args), "component": component, "out": tmp / part, "force": False,
-                                                   "verify": verify_part}))
+            status |= frozen(
+                argparse.Namespace(
+                    **{**vars(args), "component": component, "out": tmp / part, "force": False, "verify": verify_part}
+                )
+            )
         shutil.copytree(tokenizer, tmp / TOKENIZER)
         if out.exists():
             shutil.rmtree(out)
         tmp.replace(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote model folder {out}: {', '.join(sorted(p.name for p in out.iterdir()))}; sampler: Wan's recipe "
-          f"({config.sampler.steps} steps, shift {config.sampler.shift}, guidance {config.sampler.guidance}, its negative prompt)")
+    print(
+        f"wrote model folder {out}: {', '.join(sorted(p.name for p in out.iterdir()))}; sampler: Wan's recipe "
+        f"({config.sampler.steps} steps, shift {config.sampler.shift}, guidance {config.sampler.guidance}, its negative prompt)"
+    )
     return status

@@ -72,8 +72,9 @@ def written_config(base: Config, section: str, value: Any, name: str, preset: st
     try:
         return dataclasses.replace(cfg, dit=dit, text_encoder=text, image_encoder=image).validate()
     except UserError as e:
-        raise UserError(f"the source {section} does not fit config '{preset or 'defaults'}' ({e}); "
-                        "pick one with --config") from None
+        raise UserError(
+            f"the source {section} does not fit config '{preset or 'defaults'}' ({e}); pick one with --config"
+        ) from None
 
 
 @dataclasses.dataclass(frozen=True)

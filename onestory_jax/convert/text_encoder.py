@@ -17,12 +17,21 @@ from onestory_jax.models.text_encoder import init_fn
 
 # transformers `UMT5Config` (config.json of `text_encoder/`): our field -> (its key, its default).
 CONFIG_JSON = SourceSchema(
-    "umT5 encoder (UMT5Config)", {"model_type": ("umt5",)},
-    {"vocab_size": ("vocab_size", 250112), "d_model": ("d_model", 512), "d_kv": ("d_kv", 64), "d_ff": ("d_ff", 1024),
-     "num_layers": ("num_layers", 8), "num_heads": ("num_heads", 6),
-     "relative_attention_num_buckets": ("relative_attention_num_buckets", 32),
-     "relative_attention_max_distance": ("relative_attention_max_distance", 128), "eps": ("layer_norm_epsilon", 1e-6)},
-    fixed={"feed_forward_proj": "gated-gelu"})
+    "umT5 encoder (UMT5Config)",
+    {"model_type": ("umt5",)},
+    {
+        "vocab_size": ("vocab_size", 250112),
+        "d_model": ("d_model", 512),
+        "d_kv": ("d_kv", 64),
+        "d_ff": ("d_ff", 1024),
+        "num_layers": ("num_layers", 8),
+        "num_heads": ("num_heads", 6),
+        "relative_attention_num_buckets": ("relative_attention_num_buckets", 32),
+        "relative_attention_max_distance": ("relative_attention_max_distance", 128),
+        "eps": ("layer_norm_epsilon", 1e-6),
+    },
+    fixed={"feed_forward_proj": "gated-gelu"},
+)
 
 # The tied copy of `shared.weight` that some transformers files also carry.
 TIED_EMBEDDING = "encoder.embed_tokens.weight"
@@ -30,8 +39,12 @@ TIED_EMBEDDING = "encoder.embed_tokens.weight"
 # Per-layer leaves: (our path, transformers name, original name, transform).
 _BLOCK = [
     *[(("attn", p, "kernel"), f"layer.0.SelfAttention.{p}.weight", f"attn.{p}.weight", "linear") for p in "qkvo"],
-    (("attn", "relative_bias"), "layer.0.SelfAttention.relative_attention_bias.weight",
-     "pos_embedding.embedding.weight", "identity"),
+    (
+        ("attn", "relative_bias"),
+        "layer.0.SelfAttention.relative_attention_bias.weight",
+        "pos_embedding.embedding.weight",
+        "identity",
+    ),
     (("norm1", "scale"), "layer.0.layer_norm.weight", "norm1.weight", "identity"),
     (("norm2", "scale"), "layer.1.layer_norm.weight", "norm2.weight", "identity"),
     (("ffn", "gate", "kernel"), "layer.1.DenseReluDense.wi_0.weight", "ffn.gate.0.weight", "linear"),
@@ -43,8 +56,11 @@ _BLOCK = [
 def sources(cfg: TextEncoderConfig, layout: Layout, shapes: TensorShapes, abstract: Any = None) -> list[Source]:
     """Every leaf's PyTorch source; the diffusers embedding may come from either tied name."""
     original = layout == "original"
-    embedding = "token_embedding.weight" if original else (
-        TIED_EMBEDDING if "shared.weight" not in shapes and TIED_EMBEDDING in shapes else "shared.weight")
+    embedding = (
+        "token_embedding.weight"
+        if original
+        else (TIED_EMBEDDING if "shared.weight" not in shapes and TIED_EMBEDDING in shapes else "shared.weight")
+    )
     out = [
         Source(("token_embedding", "embedding"), (embedding,)),
         Source(("norm", "scale"), ("norm.weight" if original else "encoder.final_layer_norm.weight",)),

@@ -21,16 +21,32 @@ from onestory_jax.models.vae import init_fn
 
 # diffusers `AutoencoderKLWan` config.json: our VAEConfig's architecture fields carry its names and
 # defaults; the Wan2.2 options must be off.
-_ARCHITECTURE = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temperal_downsample", "dropout",
-                 "latents_mean", "latents_std")
+_ARCHITECTURE = (
+    "base_dim",
+    "z_dim",
+    "dim_mult",
+    "num_res_blocks",
+    "attn_scales",
+    "temperal_downsample",
+    "dropout",
+    "latents_mean",
+    "latents_std",
+)
 CONFIG_JSON = SourceSchema(
-    "Wan2.1 VAE (AutoencoderKLWan)", {"_class_name": ("AutoencoderKLWan",)},
+    "Wan2.1 VAE (AutoencoderKLWan)",
+    {"_class_name": ("AutoencoderKLWan",)},
     {f: (f, getattr(VAEConfig(), f)) for f in _ARCHITECTURE},
-    fixed={"is_residual": False, "in_channels": 3, "out_channels": 3, "patch_size": None, "decoder_base_dim": None})
+    fixed={"is_residual": False, "in_channels": 3, "out_channels": 3, "patch_size": None, "decoder_base_dim": None},
+)
 
 # Residual-block parts: our name -> original `residual.N` / `shortcut` name.
-_RESIDUAL_ORIGINAL = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3",
-                      "conv2": "residual.6", "conv_shortcut": "shortcut"}
+_RESIDUAL_ORIGINAL = {
+    "norm1": "residual.0",
+    "conv1": "residual.2",
+    "norm2": "residual.3",
+    "conv2": "residual.6",
+    "conv_shortcut": "shortcut",
+}
 _TOP_ORIGINAL = {"quant_conv": "conv1", "post_quant_conv": "conv2"}
 _HEAD_ORIGINAL = {"conv_in": "conv1", "norm_out": "head.0", "conv_out": "head.2"}
 _LEAF = {"kernel": "weight", "bias": "bias", "scale": "gamma"}

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from onestory_jax.data.features import IMAGENET_MEAN, IMAGENET_STD, DinoV2Features, HistogramFeatures, l2_normalise, masked_image
 from onestory_jax.errors import UserError
-from onestory_jax.data.features import (IMAGENET_MEAN, IMAGENET_STD, DinoV2Features, HistogramFeatures, l2_normalise,
-                                         masked_image)
 
 Embedder = Callable[[np.ndarray], np.ndarray]  # uint8 frames [N, H, W, 3] -> features [N, E]
 # uint8 frames [N, H, W, 3], character masks bool [N, H, W] -> features [N, E]
@@ -41,7 +40,9 @@ def clip_embedder(path: Path) -> Embedder:
     except ImportError:
         raise UserError("the clip embedder needs torch and transformers: pip install 'onestory-jax[convert]'") from None
     except Exception as e:  # transformers raises many types for bad folders
-        raise UserError(f"cannot load CLIP from '{path}': {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        raise UserError(
+            f"cannot load CLIP from '{path}': {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+        ) from None
     size = model.config.image_size
 
     def embed(frames: np.ndarray) -> np.ndarray:

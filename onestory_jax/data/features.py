@@ -135,7 +135,7 @@ class DinoV2Features:
         out = []
         with self.torch.no_grad():
             for start in range(0, len(images), self.batch):
-                x = self.torch.from_numpy(images[start:start + self.batch]).permute(0, 3, 1, 2)
+                x = self.torch.from_numpy(images[start : start + self.batch]).permute(0, 3, 1, 2)
                 out.append(self.model(pixel_values=x).pooler_output.float().numpy())
         empty = ~masks.reshape(len(masks), -1).any(-1)
         return np.where(empty[:, None], 0.0, l2_normalise(np.concatenate(out))).astype(np.float32)
@@ -156,7 +156,7 @@ def masked_image(frame: np.ndarray, mask: np.ndarray, crop: bool, size: int = 22
         canvas = np.broadcast_to(fill, (side, side, 3)).copy()
         y0, x0 = max(top, 0), max(left, 0)
         y1, x1 = min(top + side, img.shape[0]), min(left + side, img.shape[1])
-        canvas[y0 - top:y1 - top, x0 - left:x1 - left] = img[y0:y1, x0:x1]
+        canvas[y0 - top : y1 - top, x0 - left : x1 - left] = img[y0:y1, x0:x1]
         img = canvas
     resized = np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC), np.float32) / 255.0
     return ((resized - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)

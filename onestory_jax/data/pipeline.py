@@ -70,15 +70,20 @@ def first_shot_example(video: dict[str, np.ndarray], cfg: Config) -> Example:
     """Shot 1 generated from its first frame (Wan's I2V task), with an empty memory."""
     lat = video["latents"]
     t = lat.shape[1]
-    return with_loss_weight({
-        "target": lat[0].astype(np.float32),
-        "memory": np.zeros((2 * t, *lat.shape[2:]), np.float32),
-        "memory_valid": np.zeros((2 * t,), bool),
-        "labels": np.zeros((2 * t,), np.float32),
-        "text": _padded_text(video, 0, cfg.dit.text_len),
-        "image": video["image_tokens"].astype(np.float32),
-        "cond": i2v_channels(video["first_image"]),
-    }, video, 0, cfg)
+    return with_loss_weight(
+        {
+            "target": lat[0].astype(np.float32),
+            "memory": np.zeros((2 * t, *lat.shape[2:]), np.float32),
+            "memory_valid": np.zeros((2 * t,), bool),
+            "labels": np.zeros((2 * t,), np.float32),
+            "text": _padded_text(video, 0, cfg.dit.text_len),
+            "image": video["image_tokens"].astype(np.float32),
+            "cond": i2v_channels(video["first_image"]),
+        },
+        video,
+        0,
+        cfg,
+    )
 
 
 def three_shot_example(video: dict[str, np.ndarray], rng: np.random.Generator, other: Any, cfg: Config) -> Example:
@@ -125,8 +130,10 @@ def three_shot_example(video: dict[str, np.ndarray], rng: np.random.Generator, o
 def other_index(rng: np.random.Generator, n: int, exclude: int) -> int:
     """A uniform draw from range(n) without `exclude`: the video a cross-video insertion comes from."""
     if n < 2:
-        raise UserError("shot inflation inserts a shot from another video, but the training data holds only one video "
-                        "(add videos, or set train.insertion_prob=0)")
+        raise UserError(
+            "shot inflation inserts a shot from another video, but the training data holds only one video "
+            "(add videos, or set train.insertion_prob=0)"
+        )
     j = int(rng.integers(0, n - 1))
     return j + (j >= exclude)
 
@@ -136,10 +143,12 @@ def warn_if_selection_keeps_everything(cfg: Config, frames_per_shot: int, latent
     `frames_per_shot` latent frames): Frame Selection then never drops a frame in training."""
     k, memory = num_selected(cfg.memory, latent_hw), 2 * frames_per_shot
     if k >= memory:
-        warnings.warn(f"the Adaptive Conditioner keeps K={k} frames at {latent_hw[0]}x{latent_hw[1]} latents, but a "
-                      f"training example's memory holds {memory} (2 shots x {frames_per_shot} latent frames): Frame "
-                      "Selection never drops a frame in training. Lower memory.frames_per_patchifier or use longer shots.",
-                      stacklevel=3)
+        warnings.warn(
+            f"the Adaptive Conditioner keeps K={k} frames at {latent_hw[0]}x{latent_hw[1]} latents, but a "
+            f"training example's memory holds {memory} (2 shots x {frames_per_shot} latent frames): Frame "
+            "Selection never drops a frame in training. Lower memory.frames_per_patchifier or use longer shots.",
+            stacklevel=3,
+        )
 
 
 def make_dataset(cfg: Config, batch_size: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
@@ -147,8 +156,10 @@ def make_dataset(cfg: Config, batch_size: int, process_index: int = 0, process_c
     path = Path(cfg.train.data)
     files = sorted(path.glob("*.arrayrecord")) if path.is_dir() else [path]
     if not path.exists() or not files:
-        raise UserError(f"training data '{path}' does not exist or holds no .arrayrecord files "
-                        "(train.data=PATH: a records file or folder from onestory_jax.data.prepare)")
+        raise UserError(
+            f"training data '{path}' does not exist or holds no .arrayrecord files "
+            "(train.data=PATH: a records file or folder from onestory_jax.data.prepare)"
+        )
     source = RecordFiles(files)  # a damaged file or record: one line naming it
     if len(source) == 0:
         raise UserError(f"training data '{path}' holds no records")

@@ -13,15 +13,17 @@ tokenizer/): converted Wan2.1 weights or the embedded default's. --captions has 
 line, {"video": "NAME.mp4", "captions": ["shot 1", ...]}; --boundaries, {"video": "NAME.mp4",
 "shots": [[start, end), ...]} in frames; videos without boundaries are cut by PySceneDetect's content
 detector. --synthetic renders procedural stories (onestory_jax.data.synthetic) instead (their records know
-which character each shot shows: `shot_keys`), and --character-weight W makes the pseudo-label features character-aware: the rendered characters' pixels (weight W) mixed
-with the whole frame (1 - W), see `embedders.with_character_regions`.
+which character each shot shows: `shot_keys`), and --character-weight W makes the pseudo-label features
+character-aware: the rendered characters' pixels (weight W) mixed with the whole frame (1 - W), see
+`embedders.with_character_regions`.
 
 Every shot is centre-cropped and resized to --size, sampled to --frames (4k+1) frames and
 VAE-encoded; its caption is encoded by the umT5; each latent frame's middle pixel frame is embedded
 for the pseudo-labels; shot 1 also gets an augmented copy (flip, crop, colour jitter), CLIP
-tokens of its first frame and that frame's I2V image latents (`data.video.image_clip`). Each video becomes DIR/records/ID.arrayrecord (atomic), listed in
-DIR/manifest.json; a re-run skips videos already written, and refuses other --frames, --size or
---embedder than they were prepared with (data/prepare_checks.py). One run at a time per --out (a lock).
+tokens of its first frame and that frame's I2V image latents (`data.video.image_clip`). Each video
+becomes DIR/records/ID.arrayrecord (atomic), listed in DIR/manifest.json; a re-run skips videos already
+written, and refuses other --frames, --size or --embedder than they were prepared with
+(data/prepare_checks.py). One run at a time per --out (a lock).
 """
 
 from __future__ import annotations
@@ -37,8 +39,14 @@ import numpy as np
 from tqdm import tqdm
 
 from onestory_jax.data.embedders import Embedder, combined, load_embedder, with_character_regions
-from onestory_jax.data.prepare_checks import (captions_value, check_existing_record, check_numbers, check_settings,
-                                             check_unique_ids, shots_value)
+from onestory_jax.data.prepare_checks import (
+    captions_value,
+    check_existing_record,
+    check_numbers,
+    check_settings,
+    check_unique_ids,
+    shots_value,
+)
 from onestory_jax.data.records import write_records
 from onestory_jax.data.video import detect_shots, image_clip, read_video, resize_frame, sample_frames, to_uint8
 from onestory_jax.errors import UserError, run_cli
@@ -63,7 +71,7 @@ def augment(clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     scale = rng.uniform(0.8, 1.0)
     ch, cw = int(h * scale), int(w * scale)
     y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-    frames = to_uint8(clip[:, y:y + ch, x:x + cw][:, :, ::-1])  # mirror the width axis; channel order kept
+    frames = to_uint8(clip[:, y : y + ch, x : x + cw][:, :, ::-1])  # mirror the width axis; channel order kept
     out = np.stack([resize_frame(f, w, h) for f in frames])
     brightness, contrast = rng.uniform(-0.15, 0.15), rng.uniform(0.8, 1.2)
     gains = rng.uniform(0.9, 1.1, 3)
@@ -71,8 +79,7 @@ def augment(clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip((out - mean) * contrast + mean + brightness, -1, 1) * gains.clip(max=1.0)
 
 
-def label_embeddings(clips: list[np.ndarray], masks: Masks, embed: Embedder, frames: int,
-                     character_weight: float) -> np.ndarray:
+def label_embeddings(clips: list[np.ndarray], masks: Masks, embed: Embedder, frames: int, character_weight: float) -> np.ndarray:
     """Pseudo-label features [S, T, E] of each latent frame's middle pixel frame: whole frames, or
     (character_weight > 0) mixed with the characters' regions of `masks` (same size as the clips)."""
     middles = latent_frame_middles(frames)
@@ -84,9 +91,19 @@ def label_embeddings(clips: list[np.ndarray], masks: Masks, embed: Embedder, fra
     return np.stack([region_embed(to_uint8(c[middles]), sample_frames(m, frames)[middles] > 0) for c, m in zip(clips, masks)])
 
 
-def encode_video(video_id: str, shots: Shots, captions: list[str], comps: Any, embed: Embedder,
-                 frames: int, size: tuple[int, int], seed: int, masks: Masks = None,
-                 character_weight: float = 0.0, shot_keys: list[int] | None = None) -> dict[str, np.ndarray]:
+def encode_video(
+    video_id: str,
+    shots: Shots,
+    captions: list[str],
+    comps: Any,
+    embed: Embedder,
+    frames: int,
+    size: tuple[int, int],
+    seed: int,
+    masks: Masks = None,
+    character_weight: float = 0.0,
+    shot_keys: list[int] | None = None,
+) -> dict[str, np.ndarray]:
     """One record (onestory_jax.data.records) from a video's shots, captions, (optional) character
     masks and (optional) identity key per shot."""
     width, height = size
@@ -98,8 +115,11 @@ def encode_video(video_id: str, shots: Shots, captions: list[str], comps: Any, e
     embeddings = label_embeddings(clips, masks, embed, frames, character_weight)
     rng = np.random.default_rng([seed, zlib.crc32(video_id.encode())])
     record = {
-        "latents": latents.astype(np.float32), "text": text.astype(np.float32), "text_lengths": lengths,
-        "frame_embeddings": embeddings, "augmented_first": comps.encode_video(augment(clips[0], rng)).astype(np.float32),
+        "latents": latents.astype(np.float32),
+        "text": text.astype(np.float32),
+        "text_lengths": lengths,
+        "frame_embeddings": embeddings,
+        "augmented_first": comps.encode_video(augment(clips[0], rng)).astype(np.float32),
         "image_tokens": (comps.encode_image(clips[0][0]) if comps.encode_image else np.zeros((1, 1))).astype(np.float32),
         "first_image": comps.encode_video(image_clip(clips[0][0], frames)).astype(np.float32),
         "shot_keys": np.asarray(shot_keys if shot_keys is not None else [-1] * len(shots), np.int32),
@@ -114,7 +134,7 @@ def character_cells(masks: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray
     """The share of each latent cell [T, h, w] that characters cover, from pixel masks [F, H, W] (F = 4k+1):
     Wan's causal grouping in time (frame 0, then groups of 4), average pooling in space."""
     on = (masks > 0).astype(np.float32)
-    groups = [on[:1]] + [on[i:i + 4] for i in range(1, len(on), 4)]
+    groups = [on[:1]] + [on[i : i + 4] for i in range(1, len(on), 4)]
     per_frame = np.stack([g.mean(0) for g in groups])  # [T, H, W]
     (h, w), (ph, pw) = latent_hw, (on.shape[1] // latent_hw[0], on.shape[2] // latent_hw[1])
     return per_frame.reshape(len(groups), h, ph, w, pw).mean((2, 4)).astype(np.float32)
@@ -134,7 +154,7 @@ def _jsonl(path: Path | None, key: str, parse: Callable[[Any], Any]) -> dict[str
             row = json.loads(line)
             out[str(row["video"])] = parse(row[key])
         except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
-            raise UserError(f"{path}:{n}: expected {{\"video\": ..., \"{key}\": ...}} ({e})") from None
+            raise UserError(f'{path}:{n}: expected {{"video": ..., "{key}": ...}} ({e})') from None
     return out
 
 
@@ -171,6 +191,7 @@ def synthetic_videos(count: int, seed: int, frames: int, size: int) -> Iterator[
     from onestory_jax.data import synthetic
 
     for i in range(seed, seed + count):
+
         def load(i: int = i) -> tuple[Shots, list[str], Masks, list[int]]:
             story = synthetic.make_story(i, 2 if i % 5 == 0 else None)
             shots, masks = zip(*synthetic.render_synthetic(story, frames, size))
@@ -220,10 +241,34 @@ def prepare(args: argparse.Namespace) -> Path:
                 check_existing_record(path, args.frames, (width, height), cfg.vae)
             else:
                 shots, captions, masks, keys = load()
-                write_records(path, [encode_video(video_id, shots, captions, comps, embed, args.frames, (width, height),
-                                                  args.seed, masks, args.character_weight, keys)])
-    write_manifest(args.out, {"model": str(args.model), "frames": args.frames, "size": [width, height],
-                              "embedders": list(names), "character_weight": args.character_weight})
+                write_records(
+                    path,
+                    [
+                        encode_video(
+                            video_id,
+                            shots,
+                            captions,
+                            comps,
+                            embed,
+                            args.frames,
+                            (width, height),
+                            args.seed,
+                            masks,
+                            args.character_weight,
+                            keys,
+                        )
+                    ],
+                )
+    write_manifest(
+        args.out,
+        {
+            "model": str(args.model),
+            "frames": args.frames,
+            "size": [width, height],
+            "embedders": list(names),
+            "character_weight": args.character_weight,
+        },
+    )
     return args.out
 
 
@@ -271,12 +316,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=17, help="frames per shot (4k+1)")
     ap.add_argument("--size", type=_size, default=(64, 64), help="WIDTHxHEIGHT (default 64x64)")
     ap.add_argument("--embedder", action="append", help="pixel (default), dinov2:PATH, clip:PATH; repeat to average")
-    ap.add_argument("--character-weight", type=float, default=0.0,
-                    help="synthetic: weight of the characters' regions in the pseudo-label features (0: whole frames)")
-    ap.add_argument("--shard", type=shard_of, metavar="I/N", help="prepare every N-th video from the I-th (0-based); "
-                    "N machines together prepare all (default: 0/1, or this host's share with --distributed)")
-    ap.add_argument("--distributed", action="store_true", help="one shard per process of a pod or cluster "
-                    "(jax.distributed.initialize(), as train.py --distributed)")
+    ap.add_argument(
+        "--character-weight",
+        type=float,
+        default=0.0,
+        help="synthetic: weight of the characters' regions in the pseudo-label features (0: whole frames)",
+    )
+    ap.add_argument(
+        "--shard",
+        type=shard_of,
+        metavar="I/N",
+        help="prepare every N-th video from the I-th (0-based); "
+        "N machines together prepare all (default: 0/1, or this host's share with --distributed)",
+    )
+    ap.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one shard per process of a pod or cluster (jax.distributed.initialize(), as train.py --distributed)",
+    )
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.distributed:

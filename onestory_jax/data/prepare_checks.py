@@ -49,8 +49,7 @@ def check_unique_ids(files: list[Path]) -> None:
         by_stem[f.stem].append(f.name)
     clash = next((names for names in by_stem.values() if len(names) > 1), None)
     if clash:
-        raise UserError(f"videos {' and '.join(clash)} would both become records/{Path(clash[0]).stem}.arrayrecord: "
-                        "rename one")
+        raise UserError(f"videos {' and '.join(clash)} would both become records/{Path(clash[0]).stem}.arrayrecord: rename one")
 
 
 def check_settings(out: Path, settings: dict[str, Any]) -> None:
@@ -65,8 +64,10 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
     changed = [k for k, v in settings.items() if k in before and before[k] != v]
     if changed:
         shown = ", ".join(f"{k} {before[k]} -> {settings[k]}" for k in changed)
-        raise UserError(f"--out '{out}' was prepared with other settings ({shown}): its records would mix; "
-                        "use another --out, or the same settings to resume")
+        raise UserError(
+            f"--out '{out}' was prepared with other settings ({shown}): its records would mix; "
+            "use another --out, or the same settings to resume"
+        )
 
 
 def check_existing_record(path: Path, frames: int, size: tuple[int, int], vae: VAEConfig) -> None:
@@ -75,6 +76,8 @@ def check_existing_record(path: Path, frames: int, size: tuple[int, int], vae: V
     for video in read_records(path):
         got = tuple(video["latents"].shape[1:4])
         if got != expected:
-            raise UserError(f"'{path}' holds latents of {got[0]} frames of {got[1]}x{got[2]} but this run makes "
-                            f"{expected[0]} of {expected[1]}x{expected[2]} (other --frames or --size): use another --out, "
-                            "or delete the record to re-prepare it")
+            raise UserError(
+                f"'{path}' holds latents of {got[0]} frames of {got[1]}x{got[2]} but this run makes "
+                f"{expected[0]} of {expected[1]}x{expected[2]} (other --frames or --size): use another --out, "
+                "or delete the record to re-prepare it"
+            )

@@ -29,8 +29,17 @@ from onestory_jax.config import Config
 from onestory_jax.errors import UserError
 from onestory_jax.io import atomic_path
 
-RECORD_KEYS = ("latents", "text", "text_lengths", "frame_embeddings", "augmented_first", "image_tokens", "first_image",
-               "shot_keys", "id")
+RECORD_KEYS = (
+    "latents",
+    "text",
+    "text_lengths",
+    "frame_embeddings",
+    "augmented_first",
+    "image_tokens",
+    "first_image",
+    "shot_keys",
+    "id",
+)
 OPTIONAL_KEYS = ("character_cells",)
 
 
@@ -59,21 +68,27 @@ def decode_record(data: bytes, index: int | str | None = None) -> dict[str, np.n
     except Exception as e:  # zip/npy errors come in many types
         raise UserError(f"dataset record {index if index is not None else '?'} is corrupt: {e}") from None
     if missing:
-        raise UserError(f"dataset record {index if index is not None else '?'} was prepared by an older version (it lacks "
-                        f"{', '.join(missing)}): prepare the data again with onestory_jax.data.prepare")
+        raise UserError(
+            f"dataset record {index if index is not None else '?'} was prepared by an older version (it lacks "
+            f"{', '.join(missing)}): prepare the data again with onestory_jax.data.prepare"
+        )
     return video
 
 
 def check_record_fits(video: dict[str, np.ndarray], cfg: Config, name: str) -> None:
     """Refuse a record prepared for another model (latent channels, text or image feature widths)."""
-    widths = {"latents": (video["latents"].shape[-1], cfg.vae.z_dim, "vae.z_dim"),
-              "text": (video["text"].shape[-1], cfg.dit.text_dim, "dit.text_dim")}
+    widths = {
+        "latents": (video["latents"].shape[-1], cfg.vae.z_dim, "vae.z_dim"),
+        "text": (video["text"].shape[-1], cfg.dit.text_dim, "dit.text_dim"),
+    }
     if cfg.dit.has_image_branch:
         widths["image_tokens"] = (video["image_tokens"].shape[-1], cfg.dit.image_dim, "dit.image_dim")
     for key, (got, want, field) in widths.items():
         if got != want:
-            raise UserError(f"training data {name} was prepared for another model: its {key} have width {got}, this "
-                            f"config's {field} is {want} (prepare the data with this model's folder)")
+            raise UserError(
+                f"training data {name} was prepared for another model: its {key} have width {got}, this "
+                f"config's {field} is {want} (prepare the data with this model's folder)"
+            )
 
 
 def write_records(path: str | Path, videos: Iterable[dict[str, np.ndarray]]) -> int:

@@ -30,8 +30,14 @@ import numpy as np
 from onestory_jax.errors import UserError
 
 SHAPES = ("square", "circle", "triangle", "diamond")
-COLOURS = {"red": (220, 40, 40), "yellow": (230, 210, 40), "green": (50, 190, 60),
-           "cyan": (40, 200, 210), "blue": (50, 70, 230), "magenta": (210, 50, 210)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "yellow": (230, 210, 40),
+    "green": (50, 190, 60),
+    "cyan": (40, 200, 210),
+    "blue": (50, 70, 230),
+    "magenta": (210, 50, 210),
+}
 # name -> (caption phrase, base colour, texture colour, texture kind): grey-ish, low-contrast textures
 SCENES = {
     "snow": ("a snowy field", (200, 200, 206), (185, 186, 194), "dots"),
@@ -195,12 +201,16 @@ def synthetic_to_dict(story: SyntheticStory) -> dict[str, Any]:
 
 def synthetic_from_dict(data: dict[str, Any]) -> SyntheticStory:
     chars = tuple(Character(**c) for c in data["characters"])
-    shots = tuple(Shot(s["caption"], tuple(s["characters"]), s["scene"], s["motion"], tuple(s["pan"]),
-                       tuple(tuple(p) for p in s["starts"])) for s in data["shots"])
+    shots = tuple(
+        Shot(s["caption"], tuple(s["characters"]), s["scene"], s["motion"], tuple(s["pan"]), tuple(tuple(p) for p in s["starts"]))
+        for s in data["shots"]
+    )
     return SyntheticStory(chars, shots)
 
 
-def save_synthetic(folder: str | Path, story: SyntheticStory, rendered: list[tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
+def save_synthetic(
+    folder: str | Path, story: SyntheticStory, rendered: list[tuple[np.ndarray, np.ndarray]] | None = None
+) -> Path:
     """Write `story.json` (ground truth) and, when given, `shot_NN.npz` (frames, masks) to `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -217,8 +227,10 @@ def load_synthetic(folder: str | Path) -> SyntheticStory:
 
 def story_file(story: SyntheticStory, frames: int = 17, size: int = 64, **settings: Any) -> dict[str, Any]:
     """A sample.py story dict (captions only) for a synthetic story."""
-    return {"settings": {"width": size, "height": size, "frames": frames, **settings},
-            "shots": [{"caption": s.caption} for s in story.shots]}
+    return {
+        "settings": {"width": size, "height": size, "frames": frames, **settings},
+        "shots": [{"caption": s.caption} for s in story.shots],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,9 +239,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import yaml
 
-    ap = argparse.ArgumentParser(description="Write synthetic ground-truth stories: OUT/sSEED/story.json (what "
-                                 "`python -m onestory_jax.eval --truth` reads), story.yaml (what sample.py renders) "
-                                 "and, with --render, the true frames and masks (shot_NN.npz, for `eval --stories`).")
+    ap = argparse.ArgumentParser(
+        description="Write synthetic ground-truth stories: OUT/sSEED/story.json (what "
+        "`python -m onestory_jax.eval --truth` reads), story.yaml (what sample.py renders) "
+        "and, with --render, the true frames and masks (shot_NN.npz, for `eval --stories`)."
+    )
     ap.add_argument("--seed", type=int, default=1_000_000, help="first seed (held-out stories start at 1,000,000)")
     ap.add_argument("--stories", type=int, default=1)
     ap.add_argument("--shots", type=int, default=8)
@@ -242,12 +256,15 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--shots must be >= 2, --stories >= 1, --frames 4k + 1 and --size a multiple of 16")
     for seed in range(args.seed, args.seed + args.stories):
         story = make_story(seed, args.shots)
-        folder = save_synthetic(args.out / f"s{seed}", story,
-                                render_synthetic(story, args.frames, args.size) if args.render else None)
+        folder = save_synthetic(
+            args.out / f"s{seed}", story, render_synthetic(story, args.frames, args.size) if args.render else None
+        )
         (folder / "story.yaml").write_text(yaml.safe_dump(story_file(story, args.frames, args.size), sort_keys=False))
-        print(f"{folder}: {len(story.shots)} shots; render with `python sample.py --checkpoint models/demo --story "
-              f"{folder}/story.yaml --out out/s{seed}`, score with `python -m onestory_jax.eval --run out/s{seed} "
-              f"--truth {folder}`")
+        print(
+            f"{folder}: {len(story.shots)} shots; render with `python sample.py --checkpoint models/demo --story "
+            f"{folder}/story.yaml --out out/s{seed}`, score with `python -m onestory_jax.eval --run out/s{seed} "
+            f"--truth {folder}`"
+        )
     return 0
 
 

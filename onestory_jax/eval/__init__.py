@@ -1,7 +1,7 @@
 """Evaluation of multi-shot stories: the paper's metric families on frames (docs/evaluation.md).
 
-    from onestory_jax.eval import evaluate_story, load_features
-    result = evaluate_story(frames_per_shot, truth_story, load_features())
+from onestory_jax.eval import evaluate_story, load_features
+result = evaluate_story(frames_per_shot, truth_story, load_features())
 """
 
 from onestory_jax.data.features import DinoV2Features, FeatureExtractor, HistogramFeatures, load_features

@@ -50,8 +50,10 @@ def check_captions(run: Path, truth_captions: list[str], truth: Path) -> None:
         return  # no manifest (shot videos only): nothing to compare
     for i, (ours, theirs) in enumerate(zip(captions, truth_captions)):
         if ours != theirs:
-            raise UserError(f"run '{run}' shot {i + 1} was rendered from {ours!r}, but the ground truth '{truth}' says "
-                            f"{theirs!r}: score a run of this story (its story.yaml)")
+            raise UserError(
+                f"run '{run}' shot {i + 1} was rendered from {ours!r}, but the ground truth '{truth}' says "
+                f"{theirs!r}: score a run of this story (its story.yaml)"
+            )
 
 
 def _mean_summary(results: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -65,8 +67,13 @@ def evaluate_stories(root: Path, features: FeatureExtractor, segment: bool = Fal
     for folder in loading.story_folders(root):
         story, frames, masks = loading.load_rendered(folder)
         results[folder.name] = _evaluate(frames, story, features, None if segment else masks)
-    return {"stories_dir": str(root), "feature": features.name, "stories": len(results),
-            "mean": _mean_summary(list(results.values())), "per_story": results}
+    return {
+        "stories_dir": str(root),
+        "feature": features.name,
+        "stories": len(results),
+        "mean": _mean_summary(list(results.values())),
+        "per_story": results,
+    }
 
 
 def _print_summary(summary: dict[str, float | None], feature: str, out: Path) -> None:
@@ -76,8 +83,9 @@ def _print_summary(summary: dict[str, float | None], feature: str, out: Path) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m onestory_jax.eval", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m onestory_jax.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--run", type=Path, help="sample.py output directory (shot_NN.mp4, manifest.json)")
     what.add_argument("--stories", type=Path, help="folder of rendered synthetic.save_synthetic folders")

@@ -29,7 +29,9 @@ def unavailable(reason: str) -> dict[str, Any]:
     return {"status": "unavailable", "score": None, "reason": reason}
 
 
-def _check(frames_per_shot: list[np.ndarray], truth: synthetic.SyntheticStory | None, truth_masks: list[np.ndarray] | None) -> None:
+def _check(
+    frames_per_shot: list[np.ndarray], truth: synthetic.SyntheticStory | None, truth_masks: list[np.ndarray] | None
+) -> None:
     """ValueError naming the first shot whose frames or masks do not fit."""
     if not frames_per_shot:
         raise ValueError("no shots to evaluate")
@@ -70,8 +72,9 @@ def _pair_scores(pairs: list[tuple[Any, int, int]], feats: dict[tuple[Any, int],
     return rows, missing
 
 
-def _inter_shot(frames: list[np.ndarray], masks: list[np.ndarray], truth: synthetic.SyntheticStory,
-                features: FeatureExtractor) -> tuple[dict, dict, list[dict]]:
+def _inter_shot(
+    frames: list[np.ndarray], masks: list[np.ndarray], truth: synthetic.SyntheticStory, features: FeatureExtractor
+) -> tuple[dict, dict, list[dict]]:
     """Character and environment consistency, and the per-shot attribute checks."""
     char_feats, scene_feats, attributes = {}, {}, []
     for s, (f, m) in enumerate(zip(frames, masks)):
@@ -93,13 +96,22 @@ def _inter_shot(frames: list[np.ndarray], masks: list[np.ndarray], truth: synthe
         r["recall"] = is_recall
     recall = [r for r in rows if r["recall"]]
     character = {
-        "status": "ok", "score": metrics.mean_or_none([r["similarity"] for r in rows]), "pairs": len(rows),
-        "recall_score": metrics.mean_or_none([r["similarity"] for r in recall]), "recall_pairs": len(recall),
-        "absent": missing, "per_pair": rows,
+        "status": "ok",
+        "score": metrics.mean_or_none([r["similarity"] for r in rows]),
+        "pairs": len(rows),
+        "recall_score": metrics.mean_or_none([r["similarity"] for r in recall]),
+        "recall_pairs": len(recall),
+        "absent": missing,
+        "per_pair": rows,
     }
     rows, missing = _pair_scores(list(metrics.scene_pairs(truth)), scene_feats, "scene")
-    environment = {"status": "ok", "score": metrics.mean_or_none([r["similarity"] for r in rows]), "pairs": len(rows),
-                   "absent": missing, "per_pair": rows}
+    environment = {
+        "status": "ok",
+        "score": metrics.mean_or_none([r["similarity"] for r in rows]),
+        "pairs": len(rows),
+        "absent": missing,
+        "per_pair": rows,
+    }
     return character, environment, attributes
 
 
@@ -120,7 +132,11 @@ def _intra_shot(frames: list[np.ndarray], masks: list[np.ndarray] | None, featur
             row["background"] = metrics.vbench_consistency(features(f, _region(masks[s], [0]), crop=False))
         per_shot.append(row)
     out: dict[str, Any] = {"status": "ok"}
-    for key, name in (("subject", "subject_consistency"), ("background", "background_consistency"), ("frame", "frame_consistency")):
+    for key, name in (
+        ("subject", "subject_consistency"),
+        ("background", "background_consistency"),
+        ("frame", "frame_consistency"),
+    ):
         out[name] = metrics.mean_or_none([r.get(key) for r in per_shot])
     both = [out["subject_consistency"], out["background_consistency"]]
     out["avg"] = metrics.mean_or_none(both) if None not in both else out["frame_consistency"]
@@ -146,8 +162,12 @@ def summary(result: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
-def evaluate_story(frames_per_shot: list[np.ndarray], truth: synthetic.SyntheticStory | None, features: FeatureExtractor,
-                   truth_masks: list[np.ndarray] | None = None) -> dict[str, Any]:
+def evaluate_story(
+    frames_per_shot: list[np.ndarray],
+    truth: synthetic.SyntheticStory | None,
+    features: FeatureExtractor,
+    truth_masks: list[np.ndarray] | None = None,
+) -> dict[str, Any]:
     """Every metric of one story: frames uint8 [T, H, W, 3] per shot, its ground truth (or None), and,
     for ground-truth renders, identity masks uint8 [T, H, W] per shot (else regions are segmented).
 
@@ -163,8 +183,12 @@ def evaluate_story(frames_per_shot: list[np.ndarray], truth: synthetic.Synthetic
     else:
         masks, how = None, "whole frames (no ground truth)"
 
-    result: dict[str, Any] = {"feature": features.name, "regions": how, "shots": len(frames),
-                              "frames_per_shot": {"intra_shot": INTRA_FRAMES, "cross_shot": PAIR_FRAMES}}
+    result: dict[str, Any] = {
+        "feature": features.name,
+        "regions": how,
+        "shots": len(frames),
+        "frames_per_shot": {"intra_shot": INTRA_FRAMES, "cross_shot": PAIR_FRAMES},
+    }
     if truth is not None and masks is not None:
         character, environment, attributes = _inter_shot(frames, masks, truth, features)
         result["character_consistency"], result["environment_consistency"] = character, environment
@@ -176,8 +200,12 @@ def evaluate_story(frames_per_shot: list[np.ndarray], truth: synthetic.Synthetic
         result["attribute_accuracy"] = unavailable(NO_TRUTH)
     result["intra_shot"] = _intra_shot(frames, masks, features)
     motion = [metrics.mean_abs_change(f) for f in frames_per_shot]
-    result["dynamic_degree"] = {"status": "ok", "score": float(np.mean(motion)), "per_shot": motion,
-                                "definition": "mean |frame[t+1] - frame[t]| / 255 over pixels, channels, t"}
+    result["dynamic_degree"] = {
+        "status": "ok",
+        "score": float(np.mean(motion)),
+        "per_shot": motion,
+        "definition": "mean |frame[t+1] - frame[t]| / 255 over pixels, channels, t",
+    }
     result["semantic_alignment"] = unavailable(SEMANTIC_REASON)
     result["summary"] = summary(result)
     return result

@@ -71,7 +71,9 @@ def load_rendered(folder: Path) -> tuple[synthetic.SyntheticStory, list[np.ndarr
                 frames.append(data["frames"])
                 masks.append(data["masks"])
         except FileNotFoundError:
-            raise UserError(f"story folder '{folder}' has no {path.name}: render it with synthetic.save_synthetic(folder, story, rendered)") from None
+            raise UserError(
+                f"story folder '{folder}' has no {path.name}: render it with synthetic.save_synthetic(folder, story, rendered)"
+            ) from None
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"'{path}' is not a rendered shot (frames, masks): {e}") from None
     return story, frames, masks

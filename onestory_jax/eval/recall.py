@@ -33,22 +33,29 @@ Hits = list[bool]
 def recall_shots(story: synthetic.SyntheticStory) -> list[tuple[int, int]]:
     """(shot j, character c), 0-based: c is in shot j and in an earlier shot, but not in shot j - 1."""
     shots = story.shots
-    return [(j, c) for j in range(1, len(shots)) for c in shots[j].characters
-            if c not in shots[j - 1].characters and any(c in s.characters for s in shots[:j])]
+    return [
+        (j, c)
+        for j in range(1, len(shots))
+        for c in shots[j].characters
+        if c not in shots[j - 1].characters and any(c in s.characters for s in shots[:j])
+    ]
 
 
 def named_shots(story: synthetic.SyntheticStory) -> list[tuple[int, int]]:
     """(shot j, character c) where shot j's caption names c's colour."""
-    return [(j, c) for j, shot in enumerate(story.shots) for c in shot.characters
-            if story.characters[c].colour in re.findall(r"[a-z]+", shot.caption.lower())]
+    return [
+        (j, c)
+        for j, shot in enumerate(story.shots)
+        for c in shot.characters
+        if story.characters[c].colour in re.findall(r"[a-z]+", shot.caption.lower())
+    ]
 
 
 def selection_hits(story: synthetic.SyntheticStory, manifest: dict[str, Any]) -> Hits:
     """Per recall shot: do its chosen memory frames (manifest["shots"][j]["memory"], shots 1-based)
     include a frame of a shot showing the recalled character?"""
     shots = story.shots
-    return [any(c in shots[m["shot"] - 1].characters for m in manifest["shots"][j]["memory"])
-            for j, c in recall_shots(story)]
+    return [any(c in shots[m["shot"] - 1].characters for m in manifest["shots"][j]["memory"]) for j, c in recall_shots(story)]
 
 
 def hue_hits(story: synthetic.SyntheticStory, frames: list[np.ndarray], pairs: list[tuple[int, int]]) -> Hits:
@@ -66,13 +73,16 @@ def mean_or_none(hits: Hits) -> float | None:
     return float(np.mean(hits)) if hits else None
 
 
-def recall_metrics(story: synthetic.SyntheticStory, frames: list[np.ndarray], result: dict[str, Any] | None,
-                   manifest: dict[str, Any] | None) -> dict[str, float | None]:
+def recall_metrics(
+    story: synthetic.SyntheticStory, frames: list[np.ndarray], result: dict[str, Any] | None, manifest: dict[str, Any] | None
+) -> dict[str, float | None]:
     """selection_accuracy, recall_colour and named_colour of one story (None where it has no such
     shot), with the strict check's `_strict` numbers when the evaluator's `result` is given."""
     recall, named = recall_shots(story), named_shots(story)
-    out = {"recall_colour": mean_or_none(hue_hits(story, frames, recall)),
-           "named_colour": mean_or_none(hue_hits(story, frames, named))}
+    out = {
+        "recall_colour": mean_or_none(hue_hits(story, frames, recall)),
+        "named_colour": mean_or_none(hue_hits(story, frames, named)),
+    }
     if manifest is not None:
         out["selection_accuracy"] = mean_or_none(selection_hits(story, manifest))
     if result is not None:

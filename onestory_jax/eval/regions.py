@@ -57,7 +57,7 @@ def majority_filter(mask: np.ndarray) -> np.ndarray:
     pad = [(0, 0)] * (mask.ndim - 2) + [(1, 1), (1, 1)]
     m = np.pad(mask.astype(np.uint8), pad)
     h, w = mask.shape[-2:]
-    count = sum(m[..., dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3))
+    count = sum(m[..., dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3))
     return count >= 5
 
 

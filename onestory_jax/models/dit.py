@@ -12,11 +12,11 @@ import math
 from typing import Any
 
 import flax.linen as nn
-from einops import rearrange
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from onestory_jax.config import FP8_LAYERS, DiTConfig
 from onestory_jax.models.layers import (
@@ -77,8 +77,16 @@ def block_dense(cfg: DiTConfig, features: int, axes: tuple[str, str], name: str)
     in fp8 when `dit.weights_dtype=fp8` names it (`dit.fp8_layers`)."""
     rank = cfg.lora_rank if name in cfg.lora_targets else 0
     fp8 = cfg.weights_dtype == "fp8" and name in FP8_LAYERS[cfg.fp8_layers]
-    return Dense(features, axes, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], lora_rank=rank,
-                 lora_alpha=cfg.lora_alpha, fp8=fp8, name=name)
+    return Dense(
+        features,
+        axes,
+        dtype=DTYPES[cfg.dtype],
+        param_dtype=DTYPES[cfg.param_dtype],
+        lora_rank=rank,
+        lora_alpha=cfg.lora_alpha,
+        fp8=fp8,
+        name=name,
+    )
 
 
 class SelfAttention(nn.Module):
@@ -246,8 +254,10 @@ class WanDiT(nn.Module):
             n_ctx = context.tokens.shape[1]
             onehot = jnp.asarray(np.repeat(np.eye(2, dtype=np.float32), [n_noise, n_ctx], axis=0))
             tokens = constrain(jnp.concatenate([tokens, context.tokens.astype(jnp.float32)], axis=1), TOKENS)
-            cos, sin = (jnp.concatenate([jnp.broadcast_to(a, (b, *a.shape)), c], axis=1)
-                        for a, c in ((cos, context.cos), (sin, context.sin)))
+            cos, sin = (
+                jnp.concatenate([jnp.broadcast_to(a, (b, *a.shape)), c], axis=1)
+                for a, c in ((cos, context.cos), (sin, context.sin))
+            )
             if context.mask is not None:  # keys: the noise tokens, then the valid (prefix) context tokens
                 kv_lengths = n_noise + context.mask.sum(axis=1, dtype=jnp.int32)
 
@@ -273,9 +283,12 @@ class WanDiT(nn.Module):
         h = h[:, :n_noise]
 
         # Head: modulated by the time embedding (pre-SiLU), fp32.
-        table = self.param("head_modulation", partitioned(
-            lambda k, s, d: jax.random.normal(k, s, d) / math.sqrt(cfg.dim), ("modulation", "embed")
-        ), (2, cfg.dim), pdt)
+        table = self.param(
+            "head_modulation",
+            partitioned(lambda k, s, d: jax.random.normal(k, s, d) / math.sqrt(cfg.dim), ("modulation", "embed")),
+            (2, cfg.dim),
+            pdt,
+        )
         shift, scale = (table[None].astype(jnp.float32) + temb[:, None]).transpose(1, 0, 2)[:, :, None]
         h = LayerNorm(cfg.eps, affine=False)(h) * (1 + scale) + shift
         out = Dense(pt * ph * pw * cfg.out_dim, ("embed", "out_features"), param_dtype=pdt, name="head")(h)
@@ -291,7 +304,9 @@ class WanDiT(nn.Module):
             padding="VALID",
             dtype=DTYPES[cfg.dtype],
             param_dtype=DTYPES[cfg.param_dtype],
-            kernel_init=partitioned(nn.initializers.xavier_uniform(), ("kernel_t", "kernel_h", "kernel_w", "in_features", "embed")),
+            kernel_init=partitioned(
+                nn.initializers.xavier_uniform(), ("kernel_t", "kernel_h", "kernel_w", "in_features", "embed")
+            ),
             bias_init=partitioned(nn.initializers.zeros, ("embed",)),
             name="patch_embedding",
         )(x)
@@ -300,12 +315,16 @@ class WanDiT(nn.Module):
 def unpatchify(tokens: Array, grid: tuple[int, int, int], patch: tuple[int, int, int], channels: int) -> Array:
     """[B, F'*H'*W', pt*ph*pw*C] (c fastest) -> [B, F'*pt, H'*ph, W'*pw, C]."""
     (f, h, w), (pt, ph, pw) = grid, patch
-    return rearrange(tokens, "b (f h w) (pt ph pw c) -> b (f pt) (h ph) (w pw) c",
-                     f=f, h=h, w=w, pt=pt, ph=ph, pw=pw, c=channels)
+    return rearrange(tokens, "b (f h w) (pt ph pw c) -> b (f pt) (h ph) (w pw) c", f=f, h=h, w=w, pt=pt, ph=ph, pw=pw, c=channels)
 
 
-def init_inputs(cfg: DiTConfig, batch: int = 1, latent_shape: tuple[int, int, int] = (1, 4, 4),
-                text_len: int | None = None, image_len: int = 257) -> dict[str, Any]:
+def init_inputs(
+    cfg: DiTConfig,
+    batch: int = 1,
+    latent_shape: tuple[int, int, int] = (1, 4, 4),
+    text_len: int | None = None,
+    image_len: int = 257,
+) -> dict[str, Any]:
     """Zero-valued example inputs of the right shapes (for init and shape inference)."""
     f, h, w = latent_shape
     inputs: dict[str, Any] = {

@@ -10,8 +10,14 @@ from onestory_jax.models.memory import frames_per_patchifier, tokens_per_frame
 # Dense bf16 peak FLOP/s per device, matched in order as a substring of `jax.Device.device_kind`
 # (TPU v5e reports "TPU v5 lite", v5p "TPU v5p" or "TPU v5"; v6e "TPU v6 lite").
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12),
-    ("TPU v6 lite", 918e12), ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v4", 275e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("TPU v6 lite", 918e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
 )
 
 

@@ -48,13 +48,18 @@ def check_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise UserError(f"model folder '{folder}' does not exist")
     if (folder / checkpoint.CONFIG).is_file() and (folder / checkpoint.PARAMS).exists():
-        raise UserError(f"'{folder}' is a single checkpoint, not a model folder (docs/model-folder.md): convert a Wan2.1 "
-                        "release with `python -m onestory_jax.convert --component all`, or use a run's WORKDIR/model")
-    unknown = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")
-                     and d.name not in (*PARTS, LEGACY_DIT))
+        raise UserError(
+            f"'{folder}' is a single checkpoint, not a model folder (docs/model-folder.md): convert a Wan2.1 "
+            "release with `python -m onestory_jax.convert --component all`, or use a run's WORKDIR/model"
+        )
+    unknown = sorted(
+        d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in (*PARTS, LEGACY_DIT)
+    )
     if unknown:
-        raise UserError(f"model folder '{folder}' holds {', '.join(u + '/' for u in unknown)}, not a part of a model folder "
-                        f"(its parts: {', '.join(p + '/' for p in PARTS)}; docs/model-folder.md)")
+        raise UserError(
+            f"model folder '{folder}' holds {', '.join(u + '/' for u in unknown)}, not a part of a model folder "
+            f"(its parts: {', '.join(p + '/' for p in PARTS)}; docs/model-folder.md)"
+        )
     if not is_model_folder(folder):
         raise UserError(f"'{folder}' is not a model folder: it has none of {', '.join(p + '/' for p in PARTS)}")
 
@@ -79,8 +84,11 @@ def folder_config(folder: Path) -> Config:
     check_folder(folder)
     base = dit_part(folder) or next(folder / p for p in FROZEN_PARTS if (folder / p).is_dir())
     cfg = checkpoint.load_config_from_checkpoint(base)
-    sections = {part: getattr(checkpoint.load_config_from_checkpoint(folder / part), part)
-                for part in FROZEN_PARTS if (folder / part).is_dir()}
+    sections = {
+        part: getattr(checkpoint.load_config_from_checkpoint(folder / part), part)
+        for part in FROZEN_PARTS
+        if (folder / part).is_dir()
+    }
     return dataclasses.replace(cfg, **sections).validate()
 
 
@@ -89,8 +97,10 @@ def require_parts(folder: Path, cfg: Config, allow_random: bool) -> list[str]:
     they are named in a warning (and later initialised at random)."""
     missing = missing_parts(folder, cfg)
     if missing and not allow_random:
-        raise UserError(f"model folder '{folder}' lacks {', '.join(m + '/' for m in missing)} (docs/model-folder.md): convert "
-                        "them into it, or pass --allow-random to use RANDOM weights (tests and benchmarks only)")
+        raise UserError(
+            f"model folder '{folder}' lacks {', '.join(m + '/' for m in missing)} (docs/model-folder.md): convert "
+            "them into it, or pass --allow-random to use RANDOM weights (tests and benchmarks only)"
+        )
     if missing:
         warnings.warn(f"'{folder}' lacks {', '.join(m + '/' for m in missing)}: using RANDOM weights for them", stacklevel=2)
     return missing
@@ -99,8 +109,11 @@ def require_parts(folder: Path, cfg: Config, allow_random: bool) -> list[str]:
 def architecture_differences(ours: DiTConfig, theirs: DiTConfig) -> list[str]:
     """'field ours != theirs' for every architecture field where two DiT configs differ."""
     a, b = ours.architecture(), theirs.architecture()
-    return [f"{f.name} {getattr(a, f.name)} != {getattr(b, f.name)}" for f in dataclasses.fields(a)
-            if getattr(a, f.name) != getattr(b, f.name)]
+    return [
+        f"{f.name} {getattr(a, f.name)} != {getattr(b, f.name)}"
+        for f in dataclasses.fields(a)
+        if getattr(a, f.name) != getattr(b, f.name)
+    ]
 
 
 def read_onestory(folder: Path, cfg: Config, mesh: jax.sharding.Mesh) -> tuple[Config, dict[str, Any]]:
@@ -111,7 +124,9 @@ def read_onestory(folder: Path, cfg: Config, mesh: jax.sharding.Mesh) -> tuple[C
         raise UserError(f"model folder '{folder}' has no {ONESTORY}/ (the DiT and OneStory modules)")
     source = checkpoint.load_config_from_checkpoint(path)
     if diff := architecture_differences(cfg.dit, source.dit):
-        raise UserError(f"the DiT of '{folder}' differs from this config's dit section: {'; '.join(diff)} (this config != the folder's)")
+        raise UserError(
+            f"the DiT of '{folder}' differs from this config's dit section: {'; '.join(diff)} (this config != the folder's)"
+        )
     dit = dataclasses.replace(source.dit, **{f: getattr(cfg.dit, f) for f in ("dtype", "param_dtype")})
     if path.name == LEGACY_DIT:
         return source, {"dit": checkpoint.load_params(path, mesh, dit_init_fn(dit))}
@@ -124,8 +139,14 @@ def read_onestory(folder: Path, cfg: Config, mesh: jax.sharding.Mesh) -> tuple[C
     return source, checkpoint.load_params(path, mesh, init)
 
 
-def load_model(folder: Path, cfg: Config, mesh: jax.sharding.Mesh, seed: int, allow_random: bool = False,
-               meshes: dict[str, jax.sharding.Mesh] | None = None) -> dict[str, Any]:
+def load_model(
+    folder: Path,
+    cfg: Config,
+    mesh: jax.sharding.Mesh,
+    seed: int,
+    allow_random: bool = False,
+    meshes: dict[str, jax.sharding.Mesh] | None = None,
+) -> dict[str, Any]:
     """Every param of a model folder, sharded on `mesh`: its DiT and memory modules (initialised from the
     DiT when it has none, with a note), and frozen parts. Missing parts: see `require_parts`. The DiT is the
     stored tree (`DiTConfig.plain`: low-VRAM switches apply after loading). `meshes`: a part's own mesh
@@ -146,8 +167,10 @@ def load_model(folder: Path, cfg: Config, mesh: jax.sharding.Mesh, seed: int, al
             params.update(read_onestory(folder, cfg, on("dit"))[1])
         if "memory" not in params:
             if ONESTORY not in missing:
-                print(f"note: '{folder}' has no OneStory modules (a converted Wan2.1): the Frame Selector is random and "
-                      "the patchifiers start from the DiT's patch embedding (docs/design.md)")
+                print(
+                    f"note: '{folder}' has no OneStory modules (a converted Wan2.1): the Frame Selector is random and "
+                    "the patchifiers start from the DiT's patch embedding (docs/design.md)"
+                )
             params["memory"] = memory_params_from_dit(cfg, params["dit"], jax.random.key(seed + 1))
     for part in [p for p in FROZEN_PARTS if p in fns and p not in missing]:
         with activate(on(part)):

@@ -17,9 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from onestory_jax.config import Config, TextEncoderConfig, VAEConfig
-from onestory_jax.models import prompts
+from onestory_jax.models import image_encoder, lowvram, prompts, text_encoder, vae
 from onestory_jax.models.embedding_cache import EmbeddingCache
-from onestory_jax.models import image_encoder, lowvram, text_encoder, vae
 
 Array = jax.Array
 
@@ -107,7 +106,9 @@ def build_components(cfg: Config, params: dict[str, Any], tokenizer_dir: Path, c
 
     encode_image = None
     if cfg.dit.has_image_branch:
-        encode_image = lambda image: np.asarray(image_tokens_fn(cfg)({"image_encoder": params["image_encoder"]}, jnp.asarray(image)))
+        encode_image = lambda image: np.asarray(
+            image_tokens_fn(cfg)({"image_encoder": params["image_encoder"]}, jnp.asarray(image))
+        )
     return Components(
         encode_text=encode_text,
         encode_video=lambda video: np.asarray(encode(params["vae"], jnp.asarray(video)[None]))[0],

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
-from einops import rearrange
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from onestory_jax.config import ImageEncoderConfig
 from onestory_jax.errors import UserError

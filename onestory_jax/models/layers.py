@@ -70,9 +70,15 @@ class Dense(nn.Module):
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.lora_rank:
             kaiming = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # PEFT's A init
-            a = self.param("lora_a", partitioned(kaiming, (self.axes[0], "lora")), (x.shape[-1], self.lora_rank), self.param_dtype)
-            b = self.param("lora_b", partitioned(nn.initializers.zeros, ("lora", self.axes[1])), (self.lora_rank, self.features),
-                           self.param_dtype)
+            a = self.param(
+                "lora_a", partitioned(kaiming, (self.axes[0], "lora")), (x.shape[-1], self.lora_rank), self.param_dtype
+            )
+            b = self.param(
+                "lora_b",
+                partitioned(nn.initializers.zeros, ("lora", self.axes[1])),
+                (self.lora_rank, self.features),
+                self.param_dtype,
+            )
             low = jnp.dot(x.astype(self.dtype), a.astype(self.dtype))
             y = y + jnp.dot(low, b.astype(self.dtype)) * (self.lora_alpha / self.lora_rank)
         if self.use_bias:
@@ -130,8 +136,9 @@ XLA_LOGITS_LIMIT = 2 * 1024**3
 CHUNK_QUERIES = 256  # queries per chunk of the `chunked` implementation (times the sequence shards)
 
 
-def resolve_attention(implementation: AttentionImpl, q: Array, k: Array, kv_mask: Array | None = None,
-                      bias: Array | None = None) -> str:
+def resolve_attention(
+    implementation: AttentionImpl, q: Array, k: Array, kv_mask: Array | None = None, bias: Array | None = None
+) -> str:
     """The concrete implementation `attention` runs: `auto` picks splash on a TPU (no bias), cuDNN flash
     on a GPU for bf16/fp16 inputs (no bias, no general mask), else XLA while its logits fit
     XLA_LOGITS_LIMIT, else `chunked`."""
@@ -179,12 +186,19 @@ def attention(
     mask = None if kv_mask is None else kv_mask[:, None, None, :]
     bias = None if bias is None else bias.astype(q.dtype)
     lengths = None if kv_lengths is None else kv_lengths.astype(jnp.int32)
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=impl,
-                                        key_value_seq_lengths=lengths)
+    return jax.nn.dot_product_attention(
+        q, k, v, bias=bias, mask=mask, scale=scale, implementation=impl, key_value_seq_lengths=lengths
+    )
 
 
-def ulysses_attention(q: Array, k: Array, v: Array, implementation: AttentionImpl = "xla",
-                      kv_lengths: Array | None = None, scale: float | None = None) -> Array:
+def ulysses_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    implementation: AttentionImpl = "xla",
+    kv_lengths: Array | None = None,
+    scale: float | None = None,
+) -> Array:
     """Self-attention with Ulysses sequence parallelism over the mesh's `sequence` axis
     (`models/sequence_parallel.py: ulysses`); inside, `attention` with `implementation` on whole
     sequences and N / sequence heads. Without a sequence axis > 1 it is `attention`."""
@@ -192,9 +206,16 @@ def ulysses_attention(q: Array, k: Array, v: Array, implementation: AttentionImp
     return sequence_parallel.ulysses(inner, q, k, v, None, kv_lengths)
 
 
-def chunked_attention(q: Array, k: Array, v: Array, kv_mask: Array | None = None, bias: Array | None = None,
-                      scale: float | None = None, kv_lengths: Array | None = None,
-                      block: int = CHUNK_QUERIES) -> Array:
+def chunked_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    kv_mask: Array | None = None,
+    bias: Array | None = None,
+    scale: float | None = None,
+    kv_lengths: Array | None = None,
+    block: int = CHUNK_QUERIES,
+) -> Array:
     """XLA attention over query chunks, one rematerialised chunk at a time (`lax.map` + checkpoint).
 
     q [B, L, N, H] is viewed as [B, A, C, N, H] (position = a*C + c) and the map runs over c, so each
@@ -244,7 +265,9 @@ def rope_angles(positions: Array | np.ndarray, head_dim: int, theta: float = 100
     """
     xp = np if isinstance(positions, np.ndarray) else jnp
     positions = positions.astype(np.float64 if xp is np else jnp.float32)
-    parts = [positions[..., a : a + 1] * xp.asarray(w, dtype=positions.dtype) for a, w in enumerate(rope_frequencies(head_dim, theta))]
+    parts = [
+        positions[..., a : a + 1] * xp.asarray(w, dtype=positions.dtype) for a, w in enumerate(rope_frequencies(head_dim, theta))
+    ]
     return xp.concatenate(parts, axis=-1)
 
 
@@ -257,9 +280,7 @@ def rope_tables(positions: Array | np.ndarray, head_dim: int, theta: float = 100
 
 def grid_positions(frames: int, height: int, width: int, frame_offset: int = 0) -> np.ndarray:
     """Integer (f, h, w) positions [frames*height*width, 3] in row-major token order."""
-    f, h, w = np.meshgrid(
-        np.arange(frames) + frame_offset, np.arange(height), np.arange(width), indexing="ij"
-    )
+    f, h, w = np.meshgrid(np.arange(frames) + frame_offset, np.arange(height), np.arange(width), indexing="ij")
     return np.stack([f.ravel(), h.ravel(), w.ravel()], axis=-1)
 
 

@@ -90,7 +90,9 @@ class FrameSelector(nn.Module):
         m1 = patchify_conv(self.dim, (1, s, s), "phi_v", self.dtype)(edge_pad(memory, (s, s)))  # [B, F, h', w', D]
         tokens_per_frame = m1.shape[2] * m1.shape[3]
         kv_mask = jnp.repeat(valid, tokens_per_frame, axis=1)  # [B, F*h'*w']
-        q = QueryAttention(self.dim, cfg.selector_heads, self.dtype, name="memory_attn")(q, m1.reshape(b, -1, self.dim), kv_mask)  # Q''
+        q = QueryAttention(self.dim, cfg.selector_heads, self.dtype, name="memory_attn")(
+            q, m1.reshape(b, -1, self.dim), kv_mask
+        )  # Q''
         frame_emb = Dense(self.dim, ("embed", "mlp"), dtype=self.dtype, name="phi_p")(m1.mean(axis=(2, 3)))  # [B, F, D]
         scores = jnp.einsum("bfd,bmd->bfm", frame_emb.astype(jnp.float32), q) / math.sqrt(self.dim)
         return scores.mean(axis=-1)
@@ -158,7 +160,9 @@ def tokens_per_frame(kernel: tuple[int, int, int], latent_hw: tuple[int, int]) -
     return math.ceil(latent_hw[0] / kernel[1]) * math.ceil(latent_hw[1] / kernel[2])
 
 
-def pooled_grid_positions(kernel: tuple[int, int, int], latent_hw: tuple[int, int], patch_hw: tuple[int, int] = (2, 2)) -> np.ndarray:
+def pooled_grid_positions(
+    kernel: tuple[int, int, int], latent_hw: tuple[int, int], patch_hw: tuple[int, int] = (2, 2)
+) -> np.ndarray:
     """(h, w) positions [tokens, 2] of a coarse patchifier's tokens on the fine RoPE grid.
 
     Each token covers (kh/ph) x (kw/pw) fine-grid cells; its position is their mean, with the
@@ -196,7 +200,9 @@ class AdaptiveConditioner(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, frames: Array, frame_time: Array, frame_valid: Array, head_dim: int, rope_theta: float = 10000.0) -> tuple[Array, Array, Array, Array]:
+    def __call__(
+        self, frames: Array, frame_time: Array, frame_valid: Array, head_dim: int, rope_theta: float = 10000.0
+    ) -> tuple[Array, Array, Array, Array]:
         """-> tokens [B, Nc, D], cos, sin [B, Nc, head_dim/2], mask [B, Nc]."""
         hw = frames.shape[2:4]
         counts = frames_per_patchifier(self.cfg, hw)

@@ -86,8 +86,12 @@ def init_params(cfg: Config, rng: Array) -> dict[str, Any]:
 
 def component_init_fns(cfg: Config) -> dict[str, Any]:
     """rng -> boxed params, per component of a full OneStory model."""
-    fns = {"dit": dit_init_fn(cfg.dit), "memory": memory_init_fn(cfg), "vae": vae.init_fn(cfg.vae),
-           "text_encoder": text_encoder.init_fn(cfg.text_encoder)}
+    fns = {
+        "dit": dit_init_fn(cfg.dit),
+        "memory": memory_init_fn(cfg),
+        "vae": vae.init_fn(cfg.vae),
+        "text_encoder": text_encoder.init_fn(cfg.text_encoder),
+    }
     if cfg.dit.has_image_branch:
         fns["image_encoder"] = image_encoder.init_fn(cfg.image_encoder)
     return fns

@@ -12,11 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from onestory_jax.models.embedding_cache import EmbeddingCache
 from onestory_jax.errors import UserError
+from onestory_jax.models.embedding_cache import EmbeddingCache
 
 TOKENIZER_FILES = "tokenizer.json, tokenizer_config.json, special_tokens_map.json, spiece.model"
-
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -44,8 +43,9 @@ def tokenize(tokenizer: Any, prompts: Sequence[str], text_len: int) -> tuple[np.
     for text, ids in zip(texts, tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]):
         if len(ids) > text_len:
             warnings.warn(f"a prompt has {len(ids)} tokens; truncated to {text_len}: {text[:60]!r}...", stacklevel=2)
-    enc = tokenizer(texts, padding="max_length", max_length=text_len, truncation=True, add_special_tokens=True,
-                    return_tensors="np")
+    enc = tokenizer(
+        texts, padding="max_length", max_length=text_len, truncation=True, add_special_tokens=True, return_tensors="np"
+    )
     return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(bool)
 
 

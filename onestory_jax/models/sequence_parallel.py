@@ -60,27 +60,32 @@ def _specs(q: Array, mesh: jax.sharding.AbstractMesh, ulysses: bool) -> tuple[P,
     return q_spec, kv_spec, P(batch, None), P(batch)
 
 
-def per_device(fn: InnerAttention, q: Array, k: Array, v: Array, kv_mask: Array | None = None,
-               kv_lengths: Array | None = None) -> Array:
+def per_device(
+    fn: InnerAttention, q: Array, k: Array, v: Array, kv_mask: Array | None = None, kv_lengths: Array | None = None
+) -> Array:
     """Run `fn` on each device's (batch, heads, query) block in `shard_map`; plain call outside a mesh."""
     mesh = auto_mesh()
     if mesh is None:
         return fn(q, k, v, kv_mask, kv_lengths)
     q_spec, kv_spec, mask_spec, len_spec = _specs(q, mesh, ulysses=False)
-    return jax.shard_map(fn, in_specs=(q_spec, kv_spec, kv_spec, mask_spec, len_spec), out_specs=q_spec,
-                         check_vma=False)(q, k, v, kv_mask, kv_lengths)
+    return jax.shard_map(fn, in_specs=(q_spec, kv_spec, kv_spec, mask_spec, len_spec), out_specs=q_spec, check_vma=False)(
+        q, k, v, kv_mask, kv_lengths
+    )
 
 
 def check_heads(heads: int, sequence: int, tensor: int = 1) -> None:
     """Ulysses gives each sequence device heads / (sequence x tensor) heads: they must divide."""
     if heads % (sequence * tensor):
         on = f"sequence axis {sequence}" + (f" x tensor axis {tensor}" if tensor > 1 else "")
-        raise ValueError(f"Ulysses sequence parallelism: {heads} attention heads are not divisible by the {on} "
-                         f"(= {sequence * tensor}); change the mesh or set dit.sequence_parallel=gspmd")
+        raise ValueError(
+            f"Ulysses sequence parallelism: {heads} attention heads are not divisible by the {on} "
+            f"(= {sequence * tensor}); change the mesh or set dit.sequence_parallel=gspmd"
+        )
 
 
-def ulysses(fn: InnerAttention, q: Array, k: Array, v: Array, kv_mask: Array | None = None,
-            kv_lengths: Array | None = None) -> Array:
+def ulysses(
+    fn: InnerAttention, q: Array, k: Array, v: Array, kv_mask: Array | None = None, kv_lengths: Array | None = None
+) -> Array:
     """Self-attention [B, L, N, H] with the sequence split over the `sequence` axis (all-to-all to heads).
 
     L is padded to a multiple of the axis (padded keys hidden by key length). Outside a mesh with
@@ -103,6 +108,7 @@ def ulysses(fn: InnerAttention, q: Array, k: Array, v: Array, kv_mask: Array | N
         out = fn(to_heads(q), to_heads(k), to_heads(v), kv_mask, kv_lengths)
         return jax.lax.all_to_all(out, SEQUENCE, split_axis=1, concat_axis=2, tiled=True)
 
-    out = jax.shard_map(body, in_specs=(q_spec, kv_spec, kv_spec, mask_spec, len_spec), out_specs=q_spec,
-                        check_vma=False)(q, k, v, kv_mask, kv_lengths)
+    out = jax.shard_map(body, in_specs=(q_spec, kv_spec, kv_spec, mask_spec, len_spec), out_specs=q_spec, check_vma=False)(
+        q, k, v, kv_mask, kv_lengths
+    )
     return out[:, :length]

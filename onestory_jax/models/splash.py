@@ -28,8 +28,7 @@ def splash_blocks(length: int) -> tuple[int, int]:
     return block, -(-length // block) * block
 
 
-def kv_segment_ids(padded: int, length: int, kv_lengths: Array | None, kv_mask: Array | None,
-                   batch: int) -> Array:
+def kv_segment_ids(padded: int, length: int, kv_lengths: Array | None, kv_mask: Array | None, batch: int) -> Array:
     """[B, padded] int32 kv segment ids: 0 = attended key, 1 = hidden (masked, past the length, padding)."""
     pos = jnp.arange(padded)
     valid = jnp.broadcast_to(pos < length, (batch, padded))
@@ -43,15 +42,24 @@ def kv_segment_ids(padded: int, length: int, kv_lengths: Array | None, kv_mask: 
 @functools.lru_cache(maxsize=32)
 def _kernel(heads: int, lq: int, lk: int, bq: int, bkv: int, interpret: bool) -> sa.SplashAttentionKernel:
     """The splash kernel for full attention over padded [heads, lq] x [heads, lk] (mask processed once)."""
-    blocks = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
-                           block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+    blocks = sa.BlockSizes(
+        block_q=bq,
+        block_kv=bkv,
+        block_kv_compute=bkv,
+        block_q_dkv=bq,
+        block_kv_dkv=bkv,
+        block_kv_dkv_compute=bkv,
+        block_q_dq=bq,
+        block_kv_dq=bkv,
+    )
     mask = sa.MultiHeadMask([sa.FullMask((lq, lk))] * heads)
     with jax.ensure_compile_time_eval():
         return sa.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def splash_attention(q: Array, k: Array, v: Array, kv_mask: Array | None = None, kv_lengths: Array | None = None,
-                     scale: float | None = None) -> Array:
+def splash_attention(
+    q: Array, k: Array, v: Array, kv_mask: Array | None = None, kv_lengths: Array | None = None, scale: float | None = None
+) -> Array:
     """Splash attention on one device: [B, Lq, N, H] x [B, Lk, N, H] -> [B, Lq, N, H] (`layers.attention`)."""
     b, lq, n, h = q.shape
     lk = k.shape[1]

@@ -13,17 +13,16 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
-from einops import rearrange
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from onestory_jax.config import TextEncoderConfig
 from onestory_jax.models.layers import DTYPES, Dense, RMSNorm, attention, constrain, partitioned
 from onestory_jax.sharding import HEADS, KV_HEADS, TOKENS
 
 Array = jax.Array
-
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:

@@ -43,8 +43,9 @@ def conv(
     Leading axes beyond the batch are folded into it (a 2D kernel on [B, T, H, W, C] runs per frame).
     """
     n = len(kernel)
-    w = mdl.param("kernel", partitioned(nn.initializers.lecun_normal(), CONV_AXES[-n - 2 :]),
-                  (*kernel, x.shape[-1], features), jnp.float32)
+    w = mdl.param(
+        "kernel", partitioned(nn.initializers.lecun_normal(), CONV_AXES[-n - 2 :]), (*kernel, x.shape[-1], features), jnp.float32
+    )
     b = mdl.param("bias", partitioned(nn.initializers.zeros, ("out_features",)), (features,), jnp.float32)
     lead = x.shape[: -n - 1]
     spatial = "DHW"[-n:]
@@ -330,8 +331,10 @@ def encode(cfg: VAEConfig, params: Any, video: Array) -> Array:
     sf = cfg.spatial_factor
     if (t - 1) % ENCODE_CHUNK:
         k = (t - 1) // ENCODE_CHUNK
-        raise UserError(f"a video of {t} frames cannot be encoded: frame counts must be 4k+1 "
-                        f"(1, 5, 9, 13, ...); the nearest are {4 * k + 1} and {4 * k + 5}")
+        raise UserError(
+            f"a video of {t} frames cannot be encoded: frame counts must be 4k+1 "
+            f"(1, 5, 9, 13, ...); the nearest are {4 * k + 1} and {4 * k + 5}"
+        )
     if c != 3 or h % sf or w % sf:
         raise UserError(f"VAE encode needs [B, 1+4k, H, W, 3] with H, W divisible by {sf}; got {tuple(video.shape)}")
     mu = _chunks(cfg, params, WanVAE.encode_chunk, video.astype(DTYPES[cfg.dtype]), ENCODE_CHUNK)
@@ -369,8 +372,10 @@ def tiled_decode(cfg: VAEConfig, latents: np.ndarray, decode_tile: Callable[[np.
         return np.clip(decode_tile(latents), -1.0, 1.0)
     stride = tile * 3 // 4
     keep, overlap = stride * sf, cfg.tile - stride * sf
-    rows = [[np.asarray(decode_tile(latents[:, :, i : i + tile, j : j + tile]), np.float32) for j in range(0, w, stride)]
-            for i in range(0, h, stride)]
+    rows = [
+        [np.asarray(decode_tile(latents[:, :, i : i + tile, j : j + tile]), np.float32) for j in range(0, w, stride)]
+        for i in range(0, h, stride)
+    ]
     for i, row in enumerate(rows):
         for j in range(len(row)):
             if i:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -60,8 +60,7 @@ def onto_mesh(cfg: Config, params: dict[str, Any], mesh: jax.sharding.Mesh) -> d
     if not lowvram.loads_via_host(cfg.dit):
         return params
     memory = jax.tree.map(lambda a: a.sharding, abstract_params(memory_init_fn(cfg), mesh, jax.random.key(0)))
-    return {**params, "dit": lowvram.place_dit(params["dit"], cfg.dit, mesh),
-            "memory": jax.device_put(params["memory"], memory)}
+    return {**params, "dit": lowvram.place_dit(params["dit"], cfg.dit, mesh), "memory": jax.device_put(params["memory"], memory)}
 
 
 def _with_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -79,16 +78,23 @@ def text_cache(cfg: Config, encoder_weights: Path, tokenizer_dir: Path) -> Embed
 
 
 def load_for_sampling(
-    ckpt: Path | None, config_name: str | None, overrides: list[str], seed: int, tokenizer: Path | None = None,
-    check: Callable[[Config], None] | None = None, allow_random: bool = False,
+    ckpt: Path | None,
+    config_name: str | None,
+    overrides: list[str],
+    seed: int,
+    tokenizer: Path | None = None,
+    check: Callable[[Config], None] | None = None,
+    allow_random: bool = False,
 ) -> tuple[Config, dict[str, Any], Components, jax.sharding.Mesh]:
     """(config, params on the mesh, components, mesh) from a model folder or a preset; `check` sees the
     config before any weights are built or read. A folder missing parts is refused unless `allow_random`."""
     if ckpt is not None:
         base = folder_config(Path(ckpt))  # refuses what is not a model folder before anything else
         if tokenizer is None and (Path(ckpt) / "text_encoder").is_dir() and not (Path(ckpt) / TOKENIZER).is_dir():
-            raise UserError(f"model folder '{ckpt}' has a text encoder but no tokenizer/: copy the tokenizer there "
-                            "or pass --tokenizer DIR (another tokenizer would silently mis-encode every caption)")
+            raise UserError(
+                f"model folder '{ckpt}' has a text encoder but no tokenizer/: copy the tokenizer there "
+                "or pass --tokenizer DIR (another tokenizer would silently mis-encode every caption)"
+            )
         cfg = _with_overrides(base, overrides)
     else:
         cfg = load_config(config_name, overrides)
@@ -100,8 +106,10 @@ def load_for_sampling(
             print(f"loading the model folder {ckpt} onto {mesh.size} {jax.devices()[0].platform} device(s)", flush=True)
             params = onto_mesh(cfg, load_model(Path(ckpt), cfg, mesh, seed, allow_random, part_meshes(cfg)), mesh)
         else:
-            print(f"note: config '{cfg.name}' with RANDOM weights (seed {seed}): frames will look like noise; "
-                  "use --checkpoint for a trained model")
+            print(
+                f"note: config '{cfg.name}' with RANDOM weights (seed {seed}): frames will look like noise; "
+                "use --checkpoint for a trained model"
+            )
             params = random_params(cfg, mesh, seed)
     if tokenizer is None:  # a checkpoint ships its tokenizer; random models use the byte tokenizer
         tokenizer = Path(ckpt) / "tokenizer" if ckpt is not None and (Path(ckpt) / "tokenizer").is_dir() else BYTE_TOKENIZER

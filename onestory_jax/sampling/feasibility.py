@@ -23,8 +23,8 @@ import jax
 
 from onestory_jax.config import Config
 from onestory_jax.errors import UserError
-from onestory_jax.models.image_encoder import MIN_IMAGE_SIDE
 from onestory_jax.models.flops import context_tokens, dit_forward_flops, noise_tokens, peak_flops
+from onestory_jax.models.image_encoder import MIN_IMAGE_SIDE
 from onestory_jax.sampling.story import Story, with_sampler
 
 CHUNK = 256  # query block of chunked attention (models/layers.py)
@@ -36,8 +36,10 @@ def check_story_fits(story: Story, cfg: Config, available: int | None = None) ->
     or cannot fit in memory (`available` bytes; default: all devices together)."""
     story = with_sampler(story, cfg.sampler)
     if not cfg.dit.has_image_branch and (n := next((i for i, s in enumerate(story.shots) if s.continues), None)) is not None:
-        raise UserError(f"shot {n + 1} continues the previous shot (no cut): that needs an image-to-video model, and this "
-                        "one is text-to-video")
+        raise UserError(
+            f"shot {n + 1} continues the previous shot (no cut): that needs an image-to-video model, and this "
+            "one is text-to-video"
+        )
     check_sizes(story, cfg)
     check_memory(story, cfg, device_memory() if available is None else available)
 
@@ -50,11 +52,15 @@ def check_sizes(story: Story, cfg: Config) -> None:
     for name in ("width", "height"):
         value = getattr(s, name)
         if value % step:
-            raise UserError(f"settings.{name}: {value} is not a multiple of {step} (this model's VAE factor "
-                            f"{cfg.vae.spatial_factor} x patch {max(cfg.dit.patch_size[1:])})")
+            raise UserError(
+                f"settings.{name}: {value} is not a multiple of {step} (this model's VAE factor "
+                f"{cfg.vae.spatial_factor} x patch {max(cfg.dit.patch_size[1:])})"
+            )
         if uses_clip and value < MIN_IMAGE_SIDE:
-            raise UserError(f"settings.{name}: {value} is below {MIN_IMAGE_SIDE} px: this I2V model encodes the story's "
-                            "first frame with CLIP (for the later shots, or the start image)")
+            raise UserError(
+                f"settings.{name}: {value} is below {MIN_IMAGE_SIDE} px: this I2V model encodes the story's "
+                "first frame with CLIP (for the later shots, or the start image)"
+            )
 
 
 def estimate_bytes(story: Story, cfg: Config) -> dict[str, int]:
@@ -82,9 +88,11 @@ def check_memory(story: Story, cfg: Config, available: int) -> None:
     if need > available:
         s = story.settings
         shown = ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts.items())
-        raise UserError(f"a {s.width}x{s.height} story of {len(story.shots)} shots of {s.frames} frames needs at least "
-                        f"{need / GIB:.1f} GiB ({shown}; weights not counted) but the devices have {available / GIB:.1f} "
-                        "GiB in all: lower the width, height or frames")
+        raise UserError(
+            f"a {s.width}x{s.height} story of {len(story.shots)} shots of {s.frames} frames needs at least "
+            f"{need / GIB:.1f} GiB ({shown}; weights not counted) but the devices have {available / GIB:.1f} "
+            "GiB in all: lower the width, height or frames"
+        )
 
 
 PLANNED_MFU = 0.6  # the 14B H200 benchmark (docs/performance.md) runs its CFG step at about 66% of peak
@@ -103,10 +111,15 @@ def plan(story: Story, cfg: Config) -> str:
     flops = passes * dit_forward_flops(cfg.dit, tokens, cfg.dit.text_len, image)
     kind = jax.devices()[0].device_kind
     peak = peak_flops(kind)
-    time = (f"~{flops / (PLANNED_MFU * peak * jax.device_count()):.0f} s of denoising at {PLANNED_MFU:.0%} of the "
-            f"{kind}'s peak" if peak else f"no time estimate on {kind} (peak FLOP/s unknown)")
-    return (f"plan: {len(story.shots)} shots of {s.width}x{s.height}, {s.frames} frames, {s.steps} steps, guidance "
-            f"{s.guidance:g}; estimates: >= {_size(need)} besides the weights, {time}")
+    time = (
+        f"~{flops / (PLANNED_MFU * peak * jax.device_count()):.0f} s of denoising at {PLANNED_MFU:.0%} of the {kind}'s peak"
+        if peak
+        else f"no time estimate on {kind} (peak FLOP/s unknown)"
+    )
+    return (
+        f"plan: {len(story.shots)} shots of {s.width}x{s.height}, {s.frames} frames, {s.steps} steps, guidance "
+        f"{s.guidance:g}; estimates: >= {_size(need)} besides the weights, {time}"
+    )
 
 
 def _size(n: int) -> str:

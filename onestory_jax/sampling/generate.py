@@ -17,8 +17,8 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.experimental import io_callback
 import numpy as np
+from jax.experimental import io_callback
 
 from onestory_jax.config import Config
 from onestory_jax.data.video import i2v_channels, image_clip
@@ -149,14 +149,18 @@ def next_shot(
 
     # Context tokens, image tokens and I2V channels are shared by both branches; only text differs.
     guided = guided_velocity_fn(
-        dit_fn, (caption[None], context, image, cond), (inputs.negative[None], context, image, cond), spec.guidance,
+        dit_fn,
+        (caption[None], context, image, cond),
+        (inputs.negative[None], context, image, cond),
+        spec.guidance,
         pair_sharding,
     )
 
     def generate() -> Array:
         x_t = inputs.noise[shot][None]
-        return denoise(guided, x_t, np.asarray(spec.sigmas), spec.solver, np.asarray(spec.timesteps), on_step=on_step,
-                       cache=spec.cache)[0]
+        return denoise(
+            guided, x_t, np.asarray(spec.sigmas), spec.solver, np.asarray(spec.timesteps), on_step=on_step, cache=spec.cache
+        )[0]
 
     skip = lambda: jnp.where(inputs.done[shot], inputs.done_latents[shot], 0.0)
     latents = jax.lax.cond(inputs.active[shot] & ~inputs.done[shot], generate, skip)
@@ -206,9 +210,11 @@ def generate_story(
             tokens = jax.lax.cond(from_shot1, lambda: latent_to_image_tokens(cfg, params, record.latents[0]), lambda: tokens)
         if follows:  # the next shot: from this one's last frame if it continues it, else as any later shot
             nxt = jnp.minimum(shot + 1, max_shots - 1)
-            carried = jax.lax.cond(inputs.continues[nxt] & (shot + 1 < max_shots),
-                                   lambda: continuation(cfg, params, record.latents),
-                                   lambda: (jnp.zeros_like(inputs.cond), tokens))
+            carried = jax.lax.cond(
+                inputs.continues[nxt] & (shot + 1 < max_shots),
+                lambda: continuation(cfg, params, record.latents),
+                lambda: (jnp.zeros_like(inputs.cond), tokens),
+            )
         return (bank, tokens, carried), record
 
     _, records = jax.lax.scan(body, (bank, tokens, carried), jnp.arange(max_shots))
@@ -241,8 +247,11 @@ class StoryProgram:
     def __init__(self, cfg: Config, spec: GenerationSpec, pair_sharding: jax.sharding.Sharding | None = None):
         self._listeners = Listeners()
         self._lock = threading.Lock()
-        self.jitted = jax.jit(lambda params, inputs: generate_story(
-            params, cfg, spec, inputs, self._on_shot, self._on_step, pair_sharding, self._on_shot_done))
+        self.jitted = jax.jit(
+            lambda params, inputs: generate_story(
+                params, cfg, spec, inputs, self._on_shot, self._on_step, pair_sharding, self._on_shot_done
+            )
+        )
 
     def trace(self, params: dict, inputs: StoryInputs) -> Any:
         """The traced program (its jaxpr, for tests and analysis)."""
@@ -281,14 +290,29 @@ def latent_to_image_tokens(cfg: Config, params: dict[str, Any], z: Array) -> Arr
     return image_tokens(cfg, params, vae.decode(cfg.vae, params["vae"], z[None, None])[0, 0])
 
 
-def generation_spec(cfg: Config, strategy: str, k: int | None, latent_hw: tuple[int, int], steps: int, shift: float,
-                    solver: str, guidance: float, cache: float = 0.0) -> GenerationSpec:
+def generation_spec(
+    cfg: Config,
+    strategy: str,
+    k: int | None,
+    latent_hw: tuple[int, int],
+    steps: int,
+    shift: float,
+    solver: str,
+    guidance: float,
+    cache: float = 0.0,
+) -> GenerationSpec:
     """The static spec of a story program: memory strategy and K, the solver's sigma grid, guidance,
     step caching."""
     sched = make_schedule("wan" if solver == "unipc" else "euler", steps, shift)
-    return GenerationSpec(strategy=strategy, k=selection_k(cfg, strategy, latent_hw, k),
-                          sigmas=tuple(sched.sigmas.tolist()), timesteps=tuple(sched.timesteps.tolist()),
-                          solver=solver, guidance=guidance, cache=cache)
+    return GenerationSpec(
+        strategy=strategy,
+        k=selection_k(cfg, strategy, latent_hw, k),
+        sigmas=tuple(sched.sigmas.tolist()),
+        timesteps=tuple(sched.timesteps.tolist()),
+        solver=solver,
+        guidance=guidance,
+        cache=cache,
+    )
 
 
 def abstract_story_inputs(cfg: Config, shots: int, latent_shape: tuple[int, int, int, int]) -> StoryInputs:
@@ -297,9 +321,12 @@ def abstract_story_inputs(cfg: Config, shots: int, latent_shape: tuple[int, int,
     t, h, w, c = latent_shape
     i2v = cfg.dit.has_image_branch
     return StoryInputs(
-        text=f32(shots, cfg.dit.text_len, cfg.dit.text_dim), negative=f32(cfg.dit.text_len, cfg.dit.text_dim),
-        noise=f32(shots, *latent_shape), active=jax.ShapeDtypeStruct((shots,), bool),
-        done=jax.ShapeDtypeStruct((shots,), bool), done_latents=f32(shots, *latent_shape),
+        text=f32(shots, cfg.dit.text_len, cfg.dit.text_dim),
+        negative=f32(cfg.dit.text_len, cfg.dit.text_dim),
+        noise=f32(shots, *latent_shape),
+        active=jax.ShapeDtypeStruct((shots,), bool),
+        done=jax.ShapeDtypeStruct((shots,), bool),
+        done_latents=f32(shots, *latent_shape),
         cond=f32(t, h, w, 4 + c) if i2v else None,
         image_tokens=f32(cfg.image_encoder.num_tokens, cfg.dit.image_dim) if i2v else None,
         has_start_image=jax.ShapeDtypeStruct((), bool) if i2v else None,

@@ -33,15 +33,18 @@ class MemoryBank:
         return self.latents.shape[0]
 
 
-def empty_bank(max_shots: int, frames_per_shot: int, h: int, w: int, channels: int = 16,
-               references: Array | None = None) -> MemoryBank:
+def empty_bank(
+    max_shots: int, frames_per_shot: int, h: int, w: int, channels: int = 16, references: Array | None = None
+) -> MemoryBank:
     """A bank of max_shots x frames_per_shot slots, after the reference frames [R, h, w, C] (valid)."""
     n = max_shots * frames_per_shot
     bank = MemoryBank(latents=jnp.zeros((n, h, w, channels), jnp.float32), valid=jnp.zeros((n,), bool))
     if references is None:
         return bank
-    return MemoryBank(latents=jnp.concatenate([references.astype(jnp.float32), bank.latents]),
-                      valid=jnp.concatenate([jnp.ones((references.shape[0],), bool), bank.valid]))
+    return MemoryBank(
+        latents=jnp.concatenate([references.astype(jnp.float32), bank.latents]),
+        valid=jnp.concatenate([jnp.ones((references.shape[0],), bool), bank.valid]),
+    )
 
 
 def write_shot(bank: MemoryBank, shot: Array, latents: Array, offset: int = 0) -> MemoryBank:
@@ -67,8 +70,9 @@ def item_slots(item: str, references: Sequence[str], frames_per_shot: int) -> li
     return [first + int(frame)]
 
 
-def control_masks(pins: Sequence[Sequence[str]], excludes: Sequence[Sequence[str]], references: Sequence[str],
-                  frames_per_shot: int) -> tuple[np.ndarray, np.ndarray]:
+def control_masks(
+    pins: Sequence[Sequence[str]], excludes: Sequence[Sequence[str]], references: Sequence[str], frames_per_shot: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(pinned, excluded) bool [S, R + S x T]: per shot, the slots its memory must hold / must not hold."""
     n = len(pins)
     masks = np.zeros((2, n, len(references) + n * frames_per_shot), bool)

@@ -20,20 +20,20 @@ import numpy as np
 from tqdm import tqdm
 
 from onestory_jax.config import Config, to_dict
-from onestory_jax.diffusion.guidance import null_text
 from onestory_jax.data.video import i2v_channels, image_clip, load_image, read_video, resize_frame
+from onestory_jax.diffusion.guidance import null_text
 from onestory_jax.errors import UserError
 from onestory_jax.models.frozen import Components
 from onestory_jax.models.memory import frames_per_patchifier
 from onestory_jax.sampling import outputs, resume
-from onestory_jax.sampling.generate import (GenerationSpec, Listeners, ShotRecord, StoryInputs, generation_spec,
-                                           story_program)
+from onestory_jax.sampling.generate import GenerationSpec, Listeners, ShotRecord, StoryInputs, generation_spec, story_program
 from onestory_jax.sampling.memory_bank import control_masks, item_slots
 from onestory_jax.sampling.story import Story, require_resolved, story_to_dict, with_sampler
 
 
-def i2v_condition(encode_video: Callable[[np.ndarray], np.ndarray], image: np.ndarray | None, frames: int,
-                  latent_shape: tuple[int, ...]) -> np.ndarray:
+def i2v_condition(
+    encode_video: Callable[[np.ndarray], np.ndarray], image: np.ndarray | None, frames: int, latent_shape: tuple[int, ...]
+) -> np.ndarray:
     """Wan2.1's I2V channels [T, h, w, 4 mask + C latent] for a start image [H, W, 3] (or None).
 
     As Wan's pipeline: the VAE encodes [image, zeros x (frames - 1)] and all T latent frames are used
@@ -72,8 +72,9 @@ def latent_shape(cfg: Config, story: Story) -> tuple[int, int, int, int]:
     return (story.latent_frames, s.height // f, s.width // f, cfg.vae.z_dim)
 
 
-def prepare_story(cfg: Config, comps: Components, story: Story, out: Path, model_id: str = "",
-                  redo: int | None = None) -> PreparedStory:
+def prepare_story(
+    cfg: Config, comps: Components, story: Story, out: Path, model_id: str = "", redo: int | None = None
+) -> PreparedStory:
     """Which saved shots in `out` are kept (by fingerprint, or up to shot `redo`, 1-based), the start
     video encoded and saved as shot 1, and the start image with its CLIP tokens."""
     s, shape = require_resolved(story).settings, latent_shape(cfg, story)  # fingerprints cover the settings used
@@ -116,19 +117,28 @@ def encode_story(cfg: Config, comps: Components, story: Story, prepared: Prepare
         cond = jnp.asarray(i2v_condition(comps.encode_video, prepared.image, s.frames, shape))
     references, pinned, excluded = None, None, None
     if story.references:  # each image one latent frame, as the VAE encodes a video's first frame
-        references = np.concatenate([comps.encode_video(_load_image(r.path, s.width, s.height)[None])
-                                     for r in story.references])
+        references = np.concatenate([comps.encode_video(_load_image(r.path, s.width, s.height)[None]) for r in story.references])
     if any(shot.pin or shot.exclude for shot in story.shots):
-        pinned, excluded = control_masks([shot.pin for shot in story.shots], [shot.exclude for shot in story.shots],
-                                         [r.name for r in story.references], shape[0])
+        pinned, excluded = control_masks(
+            [shot.pin for shot in story.shots],
+            [shot.exclude for shot in story.shots],
+            [r.name for r in story.references],
+            shape[0],
+        )
     return StoryInputs(
-        text=jnp.asarray(embeddings), negative=jnp.asarray(negative), noise=jnp.asarray(noise),
-        active=jnp.ones((n,), bool), done=jnp.asarray(done), done_latents=jnp.asarray(done_latents), cond=cond,
+        text=jnp.asarray(embeddings),
+        negative=jnp.asarray(negative),
+        noise=jnp.asarray(noise),
+        active=jnp.ones((n,), bool),
+        done=jnp.asarray(done),
+        done_latents=jnp.asarray(done_latents),
+        cond=cond,
         image_tokens=None if prepared.image_tokens is None else jnp.asarray(prepared.image_tokens),
         has_start_image=jnp.asarray(story.start_image is not None),
         continues=jnp.asarray([shot.continues for shot in story.shots]) if any(s.continues for s in story.shots) else None,
         references=None if references is None else jnp.asarray(references),
-        pinned=None if pinned is None else jnp.asarray(pinned), excluded=None if excluded is None else jnp.asarray(excluded),
+        pinned=None if pinned is None else jnp.asarray(pinned),
+        excluded=None if excluded is None else jnp.asarray(excluded),
     )
 
 
@@ -139,13 +149,18 @@ def story_spec(cfg: Config, story: Story) -> tuple[Config, GenerationSpec]:
     if story.memory.budget is not None:
         cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, budget=story.memory.budget))
     hw = latent_shape(cfg, story)[1:3]
-    return cfg, generation_spec(cfg, story.memory.strategy, story.memory.k, hw, s.steps, s.shift, s.solver, s.guidance,
-                                s.cache)
+    return cfg, generation_spec(cfg, story.memory.strategy, story.memory.k, hw, s.steps, s.shift, s.solver, s.guidance, s.cache)
 
 
-def run_story(cfg: Config, params: dict, spec: GenerationSpec, inputs: StoryInputs,
-              on_shot_done: Callable[[int, np.ndarray], None] | None = None, progress: bool = True,
-              mesh: jax.sharding.Mesh | None = None) -> tuple[ShotRecord, dict[str, Any]]:
+def run_story(
+    cfg: Config,
+    params: dict,
+    spec: GenerationSpec,
+    inputs: StoryInputs,
+    on_shot_done: Callable[[int, np.ndarray], None] | None = None,
+    progress: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[ShotRecord, dict[str, Any]]:
     """Run the (cached) compiled story program; `on_shot_done(shot, latents)` sees each newly denoised
     shot as it finishes. On a mesh whose `data` axis has 2 devices, the CFG pair is split across them.
 
@@ -195,8 +210,16 @@ def decode_shots(comps: Components, latents: np.ndarray, progress: bool = True) 
     return videos, seconds
 
 
-def write_story(out: Path, cfg: Config, story: Story, prepared: PreparedStory, records: ShotRecord,
-                videos: list[np.ndarray], timings: dict[str, Any], started: float | None = None) -> dict[str, Any]:
+def write_story(
+    out: Path,
+    cfg: Config,
+    story: Story,
+    prepared: PreparedStory,
+    records: ShotRecord,
+    videos: list[np.ndarray],
+    timings: dict[str, Any],
+    started: float | None = None,
+) -> dict[str, Any]:
     """Write shot_NN.mp4, story.mp4, contact_sheet.png and manifest.json (with each shot's memory:
     the frames it used, their scores and patchifiers); returns the manifest. `started`: the
     perf_counter() the render began at, for timings["total_s"]."""
@@ -213,24 +236,44 @@ def write_story(out: Path, cfg: Config, story: Story, prepared: PreparedStory, r
         if i not in unchanged:
             outputs.write_mp4(out / outputs.shot_name(i, ".mp4"), video, s.fps)
         memory = [
-            {**slot_source(int(slot), refs, t_lat), "score": float(score), "pinned": bool(slot in pinned[i]),
-             "patchifier": list(cfg.memory.patchifier_kernels[level_of_rank[rank]])}
-            for rank, (slot, score, used) in enumerate(zip(records.indices[i], records.scores[i], records.selected[i])) if used
+            {
+                **slot_source(int(slot), refs, t_lat),
+                "score": float(score),
+                "pinned": bool(slot in pinned[i]),
+                "patchifier": list(cfg.memory.patchifier_kernels[level_of_rank[rank]]),
+            }
+            for rank, (slot, score, used) in enumerate(zip(records.indices[i], records.scores[i], records.selected[i]))
+            if used
         ]
-        manifest_shots.append({
-            "shot": i + 1, "caption": story.shots[i].caption, "seed": story.shot_seed(i), "continues": story.shots[i].continues,
-            "resumed": i < len(prepared.finished), "generated_because": prepared.reasons[i],
-            "fingerprint": prepared.fingerprints[i], "memory": memory,
-            **({"memory_control": {"pin": list(story.shots[i].pin), "exclude": list(story.shots[i].exclude)}}
-               if story.shots[i].pin or story.shots[i].exclude else {}),
-            "timings": {"denoise_s": shot_s.get(i), "decode_s": decode_s[i], "write_s": time.perf_counter() - t0},
-        })
+        manifest_shots.append(
+            {
+                "shot": i + 1,
+                "caption": story.shots[i].caption,
+                "seed": story.shot_seed(i),
+                "continues": story.shots[i].continues,
+                "resumed": i < len(prepared.finished),
+                "generated_because": prepared.reasons[i],
+                "fingerprint": prepared.fingerprints[i],
+                "memory": memory,
+                **(
+                    {"memory_control": {"pin": list(story.shots[i].pin), "exclude": list(story.shots[i].exclude)}}
+                    if story.shots[i].pin or story.shots[i].exclude
+                    else {}
+                ),
+                "timings": {"denoise_s": shot_s.get(i), "decode_s": decode_s[i], "write_s": time.perf_counter() - t0},
+            }
+        )
     outputs.write_mp4(out / "story.mp4", np.concatenate(videos), s.fps)
     outputs.contact_sheet(out / "contact_sheet.png", videos)
     if started is not None:
         timings["total_s"] = time.perf_counter() - started
-    manifest = {"config": to_dict(cfg), "story": story_to_dict(story), "shots": manifest_shots, "timings": timings,
-                "latent_shape": list(prepared.latent_shape)}
+    manifest = {
+        "config": to_dict(cfg),
+        "story": story_to_dict(story),
+        "shots": manifest_shots,
+        "timings": timings,
+        "latent_shape": list(prepared.latent_shape),
+    }
     outputs.save_json(out / "manifest.json", manifest)
     outputs.remove_leftovers(out, len(videos))  # a killed run's temporaries, the shots of a longer earlier story
     return manifest
@@ -242,8 +285,11 @@ def written_mp4s(out: Path, fingerprints: list[str], fps: int) -> set[int]:
         manifest = json.loads((out / "manifest.json").read_text())
         if manifest["story"]["settings"]["fps"] != fps:
             return set()
-        return {i for i, shot in enumerate(manifest["shots"][: len(fingerprints)])
-                if shot["fingerprint"] == fingerprints[i] and (out / outputs.shot_name(i, ".mp4")).is_file()}
+        return {
+            i
+            for i, shot in enumerate(manifest["shots"][: len(fingerprints)])
+            if shot["fingerprint"] == fingerprints[i] and (out / outputs.shot_name(i, ".mp4")).is_file()
+        }
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return set()
 
@@ -256,8 +302,17 @@ def slot_source(slot: int, references: list[str], frames_per_shot: int) -> dict[
     return {"shot": slot // frames_per_shot + 1, "frame": slot % frames_per_shot}
 
 
-def render_story(cfg: Config, params: dict, comps: Components, story: Story, out: Path, progress: bool = True,
-                 mesh: jax.sharding.Mesh | None = None, model_id: str = "", redo: int | None = None) -> dict[str, Any]:
+def render_story(
+    cfg: Config,
+    params: dict,
+    comps: Components,
+    story: Story,
+    out: Path,
+    progress: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+    model_id: str = "",
+    redo: int | None = None,
+) -> dict[str, Any]:
     """Generate (or resume) every shot of `story` into `out`; returns the manifest.
 
     The parts, each usable alone: prepare_story (resume state, start image/video), encode_story,
@@ -285,8 +340,12 @@ def render_story(cfg: Config, params: dict, comps: Components, story: Story, out
         if failed:
             return
         if not np.isfinite(latents).all():
-            failed.append(UserError(f"shot {shot + 1} came out with non-finite values (NaN/Inf) and was not saved "
-                                    "(shots before it are). Check the model's weights and the story's numbers"))
+            failed.append(
+                UserError(
+                    f"shot {shot + 1} came out with non-finite values (NaN/Inf) and was not saved "
+                    "(shots before it are). Check the model's weights and the story's numbers"
+                )
+            )
             return
         try:
             resume.save_shot(out, shot, latents, prepared.shot_inputs[shot], prepared.fingerprints[shot])

@@ -35,8 +35,13 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def model_identity(checkpoint: Path | None, config: dict[str, Any], seed: int, tokenizer: Path | None = None,
-                   loras: Sequence[tuple[Path, float]] = ()) -> str:
+def model_identity(
+    checkpoint: Path | None,
+    config: dict[str, Any],
+    seed: int,
+    tokenizer: Path | None = None,
+    loras: Sequence[tuple[Path, float]] = (),
+) -> str:
     """A hash naming the model: its config, and the checkpoint's small files by content (orbax
     manifests change whenever the weights are rewritten) and large ones by name and size; or the seed
     of random weights. A tokenizer given apart from the checkpoint (--tokenizer) and the LoRAs merged
@@ -60,13 +65,15 @@ def shot_inputs(story: Story, i: int, model_id: str) -> dict[str, Any]:
     """Everything shot i (0-based) depends on, besides the earlier shots."""
     start = {"start_image": story.start_image, "start_video": story.start_video}
     return {
-        "caption": story.shots[i].caption, "seed": story.shot_seed(i),
+        "caption": story.shots[i].caption,
+        "seed": story.shot_seed(i),
         # fps only changes how the mp4s play: a new fps rewrites them, it does not regenerate shots; the
         # LoRAs are merged into the model, and count in `model_id` by content
         "settings": {k: v for k, v in dataclasses.asdict(story.settings).items() if k not in ("fps", "lora")},
         "memory": dataclasses.asdict(story.memory),
         **{k: (file_digest(p) if p is not None and p.is_file() else None) for k, p in start.items()},
-        "model": model_id, **({"rerolled": True} if story.shots[i].rerolled else {}),
+        "model": model_id,
+        **({"rerolled": True} if story.shots[i].rerolled else {}),
         **({"continues": True} if story.shots[i].continues else {}),
         # what memory holds (absent when unused, so that earlier runs' shots stay valid)
         **({"references": [[r.name, file_digest(r.path)] for r in story.references]} if story.references else {}),
@@ -128,8 +135,10 @@ def check_not_foreign(out: Path) -> None:
     manifest = out / "manifest.json"
     if manifest.is_file():
         if not _ours(manifest, {"story", "shots"}):
-            raise UserError(f"--out '{out}' holds a manifest.json that sample.py did not write: a run would overwrite it "
-                            "(and story.mp4, contact_sheet.png); pick another --out")
+            raise UserError(
+                f"--out '{out}' holds a manifest.json that sample.py did not write: a run would overwrite it "
+                "(and story.mp4, contact_sheet.png); pick another --out"
+            )
         return
     foreign = [p.name for p in (out / "story.mp4", out / "contact_sheet.png") if p.exists()]
     for path in sorted(out.glob("shot_*")) if out.is_dir() else ():
@@ -137,12 +146,15 @@ def check_not_foreign(out: Path) -> None:
         if not _ours(record, {"fingerprint", "inputs"}):
             foreign.append(path.name)
     if foreign:
-        raise UserError(f"--out '{out}' holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which sample.py "
-                        "did not write (no manifest.json, no shot record): a run would overwrite it; pick another --out")
+        raise UserError(
+            f"--out '{out}' holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which sample.py "
+            "did not write (no manifest.json, no shot record): a run would overwrite it; pick another --out"
+        )
 
 
-def reusable_shots(out: Path, story: Story, model_id: str, latent_shape: tuple[int, ...],
-                   redo: int | None = None) -> tuple[list[np.ndarray], list[str | None]]:
+def reusable_shots(
+    out: Path, story: Story, model_id: str, latent_shape: tuple[int, ...], redo: int | None = None
+) -> tuple[list[np.ndarray], list[str | None]]:
     """(latents of the leading shots that can be kept, per shot the reason it is (re)generated or None).
 
     `redo` (1-based): regenerate that shot and every later one whatever their records say.
@@ -160,8 +172,9 @@ def reusable_shots(out: Path, story: Story, model_id: str, latent_shape: tuple[i
     return kept, reasons
 
 
-def _check_saved(out: Path, i: int, latent_shape: tuple[int, ...], inputs: dict[str, Any], print_: str,
-                 redo: int | None) -> str | None:
+def _check_saved(
+    out: Path, i: int, latent_shape: tuple[int, ...], inputs: dict[str, Any], print_: str, redo: int | None
+) -> str | None:
     """None when shot i's saved files can be reused, else why not."""
     if redo is not None and i + 1 >= redo:
         return f"--redo {redo}"
@@ -172,7 +185,9 @@ def _check_saved(out: Path, i: int, latent_shape: tuple[int, ...], inputs: dict[
         saved = json.loads(record.read_text())
         lat = np.load(npy)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot resume: '{npy}' or its record is unreadable ({e}); delete them to regenerate that shot") from None
+        raise UserError(
+            f"cannot resume: '{npy}' or its record is unreadable ({e}); delete them to regenerate that shot"
+        ) from None
     if not isinstance(saved, dict):  # a hand-edited record (a list, a number): regenerate the shot
         return "its record is not a shot record"
     if saved.get("fingerprint") != print_:

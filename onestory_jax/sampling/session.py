@@ -38,20 +38,33 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_compilation_cache_dir", str(root / "jax"))
 
 
-def open_model(checkpoint: Path | None, config: str | None = None, overrides: Sequence[str] = (), seed: int = 0,
-               tokenizer: Path | None = None, allow_random: bool = False) -> SamplingModel:
+def open_model(
+    checkpoint: Path | None,
+    config: str | None = None,
+    overrides: Sequence[str] = (),
+    seed: int = 0,
+    tokenizer: Path | None = None,
+    allow_random: bool = False,
+) -> SamplingModel:
     """Load a model folder (or a preset's random weights, seeded by `seed`) for sampling, as sample.py does."""
     from onestory_jax.sampling.components import load_for_sampling
     from onestory_jax.sampling.resume import model_identity
 
     enable_compilation_cache()
-    cfg, params, comps, mesh = load_for_sampling(checkpoint, config, list(overrides), seed, tokenizer,
-                                                 allow_random=allow_random)
+    cfg, params, comps, mesh = load_for_sampling(checkpoint, config, list(overrides), seed, tokenizer, allow_random=allow_random)
     return SamplingModel(cfg, params, comps, mesh, model_identity(checkpoint, to_dict(cfg), seed, tokenizer))
 
 
-def render_into(model: SamplingModel, story: Story, out: Path, redo: int | None = None, reroll_seed: int | None = None,
-                progress: bool = True, on_start: Callable[[Story], None] | None = None, lock: bool = True) -> dict[str, Any]:
+def render_into(
+    model: SamplingModel,
+    story: Story,
+    out: Path,
+    redo: int | None = None,
+    reroll_seed: int | None = None,
+    progress: bool = True,
+    on_start: Callable[[Story], None] | None = None,
+    lock: bool = True,
+) -> dict[str, Any]:
     """Render (or resume) `story` into `out` under its folder lock; returns the manifest. The story's
     settings.lora must be merged into `model` already (sample.py merges them when it loads).
 
@@ -81,5 +94,14 @@ def render_into(model: SamplingModel, story: Story, out: Path, redo: int | None 
         if on_start is not None:
             on_start(story)
         with activate(model.mesh):
-            return render_story(model.cfg, model.params, model.comps, story, out, progress=progress, mesh=model.mesh,
-                                model_id=model.model_id, redo=redo)
+            return render_story(
+                model.cfg,
+                model.params,
+                model.comps,
+                story,
+                out,
+                progress=progress,
+                mesh=model.mesh,
+                model_id=model.model_id,
+                redo=redo,
+            )

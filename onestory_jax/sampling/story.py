@@ -50,7 +50,18 @@ class Settings:
     lora: tuple[LoraFile, ...] = ()  # merged into the model: every story of one run has the same
 
 
-SAMPLER_FIELDS = ("steps", "guidance", "shift", "solver", "negative_prompt", "cache", "width", "height", "frames", "fps")  # = config.SamplerConfig's
+SAMPLER_FIELDS = (
+    "steps",
+    "guidance",
+    "shift",
+    "solver",
+    "negative_prompt",
+    "cache",
+    "width",
+    "height",
+    "frames",
+    "fps",
+)  # = config.SamplerConfig's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +77,9 @@ class Shot:
     seed: int | None = None
     continues: bool = False  # no cut: starts from the previous shot's last frame (I2V), keeping its memory
     rerolled: bool = False  # its seed was drawn by `sample.py --redo` (not a story-file field)
-    pin: tuple[str, ...] = ()  # memory items always in this shot's memory: "N" (shot N), "N:F" (its latent frame F), a reference's name
+    pin: tuple[
+        str, ...
+    ] = ()  # memory items always in this shot's memory: "N" (shot N), "N:F" (its latent frame F), a reference's name
     exclude: tuple[str, ...] = ()  # memory items never in it
 
 
@@ -98,8 +111,19 @@ class Story:
 
 
 _INT, _FLOAT, _STR = (int,), (int, float), (str,)
-_SETTING_TYPES = {"width": _INT, "height": _INT, "frames": _INT, "fps": _INT, "seed": _INT, "steps": _INT,
-                  "guidance": _FLOAT, "shift": _FLOAT, "solver": _STR, "negative_prompt": _STR, "cache": _FLOAT}
+_SETTING_TYPES = {
+    "width": _INT,
+    "height": _INT,
+    "frames": _INT,
+    "fps": _INT,
+    "seed": _INT,
+    "steps": _INT,
+    "guidance": _FLOAT,
+    "shift": _FLOAT,
+    "solver": _STR,
+    "negative_prompt": _STR,
+    "cache": _FLOAT,
+}
 
 
 def _check_keys(where: str, data: Any, allowed: set[str], sep: str = ".") -> dict:
@@ -203,8 +227,10 @@ def _shot(src: str, i: int, data: Any, references: set[str] = frozenset()) -> Sh
     data = _check_keys(where, data, {"caption", "seed", "continue", "memory"})
     caption = data.get("caption")
     if isinstance(caption, bool):  # YAML 1.1: `caption: yes` is True
-        raise UserError(f"{where}.caption: must be a non-empty string, got {caption} (YAML reads yes/no/on/off as "
-                        "booleans: quote the caption)")
+        raise UserError(
+            f"{where}.caption: must be a non-empty string, got {caption} (YAML reads yes/no/on/off as "
+            "booleans: quote the caption)"
+        )
     if not isinstance(caption, str) or not caption.strip():
         raise UserError(f"{where}.caption: must be a non-empty string")
     try:
@@ -239,9 +265,14 @@ def _memory_item(where: str, shot: int, item: Any, references: set[str]) -> str:
         return text
     if not 1 <= int(m[1]) < shot:
         sexagesimal = isinstance(item, int) and item >= 60  # YAML 1.1 reads an unquoted 2:0 as 2 x 60 + 0
-        hint = f" (an unquoted {item // 60}:{item % 60} reads as {item} in YAML: quote it, \"{item // 60}:{item % 60}\")" if sexagesimal else ""
-        raise UserError(f"{where}: {shown(item)}: shot {m[1]} is not an earlier shot (shot {shot}'s memory holds shots "
-                        f"1..{shot - 1}){hint}")
+        hint = (
+            f' (an unquoted {item // 60}:{item % 60} reads as {item} in YAML: quote it, "{item // 60}:{item % 60}")'
+            if sexagesimal
+            else ""
+        )
+        raise UserError(
+            f"{where}: {shown(item)}: shot {m[1]} is not an earlier shot (shot {shot}'s memory holds shots 1..{shot - 1}){hint}"
+        )
     return text
 
 
@@ -322,12 +353,16 @@ def load_story(path: str | Path) -> Story:
         text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else load_yaml(text)
     except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{path.name}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"{path.name}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {str(e).splitlines()[0]}"
+        ) from None
     if isinstance(data, dict) and "scenes" in data and "shots" not in data:
         data = from_scene_script(data, path.name)
     elif isinstance(data, dict) and "shots" not in data:
-        raise UserError(f"{path.name}: not a story: expected `shots:` (our format, README) or `scenes:` (a scene script "
-                        "as StoryMem's ST-Bench ships them), found {', '.join(sorted(map(str, data))) or 'nothing'}")
+        raise UserError(
+            f"{path.name}: not a story: expected `shots:` (our format, README) or `scenes:` (a scene script "
+            "as StoryMem's ST-Bench ships them), found {', '.join(sorted(map(str, data))) or 'nothing'}"
+        )
     return parse_story(data, path.name, path.parent)
 
 

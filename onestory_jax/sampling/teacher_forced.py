@@ -34,10 +34,15 @@ def shot_sampler(params: dict, cfg: Config, spec: GenerationSpec, max_memory_sho
         zeros = jnp.zeros((2, *noise.shape), jnp.float32)
         image = jnp.zeros((cfg.image_encoder.num_tokens, cfg.dit.image_dim), jnp.float32) if i2v else None
         inputs = StoryInputs(
-            text=jnp.stack([caption, caption]), negative=null_text(caption.shape, caption.dtype),
-            noise=zeros.at[1].set(noise), active=jnp.ones((2,), bool), done=jnp.zeros((2,), bool), done_latents=zeros,
+            text=jnp.stack([caption, caption]),
+            negative=null_text(caption.shape, caption.dtype),
+            noise=zeros.at[1].set(noise),
+            active=jnp.ones((2,), bool),
+            done=jnp.zeros((2,), bool),
+            done_latents=zeros,
             cond=jnp.zeros((*noise.shape[:-1], 4 + noise.shape[-1]), jnp.float32) if i2v else None,
-            image_tokens=image)
+            image_tokens=image,
+        )
         _, record = next_shot(params, cfg, spec, bank, inputs, jnp.int32(1), image_tokens=image)
         return record.latents
 

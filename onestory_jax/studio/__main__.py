@@ -19,13 +19,19 @@ from onestory_jax.errors import UserError, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m onestory_jax.studio", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m onestory_jax.studio", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="model folder (docs/model-folder.md), e.g. models/demo")
     src.add_argument("--config", help="model preset or YAML with RANDOM weights (tests), e.g. tiny")
-    ap.add_argument("--out", type=Path, default=Path("out/studio"), help="run folder: story.yaml, references/, the "
-                    "shots and manifest.json (default out/studio; an earlier session's story and results are reopened)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out/studio"),
+        help="run folder: story.yaml, references/, the "
+        "shots and manifest.json (default out/studio; an earlier session's story and results are reopened)",
+    )
     ap.add_argument("--story", type=Path, help="story file to open at start (default: OUT/story.yaml if there)")
     ap.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     ap.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
@@ -48,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.story is not None or story_file.is_file():
         if not story_file.is_file():
             raise UserError(f"story file '{story_file}' does not exist")
-        initial = story_edit.absolute_paths(story_edit.read_story_text(story_file.read_text(), story_file.name),
-                                            story_file.parent)
+        initial = story_edit.absolute_paths(
+            story_edit.read_story_text(story_file.read_text(), story_file.name), story_file.parent
+        )
 
     from onestory_jax.sampling.session import open_model
     from onestory_jax.studio.app import build, launch

@@ -21,8 +21,10 @@ from onestory_jax.studio import story_edit as se  # noqa: E402
 from onestory_jax.studio.engine import Studio  # noqa: E402
 
 POLL_S = 0.5  # how often a running render's progress is shown
-THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],  # local fonts: no download
-                          font_mono=["ui-monospace", "monospace"])
+THEME = gr.themes.Default(
+    font=["ui-sans-serif", "system-ui", "sans-serif"],  # local fonts: no download
+    font_mono=["ui-monospace", "monospace"],
+)
 CSS = """
 #status {min-height: 2.5em}
 #memory-gallery .thumbnail-item img, #memory-gallery img {image-rendering: pixelated}
@@ -39,8 +41,7 @@ def build(studio: Studio, initial: dict[str, Any], title: str = "OneStory studio
         story = gr.State(initial)
         memory_items = gr.State([])  # the pin/exclude item of each thumbnail in the memory gallery
         selected = gr.State(None)  # the item of the thumbnail last clicked
-        gr.Markdown(f"# {title}\nRun folder: `{studio.out}` · story file: `{studio.story_file}` · "
-                    f"model: {studio.model.cfg.name}")
+        gr.Markdown(f"# {title}\nRun folder: `{studio.out}` · story file: `{studio.story_file}` · model: {studio.model.cfg.name}")
         with gr.Row(equal_height=False):
             with gr.Column(scale=6):
                 gr.Markdown("## Story")
@@ -49,29 +50,47 @@ def build(studio: Studio, initial: dict[str, Any], title: str = "OneStory studio
                     open_btn = gr.Button("Open", scale=1, elem_id="open")
                     upload_story = gr.UploadButton("Upload story", file_types=[".yaml", ".yml", ".json"], scale=1)
                     new_btn = gr.Button("New story", scale=1, elem_id="new-story")
-                table = gr.Dataframe(headers=list(se.COLUMNS), datatype=["str", "str", "bool", "str", "str"],
-                                     column_widths=["44%", "9%", "11%", "13%", "13%"],
-                                     type="array", interactive=True, label="Shots (pin/exclude: alice, 1, 2:0)",
-                                     wrap=True, show_row_numbers=True, elem_id="shots-table")
+                table = gr.Dataframe(
+                    headers=list(se.COLUMNS),
+                    datatype=["str", "str", "bool", "str", "str"],
+                    column_widths=["44%", "9%", "11%", "13%", "13%"],
+                    type="array",
+                    interactive=True,
+                    label="Shots (pin/exclude: alice, 1, 2:0)",
+                    wrap=True,
+                    show_row_numbers=True,
+                    elem_id="shots-table",
+                )
                 with gr.Row():
-                    new_caption = gr.Textbox(label="New shot caption", placeholder="A red square hops across a snowy field.",
-                                             scale=5, elem_id="new-caption")
+                    new_caption = gr.Textbox(
+                        label="New shot caption",
+                        placeholder="A red square hops across a snowy field.",
+                        scale=5,
+                        elem_id="new-caption",
+                    )
                     add_btn = gr.Button("Add shot", scale=1, elem_id="add-shot")
                 sampler = studio.model.cfg.sampler
                 with gr.Row():
-                    steps = gr.Number(label=f"steps (blank: {sampler.steps})", precision=0, minimum=1, min_width=90,
-                                      elem_id="steps")
+                    steps = gr.Number(
+                        label=f"steps (blank: {sampler.steps})", precision=0, minimum=1, min_width=90, elem_id="steps"
+                    )
                     seed = gr.Number(label="seed (blank: 0)", precision=0, minimum=0, min_width=90, elem_id="seed")
                     guidance = gr.Number(label=f"guidance (blank: {sampler.guidance:g})", min_width=90, elem_id="guidance")
                     strategy = gr.Dropdown(list(STRATEGIES), label="memory", min_width=90, elem_id="strategy")
                     budget = gr.Dropdown([1, 2, 3], label="budget", min_width=90, elem_id="budget")
                 with gr.Accordion("References and start image", open=False, elem_id="refs-panel"):
                     with gr.Row():
-                        ref_files = gr.File(file_count="multiple", file_types=["image"], label="Upload reference images",
-                                            elem_id="ref-upload")
+                        ref_files = gr.File(
+                            file_count="multiple", file_types=["image"], label="Upload reference images", elem_id="ref-upload"
+                        )
                         ref_name = gr.Textbox(label="Name (one image; blank: from its file name)", elem_id="ref-name")
-                    refs = gr.Gallery(label="Start image and references (pin a reference by its name)", columns=6, height=160, allow_preview=False,
-                                      elem_id="refs")
+                    refs = gr.Gallery(
+                        label="Start image and references (pin a reference by its name)",
+                        columns=6,
+                        height=160,
+                        allow_preview=False,
+                        elem_id="refs",
+                    )
                     with gr.Row():
                         ref_remove = gr.Dropdown([], label="Remove reference", scale=3)
                         ref_remove_btn = gr.Button("Remove", scale=1)
@@ -92,8 +111,14 @@ def build(studio: Studio, initial: dict[str, Any], title: str = "OneStory studio
                 memory_shot = gr.Dropdown([], label="Shot", elem_id="memory-shot")
                 memory_video = gr.Video(label="This shot", height=240, elem_id="memory-video")
             with gr.Column(scale=5):
-                memory = gr.Gallery(label="Memory frames it used (best first)", columns=5, height=260, fit_columns=False,
-                                    allow_preview=False, elem_id="memory-gallery")
+                memory = gr.Gallery(
+                    label="Memory frames it used (best first)",
+                    columns=5,
+                    height=260,
+                    fit_columns=False,
+                    allow_preview=False,
+                    elem_id="memory-gallery",
+                )
                 picked = gr.Markdown("Click a memory frame to pin or exclude it.", elem_id="picked")
                 with gr.Row():
                     pin_btn = gr.Button("Pin for this shot", elem_id="pin")
@@ -109,8 +134,7 @@ def build(studio: Studio, initial: dict[str, Any], title: str = "OneStory studio
 
         edit_inputs = [story, table, steps, seed, guidance, strategy, budget]
         views = [story, table, steps, seed, guidance, strategy, budget, yaml_code, refs, ref_remove]
-        results = [status, videos, story_video, memory_shot, memory, memory_items, memory_video, files, sheet, selected,
-                   picked]
+        results = [status, videos, story_video, memory_shot, memory, memory_items, memory_video, files, sheet, selected, picked]
 
         def compose(data: dict, rows: Any, steps_: Any, seed_: Any, guidance_: Any, strategy_: Any, budget_: Any) -> dict:
             """The story as the panels show it now."""
@@ -126,9 +150,18 @@ def build(studio: Studio, initial: dict[str, Any], title: str = "OneStory studio
             ref_list = se.references(data)
             shown = ([("start image", data["start_image"])] if data.get("start_image") else []) + ref_list
             gallery = [(image, n) for n, p in shown if (image := studio.reference_image(p)) is not None]
-            return (data, se.story_rows(data) or [["", None, False, "", ""]], s.get("steps"), s.get("seed"),
-                    s.get("guidance"), m.get("strategy", "onestory"), m.get("budget", 1), se.story_yaml(data), gallery,
-                    gr.update(choices=[n for n, _ in ref_list], value=None))
+            return (
+                data,
+                se.story_rows(data) or [["", None, False, "", ""]],
+                s.get("steps"),
+                s.get("seed"),
+                s.get("guidance"),
+                m.get("strategy", "onestory"),
+                m.get("budget", 1),
+                se.story_yaml(data),
+                gallery,
+                gr.update(choices=[n for n, _ in ref_list], value=None),
+            )
 
         def edited(*values: Any) -> tuple:
             try:
@@ -147,8 +180,10 @@ def build(studio: Studio, initial: dict[str, Any], title: str = "OneStory studio
             shots = data.get("shots") or []
             edits = (shots[shot - 1].get("memory") or {}) if shot <= len(shots) and isinstance(shots[shot - 1], dict) else {}
             line = f"Shot {shot} used {len(thumbs)} memory frame(s)." if thumbs else f"Shot {shot} used no memory frames."
-            line += (f" Pinned: {se.format_memory_items(edits.get('pin')) or '-'};"
-                     f" excluded: {se.format_memory_items(edits.get('exclude')) or '-'}. Click a frame to select it.")
+            line += (
+                f" Pinned: {se.format_memory_items(edits.get('pin')) or '-'};"
+                f" excluded: {se.format_memory_items(edits.get('exclude')) or '-'}. Click a frame to select it."
+            )
             return thumbs, items, video, None, line
 
         def finished(data: dict, message: str, shot: int | None = None) -> dict:
@@ -158,11 +193,19 @@ def build(studio: Studio, initial: dict[str, Any], title: str = "OneStory studio
             shot = shot if shot and 1 <= shot <= n else (n or None)
             thumbs, items, video, _, line = memory_panel(shot, data)
             story_mp4, sheet_png = studio.out / "story.mp4", studio.out / "contact_sheet.png"
-            return {status: message, videos: [(str(p), c) for p, c in studio.shot_videos()],
-                    story_video: str(story_mp4) if manifest and story_mp4.is_file() else None,
-                    memory_shot: gr.update(choices=list(range(1, n + 1)), value=shot), memory: thumbs,
-                    memory_items: items, memory_video: video, files: studio.downloads() or None,
-                    sheet: str(sheet_png) if manifest and sheet_png.is_file() else None, selected: None, picked: line}
+            return {
+                status: message,
+                videos: [(str(p), c) for p, c in studio.shot_videos()],
+                story_video: str(story_mp4) if manifest and story_mp4.is_file() else None,
+                memory_shot: gr.update(choices=list(range(1, n + 1)), value=shot),
+                memory: thumbs,
+                memory_items: items,
+                memory_video: video,
+                files: studio.downloads() or None,
+                sheet: str(sheet_png) if manifest and sheet_png.is_file() else None,
+                selected: None,
+                picked: line,
+            }
 
         def render(data: dict, redo: int | None = None, reroll: bool = False) -> Any:
             """A render as a generator: progress and each finished shot's video, then every result."""
@@ -267,8 +310,11 @@ def build(studio: Studio, initial: dict[str, Any], title: str = "OneStory studio
 
         def pick(items: list, evt: gr.SelectData) -> tuple:
             item = items[evt.index] if evt.index is not None and evt.index < len(items) else None
-            return item, (f"Selected **{item}**: pin it (always in this shot's memory) or exclude it." if item is not None
-                          else "Click a memory frame to pin or exclude it.")
+            return item, (
+                f"Selected **{item}**: pin it (always in this shot's memory) or exclude it."
+                if item is not None
+                else "Click a memory frame to pin or exclude it."
+            )
 
         def memory_edit(kind: str, shot: Any, item: Any, *values: Any) -> tuple:
             data = compose(*values)
@@ -298,8 +344,11 @@ def build(studio: Studio, initial: dict[str, Any], title: str = "OneStory studio
             """A page (re)load: the story as last saved (or `initial` before any), the last render's results."""
             data = studio.current_story(initial)
             running = studio.job is not None and studio.job.running
-            note = f"{studio.job.progress()}<br>(a render started before this page was opened: reload when it ends)" \
-                if running else ""
+            note = (
+                f"{studio.job.progress()}<br>(a render started before this page was opened: reload when it ends)"
+                if running
+                else ""
+            )
             return {**dict(zip(views, view(data))), **finished(data, note)}
 
         demo.load(start_up, None, [*views, *results])
@@ -317,8 +366,9 @@ def build(studio: Studio, initial: dict[str, Any], title: str = "OneStory studio
         start_file.upload(set_start, [start_file, *edit_inputs], [*views, start_file])
         clear_start.click(no_start, edit_inputs, views)
         render_btn.click(render_all, edit_inputs, results)
-        memory_shot.change(lambda s, d: memory_panel(s, d), [memory_shot, story],
-                           [memory, memory_items, memory_video, selected, picked])
+        memory_shot.change(
+            lambda s, d: memory_panel(s, d), [memory_shot, story], [memory, memory_items, memory_video, selected, picked]
+        )
         memory.select(pick, memory_items, [selected, picked])
         for button, fn in ((pin_btn, pin), (exclude_btn, exclude), (clear_btn, clear)):
             button.click(fn, [memory_shot, selected, *edit_inputs], [*views, picked])
@@ -331,5 +381,11 @@ def launch(demo: gr.Blocks, studio: Studio, host: str, port: int, **kwargs: Any)
     """Serve the studio (blocks until interrupted unless `prevent_thread_lock`); the run folder and the
     previews are the only files it serves besides Gradio's own."""
     demo.queue(default_concurrency_limit=1).launch(
-        server_name=host, server_port=port, theme=THEME, css=CSS, allowed_paths=[str(studio.out), str(studio.preview_dir)],
-        footer_links=[], **kwargs)
+        server_name=host,
+        server_port=port,
+        theme=THEME,
+        css=CSS,
+        allowed_paths=[str(studio.out), str(studio.preview_dir)],
+        footer_links=[],
+        **kwargs,
+    )

@@ -26,8 +26,7 @@ from onestory_jax.io import atomic_path, shot_name
 from onestory_jax.sampling.session import SamplingModel, render_into
 from onestory_jax.sampling.story import Story, load_story
 from onestory_jax.studio import memory_view
-from onestory_jax.studio.story_edit import (absolute_paths, add_reference, read_story_text, references, relative_paths,
-                                            story_yaml)
+from onestory_jax.studio.story_edit import absolute_paths, add_reference, read_story_text, references, relative_paths, story_yaml
 
 STORY_FILE = "story.yaml"
 REFERENCES = "references"
@@ -55,8 +54,15 @@ class RenderJob:
             self.story = rendered
 
         try:
-            self.manifest = render_into(self.studio.model, story, self.studio.out, self.redo, reroll_seed,
-                                        progress=self.studio.console_progress, on_start=on_start)
+            self.manifest = render_into(
+                self.studio.model,
+                story,
+                self.studio.out,
+                self.redo,
+                reroll_seed,
+                progress=self.studio.console_progress,
+                on_start=on_start,
+            )
         except UserError as e:
             self.error = str(e)
         except Exception as e:  # shown in the UI; the full traceback goes to the console
@@ -130,8 +136,10 @@ class Studio:
                 raise UserError("a render is running: wait for it to finish")
             story = self.save_story(data)
             if story.settings.lora:
-                raise UserError("settings.lora: LoRAs are merged into the model when it is loaded: render this story "
-                                "with sample.py --lora, or remove settings.lora")
+                raise UserError(
+                    "settings.lora: LoRAs are merged into the model when it is loaded: render this story "
+                    "with sample.py --lora, or remove settings.lora"
+                )
             self.job = RenderJob(self, story, redo, reroll_seed)
             return self.job
 
@@ -179,8 +187,11 @@ class Studio:
                     shown.append((path, f"{i + 1}. {job.story.shots[i].caption}"))
             return shown
         manifest = self.manifest() or {"shots": []}
-        return [(self.out / shot_name(s["shot"] - 1, ".mp4"), f"{s['shot']}. {s['caption']}")
-                for s in manifest["shots"] if (self.out / shot_name(s["shot"] - 1, ".mp4")).is_file()]
+        return [
+            (self.out / shot_name(s["shot"] - 1, ".mp4"), f"{s['shot']}. {s['caption']}")
+            for s in manifest["shots"]
+            if (self.out / shot_name(s["shot"] - 1, ".mp4")).is_file()
+        ]
 
     def memory_gallery(self, shot: int, data: dict[str, Any]) -> tuple[list[tuple[np.ndarray, str]], list[Any]]:
         """(thumbnails with captions, the pin/exclude item of each) of the memory shot `shot` used in the last render."""

@@ -101,8 +101,7 @@ def thumbnail(out: Path, frame: MemoryFrame, reference_paths: dict[str, Path]) -
         return None
 
 
-def shot_states(out: Path, fingerprints: list[str], started: float, redo: int | None = None,
-                running: bool = True) -> list[str]:
+def shot_states(out: Path, fingerprints: list[str], started: float, redo: int | None = None, running: bool = True) -> list[str]:
     """Per shot of a render that began at `started` (time.time()) into `out`: "kept" (its saved shot is
     reused), "new" (denoised by this render), "denoising" (the first shot not done while `running`) or
     "pending". `fingerprints`: the shots' expected fingerprints (resume.story_fingerprints); `redo`:

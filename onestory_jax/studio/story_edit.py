@@ -139,8 +139,15 @@ def story_rows(data: dict[str, Any]) -> list[list[Any]]:
     for shot in data.get("shots") or []:
         shot = {"caption": shot} if isinstance(shot, str) else shot
         memory = shot.get("memory") or {}
-        rows.append([shot.get("caption", ""), "" if shot.get("seed") is None else shot["seed"], bool(shot.get("continue")),
-                     format_memory_items(memory.get("pin")), format_memory_items(memory.get("exclude"))])
+        rows.append(
+            [
+                shot.get("caption", ""),
+                "" if shot.get("seed") is None else shot["seed"],
+                bool(shot.get("continue")),
+                format_memory_items(memory.get("pin")),
+                format_memory_items(memory.get("exclude")),
+            ]
+        )
     return rows
 
 
@@ -173,8 +180,9 @@ def add_shot(data: dict[str, Any], caption: str) -> dict[str, Any]:
     return data
 
 
-def apply_settings(data: dict[str, Any], steps: Any, seed: Any, guidance: Any, strategy: str | None,
-                   budget: Any) -> dict[str, Any]:
+def apply_settings(
+    data: dict[str, Any], steps: Any, seed: Any, guidance: Any, strategy: str | None, budget: Any
+) -> dict[str, Any]:
     """`data` with the fields the studio shows: settings.steps/seed/guidance (blank = the model's) and
     memory.strategy/budget."""
     data = copy.deepcopy(data)
@@ -199,7 +207,7 @@ def edit_memory(data: dict[str, Any], shot: int, item: MemoryItem, kind: str) ->
     (1-based), and removed from the other list; "clear" removes it from both."""
     if kind not in (*MEMORY_KINDS, "clear"):
         raise ValueError(f"kind {kind!r}")
-    shots = (data.get("shots") or [])
+    shots = data.get("shots") or []
     if not 1 <= shot <= len(shots):
         raise UserError(f"shot {shot}: the story has shots 1..{len(shots)}")
     data = copy.deepcopy(data)

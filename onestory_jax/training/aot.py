@@ -73,10 +73,25 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
     """The settings the step's memory depends on: a recorded analysis holds only while they are unchanged."""
     d, t = cfg.dit, cfg.train
     return {
-        "dit": {**{k: getattr(d, k) for k in ("dim", "ffn_dim", "num_heads", "num_layers", "dtype", "param_dtype",
-                                              "remat_policy", "attention", "sequence_parallel")},
-                **({"lora_rank": d.lora_rank} if d.lora_rank else {})},  # (analyses of presets without LoRA stay valid)
-        "memory_budget": cfg.memory.budget, "mesh": dataclasses.asdict(cfg.mesh),
+        "dit": {
+            **{
+                k: getattr(d, k)
+                for k in (
+                    "dim",
+                    "ffn_dim",
+                    "num_heads",
+                    "num_layers",
+                    "dtype",
+                    "param_dtype",
+                    "remat_policy",
+                    "attention",
+                    "sequence_parallel",
+                )
+            },
+            **({"lora_rank": d.lora_rank} if d.lora_rank else {}),
+        },  # (analyses of presets without LoRA stay valid)
+        "memory_budget": cfg.memory.budget,
+        "mesh": dataclasses.asdict(cfg.mesh),
         "train": {"batch_size": t.batch_size, "trainable": list(t.trainable), "ema": t.ema_decay > 0},
     }
 
@@ -102,8 +117,12 @@ def batch_shapes(cfg: Config, batch: int, latent: tuple[int, int, int]) -> dict[
 def jit_step(cfg: Config, tx: optax.GradientTransformation, state_shardings: Any, batch_shardings: Any, mesh: Any) -> Any:
     """The train step jitted as loop.py does: pinned state layout, donated state, replicated metrics."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(make_train_step(cfg, tx), donate_argnums=0, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, replicated))
+    return jax.jit(
+        make_train_step(cfg, tx),
+        donate_argnums=0,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, replicated),
+    )
 
 
 def abstract_state(cfg: Config, mesh: Any) -> tuple[TrainState, optax.GradientTransformation]:
@@ -119,11 +138,18 @@ def abstract_state(cfg: Config, mesh: Any) -> tuple[TrainState, optax.GradientTr
     sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
     param_sh = jax.tree.map(lambda p: p.sharding, params)
     masked = lambda a: isinstance(a, optax.MaskedNode)  # noqa: E731  (a frozen param's slot in a masked state)
-    opt_state = optax.tree_map_params(tx, lambda a, s: a if masked(a) else sds(a, s), shapes.opt_state, param_sh,
-                                      transform_non_params=lambda a: sds(a, replicated), is_leaf=masked)
+    opt_state = optax.tree_map_params(
+        tx,
+        lambda a, s: a if masked(a) else sds(a, s),
+        shapes.opt_state,
+        param_sh,
+        transform_non_params=lambda a: sds(a, replicated),
+        is_leaf=masked,
+    )
     ema = None if shapes.ema is None else jax.tree.map(sds, shapes.ema, param_sh)
-    return TrainState(step=sds(shapes.step, replicated), params=params, opt_state=opt_state, ema=ema,
-                      rng=sds(shapes.rng, replicated)), tx
+    return TrainState(
+        step=sds(shapes.step, replicated), params=params, opt_state=opt_state, ema=ema, rng=sds(shapes.rng, replicated)
+    ), tx
 
 
 def compile_train_step(cfg: Config, latent: tuple[int, int, int], devices: int | None = None) -> tuple[Any, TrainState, Any]:
@@ -134,8 +160,10 @@ def compile_train_step(cfg: Config, latent: tuple[int, int, int], devices: int |
     mesh = make_mesh(cfg.mesh, jax.devices()[:devices] if devices else None)
     with activate(mesh):
         state, tx = abstract_state(cfg, mesh)
-        batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
-                 for k, (shape, dtype) in batch_shapes(cfg, cfg.train.batch_size, latent).items()}
+        batch = {
+            k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
+            for k, (shape, dtype) in batch_shapes(cfg, cfg.train.batch_size, latent).items()
+        }
         step = jit_step(cfg, tx, jax.tree.map(lambda a: a.sharding, state), jax.tree.map(lambda a: a.sharding, batch), mesh)
         return step.lower(state, batch).compile(COMPILER_OPTIONS), state, mesh
 
@@ -143,8 +171,12 @@ def compile_train_step(cfg: Config, latent: tuple[int, int, int], devices: int |
 def memory_gib(compiled: Any) -> dict[str, float]:
     """Per-device sizes (GiB) from XLA's memory analysis, and the peak estimate."""
     m = compiled.memory_analysis()
-    sizes = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-             "temporaries": m.temp_size_in_bytes, "aliased": m.alias_size_in_bytes}
+    sizes = {
+        "arguments": m.argument_size_in_bytes,
+        "outputs": m.output_size_in_bytes,
+        "temporaries": m.temp_size_in_bytes,
+        "aliased": m.alias_size_in_bytes,
+    }
     peak = sizes["arguments"] + sizes["temporaries"] + sizes["outputs"] - sizes["aliased"]
     return {**{k: v / GIB for k, v in sizes.items()}, "peak": peak / GIB}
 

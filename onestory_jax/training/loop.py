@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grain
@@ -23,20 +23,26 @@ import optax
 import orbax.checkpoint as ocp
 import yaml
 
-from onestory_jax.checkpoint import (check_stored_tree, load_params, non_finite_leaves, quiet_failed_reads, save_model,
-                                     unreadable_checkpoint)
+from onestory_jax.checkpoint import (
+    check_stored_tree,
+    load_params,
+    non_finite_leaves,
+    quiet_failed_reads,
+    save_model,
+    unreadable_checkpoint,
+)
 from onestory_jax.config import DIT_ADAPTER_FIELDS, Config, DiTConfig, MeshConfig, load_config, to_dict
 from onestory_jax.data.pipeline import make_dataset
 from onestory_jax.errors import UserError
 from onestory_jax.io import require_free_space
-from onestory_jax.models.dit import init_fn as dit_init_fn
 from onestory_jax.models import folder as model_folder
 from onestory_jax.models import lora
+from onestory_jax.models.dit import init_fn as dit_init_fn
+from onestory_jax.models.flops import noise_tokens, train_step_flops
 from onestory_jax.models.folder import check_folder, copy_parts, read_onestory, required_parts
 from onestory_jax.models.onestory import boxed_init_fn, memory_params_from_dit, memory_params_from_pretrained
 from onestory_jax.sharding import activate, batch_sharding, init_sharded, make_mesh
 from onestory_jax.training.losses import loss_at_sigmas, loss_fn
-from onestory_jax.models.flops import noise_tokens, train_step_flops
 from onestory_jax.training.metrics import TrainMonitor
 from onestory_jax.training.optim import make_optimizer, trainable_mask
 from onestory_jax.training.step import LossFn, TrainState, init_state, make_train_step
@@ -66,8 +72,9 @@ def _check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
 def _manager(workdir: Path, cfg: Config) -> ocp.CheckpointManager:
     # cleanup_tmp_directories: a run killed mid-save leaves a '<step>.orbax-checkpoint-tmp-*' folder;
     # orbax never lists it as a step, and this removes it when the next run starts.
-    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep_checkpoints, enable_async_checkpointing=True,
-                                           cleanup_tmp_directories=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.train.keep_checkpoints, enable_async_checkpointing=True, cleanup_tmp_directories=True
+    )
     return ocp.CheckpointManager(workdir / "checkpoints", options=options, item_names=("state", "data"))
 
 
@@ -77,8 +84,10 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState, data_iter: Any) 
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
     check_stored_tree(Path(manager.directory) / str(step) / "state", abstract)  # names mismatches before any read
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iter)))
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iter)),
+        )
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"checkpoint at step {step} does not fit this config: {str(e).splitlines()[0]}") from None
     except Exception as e:  # tensorstore reports a truncated or damaged data file as a bare Exception
@@ -94,8 +103,14 @@ def _replicate_scalars(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState
     return jax.tree.map(lambda a: a if on_mesh(a) else jax.device_put(np.asarray(a), replicated), state)
 
 
-def pretrained_params(folder: Path, part: str, section: str, same: Callable[[Config], bool],
-                      boxed_init: Callable[[Config], Callable[..., Any]], mesh: jax.sharding.Mesh) -> Any:
+def pretrained_params(
+    folder: Path,
+    part: str,
+    section: str,
+    same: Callable[[Config], bool],
+    boxed_init: Callable[[Config], Callable[..., Any]],
+    mesh: jax.sharding.Mesh,
+) -> Any:
     """The params of a model folder's `part` checkpoint (train.init_from), sharded on `mesh`; refused
     unless its config passes `same` (it describes the model of this config's `section`).
     `boxed_init(source config)` defines the stored tree."""
@@ -118,9 +133,11 @@ def _check_init(cfg: Config) -> None:
         return
     n = sum(a.size for a in jax.tree.leaves(jax.eval_shape(dit_init_fn(cfg.dit), jax.random.key(0))))
     if n >= FROM_SCRATCH_LIMIT:
-        raise UserError(f"train.init_from is empty: this {n / 1e9:.1f}B-parameter DiT would train from random init; convert "
-                        "Wan2.1-I2V with `python -m onestory_jax.convert --component all --source W --out M` and set "
-                        "train.init_from=M (docs/training.md), or set train.from_scratch=true")
+        raise UserError(
+            f"train.init_from is empty: this {n / 1e9:.1f}B-parameter DiT would train from random init; convert "
+            "Wan2.1-I2V with `python -m onestory_jax.convert --component all --source W --out M` and set "
+            "train.init_from=M (docs/training.md), or set train.from_scratch=true"
+        )
 
 
 def _adapt_lora(dit: Any, source: DiTConfig, target: DiTConfig, mesh: jax.sharding.Mesh, rng: jax.Array) -> Any:
@@ -149,8 +166,11 @@ def _initial_state(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[TrainState, An
             raise UserError(f"train.init_from: {e}") from None
         stored = params.pop("memory", None)
         params["dit"] = _adapt_lora(params["dit"], source.dit, cfg.dit, mesh, jax.random.fold_in(rng, 1))
-        params["memory"] = (memory_params_from_dit(cfg, params["dit"], rng) if stored is None
-                            else memory_params_from_pretrained(cfg, source, stored, params["dit"], rng))
+        params["memory"] = (
+            memory_params_from_dit(cfg, params["dit"], rng)
+            if stored is None
+            else memory_params_from_pretrained(cfg, source, stored, params["dit"], rng)
+        )
     else:
         params = init_sharded(boxed_init_fn(cfg), mesh, jax.random.key(tc.seed))
         params["memory"] = memory_params_from_dit(cfg, params["dit"], rng)
@@ -202,8 +222,14 @@ def _check_finite(step: int, metrics: dict[str, float], state: TrainState | None
         what = f"state after step {step} ({len(leaves)} arrays, e.g. {leaves[0]})"
     if what:
         last = manager.latest_step()
-        raise UserError(f"non-finite {what}; stopped without saving it: " + (
-            f"the last good checkpoint is step {last} in {manager.directory}" if last is not None else "no checkpoint was saved"))
+        raise UserError(
+            f"non-finite {what}; stopped without saving it: "
+            + (
+                f"the last good checkpoint is step {last} in {manager.directory}"
+                if last is not None
+                else "no checkpoint was saved"
+            )
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +240,9 @@ class Stage:
     initial_state: Callable[[Config, jax.sharding.Mesh], tuple[TrainState, optax.GradientTransformation]]
     dataset: Callable[[Config], grain.IterDataset]  # this host's batches {name: array}
     objective: LossFn
-    cost: Callable[[Config, Any], Callable[[dict[str, tuple[int, ...]]], tuple[int, float]]]  # params -> (shapes -> (tokens, FLOPs))
+    cost: Callable[
+        [Config, Any], Callable[[dict[str, tuple[int, ...]]], tuple[int, float]]
+    ]  # params -> (shapes -> (tokens, FLOPs))
     export: Callable[[Config, Any, Path, jax.sharding.Mesh], None]  # final weights -> workdir/model
     validates: bool = False  # `train.val_every` applies (the Validator reads OneStory batches)
     check: Callable[[Config], None] = lambda cfg: None  # refuses a config before any data or weights are read
@@ -222,8 +250,10 @@ class Stage:
 
 def _onestory_cost(cfg: Config, params: Any) -> Callable[[dict[str, tuple[int, ...]]], tuple[int, float]]:
     dit_trains = any(jax.tree.leaves(trainable_mask(params, cfg.train.trainable)["dit"]))
-    return lambda shapes: (shapes["target"][0] * noise_tokens(cfg.dit, shapes["target"]),
-                           train_step_flops(cfg, shapes, dit_trains))
+    return lambda shapes: (
+        shapes["target"][0] * noise_tokens(cfg.dit, shapes["target"]),
+        train_step_flops(cfg, shapes, dit_trains),
+    )
 
 
 def data_manifest(cfg: Config) -> dict[str, Any]:
@@ -268,8 +298,9 @@ def _export_onestory(cfg: Config, params: Any, workdir: Path, mesh: jax.sharding
 ONESTORY = Stage(_initial_state, _host_dataset, loss_fn, _onestory_cost, _export_onestory, validates=True, check=_check_init)
 
 
-def train(cfg: Config, workdir: str | Path, progress: bool = True, stop_after: int | None = None,
-          stage: Stage = ONESTORY) -> dict[str, float]:
+def train(
+    cfg: Config, workdir: str | Path, progress: bool = True, stop_after: int | None = None, stage: Stage = ONESTORY
+) -> dict[str, float]:
     """Train `stage` (default: OneStory) to `cfg.train.steps`, resuming if `workdir` has checkpoints;
     returns the last metrics. At the last step the stage exports its model into workdir/model.
 
@@ -306,8 +337,12 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, stop_after: i
                 global_batch = _global_batch(next(data_iter), mesh)
                 if step_fn is None:
                     batch_shardings = jax.tree.map(lambda a: a.sharding, global_batch)
-                    step_fn = jax.jit(make_train_step(cfg, tx, stage.objective), donate_argnums=0,
-                                      in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated))
+                    step_fn = jax.jit(
+                        make_train_step(cfg, tx, stage.objective),
+                        donate_argnums=0,
+                        in_shardings=(state_shardings, batch_shardings),
+                        out_shardings=(state_shardings, replicated),
+                    )
                 state, m = step_fn(state, global_batch)
                 monitor.count(*cost({k: v.shape for k, v in global_batch.items()}))
                 log, save = _due(step + 1, tc.log_every, end), _due(step + 1, tc.checkpoint_every, end)
@@ -322,8 +357,12 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, stop_after: i
                     with monitor.paused():
                         monitor.log_validation(step + 1, *validator(_export_params(state)))
                 if save:
-                    manager.save(step + 1, args=ocp.args.Composite(
-                        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)))
+                    manager.save(
+                        step + 1,
+                        args=ocp.args.Composite(
+                            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)
+                        ),
+                    )
         finally:
             monitor.close()
             manager.wait_until_finished()

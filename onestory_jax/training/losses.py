@@ -44,8 +44,9 @@ def training_ranking(scores: Array, batch: Batch, warm: Array, rng: Array, cfg: 
     return jnp.where(at_random, jax.random.uniform(rng, scores.shape), scores), valid
 
 
-def select_and_condition(params: dict, batch: Batch, warm: Array, rng: Array, keep: Array,
-                         cfg: Config) -> tuple[Array, ContextTokens]:
+def select_and_condition(
+    params: dict, batch: Batch, warm: Array, rng: Array, keep: Array, cfg: Config
+) -> tuple[Array, ContextTokens]:
     """Score the memory, pick the conditioning frames (`training_ranking`), patchify them:
     -> (L_sel, context tokens). keep [B, 1]: samples whose context survives context dropout.
     """
@@ -56,8 +57,7 @@ def select_and_condition(params: dict, batch: Batch, warm: Array, rng: Array, ke
     return l_sel, context
 
 
-def shot_loss(params: dict, batch: Batch, context: ContextTokens, text: Array, sigma: Array, noise: Array,
-              cfg: Config) -> Array:
+def shot_loss(params: dict, batch: Batch, context: ContextTokens, text: Array, sigma: Array, noise: Array, cfg: Config) -> Array:
     """Rectified-flow MSE on the target shot's noise tokens at per-sample sigmas [B]; weighted per latent
     cell by batch["loss_weight"] [B, T, h, w] when given (e.g. the characters' cells up-weighted)."""
     x0 = batch["target"]

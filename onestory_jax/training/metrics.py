@@ -17,6 +17,7 @@ from onestory_jax.io import atomic_path
 from onestory_jax.models.flops import mfu
 from onestory_jax.training.optim import learning_rate_schedule
 
+
 class CsvLog:
     """A CSV file with a header row, appended to as training goes.
 
@@ -103,19 +104,32 @@ class TrainMonitor:
         if dt <= 0 or not self._steps:
             return {"steps_per_s": None, "tokens_per_s": None, "mfu": None}
         steps_per_s = self._steps / dt
-        return {"steps_per_s": steps_per_s, "tokens_per_s": self._tokens / dt,
-                "mfu": mfu(self._flops / self._steps, steps_per_s, self.device_kind, self.num_devices) if self._flops else None}
+        return {
+            "steps_per_s": steps_per_s,
+            "tokens_per_s": self._tokens / dt,
+            "mfu": mfu(self._flops / self._steps, steps_per_s, self.device_kind, self.num_devices) if self._flops else None,
+        }
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         """Write a metrics row for 1-based `step` and refresh the bar."""
         lr, rates = float(self.lr(step - 1)), self.rates()
         # 9 significant digits: float32 values round-trip exactly (runs compare bitwise-close).
-        row = {"step": step, "time": f"{time.time():.3f}", **{k: f"{metrics[k]:.9g}" for k in sorted(metrics)},
-               "lr": f"{lr:.6g}", **{k: "" if v is None else f"{v:.4g}" for k, v in rates.items()}}
+        row = {
+            "step": step,
+            "time": f"{time.time():.3f}",
+            **{k: f"{metrics[k]:.9g}" for k in sorted(metrics)},
+            "lr": f"{lr:.6g}",
+            **{k: "" if v is None else f"{v:.4g}" for k, v in rates.items()},
+        }
         self.metrics_csv.write(row)
         shown = {name: f"{metrics[key]:.4f}" for key, name in BAR_METRICS.items() if key in metrics}
-        self.postfix.update(shown, lr=f"{lr:.2e}", **{"steps/s": _fmt(rates["steps_per_s"], ".2f")}, tok_s=_fmt(rates["tokens_per_s"], ".0f"),
-                            mfu=_fmt(rates["mfu"], ".1%"))
+        self.postfix.update(
+            shown,
+            lr=f"{lr:.2e}",
+            **{"steps/s": _fmt(rates["steps_per_s"], ".2f")},
+            tok_s=_fmt(rates["tokens_per_s"], ".0f"),
+            mfu=_fmt(rates["mfu"], ".1%"),
+        )
         self._show(step)
         self._reset()
 
@@ -123,8 +137,9 @@ class TrainMonitor:
         """Write one val.csv row per sigma bucket: L_shot with the memory context and with it masked
         (does the model use its memory?); the bar shows their means."""
         for sigma, loss in losses.items():
-            self.val_csv.write({"step": step, "bucket": f"{sigma:g}", "loss": f"{loss:.9g}",
-                                "loss_no_context": f"{no_context[sigma]:.9g}"})
+            self.val_csv.write(
+                {"step": step, "bucket": f"{sigma:g}", "loss": f"{loss:.9g}", "loss_no_context": f"{no_context[sigma]:.9g}"}
+            )
         self.postfix["val"] = f"{sum(losses.values()) / len(losses):.4f}"
         self.postfix["val_noctx"] = f"{sum(no_context.values()) / len(no_context):.4f}"
         self._show(step)

@@ -27,8 +27,13 @@ class TrainState:
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int, ema: bool) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema=jax.tree.map(jnp.copy, params) if ema else None, rng=jax.random.PRNGKey(seed))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        ema=jax.tree.map(jnp.copy, params) if ema else None,
+        rng=jax.random.PRNGKey(seed),
+    )
 
 
 def stop_frozen_gradients(params: Any, patterns: tuple[str, ...]) -> Any:

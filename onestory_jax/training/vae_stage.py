@@ -54,9 +54,9 @@ def synthetic_clip(index: int, frames: int, crop: int, size: int = 64, character
     shot = int(rng.integers(len(story.shots)))
     video, masks = synthetic.render_shot(story, shot, frames=17, size=size)
     start = int(rng.integers(0, 17 - frames + 1)) if frames <= 17 else 0
-    video, masks = video[start:start + frames], masks[start:start + frames]
+    video, masks = video[start : start + frames], masks[start : start + frames]
     y, x = _crop_corner(rng, masks, crop, rng.random() < character_crops)
-    return video[:, y:y + crop, x:x + crop].astype(np.float32) / 127.5 - 1.0
+    return video[:, y : y + crop, x : x + crop].astype(np.float32) / 127.5 - 1.0
 
 
 def clip_dataset(cfg: Config) -> grain.IterDataset:
@@ -68,8 +68,9 @@ def clip_dataset(cfg: Config) -> grain.IterDataset:
     return ds.batch(tc.batch_size, drop_remainder=True).map(lambda video: {"video": video}).to_iter_dataset()
 
 
-def vae_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, warm: jax.Array,
-             cfg: Config) -> tuple[jax.Array, dict[str, jax.Array]]:
+def vae_loss(
+    params: Any, batch: dict[str, jax.Array], rng: jax.Array, warm: jax.Array, cfg: Config
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Reconstruction (MSE + L1) from noised latents, plus the latent L2 penalty (`warm` unused)."""
     video = batch["video"]
     mu = vae.encode(cfg.vae, params["vae"], video)
@@ -103,8 +104,14 @@ def _pretrained_vae(folder: Path, cfg: Config, mesh: jax.sharding.Mesh) -> Any:
     """The VAE params of a model folder (train.init_from), sharded on `mesh` (latent statistics aside,
     its VAE must be this config's)."""
     unmeasured = lambda v: dataclasses.replace(v, latents_mean=(), latents_std=())
-    return pretrained_params(folder, "vae", "vae", lambda source: unmeasured(source.vae) == unmeasured(cfg.vae),
-                             lambda source: vae.init_fn(cfg.vae), mesh)
+    return pretrained_params(
+        folder,
+        "vae",
+        "vae",
+        lambda source: unmeasured(source.vae) == unmeasured(cfg.vae),
+        lambda source: vae.init_fn(cfg.vae),
+        mesh,
+    )
 
 
 def _initial_state(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[TrainState, optax.GradientTransformation]:
@@ -127,9 +134,14 @@ def measured(cfg: Config, vae_params: Any) -> Config:
 def _export(cfg: Config, params: dict[str, Any], workdir: Path, mesh: jax.sharding.Mesh) -> None:
     """Measure the latent statistics on held-out clips, then export the frozen parts' model folder."""
     cfg = measured(cfg, params["vae"])
-    frozen = init_sharded(lambda rng: {"text_encoder": text_encoder.init_fn(cfg.text_encoder)(rng),
-                                       "image_encoder": image_encoder.init_fn(cfg.image_encoder)(rng)},
-                          mesh, jax.random.key(cfg.train.seed + 1))
+    frozen = init_sharded(
+        lambda rng: {
+            "text_encoder": text_encoder.init_fn(cfg.text_encoder)(rng),
+            "image_encoder": image_encoder.init_fn(cfg.image_encoder)(rng),
+        },
+        mesh,
+        jax.random.key(cfg.train.seed + 1),
+    )
     export_frozen_parts(cfg, {"vae": params["vae"], **frozen}, workdir / "model")
 
 
@@ -143,6 +155,7 @@ def train_vae(cfg: Config, workdir: str | Path, progress: bool = True, stop_afte
         raise UserError("the vae stage runs on one process")
     vs = cfg.train.vae_stage
     if (vs.clip_frames - 1) % 4 or vs.clip_size % cfg.vae.spatial_factor:
-        raise UserError(f"train.vae_stage.clip_frames must be 1 + 4k and train.vae_stage.clip_size a multiple of "
-                        f"{cfg.vae.spatial_factor}")
+        raise UserError(
+            f"train.vae_stage.clip_frames must be 1 + 4k and train.vae_stage.clip_size a multiple of {cfg.vae.spatial_factor}"
+        )
     return train(cfg, workdir, progress, stop_after, stage=VAE_STAGE)
