@@ -1,6 +1,7 @@
 """The package layering of docs/design.md: no module imports a layer above its own.
 
     CLIs, bench                      sample.py, train.py, bench/
+    cli | studio                     (console scripts, the web studio; neither imports the other)
     sampling | training | eval       (siblings: none imports another)
     models, diffusion, data, convert
     errors, io, config, sharding, checkpoint, locking
@@ -26,16 +27,18 @@ TIERS = [
     ("models", "diffusion"),
     ("data", "convert"),  # data and convert read models (prompts, components); models never reads data
     ("sampling", "training", "eval"),
+    ("cli", "studio"),
 ]
+APART = (3, 4)  # tiers whose packages must not import one another
 PACKAGES = [f"onestory_jax.{name}" for tier in TIERS for name in tier]
 
 
 def blocked(package: str) -> tuple[str, ...]:
-    """The packages `package` must not import: every higher tier, and its siblings in the top tier."""
+    """The packages `package` must not import: every higher tier, and its siblings in the tiers kept APART."""
     name = package.removeprefix("onestory_jax.")
     level = next(i for i, tier in enumerate(TIERS) if name in tier)
     above = [n for tier in TIERS[level + 1 :] for n in tier]
-    siblings = [n for n in TIERS[level] if n != name] if level == len(TIERS) - 1 else []
+    siblings = [n for n in TIERS[level] if n != name] if level in APART else []
     return tuple(f"onestory_jax.{n}" for n in above + siblings)
 
 
