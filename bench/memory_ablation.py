@@ -37,6 +37,7 @@ from onestory_jax.eval import evaluate_story, load_features
 from onestory_jax.eval.hue import shot_colour
 from onestory_jax.eval.loading import load_run
 from onestory_jax.eval.recall import recall_metrics, recall_shots
+from onestory_jax.sampling.resume import model_identity
 
 VARIANTS = ("none", "last_frame", "ac_only", "fs_only", "onestory")
 FROZEN = ("vae", "text_encoder", "image_encoder", "tokenizer")
@@ -265,14 +266,17 @@ def main() -> None:
     results, strategies = {}, {}
     for name in names:
         folder, strategies[name] = model_folder(name, args.variants, args.frozen, args.out)
+        model = model_identity((args.variants / name / "onestory").resolve(), {"steps": args.steps, "frames": args.frames}, 0)
         file = out / f"{name}.json"
-        if not file.is_file():
+        saved = json.loads(file.read_text()) if file.is_file() else {}
+        if not isinstance(saved, dict) or saved.get("model") != model:  # results of other weights are never reused
             rows = render_and_score(name, folder, strategies[name], stories, out / "runs", args.steps, args.frames, features)
             forced = teacher_forced(
                 folder, strategies[name], stories, args.first_seed, args.frames, args.steps, name == "fs_only"
             )
-            file.write_text(json.dumps([{**a, **b} for a, b in zip(rows, forced)], indent=1))
-        results[name] = json.loads(file.read_text())
+            saved = {"model": model, "rows": [{**a, **b} for a, b in zip(rows, forced)]}
+            file.write_text(json.dumps(saved, indent=1))
+        results[name] = saved["rows"]
         print(f"{name}: recall_colour {cell([r['recall_colour'] for r in results[name]])}", flush=True)
     recall_n = sum(len(recall_shots(s)) for s in stories)
     lines = report(results, strategies, args, recall_n)
