@@ -82,7 +82,9 @@ def test_cli_refuses_a_story_that_cannot_fit_or_a_foreign_out_before_any_model(t
         raise AssertionError("a model was built")
 
     monkeypatch.setattr(components, "random_params", no_model)
-    (tmp_path / "s.yaml").write_text(STORY.replace("width: 32, height: 32, frames: 5", "width: 16384, height: 16384, frames: 4097"))
+    (tmp_path / "s.yaml").write_text(
+        STORY.replace("width: 32, height: 32, frames: 5", "width: 16384, height: 16384, frames: 4097")
+    )
     code, err = cli("sample", ["--config", "tiny", "--story", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "a 16384x16384 story of 2 shots of 4097 frames needs at least" in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
