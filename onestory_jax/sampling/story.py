@@ -149,14 +149,18 @@ def _check_seed(where: str, seed: int) -> None:
         raise UserError(f"{where}: {seed} is not in 0..{SEED_LIMIT - 1}")
 
 
+def _file_items(src: str, field: str, data: Any, key: str) -> list[tuple[str, dict[str, Any]]]:
+    """(where, mapping) per item of a list of `FILE` or `{path: FILE, KEY: ...}` (a bare FILE is {path: FILE})."""
+    if not isinstance(data, list):
+        raise UserError(f"{src}: {field}: must be a list of FILE or {{path: FILE, {key}: ...}}")
+    items = [({"path": item} if isinstance(item, str) else item) for item in data]
+    return [(f"{field}[{i}]", _check_keys(f"{src}: {field}[{i}]", item, {"path", key})) for i, item in enumerate(items, 1)]
+
+
 def _loras(src: str, base: Path, data: Any) -> tuple[LoraFile, ...]:
     """settings.lora: a list of `FILE` or `{path: FILE, scale: S}` (paths relative to the story file)."""
-    if not isinstance(data, list):
-        raise UserError(f"{src}: settings.lora: must be a list of FILE or {{path: FILE, scale: S}}")
     out = []
-    for i, item in enumerate(data, 1):
-        where = f"settings.lora[{i}]"
-        item = _check_keys(f"{src}: {where}", {"path": item} if isinstance(item, str) else item, {"path", "scale"})
+    for where, item in _file_items(src, "settings.lora", data, "scale"):
         scale = _typed(f"{src}: {where}.scale", item.get("scale", 1.0), _FLOAT)
         out.append(LoraFile(_path(src, base, f"{where}.path", item.get("path")), scale))
     return tuple(out)
@@ -296,13 +300,9 @@ def _references(src: str, base: Path, data: Any) -> tuple[Reference, ...]:
     """`references:` a list of `FILE` or `{path: FILE, name: NAME}` (names default to ref1, ref2, ...)."""
     if data is None:
         return ()
-    if not isinstance(data, list):
-        raise UserError(f"{src}: references: must be a list of FILE or {{path: FILE, name: NAME}}")
-    out = []
-    for i, item in enumerate(data, 1):
-        where = f"references[{i}]"
-        item = _check_keys(f"{src}: {where}", {"path": item} if isinstance(item, str) else item, {"path", "name"})
-        name = _typed(f"{src}: {where}.name", item.get("name", f"ref{i}"), _STR).strip()
+    out: list[Reference] = []
+    for where, item in _file_items(src, "references", data, "name"):
+        name = _typed(f"{src}: {where}.name", item.get("name", f"ref{len(out) + 1}"), _STR).strip()
         if not name or _SHOT_ITEM.fullmatch(name):
             raise UserError(f"{src}: {where}.name: {shown(name)} must be a name, not empty or a shot number")
         if name in {r.name for r in out}:
