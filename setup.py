@@ -2,7 +2,7 @@
 
 configs/ (model presets, training configs, stories, the byte tokenizer) and models/demo (the embedded default
 model) stay where they are in the checkout; the wheel holds copies under onestory_jax/shipped/, in the same
-layout, where onestory_jax/config.py (SHIPPED_DIR) finds them when it is installed. pyproject.toml says why
+layout, where onestory_jax/config_files.py (SHIPPED_DIR) finds them when it is installed. pyproject.toml says why
 this is a build step.
 """
 

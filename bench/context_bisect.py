@@ -7,7 +7,10 @@ Trains the demo-sized DiT and memory modules from scratch (T2V, `train/demo` rec
 (`last_frame` of a 2-shot memory): on 80% of examples the latest earlier shot of the target's
 character, else another character's. The latents are the frozen VAE's (`vae`) or 8x8 average-pooled
 RGB with Wan's 1 + 4 + 4 frame grouping (`pooled`). Then prints teacher-forced L_shot at sigma 0.5,
-0.7, 0.9 on the recall shots of 10 held-out stories with the true and with a wrong context frame.
+0.7, 0.9 on the recall shots of 10 held-out stories with the true and with a wrong context frame, and
+(VAE latents) the sampled recall colour with each: memory_gates' oracle gate on the bisect's model.
+`--radius` renders the characters at another half-size (the spec's fallback b). `vae-image` encodes
+frames 0, 4, 8 of a shot each alone: the VAE's latent space with one code for every latent frame.
 """
 
 from __future__ import annotations
@@ -20,12 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from onestory_jax.config import load_config
+from onestory_jax.config_files import load_config
 from onestory_jax.data import synthetic
 from onestory_jax.data.prepare import character_cells
+from onestory_jax.data.video import to_uint8
+from onestory_jax.eval.hue import shot_colour
 from onestory_jax.models.folder import folder_config, load_frozen_parts
 from onestory_jax.models.frozen import build_components
 from onestory_jax.models.onestory import init_params
+from onestory_jax.sampling.generate import generation_spec
+from onestory_jax.sampling.teacher_forced import shot_sampler
 from onestory_jax.sharding import activate, make_mesh
 from onestory_jax.training.losses import loss_at_sigmas, loss_fn
 
@@ -47,14 +54,18 @@ def stories(comps, first: int, n: int, kind: str) -> list[Story]:
         story = synthetic.make_story(seed, 8)
         renders = [synthetic.render_shot(story, i, 9) for i in range(8)]
         videos = [v for v, _ in renders]
-        latents = [
-            np.concatenate(
-                ([comps.encode_video(v.astype(np.float32) / 127.5 - 1)] if kind != "pooled" else [])
-                + ([pooled(v) / pooled_std] if kind in ("pooled", "vae+pooled") else []),
-                -1,
-            )
-            for v in videos
-        ]
+        latents = (
+            [image_coded(comps, v) for v in videos]
+            if kind == "vae-image"
+            else [
+                np.concatenate(
+                    ([comps.encode_video(v.astype(np.float32) / 127.5 - 1)] if kind != "pooled" else [])
+                    + ([pooled(v) / pooled_std] if kind in ("pooled", "vae+pooled") else []),
+                    -1,
+                )
+                for v in videos
+            ]
+        )
         out.append(
             (
                 story,
@@ -64,6 +75,25 @@ def stories(comps, first: int, n: int, kind: str) -> list[Story]:
             )
         )
     return out
+
+
+def image_coded(comps, video: np.ndarray) -> np.ndarray:
+    """uint8 [9, 64, 64, 3] -> [3, 8, 8, 16]: frames 0, 4 and 8 each encoded alone, so every latent frame
+    is in the first frame's code (the demo VAE's code depends on a latent frame's position in a shot)."""
+    return np.concatenate([comps.encode_video(video[k : k + 1].astype(np.float32) / 127.5 - 1) for k in (0, 4, 8)])
+
+
+def cached_stories(comps, first: int, n: int, args: argparse.Namespace) -> list[Story]:
+    """`stories`, kept in runs/bisect/ keyed by the latent kind, radius and frozen folder (encoding 310
+    stories takes minutes on 2 cores)."""
+    key = f"{args.latents}-r{args.radius}-{args.frozen.resolve().name}-{first}-{n}"
+    path = Path("runs/bisect") / f"stories-{key}.npz"
+    if not path.exists():
+        data = stories(comps, first, n, args.latents)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **{f"{k}{i}": a for i, (_, *arrays) in enumerate(data) for k, a in zip("ltc", arrays, strict=True)})
+    saved = np.load(path)
+    return [(synthetic.make_story(first + i, 8), saved[f"l{i}"], saved[f"t{i}"], saved[f"c{i}"]) for i in range(n)]
 
 
 def principal(train: list[Story], held: list[Story], k: int) -> tuple[list[Story], list[Story]]:
@@ -106,7 +136,7 @@ def batch(parts: list[tuple[np.ndarray, ...]], weight: float | None) -> dict[str
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--latents", choices=("pooled", "vae", "vae+pooled", "vae-pca3", "vae-pca6"), required=True)
+    ap.add_argument("--latents", choices=("pooled", "vae", "vae-image", "vae+pooled", "vae-pca3", "vae-pca6"), required=True)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every latent by this (the latent scale)")
     ap.add_argument(
@@ -116,14 +146,16 @@ def main() -> None:
         "share of it a character covers (the spec's fallback a); default: uniform",
     )
     ap.add_argument("--frozen", type=Path, default=Path("models/demo"), help="model folder of the VAE and text encoder")
+    ap.add_argument("--radius", type=float, default=synthetic.RADIUS, help="the characters' half-size, in image widths")
     args = ap.parse_args()
+    synthetic.RADIUS = args.radius
     frozen_cfg = folder_config(args.frozen)
     mesh = make_mesh(frozen_cfg.mesh)
     with activate(mesh):
         parts = load_frozen_parts(args.frozen, frozen_cfg, mesh, ["vae", "text_encoder"])
     comps = build_components(frozen_cfg, parts, args.frozen / "tokenizer")
     with activate(mesh):
-        train, held = stories(comps, 0, 300, args.latents), stories(comps, 10**6, 10, args.latents)
+        train, held = (cached_stories(comps, first, n, args) for first, n in ((0, 300), (10**6, 10)))
     if args.latents.startswith("vae-pca"):
         train, held = principal(train, held, int(args.latents.removeprefix("vae-pca")))
     if args.scale != 1.0:
@@ -174,6 +206,36 @@ def main() -> None:
             f"{len(results[True])} recall shots, L_shot on the {name} at sigma 0.5/0.7/0.9: true frame "
             f"{np.round(true, 4)}, wrong frame {np.round(wrong, 4)}, gain {np.round(1 - true / wrong, 3)}"
         )
+    if args.latents in ("vae", "vae-image"):
+        with activate(mesh):
+            print(sampled_recall(params, cfg, comps, held, args.latents == "vae-image"))
+
+
+def sampled_recall(params: dict, cfg, comps, held: list[Story], image_coded: bool = False) -> str:
+    """The oracle gate on the bisect's model: each recall shot sampled (20 steps, the recipe's sampler)
+    from the same noise with the true and with a wrong context frame, decoded (image-coded latents one
+    frame at a time), its hue checked."""
+    spec = generation_spec(cfg, "last_frame", 1, (8, 8), 20, cfg.sampler.shift, cfg.sampler.solver, cfg.sampler.guidance)
+    sample = shot_sampler(params, cfg, spec, max_memory_shots=1)
+    hits: dict[bool, list[bool]] = {True: [], False: []}
+    for data in held:
+        story, latents, text, _ = data
+        for j in range(2, 8):
+            c = story.shots[j].characters[0]
+            if story.shots[j - 1].characters[0] != c and any(s.characters[0] == c for s in story.shots[:j]):
+                noise = np.asarray(jax.random.normal(jax.random.key(j), latents[j].shape))
+                for true_frame in (True, False):
+                    _, memory, _, _ = example(data, j, true_frame, np.random.default_rng(j))
+                    out = sample([memory.reshape(2, *latents[j].shape)[1]], text[j], noise)
+                    frames = [out[k : k + 1] for k in range(len(out))] if image_coded else [out]
+                    video = np.concatenate([comps.decode_latents(f) for f in frames])
+                    hits[true_frame].append(shot_colour(to_uint8(video)) == story.characters[c].colour)
+    paired = np.asarray(hits[True], float) - np.asarray(hits[False], float)
+    half = 1.96 * paired.std(ddof=1) / np.sqrt(len(paired))
+    return (
+        f"sampled recall colour ({len(paired)} shots): true frame {np.mean(hits[True]):.3f}, wrong frame "
+        f"{np.mean(hits[False]):.3f}, paired {paired.mean():+.3f} ± {half:.3f}"
+    )
 
 
 if __name__ == "__main__":

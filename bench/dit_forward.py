@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from onestory_jax.config import DiTConfig
+from onestory_jax.config import DiTConfig, DiTRuntime
 from onestory_jax.convert.dit import convert
 from onestory_jax.convert.dit_source import diffusers_config
 from onestory_jax.models.dit import WanDiT
@@ -39,11 +39,11 @@ def _time(fn, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def run_case(name: str, cfg: DiTConfig, latent: tuple[int, int, int], device: str, iters: int) -> dict:
+def run_case(name: str, cfg: DiTConfig, rt: DiTRuntime, latent: tuple[int, int, int], device: str, iters: int) -> dict:
     import torch
     from diffusers import WanTransformer3DModel
 
-    torch_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    torch_dtype = torch.bfloat16 if rt.dtype == "bfloat16" else torch.float32
     tdev = "cuda" if device == "gpu" else "cpu"
     torch.manual_seed(0)
     with torch.device(tdev):  # random weights: the two models are timed, not compared
@@ -54,7 +54,7 @@ def run_case(name: str, cfg: DiTConfig, latent: tuple[int, int, int], device: st
         {k: v.shape for k, v in sd.items()},
         sd.__getitem__,
         "diffusers",
-        dtype=np.float32 if cfg.param_dtype == "float32" else jax.numpy.bfloat16,
+        dtype=np.float32 if rt.param_dtype == "float32" else jax.numpy.bfloat16,
     )
     del sd
     params = jax.device_put(params)
@@ -65,7 +65,7 @@ def run_case(name: str, cfg: DiTConfig, latent: tuple[int, int, int], device: st
     image = rng.standard_normal((1, 257, cfg.image_dim)).astype(np.float32) if cfg.has_image_branch else None
     t = np.array([500], np.int64)
 
-    fwd = jax.jit(WanDiT(cfg).apply)
+    fwd = jax.jit(WanDiT(cfg, rt).apply)
     jx = [jax.device_put(a) if a is not None else None for a in (x, t, text, image)]
     jax_s = _time(lambda: fwd({"params": params}, *jx).block_until_ready(), warmup=2, iters=iters)
 
@@ -87,7 +87,7 @@ def run_case(name: str, cfg: DiTConfig, latent: tuple[int, int, int], device: st
     flops = dit_forward_flops(cfg, tokens, 512, 257 if cfg.has_image_branch else 0)
     row = {
         "case": name,
-        "dtype": cfg.dtype,
+        "dtype": rt.dtype,
         "layers": cfg.num_layers,
         "dim": cfg.dim,
         "tokens": tokens,
@@ -114,11 +114,14 @@ def main() -> None:
     mid = DiTConfig(model_type="t2v", in_dim=16, dim=1536, ffn_dim=8960, num_heads=12, num_layers=2, image_dim=None)
     if args.suite == "cpu":
         tiny = DiTConfig(model_type="i2v", dim=24, ffn_dim=32, num_heads=2, num_layers=2, text_dim=32, image_dim=16)
-        cases = [("tiny-i2v", tiny, (3, 4, 6)), ("mid-1.3b-shaped-2L", mid, (4, 64, 64))]
+        cases = [("tiny-i2v", tiny, DiTRuntime(), (3, 4, 6)), ("mid-1.3b-shaped-2L", mid, DiTRuntime(), (4, 64, 64))]
     else:
-        full = dataclasses.replace(mid, num_layers=30, dtype="bfloat16", param_dtype="bfloat16", attention="cudnn")
-        cases = [("t2v-1.3b-480p-bf16", full, (21, 60, 104))]
-    rows = [run_case(n, c, lat, args.suite, args.iters) for n, c, lat in cases]
+        full, bf16 = (
+            dataclasses.replace(mid, num_layers=30),
+            DiTRuntime(dtype="bfloat16", param_dtype="bfloat16", attention="cudnn"),
+        )
+        cases = [("t2v-1.3b-480p-bf16", full, bf16, (21, 60, 104))]
+    rows = [run_case(n, c, rt, lat, args.suite, args.iters) for n, c, rt, lat in cases]
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"dit_forward_{args.suite}.json"
     meta = {

@@ -20,8 +20,8 @@ for part in $PARTS; do
     cache) $PY bench/sample_story.py --suite gpu --steps "$STEPS" --override sampler.cache=0.1 \
              --out bench/results/sample_story_gpu_cache.json ;;
     lowvram)
-      $PY bench/sample_story.py --suite gpu --steps "$LOWVRAM_STEPS" --override dit.weights_dtype=fp8 \
-        --override dit.fp8_layers=all --override dit.offload=blocks --override text_encoder.device=cpu \
+      $PY bench/sample_story.py --suite gpu --steps "$LOWVRAM_STEPS" --override dit_runtime.weights_dtype=fp8 \
+        --override dit_runtime.fp8_layers=all --override dit_runtime.offload=blocks --override text_encoder.device=cpu \
         --override vae.tile=256 --out bench/results/sample_story_gpu_lowvram.json
       $PY bench/sample_memory_aot.py --layers 40 --variant "fp8 ffn, umT5 on CPU" --variant "fp8 all, umT5 on CPU" \
         --variant "fp8 all + offload, umT5 on CPU" ;;

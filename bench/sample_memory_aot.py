@@ -25,6 +25,7 @@ bench/results/sample_memory_aot.json (rows keyed by backend, variant, layers; es
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -62,16 +63,14 @@ def abstract_story_params(cfg) -> dict:
     import jax
 
     from onestory_jax.models import lowvram, onestory
-    from onestory_jax.models.dit import init_fn as dit_init_fn
     from onestory_jax.sharding import abstract_params, make_mesh
 
     mesh = make_mesh(cfg.mesh)
-    parts = onestory.component_init_fns(cfg)
-    skip = {"dit", "memory"} | ({"text_encoder"} if cfg.text_encoder.device == "cpu" else set())
-    params = {name: abstract_params(fn, mesh, jax.random.key(0)) for name, fn in parts.items() if name not in skip}
-    params["dit"] = lowvram.abstract_dit(cfg.dit, mesh)
-    plain = abstract_params(dit_init_fn(cfg.dit.plain()), mesh, jax.random.key(0))  # the patch embedding it starts from
-    params["memory"] = jax.eval_shape(lambda p: onestory.memory_params_from_dit(cfg, p, jax.random.key(1)), plain)
+    skip = {"dit"} | ({"text_encoder"} if cfg.text_encoder.device == "cpu" else set())
+    parts = [p for p in onestory.components(cfg) if p not in skip]
+    plain = dataclasses.replace(cfg, dit_runtime=cfg.dit_runtime.plain())  # the stored tree, as random_params makes it
+    params = abstract_params(onestory.init_fn(plain, parts), mesh, jax.random.key(0))
+    params["dit"] = lowvram.abstract_dit(cfg.dit, cfg.dit_runtime, mesh)
     return params
 
 
@@ -99,7 +98,7 @@ def measure(variant: str, layers: int) -> dict:
     """
     import jax
 
-    from onestory_jax.config import load_config
+    from onestory_jax.config_files import load_config
     from onestory_jax.models import lowvram
     from onestory_jax.sampling.generate import abstract_story_inputs, generation_spec, story_program
     from onestory_jax.sharding import activate, make_mesh
@@ -135,7 +134,7 @@ def vae_decode_rows() -> dict:
     import jax
     import jax.numpy as jnp
 
-    from onestory_jax.config import load_config
+    from onestory_jax.config_files import load_config
     from onestory_jax.models import frozen, vae
     from onestory_jax.sharding import abstract_params, activate, make_mesh
     from onestory_jax.training.aot import COMPILER_OPTIONS

@@ -111,7 +111,7 @@ def diffusers_pair_step(config: str, overrides: list[str], latent: tuple[int, in
     import torch
     from diffusers import WanTransformer3DModel
 
-    from onestory_jax.config import load_config
+    from onestory_jax.config_files import load_config
     from onestory_jax.convert.dit_source import diffusers_config
 
     cfg = load_config(config, overrides).dit
@@ -192,7 +192,7 @@ def multi_device_rows(suite_name: str, steps: int, devices: int) -> list[dict]:
 
 
 def latent_of(suite: dict, cfg_name: str) -> tuple[int, int, int]:
-    from onestory_jax.config import load_config
+    from onestory_jax.config_files import load_config
 
     vae = load_config(cfg_name).vae
     return (suite["frames"] - 1) // 4 + 1, suite["height"] // vae.spatial_factor, suite["width"] // vae.spatial_factor

@@ -8,13 +8,13 @@
     python bench/train_step.py --suite aot --matrix  # the exploration matrix of meshes x remat x attention
     python bench/train_step.py --suite aot --devices 8 --sequence 2 --remat full --attention chunked
 
-`cpu` builds the state exactly as onestory_jax/training/loop.py does (init_sharded, the memory
-modules from the DiT's patch embedding, init_state) and jits make_train_step with the same pinned
-in/out shardings and donation, then times steps on synthetic batches of the training shapes.
+`cpu` builds the state with the training loop's own builder (onestory_jax/training/loop.py
+initial_state) and times the loop's own jitted step (onestory_jax/training/step.py jit_train_step:
+pinned in/out shardings, donated state) on synthetic batches of the training shapes.
 
-`aot` never allocates the model (onestory_jax/training/aot.py): the state and the batch are
-ShapeDtypeStructs carrying their NamedShardings, and `jax.jit(step).lower(state, batch).compile()
-.memory_analysis()` gives the per-device sizes. Each mesh size runs in its own process with
+`aot` never allocates the model (onestory_jax/training/aot.py): the same state and batch as
+ShapeDtypeStructs carrying their NamedShardings, and the same jitted step's `.lower(state, batch)
+.compile().memory_analysis()` gives the per-device sizes. Each mesh size runs in its own process with
 XLA_FLAGS=--xla_force_host_platform_device_count=N (the device count is fixed at JAX start-up).
 The figures are those of the XLA *CPU* compiler: an estimate of what the GPU/TPU compilers would
 allocate, not a measurement on them. `--attention chunked` swaps the DiT's attention for a
@@ -34,21 +34,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
-import optax
 
-from onestory_jax.config import Config, load_config
+from onestory_jax.config import Config
+from onestory_jax.config_files import load_config
 from onestory_jax.io import save_json
 from onestory_jax.models.flops import context_tokens, noise_tokens, train_step_flops
-from onestory_jax.models.onestory import boxed_init_fn, memory_params_from_dit
-from onestory_jax.sharding import activate, batch_sharding, init_sharded, make_mesh
+from onestory_jax.sharding import activate, make_mesh
 from onestory_jax.training import aot
-from onestory_jax.training.aot import CAPACITY_GIB, LATENT_480P, batch_shapes, jit_step
-from onestory_jax.training.optim import make_optimizer
-from onestory_jax.training.step import TrainState, init_state
+from onestory_jax.training.aot import CAPACITY_GIB, LATENT_480P, batch_shapes
+from onestory_jax.training.loop import global_batch, initial_state
+from onestory_jax.training.step import jit_train_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESET_14B = "train/wan2.1-i2v-14b-480p"
@@ -83,22 +81,14 @@ def step_flops(cfg: Config, batch: int, latent: tuple[int, int, int]) -> float:
 # cpu suite: tokens/s of real steps
 
 
-def build_state(cfg: Config, mesh: Any) -> tuple[TrainState, optax.GradientTransformation]:
-    """Sharded train state, created as loop.py creates it (must run inside `activate(mesh)`)."""
-    params = init_sharded(boxed_init_fn(cfg), mesh, jax.random.key(cfg.train.seed))
-    params["memory"] = memory_params_from_dit(cfg, params["dit"], jax.random.key(cfg.train.seed + 1))
-    tx = make_optimizer(cfg.train, params)
-    return init_state(params, tx, cfg.train.seed, ema=cfg.train.ema_decay > 0), tx
-
-
 def time_case(name: str, cfg: Config, batch: int, latent: tuple[int, int, int], warmup: int, iters: int) -> dict:
     """Warm up, then time `iters` donated steps; tokens/s counts noise tokens as loop.py does."""
     mesh = make_mesh(cfg.mesh)
     host = synthetic_batch(cfg, batch, latent)
     with activate(mesh):
-        state, tx = build_state(cfg, mesh)
-        gbatch = {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in host.items()}
-        step = jit_step(cfg, tx, jax.tree.map(lambda a: a.sharding, state), jax.tree.map(lambda a: a.sharding, gbatch), mesh)
+        state, shardings, tx = initial_state(cfg, mesh)
+        gbatch = global_batch(host, mesh)
+        step = jit_train_step(cfg, tx, shardings, jax.tree.map(lambda a: a.sharding, gbatch))
         t0 = time.perf_counter()
         state, metrics = step(state, gbatch)
         jax.block_until_ready(metrics)
@@ -117,8 +107,8 @@ def time_case(name: str, cfg: Config, batch: int, latent: tuple[int, int, int], 
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     row = {
         "case": name,
-        "dtype": cfg.dit.dtype,
-        "remat": cfg.dit.remat_policy,
+        "dtype": cfg.dit_runtime.dtype,
+        "remat": cfg.dit_runtime.remat_policy,
         "dim": cfg.dit.dim,
         "layers": cfg.dit.num_layers,
         "heads": cfg.dit.num_heads,
@@ -160,7 +150,7 @@ def cpu_cases() -> list[tuple[str, Config, int, tuple[int, int, int]]]:
             "train.batch_size=1",
         ],
     )
-    mid_no_remat = dataclasses.replace(mid, dit=dataclasses.replace(mid.dit, remat_policy="none"))
+    mid_no_remat = dataclasses.replace(mid, dit_runtime=dataclasses.replace(mid.dit_runtime, remat_policy="none"))
     return [
         ("tiny", tiny, tiny.train.batch_size, (3, 16, 16)),
         ("mid-512d-8L", mid, 1, (4, 48, 64)),
@@ -208,7 +198,7 @@ def analyse(cfg: Config) -> dict:
     return {
         "devices": mesh.size,
         "mesh": dict(mesh.shape),
-        "remat": cfg.dit.remat_policy,
+        "remat": cfg.dit_runtime.remat_policy,
         "batch": cfg.train.batch_size,
         "samples_per_device": cfg.train.batch_size / mesh.size,
         "noise_tokens": noise,
@@ -238,9 +228,9 @@ def compile_preset(preset: str) -> dict:
         "chip": target.chip,
         "capacity_gib": round(CAPACITY_GIB[target.chip], 2),
         **row,
-        "attention": cfg.dit.attention,
-        "sequence_parallel": cfg.dit.sequence_parallel,
-        "param_dtype": cfg.dit.param_dtype,
+        "attention": cfg.dit_runtime.attention,
+        "sequence_parallel": cfg.dit_runtime.sequence_parallel,
+        "param_dtype": cfg.dit_runtime.param_dtype,
         "trainable": list(cfg.train.trainable),
         "headroom": round(free, 4),
         "fits": free >= aot.HEADROOM,

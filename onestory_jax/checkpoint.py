@@ -26,7 +26,8 @@ import yaml
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from onestory_jax.config import Config, from_dict, to_dict
+from onestory_jax.config import Config
+from onestory_jax.config_files import from_dict, to_dict
 from onestory_jax.errors import UserError
 from onestory_jax.io import require_free_space, require_writable
 from onestory_jax.sharding import abstract_params
@@ -201,7 +202,7 @@ def _finite_per_leaf(leaves: list[jax.Array]) -> jax.Array:
 def load_params(ckpt_dir: str | Path, mesh: Mesh, boxed_init: Callable[..., Any]) -> Any:
     """Restore a checkpoint's params sharded on `mesh` (any mesh).
 
-    `boxed_init` (rng -> boxed params, e.g. `models.dit.init_fn(cfg.dit)`) defines the tree and its
+    `boxed_init` (rng -> boxed params, e.g. `models.dit.init_fn(cfg.dit, cfg.dit_runtime)`) defines the tree and its
     shardings: checkpoint I/O knows no model.
     """
     return restore_params(ckpt_dir, abstract_params(boxed_init, mesh, jax.random.key(0)))

@@ -1,48 +1,32 @@
-"""Frozen dataclass configs, YAML presets and `key=value` command-line overrides.
+"""The config schema: frozen dataclasses, one per section of a preset, and their checks.
 
-A preset is a YAML file in `configs/` whose top-level keys are the fields of `Config`. Overrides use
-dotted paths (`dit.num_layers=4`, `mesh.fsdp=-1`); values are parsed as YAML and type-checked
-against the dataclass annotations, so an unknown key or a wrongly typed value names the key.
+A preset is a YAML file in `configs/` whose top-level keys are the fields of `Config`; reading one (`base:`
+inheritance, `key=value` overrides, type checks, old key paths) is `config_files.py`. The DiT has two sections:
+`dit` (`DiTConfig`), the architecture a checkpoint fixes (and the LoRA adapter it carries), and `dit_runtime`
+(`DiTRuntime`), how this run computes and stores it; the old paths `dit.<runtime field>` still read into
+`dit_runtime` (`config_files.py: MOVED_KEYS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import types
-import typing
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
+from onestory_jax.errors import UserError
 
-from onestory_jax.errors import UserError, shown
-from onestory_jax.io import load_yaml
-
-# The shipped files, laid out as in the checkout: configs/ (presets, training configs, stories, the byte tokenizer)
-# and models/demo (the embedded default). An installed wheel holds them in onestory_jax/shipped/ (setup.py copies
-# them there); a checkout, or an editable install, reads the checkout's own.
-_PACKAGE_DIR = Path(__file__).resolve().parent
-SHIPPED_DIR = _PACKAGE_DIR / "shipped" if (_PACKAGE_DIR / "shipped").is_dir() else _PACKAGE_DIR.parent
-CONFIG_DIR = SHIPPED_DIR / "configs"
-DEMO_MODEL = SHIPPED_DIR / "models" / "demo"
-
-
-# DiT settings that do not change its parameters or function: compute and storage dtypes, activation
-# checkpointing, attention kernel, sequence parallelism.
-DIT_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention", "sequence_parallel")
 # The LoRA adapter on a DiT: a fine-tune may add one to a DiT that has none (models/lora.py).
 DIT_ADAPTER_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
 LORA_TARGETS = ("q", "k", "v", "o", "k_img", "v_img", "fc1", "fc2")  # the blocks' linear layers
 # Low-VRAM sampling switches of the DiT (models/lowvram.py): how its weights are stored and where, not what it computes.
 DIT_LOWVRAM_FIELDS = ("weights_dtype", "fp8_layers", "offload")
-FP8_LAYERS = {"ffn": ("fc1", "fc2"), "all": LORA_TARGETS}  # dit.fp8_layers -> the block layers stored in fp8
+FP8_LAYERS = {"ffn": ("fc1", "fc2"), "all": LORA_TARGETS}  # dit_runtime.fp8_layers -> the block layers stored in fp8
 
 
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
-    """The Wan2.1 DiT. Defaults are Wan2.1-I2V-14B."""
+    """The Wan2.1 DiT's architecture: what a converted or trained checkpoint fixes (its runtime settings are
+    `DiTRuntime`). Defaults are Wan2.1-I2V-14B."""
 
     model_type: Literal["t2v", "i2v"] = "i2v"
     in_dim: int = 36
@@ -58,45 +42,20 @@ class DiTConfig:
     image_dim: int | None = 1280
     eps: float = 1e-6
     rope_theta: float = 10000.0
-    # Compute dtype of matmuls/attention; norms, modulation, time embedding and residuals stay fp32.
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
-    # Activation checkpointing per block: none | full | dots | dots_no_batch.
-    remat_policy: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    # Attention implementation: xla (reference), cudnn (flash on GPU), splash (flash on TPU), chunked,
-    # auto (per backend; never full logits above 2 GiB).
-    attention: Literal["xla", "cudnn", "splash", "chunked", "auto"] = "xla"  # models/layers.py: attention
-    # Self-attention with a mesh `sequence` axis > 1: ulysses (all-to-all to heads; needs num_heads
-    # divisible by sequence x tensor) or gspmd (XLA gathers keys and values along the sequence).
-    sequence_parallel: Literal["ulysses", "gspmd"] = "ulysses"
     # LoRA on the blocks' linear layers named in `lora_targets` (q, k, v, o of self- and cross-attention,
     # k_img, v_img, fc1, fc2 of the FFN): y = x W + (lora_alpha / lora_rank) x A B. 0 = none.
     lora_rank: int = 0
     lora_alpha: float = 1.0
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "fc1", "fc2")
-    # Low VRAM (sampling; docs/performance.md "Low VRAM"). weights_dtype=fp8: the blocks' linear kernels named by
-    # fp8_layers (ffn: fc1, fc2; all: also attention q, k, v, o, k_img, v_img) are stored as float8_e4m3fn with a
-    # per-output-channel fp32 `scale` beside each, quantized at load and dequantized per layer before each matmul.
-    weights_dtype: Literal["param", "fp8"] = "param"
-    fp8_layers: Literal["ffn", "all"] = "ffn"
-    # offload=blocks: the stacked block params live in host memory (memory kind pinned_host) and each layer is
-    # moved to the device inside the layer scan, one layer at a time.
-    offload: Literal["none", "blocks"] = "none"
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
     def architecture(self) -> DiTConfig:
-        """This config with its runtime settings (DIT_RUNTIME_FIELDS), LoRA adapter and low-VRAM switches at their
-        defaults: two DiTs with equal architectures hold the same base parameters and compute the same base function."""
-        fields = DIT_RUNTIME_FIELDS + DIT_ADAPTER_FIELDS + DIT_LOWVRAM_FIELDS
-        return dataclasses.replace(self, **{f: getattr(DiTConfig, f) for f in fields})
-
-    def plain(self) -> DiTConfig:
-        """This config without its low-VRAM switches: the parameter tree as initialised, stored and loaded
-        (before `models.lowvram.quantize_dit` and the host placement of `offload`)."""
-        return dataclasses.replace(self, **{f: getattr(DiTConfig, f) for f in DIT_LOWVRAM_FIELDS})
+        """This config with its LoRA adapter (DIT_ADAPTER_FIELDS) at the defaults: two DiTs with equal
+        architectures hold the same base parameters and compute the same base function."""
+        return dataclasses.replace(self, **{f: getattr(DiTConfig, f) for f in DIT_ADAPTER_FIELDS})
 
     @property
     def has_image_branch(self) -> bool:
@@ -114,6 +73,37 @@ class DiTConfig:
             raise UserError(f"dit.lora_rank must be >= 0, got {self.lora_rank}")
         if bad := [t for t in self.lora_targets if t not in LORA_TARGETS]:
             raise UserError(f"dit.lora_targets: {', '.join(bad)} not among {', '.join(LORA_TARGETS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTRuntime:
+    """How this run computes and stores the DiT: settings that change neither its parameters nor its function
+    (up to rounding), free to change per run. YAML section `dit_runtime`; `dit.<field>` is read as its old name."""
+
+    # Compute dtype of matmuls/attention; norms, modulation, time embedding and residuals stay fp32.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Activation checkpointing per block: none | full | dots | dots_no_batch.
+    remat_policy: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    # Attention implementation: xla (reference), cudnn (flash on GPU), splash (flash on TPU), chunked,
+    # auto (per backend; never full logits above 2 GiB).
+    attention: Literal["xla", "cudnn", "splash", "chunked", "auto"] = "xla"  # models/layers.py: attention
+    # Self-attention with a mesh `sequence` axis > 1: ulysses (all-to-all to heads; needs num_heads
+    # divisible by sequence x tensor) or gspmd (XLA gathers keys and values along the sequence).
+    sequence_parallel: Literal["ulysses", "gspmd"] = "ulysses"
+    # Low VRAM (sampling; docs/performance.md "Low VRAM"). weights_dtype=fp8: the blocks' linear kernels named by
+    # fp8_layers (ffn: fc1, fc2; all: also attention q, k, v, o, k_img, v_img) are stored as float8_e4m3fn with a
+    # per-output-channel fp32 `scale` beside each, quantized at load and dequantized per layer before each matmul.
+    weights_dtype: Literal["param", "fp8"] = "param"
+    fp8_layers: Literal["ffn", "all"] = "ffn"
+    # offload=blocks: the stacked block params live in host memory (memory kind pinned_host) and each layer is
+    # moved to the device inside the layer scan, one layer at a time.
+    offload: Literal["none", "blocks"] = "none"
+
+    def plain(self) -> DiTRuntime:
+        """These settings without the low-VRAM switches: the parameter tree as initialised, stored and loaded
+        (before `models.lowvram.quantize_dit` and the host placement of `offload`)."""
+        return dataclasses.replace(self, **{f: getattr(DiTRuntime, f) for f in DIT_LOWVRAM_FIELDS})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +147,9 @@ class VAEStageConfig:
     latent_noise: float = 0.1  # std of noise added to latents, so the decoder tolerates generated ones
     latent_penalty: float = 1e-3  # weight of mean(mu^2)
     character_crops: float = 0.0  # share of crops centred on a character (the small, identity-bearing part)
+    # weight of the still-clip term: one frame held still must encode to the first frame's latent in every
+    # latent frame, so a memory frame and a target frame share one code whatever their place in a shot
+    still_consistency: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -440,6 +433,7 @@ class Config:
 
     name: str = "custom"
     dit: DiTConfig = DiTConfig()
+    dit_runtime: DiTRuntime = DiTRuntime()
     memory: MemoryConfig = MemoryConfig()
     vae: VAEConfig = VAEConfig()
     text_encoder: TextEncoderConfig = TextEncoderConfig()
@@ -467,7 +461,7 @@ class Config:
         """Ulysses splits the heads over sequence x tensor devices: they must divide num_heads."""
         split = self.mesh.sequence * self.mesh.tensor
         if (
-            self.dit.sequence_parallel == "ulysses"
+            self.dit_runtime.sequence_parallel == "ulysses"
             and self.mesh.sequence > 1
             and self.mesh.tensor > 0
             and self.dit.num_heads % split
@@ -475,182 +469,5 @@ class Config:
             raise UserError(
                 f"dit.num_heads={self.dit.num_heads} is not divisible by mesh.sequence={self.mesh.sequence}"
                 f" x mesh.tensor={self.mesh.tensor} (Ulysses splits the heads over them); change"
-                " the mesh or set dit.sequence_parallel=gspmd"
+                " the mesh or set dit_runtime.sequence_parallel=gspmd"
             )
-
-
-# ---------------------------------------------------------------------------------------------
-# dict <-> dataclass with type checking
-
-
-def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Check `value` against annotation `tp`; return (ok, coerced value)."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True, value
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, v = _type_ok(value, arg)
-            if ok:
-                return True, v
-        return False, value
-    if tp is type(None):
-        return value is None, value
-    if origin is Literal:
-        return value in typing.get_args(tp), value
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            return False, value
-        if len(args) == 2 and args[1] is Ellipsis:
-            args = (args[0],) * len(value)
-        if len(args) != len(value):
-            return False, value
-        out = []
-        for v, a in zip(value, args):
-            ok, cv = _type_ok(v, a)
-            if not ok:
-                return False, value
-            out.append(cv)
-        return True, tuple(out)
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads '3e-3' as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        if isinstance(value, bool):
-            return False, value
-        return isinstance(value, (int, float)), float(value) if isinstance(value, (int, float)) else value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if isinstance(tp, type):
-        return isinstance(value, tp), value
-    return True, value
-
-
-# Keys that earlier versions wrote into checkpoints' config.yaml, so that those still load:
-# retired ones are ignored, moved ones read into their new section.
-RETIRED_KEYS = frozenset({"sampler.sigma_grid"})
-MOVED_KEYS = {f"train.{k}": "vae_stage" for k in ("clip_frames", "clip_size", "latent_noise", "latent_penalty")}
-
-
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise `UserError`."""
-    if not isinstance(data, dict):
-        raise UserError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
-    data = {k: v for k, v in data.items() if prefix + k not in RETIRED_KEYS}
-    for key in [k for k in data if prefix + k in MOVED_KEYS]:
-        section = MOVED_KEYS[prefix + key]
-        data[section] = {**data.get(section, {}), key: data.pop(key)}
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise UserError(f"unknown config key '{prefix}{unknown[0]}' (valid: {', '.join(sorted(fields))})")
-    kwargs = {}
-    for key, value in data.items():
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value, f"{prefix}{key}.")
-            continue
-        ok, coerced = _type_ok(value, tp)
-        if not ok:
-            raise UserError(f"config key '{prefix}{key}' has value {shown(value)}, expected {_type_name(tp)}")
-        values = coerced if isinstance(coerced, tuple) else (coerced,)
-        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-            raise UserError(f"config key '{prefix}{key}' must be finite, got {shown(value)}")
-        kwargs[key] = coerced
-    return cls(**kwargs)
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict (tuples become lists) suitable for YAML/JSON."""
-
-    def conv(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, tuple):
-            return [conv(x) for x in v]
-        return v
-
-    return conv(cfg)
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = Config) -> dict[str, Any]:
-    """Apply `a.b=value` strings to a nested dict, checking keys against the dataclass tree."""
-    data = _deep_copy(data)
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"override '{item}' is not of the form key=value")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node_cls, node = cls, data
-        for i, part in enumerate(parts):
-            hints = typing.get_type_hints(node_cls)
-            if part not in hints:
-                raise UserError(f"unknown config key '{key}'")
-            if i == len(parts) - 1:
-                if dataclasses.is_dataclass(hints[part]):
-                    raise UserError(f"config key '{key}' is a section; set one of its fields")
-                node[part] = load_yaml(raw) if raw.strip() else ""
-            else:
-                if not dataclasses.is_dataclass(hints[part]):
-                    raise UserError(f"config key '{'.'.join(parts[: i + 1])}' has no sub-keys")
-                node_cls = hints[part]
-                node = node.setdefault(part, {})
-    return data
-
-
-def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
-
-
-def preset_path(name: str) -> Path:
-    """Resolve a preset name (`tiny`) or a path to a YAML file."""
-    p = Path(name)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise UserError(f"config file '{name}' does not exist")
-        return p
-    cand = CONFIG_DIR / f"{name}.yaml"
-    if not cand.is_file():
-        known = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
-        raise UserError(f"unknown config preset '{name}' (known: {', '.join(known)})")
-    return cand
-
-
-def load_config(name: str, overrides: list[str] | None = None) -> Config:
-    """Load a preset by name or path and apply `key=value` overrides."""
-    data = apply_overrides(_read_preset(name), overrides or [])
-    return from_dict(Config, data).validate()
-
-
-def _read_preset(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A preset's dict; a top-level `base: NAME` is read first and this file merged over it."""
-    path = preset_path(name)
-    try:
-        data = load_yaml(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"config file '{path}' is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config file '{path}' must be a mapping")
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    if base in seen:
-        raise UserError(f"config '{path}' inherits from itself through '{base}'")
-    return _deep_merge(_read_preset(base, seen + (base,)), data)
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out

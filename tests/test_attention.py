@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from torch_refs import tiny_dit_config
 
+from onestory_jax.config import DiTRuntime
 from onestory_jax.models import layers
 from onestory_jax.models.dit import ContextTokens, WanDiT
 from onestory_jax.models.splash import kv_segment_ids, splash_blocks
@@ -87,7 +88,7 @@ def test_auto_picks_splash_on_tpu(monkeypatch):
 def test_dit_hides_empty_memory_slots_exactly():
     """Context tokens whose trailing slots are empty = the same context with those slots removed."""
     cfg = tiny_dit_config("t2v")
-    model = WanDiT(cfg)
+    model = WanDiT(cfg, DiTRuntime())
     r = np.random.default_rng(0)
     x = jnp.asarray(r.standard_normal((2, 2, 4, 4, cfg.in_dim)), jnp.float32)
     t, text = jnp.asarray([300.0, 700.0]), jnp.asarray(r.standard_normal((2, 6, cfg.text_dim)), jnp.float32)

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from onestory_jax.config import CONFIG_DIR, load_config
+from onestory_jax.config_files import CONFIG_DIR, load_config
 from onestory_jax.errors import UserError
 from onestory_jax.models.frozen import build_components
 from onestory_jax.models.memory import select_top_k

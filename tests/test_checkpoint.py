@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from onestory_jax.checkpoint import check_out_dir, restore_params, save_model
-from onestory_jax.config import Config, load_config
+from onestory_jax.config import Config
+from onestory_jax.config_files import load_config
 from onestory_jax.errors import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax after a failed read
@@ -104,7 +105,7 @@ def test_unwritable_output_or_a_full_disk_is_one_line_before_writing(tmp_path, m
 
 def test_configs_written_by_earlier_versions_still_load():
     """A retired key is ignored and a moved key lands in its new section (checkpoints keep old config.yaml)."""
-    from onestory_jax.config import from_dict
+    from onestory_jax.config_files import from_dict
 
     cfg = from_dict(Config, {"sampler": {"sigma_grid": "wan", "steps": 9}, "train": {"clip_size": 16, "steps": 3}})
     assert (cfg.sampler.steps, cfg.train.steps, cfg.train.vae_stage.clip_size) == (9, 3, 16)

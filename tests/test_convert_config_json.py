@@ -9,7 +9,8 @@ import pytest
 from torch_refs import diffusers_dit, tiny_dit_config
 
 from onestory_jax.checkpoint import load_config_from_checkpoint
-from onestory_jax.config import CONFIG_DIR, ImageEncoderConfig, TextEncoderConfig, VAEConfig
+from onestory_jax.config import ImageEncoderConfig, TextEncoderConfig, VAEConfig
+from onestory_jax.config_files import CONFIG_DIR
 from onestory_jax.convert.__main__ import main
 from onestory_jax.convert.image_encoder import CONFIG_JSON as CLIP_JSON
 from onestory_jax.convert.text_encoder import CONFIG_JSON as UMT5_JSON

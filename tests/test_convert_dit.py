@@ -19,7 +19,8 @@ from safetensors.torch import save_file as save_torch_file
 from torch_refs import diffusers_dit, run_diffusers_dit, state_dict_numpy, to_original_layout
 
 from onestory_jax.checkpoint import load_config_from_checkpoint, load_params, save_model
-from onestory_jax.config import Config, MeshConfig, load_config
+from onestory_jax.config import Config, DiTRuntime, MeshConfig
+from onestory_jax.config_files import load_config
 from onestory_jax.convert.__main__ import main
 from onestory_jax.convert.dit import DIT, convert
 from onestory_jax.convert.dit_source import dit_config_from_diffusers, dit_config_from_original
@@ -107,14 +108,14 @@ def test_convert_and_verify_matches_diffusers(which, request, tmp_path, capsys):
 
     config = load_config_from_checkpoint(out)
     assert config.name == src.name and config.dit == cfg
-    params = load_params(out, _one_device_mesh(), init_fn(config.dit))
+    params = load_params(out, _one_device_mesh(), init_fn(config.dit, config.dit_runtime))
     rng = np.random.default_rng(3)
     x = rng.standard_normal((1, 3, 4, 6, cfg.in_dim)).astype(np.float32)
     text = rng.standard_normal((1, 512, cfg.text_dim)).astype(np.float32)
     image = rng.standard_normal((1, 257, cfg.image_dim)).astype(np.float32) if cfg.has_image_branch else None
     t = np.array([500], np.int64)
     ref = run_diffusers_dit(model, x, t, text, image)
-    ours = np.asarray(WanDiT(cfg).apply({"params": params}, x, t, text, image))
+    ours = np.asarray(WanDiT(cfg, DiTRuntime()).apply({"params": params}, x, t, text, image))
     assert np.abs(ours - ref).max() / ref.std() < 1e-4
 
 
@@ -123,7 +124,7 @@ def test_restore_on_one_device_equals_conversion(diffusers_source, tmp_path):
     sd = state_dict_numpy(model)
     converted = convert(cfg, {k: v.shape for k, v in sd.items()}, sd.__getitem__, "diffusers")
     save_model(tmp_path / "ckpt", converted, TINY)
-    restored = load_params(tmp_path / "ckpt", _one_device_mesh(), init_fn(TINY.dit))
+    restored = load_params(tmp_path / "ckpt", _one_device_mesh(), init_fn(TINY.dit, TINY.dit_runtime))
     assert jax.tree.structure(restored) == jax.tree.structure(converted)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(converted)):
         assert len(a.sharding.device_set) == 1
@@ -147,8 +148,8 @@ def test_bfloat16_storage_verifies(diffusers_t2v_source, tmp_path, capsys):
     assert main([*argv, "--verify"]) == 0
     assert "OK" in capsys.readouterr().out
     config = load_config_from_checkpoint(out)
-    assert config.dit.param_dtype == "bfloat16"
-    params = load_params(out, _one_device_mesh(), init_fn(config.dit))
+    assert config.dit_runtime.param_dtype == "bfloat16"
+    params = load_params(out, _one_device_mesh(), init_fn(config.dit, config.dit_runtime))
     assert {a.dtype for a in jax.tree.leaves(params)} == {np.dtype(ml_dtypes.bfloat16)}
 
 
@@ -254,10 +255,10 @@ def test_missing_or_corrupt_checkpoint_is_a_user_error(diffusers_source, tmp_pat
     save_model(tmp_path / "ckpt", convert(cfg, {k: v.shape for k, v in sd.items()}, sd.__getitem__, "diffusers"), TINY)
     deeper = dataclasses.replace(TINY, dit=dataclasses.replace(cfg, num_layers=3))
     with pytest.raises(UserError, match=r"\(2, .*!= expected \(3, "):
-        load_params(tmp_path / "ckpt", _one_device_mesh(), init_fn(deeper.dit))
+        load_params(tmp_path / "ckpt", _one_device_mesh(), init_fn(deeper.dit, deeper.dit_runtime))
     shutil.rmtree(tmp_path / "ckpt" / "params" / "d")
     with pytest.raises(UserError, match="corrupt or incomplete"):
-        load_params(tmp_path / "ckpt", _one_device_mesh(), init_fn(TINY.dit))
+        load_params(tmp_path / "ckpt", _one_device_mesh(), init_fn(TINY.dit, TINY.dit_runtime))
 
 
 def test_reader_dtypes_match_torch(tmp_path):
@@ -348,10 +349,9 @@ FULL_SIZE = {
 @pytest.mark.parametrize("preset", sorted(FULL_SIZE))
 def test_full_size_key_map(preset):
     diffusers_config, original_config = FULL_SIZE[preset]
-    cfg = load_config(preset).dit
-    runtime = {k: getattr(cfg, k) for k in ("dtype", "param_dtype", "remat_policy", "attention")}
-    assert dataclasses.replace(dit_config_from_diffusers(diffusers_config), **runtime) == cfg
-    assert dataclasses.replace(dit_config_from_original(original_config), **runtime) == cfg
+    cfg = load_config(preset).dit  # the architecture alone: the preset's runtime settings are dit_runtime's
+    assert dit_config_from_diffusers(diffusers_config) == cfg
+    assert dit_config_from_original(original_config) == cfg
     with torch.device("meta"):
         model = WanTransformer3DModel(**diffusers_config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch_refs import diffusers_dit, random_dit_inputs, run_diffusers_dit, state_dict_numpy, tiny_dit_config
 
+from onestory_jax.config import DiTRuntime
 from onestory_jax.convert.dit import convert
 from onestory_jax.models.dit import WanDiT
 
@@ -31,9 +32,9 @@ def test_bf16_dit_close_to_fp32_reference():
             return_dict=False,
         )[0]
     torch16 = out16.float().cpu().numpy().transpose(0, 2, 3, 4, 1)
-    bf = dataclasses.replace(cfg, dtype="bfloat16", param_dtype="bfloat16", attention="cudnn")
-    params = convert(bf, {k: v.shape for k, v in sd.items()}, sd.__getitem__, "diffusers", dtype=jax.numpy.bfloat16)
-    ours = np.asarray(WanDiT(bf).apply({"params": params}, x, t, text, image), np.float32)
+    bf = DiTRuntime(dtype="bfloat16", param_dtype="bfloat16", attention="cudnn")
+    params = convert(cfg, {k: v.shape for k, v in sd.items()}, sd.__getitem__, "diffusers", dtype=jax.numpy.bfloat16)
+    ours = np.asarray(WanDiT(cfg, bf).apply({"params": params}, x, t, text, image), np.float32)
     err_ours = np.abs(ours - ref32).max() / ref32.std()
     err_torch = np.abs(torch16 - ref32).max() / ref32.std()
     print(f"bf16 max error relative to output std: jax {err_ours:.3e}, diffusers {err_torch:.3e}")

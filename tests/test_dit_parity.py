@@ -11,6 +11,7 @@ from torch_refs import (
     to_original_layout,
 )
 
+from onestory_jax.config import DiTRuntime
 from onestory_jax.convert.dit import convert
 from onestory_jax.models.dit import WanDiT
 
@@ -32,7 +33,7 @@ def test_dit_matches_diffusers(reference, layout):
         sd = to_original_layout(sd)
     params = convert(cfg, {k: v.shape for k, v in sd.items()}, sd.__getitem__, layout)
     x, text, image = random_dit_inputs(cfg, LATENT, BATCH, seed=1)
-    apply = WanDiT(cfg).apply
+    apply = WanDiT(cfg, DiTRuntime()).apply
     for tv in (17, 500, 999):
         t = np.array([tv, tv // 2], np.int64)  # a different timestep per batch row
         ref = run_diffusers_dit(model, x, t, text, image)

@@ -2,7 +2,7 @@
 
 import jax
 
-from onestory_jax.config import DiTConfig
+from onestory_jax.config import DiTConfig, DiTRuntime
 from onestory_jax.models.dit import WanDiT, init_inputs
 from onestory_jax.models.flops import dit_forward_flops, peak_flops
 
@@ -14,7 +14,7 @@ def test_flop_model_matches_xla_cost_analysis():
         model_type="t2v", in_dim=16, dim=256, ffn_dim=1024, num_heads=4, num_layers=1, text_dim=64, image_dim=None, text_len=32
     )
     x = init_inputs(cfg, 1, (4, 32, 32), text_len=32)
-    model = WanDiT(cfg)
+    model = WanDiT(cfg, DiTRuntime())
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), x["x"], x["t"], x["text"]))
     cost = jax.jit(model.apply).lower(params, x["x"], x["t"], x["text"]).compile().cost_analysis()
     xla = (cost[0] if isinstance(cost, list) else cost)["flops"]

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onestory_jax.config import load_config
+from onestory_jax.config_files import load_config
 from onestory_jax.diffusion.schedule import make_schedule
 from onestory_jax.models.dit import WanDiT
 from onestory_jax.models.memory import OneStoryMemory, baseline_candidates, conditioner_from_patch_embedding
@@ -21,7 +21,7 @@ SHOTS, T, H, W = 3, 2, 8, 8
 @pytest.fixture(scope="module")
 def model():
     cfg = load_config("tiny", ["dit.model_type=t2v", "dit.in_dim=16"])
-    dit, mem = WanDiT(cfg.dit), OneStoryMemory(cfg.memory, cfg.dit.dim, cfg.dit.head_dim)
+    dit, mem = WanDiT(cfg.dit, cfg.dit_runtime), OneStoryMemory(cfg.memory, cfg.dit.dim, cfg.dit.head_dim)
     x = jnp.zeros((1, T, H, W, 16))
     dit_params = nn.meta.unbox(dit.init(jax.random.key(0), x, jnp.zeros((1,)), jnp.zeros((1, 8, cfg.dit.text_dim))))["params"]
     mem_params = nn.meta.unbox(

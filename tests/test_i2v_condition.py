@@ -12,7 +12,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
 from test_vae import diffusers_vae
 from torch_refs import state_dict_numpy
 
-from onestory_jax.config import VAEConfig, load_config
+from onestory_jax.config import VAEConfig
+from onestory_jax.config_files import load_config
 from onestory_jax.convert.vae import convert_vae
 from onestory_jax.diffusion.guidance import null_text
 from onestory_jax.models.vae import encode

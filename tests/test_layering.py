@@ -4,7 +4,7 @@
     cli | studio                     (console scripts, the web studio; neither imports the other)
     sampling | training | eval       (siblings: none imports another)
     models, diffusion, data, convert
-    errors, io, config, sharding, checkpoint, locking
+    errors, io, config, config_files, sharding, checkpoint, locking
 
 Two checks per package: every module is imported in a fresh interpreter whose importer refuses the
 layers above (what runs at import time), and every import statement, those inside functions
@@ -23,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TIERS = [
-    ("errors", "io", "config", "sharding", "checkpoint", "locking"),
+    ("errors", "io", "config", "config_files", "sharding", "checkpoint", "locking"),
     ("models", "diffusion"),
     ("data", "convert"),  # data and convert read models (prompts, components); models never reads data
     ("sampling", "training", "eval"),

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onestory_jax.config import load_config
+from onestory_jax.config import DiTRuntime
+from onestory_jax.config_files import load_config
 from onestory_jax.errors import UserError
 from onestory_jax.models import lora
 from onestory_jax.models.dit import WanDiT, init_fn, init_inputs
@@ -37,7 +38,7 @@ def nn_unbox(tree):
 
 def lora_dit():
     cfg = load_config("tiny", ["dit.lora_rank=2", "dit.lora_alpha=4.0"]).dit
-    params = nn_unbox(init_fn(cfg)(jax.random.key(0)))
+    params = nn_unbox(init_fn(cfg, DiTRuntime())(jax.random.key(0)))
     rng = np.random.default_rng(0)  # a trained adapter: B no longer zero
     params = jax.tree_util.tree_map_with_path(
         lambda p, a: rng.standard_normal(a.shape).astype(np.float32) * 0.1 if "lora_b" in jax.tree_util.keystr(p) else a, params
@@ -63,10 +64,10 @@ def test_merge_computes_the_same_function():
     x = init_inputs(cfg, batch=1, latent_shape=(1, 4, 4), text_len=8, image_len=4)
     x = {k: None if v is None else jax.random.normal(jax.random.key(i), v.shape) for i, (k, v) in enumerate(x.items())}
     x["t"] = jnp.array([500.0])
-    with_lora = WanDiT(cfg).apply({"params": params}, **x)
-    folded = WanDiT(plain).apply({"params": merged}, **x)
+    with_lora = WanDiT(cfg, DiTRuntime()).apply({"params": params}, **x)
+    folded = WanDiT(plain, DiTRuntime()).apply({"params": merged}, **x)
     base, _ = lora.merge(params, dataclasses.replace(cfg, lora_alpha=0.0))  # the kernels alone
-    without = WanDiT(plain).apply({"params": base}, **x)
+    without = WanDiT(plain, DiTRuntime()).apply({"params": base}, **x)
     np.testing.assert_allclose(folded, with_lora, rtol=1e-4, atol=1e-5)
     assert np.abs(np.asarray(without) - np.asarray(with_lora)).max() > 1e-3  # the adapter matters
 
@@ -77,7 +78,7 @@ def test_fresh_lora_keeps_the_base_and_starts_at_zero():
     cfg, params = lora_dit()
     base, plain = lora.merge(params, cfg)
     mesh = make_mesh(load_config("tiny").mesh)
-    fresh = lora.with_fresh_lora(base, cfg, mesh, jax.random.key(3))
+    fresh = lora.with_fresh_lora(base, cfg, DiTRuntime(), mesh, jax.random.key(3))
     assert lora.has_lora(fresh)
     np.testing.assert_array_equal(fresh["blocks"]["ffn"]["fc1"]["kernel"], base["blocks"]["ffn"]["fc1"]["kernel"])
     assert not np.any(fresh["blocks"]["ffn"]["fc1"]["lora_b"])

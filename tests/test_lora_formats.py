@@ -13,6 +13,7 @@ import torch
 from safetensors.numpy import save_file
 from torch_refs import diffusers_dit, random_dit_inputs, run_diffusers_dit, state_dict_numpy, tiny_dit_config
 
+from onestory_jax.config import DiTRuntime
 from onestory_jax.convert.dit import convert, original_to_diffusers
 from onestory_jax.convert.lora_formats import apply_loras, read_loras
 from onestory_jax.errors import UserError
@@ -57,7 +58,7 @@ def base():
     sd = state_dict_numpy(diffusers_dit(CFG))
     params = jax.tree.map(jax.numpy.asarray, convert(CFG, {k: v.shape for k, v in sd.items()}, sd.__getitem__, "diffusers"))
     x, text, image = random_dit_inputs(CFG, LATENT, 1, seed=1)
-    apply = jax.jit(WanDiT(CFG).apply)
+    apply = jax.jit(WanDiT(CFG, DiTRuntime()).apply)
     forward = lambda p: np.asarray(apply({"params": p}, x, np.array([T]), text, image))
     return sd, params, (x, text, image), forward, forward(params)
 
@@ -146,7 +147,7 @@ def diffusers_output(base, path, scale: float) -> np.ndarray:
 
 def merged(base, path, scale: float):
     """Our params with the LoRA merged (into a copy: the merge donates the leaves it changes)."""
-    return apply_loras(jax.tree.map(lambda a: a.copy(), base[1]), read_loras([(path, scale)], CFG))
+    return apply_loras(jax.tree.map(lambda a: a.copy(), base[1]), read_loras([(path, scale)], CFG, DiTRuntime()))
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -202,8 +203,8 @@ def test_alpha_keys_in_diffusers_format_equal_kohya(base, tmp_path):
             tensors[f"transformer.{m}.alpha"] = np.array(alpha, np.float32)
     save_file(tensors, tmp_path / "peft.safetensors")
     kohya_file(base[0], tmp_path / "kohya.safetensors")
-    peft = read_loras([(tmp_path / "peft.safetensors", 1.0)], CFG)
-    kohya = read_loras([(tmp_path / "kohya.safetensors", 1.0)], CFG)
+    peft = read_loras([(tmp_path / "peft.safetensors", 1.0)], CFG, DiTRuntime())
+    kohya = read_loras([(tmp_path / "kohya.safetensors", 1.0)], CFG, DiTRuntime())
     q = ("blocks", "self_attn", "q", "kernel")
     np.testing.assert_allclose(peft[q].arrays((2, 24, 24))[1], kohya[q].arrays((2, 24, 24))[1], rtol=1e-6)
     head = peft[("head", "kernel")].arrays((1, 24, 64))
@@ -213,7 +214,7 @@ def test_alpha_keys_in_diffusers_format_equal_kohya(base, tmp_path):
 
 def _one_line_error(path, fragment: str) -> None:
     with pytest.raises(UserError) as e:
-        read_loras([(path, 1.0)], CFG)
+        read_loras([(path, 1.0)], CFG, DiTRuntime())
     assert fragment in str(e.value) and "\n" not in str(e.value)
 
 

@@ -13,7 +13,8 @@ import torch
 from test_vae import TINY, diffusers_vae
 from torch_refs import state_dict_numpy
 
-from onestory_jax.config import load_config
+from onestory_jax.config import DiTRuntime
+from onestory_jax.config_files import load_config
 from onestory_jax.convert.vae import convert_vae
 from onestory_jax.errors import UserError
 from onestory_jax.models import lowvram
@@ -66,8 +67,9 @@ def test_fp8_dense_error_is_the_rounding_rms():
 
 
 def perturbed_dit_params(cfg, seed: int = 0):
-    """Tiny DiT params with every leaf (zero biases, unit norms too) perturbed, so every weight matters."""
-    params = nn.meta.unbox(jax.jit(init_fn(cfg))(jax.random.key(seed)))
+    """Tiny DiT params (stored: fp32, no fp8) with every leaf (zero biases, unit norms too) perturbed, so every
+    weight matters."""
+    params = nn.meta.unbox(jax.jit(init_fn(cfg, DiTRuntime()))(jax.random.key(seed)))
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     return jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
@@ -83,7 +85,7 @@ def dit_inputs(cfg, seed: int = 0):
 @pytest.mark.parametrize("layers", ["ffn", "all"])
 def test_fp8_dit_forward_close_to_fp32(layers):
     cfg = load_config("tiny").dit
-    fp8 = dataclasses.replace(cfg, weights_dtype="fp8", fp8_layers=layers)
+    fp8 = DiTRuntime(weights_dtype="fp8", fp8_layers=layers)
     params, inputs = perturbed_dit_params(cfg), dit_inputs(cfg)
     quantized = lowvram.quantize_dit(params, fp8)
     kernels = jax.tree_util.tree_flatten_with_path(quantized["blocks"])[0]
@@ -91,8 +93,8 @@ def test_fp8_dit_forward_close_to_fp32(layers):
     expected = {"ffn": 2, "all": 2 + 4 + 6}[layers]  # fc1 fc2; + self q k v o; + cross q k v o k_img v_img
     assert len(in_fp8) == expected, in_fp8
     assert all(str(p[-1].key) == "kernel" for p, a in kernels if a.dtype == jnp.float8_e4m3fn)
-    exact = WanDiT(cfg).apply({"params": params}, **inputs)
-    ours = WanDiT(fp8).apply({"params": quantized}, **inputs)
+    exact = WanDiT(cfg, DiTRuntime()).apply({"params": params}, **inputs)
+    ours = WanDiT(cfg, fp8).apply({"params": quantized}, **inputs)
     err = rel_rms(ours, exact)
     # Each quantized layer errs by ~2.65% RMS of its output (above); the residual stream adds the unquantized
     # parts, so the DiT's output errs by less. 1e-3 from below: the kernels really are rounded to fp8.
@@ -100,10 +102,10 @@ def test_fp8_dit_forward_close_to_fp32(layers):
 
 
 def test_fp8_abstract_tree_matches_the_quantized_one():
-    cfg = dataclasses.replace(load_config("tiny").dit, weights_dtype="fp8", fp8_layers="all")
+    cfg, rt = load_config("tiny").dit, DiTRuntime(weights_dtype="fp8", fp8_layers="all")
     mesh = make_mesh(load_config("tiny").mesh)
-    params = lowvram.place_dit(perturbed_dit_params(cfg.plain()), cfg, mesh)
-    abstract = lowvram.abstract_dit(cfg, mesh)
+    params = lowvram.place_dit(perturbed_dit_params(cfg), cfg, rt, mesh)
+    abstract = lowvram.abstract_dit(cfg, rt, mesh)
     same = jax.tree.map(lambda a, s: (a.shape, a.dtype, a.sharding) == (s.shape, s.dtype, s.sharding), params, abstract)
     assert all(jax.tree.leaves(same))
 
@@ -139,17 +141,16 @@ def test_vae_tile_must_be_whole_latents():
 
 
 def test_offloaded_blocks_live_in_host_memory_and_compute_the_same():
-    cfg = load_config("tiny").dit
-    offload = dataclasses.replace(cfg, offload="blocks")
+    cfg, offload, plain = load_config("tiny").dit, DiTRuntime(offload="blocks"), DiTRuntime()
     mesh = make_mesh(load_config("tiny").mesh)
     params, inputs = perturbed_dit_params(cfg), dit_inputs(cfg)
     with activate(mesh):
-        placed = lowvram.place_dit(params, offload, mesh)
+        placed = lowvram.place_dit(params, cfg, offload, mesh)
         kinds = {k: {a.sharding.memory_kind for a in jax.tree.leaves(v)} for k, v in placed.items()}
         assert kinds.pop("blocks") == {"pinned_host"} and all(v == {"device"} for v in kinds.values()), kinds
-        apply = lambda c: jax.jit(lambda p, i: WanDiT(c).apply({"params": p}, **i))  # noqa: E731
-        reference = lowvram.place_dit(params, cfg, mesh)  # the same shardings, in device memory
-        np.testing.assert_array_equal(np.asarray(apply(offload)(placed, inputs)), np.asarray(apply(cfg)(reference, inputs)))
+        apply = lambda rt: jax.jit(lambda p, i: WanDiT(cfg, rt).apply({"params": p}, **i))  # noqa: E731
+        reference = lowvram.place_dit(params, cfg, plain, mesh)  # the same shardings, in device memory
+        np.testing.assert_array_equal(np.asarray(apply(offload)(placed, inputs)), np.asarray(apply(plain)(reference, inputs)))
         # On a GPU the layer scan moves each layer's slice to the device: lowered for CUDA (on this CPU), the
         # params arrive in host memory and every block leaf is annotated for device placement inside the loop.
         text = apply(offload).trace(placed, inputs).lower(lowering_platforms=("cuda",)).as_text()
@@ -161,7 +162,13 @@ def test_offloaded_blocks_live_in_host_memory_and_compute_the_same():
 def test_story_renders_with_every_low_vram_switch(tmp_path):
     """fp8 (all layers), blocks in host memory, captions encoded on the host CPU, tiled decode: sample.py's load
     and render path end to end on the tiny preset (48x32 frames, tiles of 32 px)."""
-    switches = ["dit.weights_dtype=fp8", "dit.fp8_layers=all", "dit.offload=blocks", "text_encoder.device=cpu", "vae.tile=32"]
+    switches = [
+        "dit_runtime.weights_dtype=fp8",
+        "dit_runtime.fp8_layers=all",
+        "dit_runtime.offload=blocks",
+        "text_encoder.device=cpu",
+        "vae.tile=32",
+    ]
     cfg, params, comps, mesh = load_for_sampling(None, "tiny", switches, seed=0)
     assert "text_encoder" not in params  # only the components hold it, on the host
     base_comps = load_for_sampling(None, "tiny", [], seed=0)[2]
@@ -175,7 +182,7 @@ def test_story_renders_with_every_low_vram_switch(tmp_path):
     with activate(mesh):
         manifest = render_story(cfg, params, comps, story, tmp_path, progress=False, mesh=mesh)
     assert len(manifest["shots"]) == 2 and (tmp_path / "story.mp4").is_file()
-    assert manifest["config"]["dit"]["weights_dtype"] == "fp8" and manifest["config"]["vae"]["tile"] == 32
+    assert manifest["config"]["dit_runtime"]["weights_dtype"] == "fp8" and manifest["config"]["vae"]["tile"] == 32
 
 
 def test_model_folder_loads_through_the_host(tmp_path):
@@ -186,7 +193,8 @@ def test_model_folder_loads_through_the_host(tmp_path):
     from onestory_jax.models.onestory import velocity
 
     folder = Path(__file__).resolve().parents[1] / "models" / "demo"
-    switches = ["dit.weights_dtype=fp8", "dit.fp8_layers=all", "dit.offload=blocks", "text_encoder.device=cpu"]
+    switches = ["dit_runtime.weights_dtype=fp8", "dit_runtime.fp8_layers=all", "dit_runtime.offload=blocks"]
+    switches.append("text_encoder.device=cpu")
     cfg, params, comps, mesh = load_for_sampling(folder, None, switches, seed=0)
     base_cfg, base, _, _ = load_for_sampling(folder, None, [], seed=0)
     mesh_devices = set(mesh.devices.flat)
@@ -211,16 +219,16 @@ def test_model_folder_loads_through_the_host(tmp_path):
 def test_lora_merge_is_refused_with_low_vram_switches():
     from onestory_jax.convert.lora_formats import read_loras
 
-    cfg = load_config("tiny", ["dit.weights_dtype=fp8"]).dit
-    with pytest.raises(UserError, match="dit.weights_dtype=fp8"):
-        read_loras([], cfg)
-    assert read_loras([], load_config("tiny").dit) == {}
+    cfg = load_config("tiny", ["dit_runtime.weights_dtype=fp8"])
+    with pytest.raises(UserError, match="dit_runtime.weights_dtype=fp8"):
+        read_loras([], cfg.dit, cfg.dit_runtime)
+    assert read_loras([], cfg.dit, DiTRuntime()) == {}
 
 
 def test_random_params_are_those_of_one_full_init():
     """random_params makes each part in its own init (on its own mesh when a switch moves it): the same weights as
-    the one init of every part that it replaces."""
-    from onestory_jax.models.onestory import full_init_fn
+    the one init of every part, the memory modules' patchifiers seeded from the DiT's patch embedding included."""
+    from onestory_jax.models.onestory import components, init_fn
     from onestory_jax.sampling.components import random_params
     from onestory_jax.sharding import init_sharded
 
@@ -228,6 +236,6 @@ def test_random_params_are_those_of_one_full_init():
     mesh = make_mesh(cfg.mesh)
     with activate(mesh):
         ours = random_params(cfg, mesh, 3)
-        full = init_sharded(full_init_fn(cfg), mesh, jax.random.key(3))
-    for part in ("dit", "vae", "text_encoder", "image_encoder"):
-        jax.tree.map(np.testing.assert_array_equal, ours[part], full[part])
+        full = init_sharded(init_fn(cfg, components(cfg)), mesh, jax.random.key(3))
+    assert sorted(ours) == sorted(full) == ["dit", "image_encoder", "memory", "text_encoder", "vae"]
+    jax.tree.map(np.testing.assert_array_equal, ours, full)

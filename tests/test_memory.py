@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from torch_refs import diffusers_dit, random_dit_inputs, run_diffusers_dit, state_dict_numpy, tiny_dit_config
 
-from onestory_jax.config import MemoryConfig
+from onestory_jax.config import DiTRuntime, MemoryConfig
 from onestory_jax.convert.dit import convert
 from onestory_jax.models.dit import ContextTokens, WanDiT
 from onestory_jax.models.memory import (
@@ -130,7 +130,7 @@ def test_coarse_patchifier_at_init_is_avgpool_then_base_patchifier():
 
 def test_gradients_reach_selector_patchifiers_and_dit():
     cfg = tiny_dit_config("t2v")
-    dit, mem = WanDiT(cfg), OneStoryMemory(CFG, cfg.dim, cfg.head_dim)
+    dit, mem = WanDiT(cfg, DiTRuntime()), OneStoryMemory(CFG, cfg.dim, cfg.head_dim)
     caption, memory, valid = _memory_inputs()
     rng = np.random.default_rng(1)
     x = rng.standard_normal((B, 1, H, W, cfg.in_dim)).astype(np.float32)
@@ -174,6 +174,6 @@ def test_dit_with_empty_or_masked_context_matches_diffusers():
             timestep=jnp.zeros((2,)),
             mask=jnp.zeros((2, n_ctx), bool),
         )
-        out = np.asarray(WanDiT(cfg).apply({"params": params}, x, t, text, image, context=ctx))
+        out = np.asarray(WanDiT(cfg, DiTRuntime()).apply({"params": params}, x, t, text, image, context=ctx))
         assert out.shape == ref.shape  # context tokens are sliced off before the head
         assert np.abs(out - ref).max() / ref.std() < 1e-4

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onestory_jax.config import load_config
+from onestory_jax.config_files import load_config
 from onestory_jax.data.embedders import load_embedder, with_character_regions
 from onestory_jax.data.pipeline import cosine_to_target, three_shot_example
 from onestory_jax.data.prepare import label_embeddings
@@ -132,19 +132,19 @@ def test_init_from_needs_a_model_folder_with_the_same_dit(tmp_path):
     wider = load_config("tiny", ["dit.ffn_dim=48"])
     with pytest.raises(UserError, match="differs.*ffn_dim 48 != 32"):
         read_onestory(tmp_path, wider, mesh)
-    runtime = load_config("tiny", ["dit.remat_policy=full", "dit.attention=chunked"])  # not architecture
+    runtime = load_config("tiny", ["dit_runtime.remat_policy=full", "dit_runtime.attention=chunked"])  # not architecture
     assert read_onestory(tmp_path, runtime, mesh)[0] == cfg
 
 
 def test_a_fine_tune_carries_the_bases_selector_and_derives_its_patchifiers():
-    from onestory_jax.models.onestory import memory_params_from_pretrained
+    from onestory_jax.models.onestory import memory_params
 
     base = load_config("tiny", ["memory.patchifier_kernels=[[1,2,2]]", "memory.frames_per_patchifier=[1]"])
     params = init_params(base, jax.random.key(0))
     kernel = params["memory"]["conditioner"]["patchifier_0"]["kernel"]  # [1, 2, 2, 16, D]
     params["memory"]["conditioner"]["patchifier_0"]["kernel"] = kernel + 1.0  # "trained": differs from the DiT's
     variant = load_config("tiny", ABLATION)  # (1,2,4) and (1,4,4)
-    memory = memory_params_from_pretrained(variant, base, params["memory"], params["dit"], jax.random.key(1))
+    memory = memory_params(variant, params["dit"], jax.random.key(1), pretrained=(base, params["memory"]))
     assert all(
         np.array_equal(a, b) for a, b in zip(jax.tree.leaves(memory["selector"]), jax.tree.leaves(params["memory"]["selector"]))
     )
@@ -154,8 +154,27 @@ def test_a_fine_tune_carries_the_bases_selector_and_derives_its_patchifiers():
         np.asarray(memory["conditioner"]["patchifier_1"]["kernel"])[:, 0::2, 0::2] * 4, kernel + 1.0, rtol=1e-6
     )
     other = load_config("tiny", [*ABLATION, "memory.num_queries=3"])  # another selector: a fresh one
-    fresh = memory_params_from_pretrained(other, base, params["memory"], params["dit"], jax.random.key(1))
+    fresh = memory_params(other, params["dit"], jax.random.key(1), pretrained=(base, params["memory"]))
     assert fresh["selector"]["queries"].shape[0] == 3
+
+
+def test_the_one_init_starts_the_patchifiers_from_its_own_dit():
+    """`init_fn` derives the patchifiers from the patch embedding of the DiT it makes (no caller re-applies
+    it), keeps their logical axes (shardings), and makes a part the same whichever parts are made with it."""
+    import flax.linen as nn
+
+    from onestory_jax.models.memory import conditioner_from_patch_embedding
+    from onestory_jax.models.onestory import init_fn
+
+    cfg = load_config("tiny")
+    boxed = jax.jit(init_fn(cfg))(jax.random.key(0))
+    assert isinstance(boxed["memory"]["conditioner"]["patchifier_0"]["kernel"], nn.LogicallyPartitioned)
+    params = nn.meta.unbox(boxed)
+    pe = params["dit"]["patch_embedding"]
+    derived = conditioner_from_patch_embedding(pe["kernel"], pe["bias"], cfg.memory)
+    jax.tree.map(np.testing.assert_array_equal, params["memory"]["conditioner"], derived)
+    alone = nn.meta.unbox(jax.jit(init_fn(cfg, ["memory"]))(jax.random.key(0)))
+    jax.tree.map(np.testing.assert_array_equal, alone, {"memory": params["memory"]})
 
 
 def test_later_shots_get_no_clip_tokens_when_configured():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from onestory_jax.checkpoint import save_model
-from onestory_jax.config import load_config
+from onestory_jax.config_files import load_config
 from onestory_jax.errors import UserError
 from onestory_jax.models.dit import init_fn
 from onestory_jax.models.folder import check_folder, folder_config, read_onestory
@@ -16,7 +16,7 @@ def test_an_earlier_versions_dit_folder_still_loads(tmp_path):
     """convert --component dit --out M/dit wrote a bare DiT tree: read as onestory/ without memory."""
     cfg = load_config("tiny")
     mesh = make_mesh(cfg.mesh)
-    dit = init_sharded(init_fn(cfg.dit), mesh, jax.random.key(0))
+    dit = init_sharded(init_fn(cfg.dit, cfg.dit_runtime), mesh, jax.random.key(0))
     save_model(tmp_path / "dit", dit, cfg)
     assert folder_config(tmp_path).dit == cfg.dit
     _, params = read_onestory(tmp_path, cfg, mesh)

@@ -110,7 +110,7 @@ def test_distributed_without_a_coordinator_is_one_line(tmp_path, records):
 
 def main(workdir: str, records: str) -> None:
     """The single-process reference run (see the module docstring)."""
-    from onestory_jax.config import load_config
+    from onestory_jax.config_files import load_config
     from onestory_jax.training import loop
 
     loop.make_dataset = two_host_dataset

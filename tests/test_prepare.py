@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from train_runs import random_videos
 
-from onestory_jax.config import load_config
+from onestory_jax.config_files import load_config
 from onestory_jax.data import synthetic
 from onestory_jax.data.pipeline import make_dataset
 from onestory_jax.data.prepare import augment, real_videos

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from onestory_jax.config import Config, MeshConfig, load_config
+from onestory_jax.config import Config, MeshConfig
+from onestory_jax.config_files import load_config
 from onestory_jax.training import aot
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "train_step_aot.json"
@@ -31,7 +32,9 @@ def test_preset_fields_fit_its_devices(name):
 def test_preset_problems_are_found():
     cfg = load_config(TARGETS["wan2.1-i2v-14b-480p-v5p"].preset)
     bad = dataclasses.replace(
-        cfg, mesh=MeshConfig(data=1, fsdp=-1, sequence=16, tensor=1), dit=dataclasses.replace(cfg.dit, attention="xla")
+        cfg,
+        mesh=MeshConfig(data=1, fsdp=-1, sequence=16, tensor=1),
+        dit_runtime=dataclasses.replace(cfg.dit_runtime, attention="xla"),
     )
     problems = " ".join(aot.preset_problems(bad, 256))
     assert "fill (-1)" in problems and "not divisible by sequence x tensor = 16" in problems and "full" in problems
@@ -67,11 +70,11 @@ def tiny_twin(cfg: Config, devices: int = 8) -> Config:
         f"mesh.tensor={m.tensor}",
         f"dit.num_heads={heads}",
         f"dit.dim={8 * heads}",
-        f"dit.remat_policy={cfg.dit.remat_policy}",
-        f"dit.attention={cfg.dit.attention}",
-        f"dit.sequence_parallel={cfg.dit.sequence_parallel}",
-        f"dit.dtype={cfg.dit.dtype}",
-        f"dit.param_dtype={cfg.dit.param_dtype}",
+        f"dit_runtime.remat_policy={cfg.dit_runtime.remat_policy}",
+        f"dit_runtime.attention={cfg.dit_runtime.attention}",
+        f"dit_runtime.sequence_parallel={cfg.dit_runtime.sequence_parallel}",
+        f"dit_runtime.dtype={cfg.dit_runtime.dtype}",
+        f"dit_runtime.param_dtype={cfg.dit_runtime.param_dtype}",
         f"train.batch_size={data * fsdp}",
         f"train.trainable={json.dumps(list(cfg.train.trainable))}",
         f"train.ema_decay={cfg.train.ema_decay}",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_checks
 
-from onestory_jax.config import load_config
+from onestory_jax.config_files import load_config
 from onestory_jax.models import frozen, onestory
 from onestory_jax.sampling import components
 from onestory_jax.sampling.generate import abstract_story_inputs, generation_spec, story_program
@@ -78,13 +78,12 @@ def as_on_a_gpu():
 
 
 def test_14b_story_program_traces_at_real_size():
-    cfg = load_config("wan2.1-i2v-14b-480p", ["dit.attention=cudnn", "dit.param_dtype=bfloat16"])
+    cfg = load_config("wan2.1-i2v-14b-480p", ["dit_runtime.attention=cudnn", "dit_runtime.param_dtype=bfloat16"])
     mesh = make_mesh(cfg.mesh)
     with as_on_a_gpu():
-        params = abstract_params(onestory.full_init_fn(cfg), mesh, jax.random.key(0))
+        params = abstract_params(onestory.init_fn(cfg, onestory.components(cfg)), mesh, jax.random.key(0))
         n_params = sum(np.prod(a.shape) for a in jax.tree.leaves(params["dit"]))
         assert 16e9 < n_params < 17e9, n_params  # Wan2.1-I2V-14B: 16.4B with its image branch
-        params["memory"] = jax.eval_shape(lambda p: onestory.memory_params_from_dit(cfg, p, jax.random.key(1)), params["dit"])
         latent = (21, 60, 104, 16)  # 81 frames of 480x832
         spec = generation_spec(cfg, "onestory", None, latent[1:3], steps=40, shift=3.0, solver="unipc", guidance=5.0)
         inputs = abstract_story_inputs(cfg, shots=3, latent_shape=latent)
@@ -95,7 +94,7 @@ def test_14b_story_program_traces_at_real_size():
 def test_14b_encoders_trace_at_real_size():
     cfg = load_config("wan2.1-i2v-14b-480p", ["text_encoder.param_dtype=bfloat16"])
     mesh = make_mesh(cfg.mesh)
-    params = abstract_params(onestory.full_init_fn(cfg), mesh, jax.random.key(0))
+    params = abstract_params(onestory.init_fn(cfg, ["text_encoder", "vae"]), mesh, jax.random.key(0))
     tl = cfg.text_encoder.text_len
     ids = jax.ShapeDtypeStruct((4, tl), jnp.int32)
     assert frozen.text_encoder_fn(cfg.text_encoder).trace(params["text_encoder"], ids, ids).out_info.shape == (4, tl, 4096)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from torch_refs import tiny_dit_config
 
-from onestory_jax.config import MeshConfig, load_config
+from onestory_jax.config import DiTRuntime, MeshConfig
+from onestory_jax.config_files import load_config
 from onestory_jax.errors import UserError
 from onestory_jax.models import layers
 from onestory_jax.models.dit import ContextTokens, WanDiT
@@ -95,7 +96,7 @@ def dit_setup():
         jnp.zeros((B,)),
         jnp.arange(n_ctx)[None] < jnp.asarray([3, 0])[:, None],
     )
-    params = nn.meta.unbox(jax.jit(WanDiT(cfg).init)(jax.random.key(0), x, t, text)["params"])
+    params = nn.meta.unbox(jax.jit(WanDiT(cfg, DiTRuntime()).init)(jax.random.key(0), x, t, text)["params"])
     return cfg, params, (x, t, text), ctx
 
 
@@ -105,7 +106,7 @@ def test_dit_with_ulysses_matches_unsharded(dit_setup, with_context):
     ctx = ctx if with_context else None
 
     def loss(params, cfg):
-        out = WanDiT(cfg).apply({"params": params}, x, t, text, context=ctx)
+        out = WanDiT(cfg, DiTRuntime()).apply({"params": params}, x, t, text, context=ctx)  # ulysses
         return jnp.sum(out**2), out
 
     step = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)

@@ -1,14 +1,13 @@
 """Sharded DiT forward on 8 forced host devices equals the single-device result."""
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onestory_jax.config import MeshConfig, load_config
+from onestory_jax.config import DiTRuntime, MeshConfig
+from onestory_jax.config_files import load_config
 from onestory_jax.errors import UserError
 from onestory_jax.models.dit import WanDiT, init_fn
 from onestory_jax.sharding import (
@@ -32,8 +31,8 @@ MESHES = {
 @pytest.fixture(scope="module")
 def setup():
     assert len(jax.devices()) == 8, "conftest forces 8 host devices"
-    cfg = load_config("tiny").dit
-    params = nn.meta.unbox(jax.jit(init_fn(cfg))(jax.random.key(0)))
+    cfg, rt = load_config("tiny").dit, DiTRuntime()
+    params = nn.meta.unbox(jax.jit(init_fn(cfg, rt))(jax.random.key(0)))
     rng = np.random.default_rng(0)
     b = 8
     inputs = (
@@ -42,20 +41,20 @@ def setup():
         rng.standard_normal((b, 512, cfg.text_dim)).astype(np.float32),
         rng.standard_normal((b, 257, cfg.image_dim)).astype(np.float32),
     )
-    ref = np.asarray(jax.jit(WanDiT(cfg).apply)({"params": params}, *inputs))
+    ref = np.asarray(jax.jit(WanDiT(cfg, rt).apply)({"params": params}, *inputs))
     return cfg, params, inputs, ref
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_sharded_forward_matches_single_device(setup, mesh_name):
     cfg, params, inputs, ref = setup
-    cfg = dataclasses.replace(cfg, sequence_parallel="gspmd")  # 2 heads cannot split over 4 (Ulysses: test_sequence_parallel)
+    rt = DiTRuntime(sequence_parallel="gspmd")  # 2 heads cannot split over 4 (Ulysses: test_sequence_parallel)
     mesh = make_mesh(MESHES[mesh_name])
-    shardings = nn.meta.unbox(param_shardings(jax.eval_shape(init_fn(cfg), jax.random.key(0)), mesh))
+    shardings = nn.meta.unbox(param_shardings(jax.eval_shape(init_fn(cfg, rt), jax.random.key(0)), mesh))
     with activate(mesh):
         p = jax.device_put(params, shardings)
         x = [jax.device_put(a, batch_sharding(mesh, a.ndim)) for a in inputs]
-        out = jax.jit(WanDiT(cfg).apply)({"params": p}, *x)
+        out = jax.jit(WanDiT(cfg, rt).apply)({"params": p}, *x)
     assert not out.sharding.is_fully_replicated or mesh_name == "sequence_tensor"
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=0)
 
@@ -63,16 +62,16 @@ def test_sharded_forward_matches_single_device(setup, mesh_name):
 def test_params_created_in_their_sharding(setup):
     cfg = setup[0]
     mesh = make_mesh(MESHES["fsdp_tensor"])
-    params = init_sharded(init_fn(cfg), mesh, jax.random.key(0))
+    params = init_sharded(init_fn(cfg, DiTRuntime()), mesh, jax.random.key(0))
     q = params["blocks"]["self_attn"]["q"]["kernel"]  # [layers, embed, heads]
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     assert q.addressable_shards[0].data.shape == (cfg.num_layers, cfg.dim // 4, cfg.dim // 2)
 
 
 def test_full_size_params_are_sharded_on_fsdp():
-    cfg = load_config("wan2.1-i2v-14b-480p").dit
+    cfg = load_config("wan2.1-i2v-14b-480p")
     mesh = make_mesh(MeshConfig(fsdp=-1))
-    abstract = abstract_params(init_fn(cfg), mesh, jax.random.key(0))  # no allocation
+    abstract = abstract_params(init_fn(cfg.dit, cfg.dit_runtime), mesh, jax.random.key(0))  # no allocation
     check_params_sharded(abstract, mesh)
     n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract))
     assert abs(n - 16.395e9) / 16.395e9 < 1e-3  # the published I2V-14B parameter count

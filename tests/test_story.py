@@ -79,7 +79,7 @@ def test_unreadable_story_file(tmp_path):
 def test_sizes_must_suit_the_model_and_fit_in_memory():
     """Values that pass the story schema but not this model or machine are refused before any weights
     load: sizes off the VAE x patch grid, an I2V story below CLIP's minimum, a story that cannot fit."""
-    from onestory_jax.config import load_config
+    from onestory_jax.config_files import load_config
     from onestory_jax.sampling.feasibility import GIB, check_story_fits, estimate_bytes
 
     tiny = load_config("tiny")
@@ -117,7 +117,7 @@ def test_story_settings_override_the_model_sampler():
 
 def test_memory_budget_precedence_story_then_command_line_then_model():
     """A story's memory.budget wins; without one, the model config's, which `sample.py ... memory.budget=2` sets."""
-    from onestory_jax.config import load_config
+    from onestory_jax.config_files import load_config
     from onestory_jax.sampling.pipeline import story_spec
     from onestory_jax.sampling.story import with_sampler
 

@@ -6,7 +6,7 @@ import colorsys
 import numpy as np
 import pytest
 
-from onestory_jax.config import load_config
+from onestory_jax.config_files import load_config
 from onestory_jax.data import synthetic
 from onestory_jax.data.pipeline import memory_shots, three_shot_example
 from onestory_jax.eval import hue

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from train_runs import MESH, TINY, assert_same_params, cli, run_train
 
-from onestory_jax.config import load_config
+from onestory_jax.config_files import load_config
 from onestory_jax.data.pipeline import make_dataset
 from onestory_jax.errors import UserError
 

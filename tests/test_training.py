@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onestory_jax.config import load_config
+from onestory_jax.config_files import load_config
 from onestory_jax.models.onestory import init_params
 from onestory_jax.training.losses import loss_fn
 from onestory_jax.training.optim import make_optimizer, trainable_mask
@@ -118,7 +118,7 @@ def test_sharded_train_step_equals_unsharded():
     import flax.linen as nn
 
     from onestory_jax.config import MeshConfig
-    from onestory_jax.models.onestory import boxed_init_fn
+    from onestory_jax.models.onestory import init_fn
     from onestory_jax.sharding import activate, batch_sharding, make_mesh, param_shardings
 
     cfg = load_config("tiny", ["train.steps=4"])
@@ -128,7 +128,7 @@ def test_sharded_train_step_equals_unsharded():
     ref_g, ref_m = grad_fn(params, batch)
 
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, sequence=1, tensor=2))
-    shardings = nn.meta.unbox(param_shardings(jax.eval_shape(boxed_init_fn(cfg), jax.random.key(0)), mesh))
+    shardings = nn.meta.unbox(param_shardings(jax.eval_shape(init_fn(cfg), jax.random.key(0)), mesh))
     with activate(mesh):
         p = jax.device_put(params, shardings)
         b = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in batch.items()}

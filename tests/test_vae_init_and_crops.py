@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from onestory_jax.config import load_config
+from onestory_jax.config_files import load_config
 from onestory_jax.errors import UserError
 from onestory_jax.eval.hue import hue_saturation_value
 from onestory_jax.training.vae_stage import _pretrained_vae, synthetic_clip
@@ -43,3 +43,31 @@ def test_init_from_starts_from_a_model_folder_vae(tmp_path):
     wider = load_config("tiny", ["vae.base_dim=16"])
     with pytest.raises(UserError, match="differs"):
         _pretrained_vae(tmp_path, wider, mesh)
+
+
+def test_still_consistency_is_in_the_loss_and_training_it_lowers_the_drift():
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from onestory_jax.models import vae
+    from onestory_jax.training.vae_stage import still_drift, vae_loss
+
+    cfg = load_config("tiny")
+    params = {"vae": nn.unbox(vae.init_fn(cfg.vae)(jax.random.key(0)))}
+    video = jnp.asarray(np.stack([synthetic_clip(i, 5, 16) for i in range(2)]))
+    rng = jax.random.key(1)
+    off = vae_loss(params, {"video": video}, rng, jnp.array(False), cfg)[1]
+    weighted = dataclasses.replace(cfg.train.vae_stage, still_consistency=2.0)
+    on_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, vae_stage=weighted))
+    on = vae_loss(params, {"video": video}, rng, jnp.array(False), on_cfg)[1]
+    assert "still_drift" not in off and float(on["still_drift"]) > 0.01  # a random causal VAE codes frames apart
+    np.testing.assert_allclose(float(on["loss"]), float(off["loss"]) + 2.0 * float(on["still_drift"]), rtol=1e-5)
+
+    drift = jax.jit(lambda p: still_drift(cfg, p, video))
+    grad = jax.jit(jax.grad(lambda p: still_drift(cfg, p, video)))
+    p = params["vae"]
+    before = float(drift(p))
+    for _ in range(5):
+        p = jax.tree.map(lambda w, g: w - 0.05 * g, p, grad(p))
+    assert float(drift(p)) < 0.8 * before

@@ -17,7 +17,7 @@ import yaml
 from torch_refs import diffusers_dit, tiny_dit_config
 from train_runs import cli_output, train_env
 
-from onestory_jax.config import CONFIG_DIR, load_config
+from onestory_jax.config_files import CONFIG_DIR, load_config
 
 STORY = {"settings": {"width": 32, "height": 32, "frames": 5, "steps": 2}, "shots": ["A cat.", "The same cat."]}
 
@@ -173,9 +173,8 @@ def test_train_from_the_converted_release_and_sample_the_export(model_folder, tm
     from onestory_jax.checkpoint import load_params
     from onestory_jax.data import synthetic
     from onestory_jax.data.video import write_mp4
-    from onestory_jax.models.dit import init_fn
     from onestory_jax.models.folder import folder_config
-    from onestory_jax.models.onestory import boxed_init_fn
+    from onestory_jax.models.onestory import init_fn
     from onestory_jax.sharding import make_mesh
 
     videos, captions = tmp_path / "videos", []
@@ -237,8 +236,8 @@ def test_train_from_the_converted_release_and_sample_the_export(model_folder, tm
     assert sorted(p.name for p in export.iterdir()) == ["image_encoder", "onestory", "text_encoder", "tokenizer", "vae"]
     cfg = load_config("tiny")
     mesh = make_mesh(cfg.mesh)
-    trained = load_params(export / "onestory", mesh, boxed_init_fn(cfg))["dit"]  # DiT and memory modules
-    converted = load_params(model_folder / "onestory", mesh, lambda rng: {"dit": init_fn(cfg.dit)(rng)})["dit"]
+    trained = load_params(export / "onestory", mesh, init_fn(cfg))["dit"]  # DiT and memory modules
+    converted = load_params(model_folder / "onestory", mesh, init_fn(cfg, ["dit"]))["dit"]
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(converted)))
     r = sample_here(export, tmp_path, capsys)  # the export samples as is: no missing part, no --allow-random
     assert r.returncode == 0 and "RANDOM" not in r.stderr + r.stdout, r.stderr
@@ -267,7 +266,7 @@ def test_train_from_the_converted_release_and_sample_the_export(model_folder, tm
     )
     assert r.returncode == 0, r.stderr
     assert folder_config(lora_run / "model").dit.lora_rank == 0  # merged: a plain DiT
-    tuned = load_params(lora_run / "model" / "onestory", mesh, boxed_init_fn(cfg))["dit"]
+    tuned = load_params(lora_run / "model" / "onestory", mesh, init_fn(cfg))["dit"]
     assert not np.array_equal(tuned["blocks"]["ffn"]["fc1"]["kernel"], converted["blocks"]["ffn"]["fc1"]["kernel"])
     np.testing.assert_array_equal(tuned["head"]["kernel"], converted["head"]["kernel"])  # not a target
     r = sample_here(lora_run / "model", tmp_path, capsys, "out-lora")
@@ -323,7 +322,7 @@ def test_model_folder_without_tokenizer_is_one_line(model_folder, tmp_path):
 
 
 def test_embedding_cache_is_keyed_by_the_tokenizer(model_folder, tmp_path):
-    from onestory_jax.config import load_config
+    from onestory_jax.config_files import load_config
     from onestory_jax.sampling.components import text_cache
 
     cfg, weights = load_config("tiny"), model_folder / "text_encoder" / "params"

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = "configs/train/tiny.yaml"
 # 8 host devices (tests/conftest.py): batch over data, tokens over sequence, heads over tensor. The
 # tiny DiT's 2 heads cannot split over sequence x tensor = 4 (Ulysses), so GSPMD sequence sharding.
-MESH = ("mesh.data=2", "mesh.fsdp=1", "mesh.sequence=2", "mesh.tensor=2", "dit.sequence_parallel=gspmd")
+MESH = ("mesh.data=2", "mesh.fsdp=1", "mesh.sequence=2", "mesh.tensor=2", "dit_runtime.sequence_parallel=gspmd")
 
 
 def random_videos(

@@ -8,7 +8,8 @@
 modules are then initialised as docs/design.md describes, with a note). --config builds a model from a
 preset with random weights. `--checkpoint demo` and `--story demo` name the embedded default model
 (models/demo) and its story (configs/stories/demo.yaml), shipped with the package, when no such path
-exists; a --story NAME is any configs/stories/NAME.yaml. key=value pairs override the model config (e.g. dit.attention=cudnn).
+exists; a --story NAME is any configs/stories/NAME.yaml. key=value pairs override the model config
+(e.g. dit_runtime.attention=cudnn).
 The story file format is in the README. Every shot is saved as soon as it is denoised. Re-running
 into the same --out resumes: shots whose inputs (caption, seed, settings, memory, model, earlier
 shots) are unchanged are kept, and from the first edited shot on everything is regenerated.
@@ -38,7 +39,7 @@ STORY_SUFFIXES = (".yaml", ".yml", ".json")
 def shipped_story(path: Path) -> Path:
     """A --story argument as a path: itself if it exists, else a shipped story's name (`demo`:
     configs/stories/demo.yaml, in the checkout or the installed package), else itself (reported missing later)."""
-    from onestory_jax.config import CONFIG_DIR
+    from onestory_jax.config_files import CONFIG_DIR
 
     shipped = CONFIG_DIR / "stories" / f"{path}.yaml"
     return shipped if not path.exists() and len(path.parts) == 1 and not path.suffix and shipped.is_file() else path
@@ -47,7 +48,7 @@ def shipped_story(path: Path) -> Path:
 def checkpoint_path(path: Path) -> Path:
     """A --checkpoint argument as a path: `demo`, when no such folder exists, is the shipped embedded default
     (models/demo in the checkout, or its copy in the installed package)."""
-    from onestory_jax.config import DEMO_MODEL
+    from onestory_jax.config_files import DEMO_MODEL
 
     return DEMO_MODEL if path == Path("demo") and not path.exists() else path
 
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from onestory_jax.sampling.session import enable_compilation_cache  # heavy imports after arg parsing
 
     enable_compilation_cache()
-    from onestory_jax.config import to_dict
+    from onestory_jax.config_files import to_dict
     from onestory_jax.convert.lora_formats import apply_loras, read_loras
     from onestory_jax.locking import folder_lock
     from onestory_jax.sampling.components import load_for_sampling
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             check_story_fits(story, cfg)
             print(plan(story, cfg), flush=True)
         if loras:  # a LoRA that does not fit the model is refused before any weight is loaded
-            lora_deltas.update(read_loras(loras, cfg.dit))
+            lora_deltas.update(read_loras(loras, cfg.dit, cfg.dit_runtime))
 
     with contextlib.ExitStack() as locks:
         for out in outs:  # one run per --out; also checks it is a writable folder

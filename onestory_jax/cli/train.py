@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    from onestory_jax.config import load_config
+    from onestory_jax.config_files import load_config
     from onestory_jax.locking import folder_lock
     from onestory_jax.sharding import initialize_distributed
     from onestory_jax.training.loop import train

@@ -14,7 +14,8 @@ from typing import Any
 import jax
 
 from onestory_jax.checkpoint import check_out_dir, save_model
-from onestory_jax.config import DIT_RUNTIME_FIELDS, Config, load_config
+from onestory_jax.config import Config
+from onestory_jax.config_files import load_config
 from onestory_jax.convert.dit import DIT
 from onestory_jax.convert.dit_source import DiTSource, open_dit_source
 from onestory_jax.convert.frozen_components import FROZEN, convert_frozen
@@ -32,10 +33,8 @@ def dit_params(args: argparse.Namespace) -> tuple[Any, Config, DiTSource, Callab
         require_torch()
     source = open_dit_source(args.source, args.layout)
     base = load_config(args.config) if args.config else Config()
-    dit = dataclasses.replace(
-        source.config, param_dtype=args.dtype, **{k: getattr(base.dit, k) for k in DIT_RUNTIME_FIELDS if k != "param_dtype"}
-    )
-    config = written_config(base, "dit", dit, Path(args.source).resolve().name, args.config)
+    base = dataclasses.replace(base, dit_runtime=dataclasses.replace(base.dit_runtime.plain(), param_dtype=args.dtype))
+    config = written_config(base, "dit", source.config, Path(args.source).resolve().name, args.config)
     params = DIT.convert(
         config.dit, source.tensors.shapes, source.tensors.read, source.layout, DTYPES[args.dtype], bar=f"dit ({source.layout})"
     )

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from onestory_jax.config import DiTConfig
+from onestory_jax.config import DiTConfig, DiTRuntime
 from onestory_jax.convert.mapping import Layout, ModelMap, ReadTensor, Source, TensorShapes
 from onestory_jax.models.dit import init_fn
 
@@ -94,7 +94,10 @@ def is_ignored(name: str, layout: Layout) -> bool:
     return layout == "diffusers" and name.endswith(IGNORED_DIFFUSERS_SUFFIXES)
 
 
-DIT = ModelMap("Wan DiT", init_fn, sources, lambda cfg, layout, shapes: lambda name: is_ignored(name, layout))
+# The stored tree: what a checkpoint holds does not depend on how it will be run (`DiTRuntime`).
+DIT = ModelMap(
+    "Wan DiT", lambda cfg: init_fn(cfg, DiTRuntime()), sources, lambda cfg, layout, shapes: lambda name: is_ignored(name, layout)
+)
 
 
 def convert(cfg: DiTConfig, shapes: TensorShapes, read: ReadTensor, layout: Layout, dtype: Any = np.float32) -> dict:

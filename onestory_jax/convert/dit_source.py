@@ -11,7 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
-from onestory_jax.config import DiTConfig, from_dict
+from onestory_jax.config import DiTConfig
+from onestory_jax.config_files import from_dict
 from onestory_jax.convert.mapping import Layout
 from onestory_jax.convert.safetensors_io import SafetensorsReader, open_dir
 from onestory_jax.convert.source_config import read_json, require, unsupported

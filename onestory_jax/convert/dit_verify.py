@@ -67,7 +67,7 @@ def verify_dit(ckpt_dir: str | Path, source: DiTSource, seed: int = 0) -> Verify
     inputs = example_inputs(cfg.dit, np.random.default_rng(seed))
     ref = run_reference(reference_model(source), inputs)
     ours = run_checkpoint(ckpt_dir, cfg, inputs)
-    return VerifyResult(float(np.abs(ours - ref).max()), float(ref.std()), TOLERANCE[cfg.dit.param_dtype])
+    return VerifyResult(float(np.abs(ours - ref).max()), float(ref.std()), TOLERANCE[cfg.dit_runtime.param_dtype])
 
 
 def example_inputs(cfg: DiTConfig, rng: np.random.Generator) -> dict[str, np.ndarray | None]:
@@ -82,19 +82,18 @@ def example_inputs(cfg: DiTConfig, rng: np.random.Generator) -> dict[str, np.nda
 
 def run_checkpoint(ckpt_dir: str | Path, cfg: Config, inputs: dict[str, np.ndarray | None]) -> np.ndarray:
     """Our DiT, fp32 compute, restored on the checkpoint's mesh; the input is repeated over the batch axes."""
-    dit = dataclasses.replace(cfg.dit, dtype="float32", attention="xla", remat_policy="none")
-    cfg = dataclasses.replace(cfg, dit=dit)
+    dit, rt = cfg.dit, dataclasses.replace(cfg.dit_runtime.plain(), dtype="float32", attention="xla", remat_policy="none")
     mesh = make_mesh(cfg.mesh)
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = {k: None if v is None else np.repeat(v, n, axis=0) for k, v in inputs.items()}
     batch["t"] = np.full((n,), TIMESTEP, np.float32)
     if "dit" in stored_keys(ckpt_dir):  # a model folder's onestory/ part: {"dit": ...}
-        params = load_params(ckpt_dir, mesh, lambda rng: {"dit": init_fn(dit)(rng)})["dit"]
+        params = load_params(ckpt_dir, mesh, lambda rng: {"dit": init_fn(dit, rt)(rng)})["dit"]
     else:
-        params = load_params(ckpt_dir, mesh, init_fn(dit))
+        params = load_params(ckpt_dir, mesh, init_fn(dit, rt))
     with activate(mesh), jax.default_matmul_precision("highest"):  # fp32 means fp32 on GPUs too (no TF32)
         batch = {k: None if v is None else jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
-        out = jax.jit(WanDiT(dit).apply)({"params": params}, **batch)
+        out = jax.jit(WanDiT(dit, rt).apply)({"params": params}, **batch)
     return np.asarray(out)
 
 

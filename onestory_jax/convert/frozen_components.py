@@ -19,7 +19,8 @@ import jax
 import numpy as np
 
 from onestory_jax.checkpoint import check_out_dir, save_model
-from onestory_jax.config import Config, load_config
+from onestory_jax.config import Config
+from onestory_jax.config_files import load_config
 from onestory_jax.convert import image_encoder as clip_map
 from onestory_jax.convert import text_encoder as umt5_map
 from onestory_jax.convert import vae as vae_map

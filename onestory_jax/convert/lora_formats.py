@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onestory_jax.config import DiTConfig
+from onestory_jax.config import DiTConfig, DiTRuntime
 from onestory_jax.convert import dit
 from onestory_jax.convert.mapping import Shape, Source, abstract_tree, checked, leaf
 from onestory_jax.convert.safetensors_io import SafetensorsFile
@@ -270,17 +270,19 @@ class _File:
                     self.add_full(layout, module, kind, keys[kind], self.scale)
 
 
-def read_loras(loras: Iterable[tuple[Path, float]], cfg: DiTConfig) -> dict[LeafPath, LeafDelta]:
-    """Leaf path -> what the LoRA files, each (path, user scale), add to a DiT of this config; every key is
-    checked against the config's (abstract) param shapes, so a LoRA is refused before any weight is loaded."""
-    switches = [f"dit.{f}={getattr(cfg, f)}" for f in ("weights_dtype", "offload") if getattr(cfg, f) != getattr(DiTConfig, f)]
+def read_loras(loras: Iterable[tuple[Path, float]], cfg: DiTConfig, rt: DiTRuntime) -> dict[LeafPath, LeafDelta]:
+    """Leaf path -> what the LoRA files, each (path, user scale), add to a DiT of this config run with `rt`; every
+    key is checked against the config's (abstract) param shapes, so a LoRA is refused before any weight is loaded."""
+    switches = [
+        f"dit_runtime.{f}={getattr(rt, f)}" for f in ("weights_dtype", "offload") if getattr(rt, f) != getattr(DiTRuntime, f)
+    ]
     if switches:  # the merge adds to full-precision kernels on the device; these store them in fp8 or in host memory
         raise UserError(
             f"a LoRA cannot be merged into a DiT loaded with {' and '.join(switches)} (low VRAM): "
             "sample without these switches, or with a model folder the LoRA is already merged into"
         )
     deltas: dict[LeafPath, LeafDelta] = {}
-    known, abstract = names(cfg), abstract_tree(dit_init_fn(cfg))
+    known, abstract = names(cfg), abstract_tree(dit_init_fn(cfg, rt.plain()))
     for path, scale in loras:
         _File(Path(path), float(scale), cfg, known, abstract, deltas).read()
     return deltas

@@ -15,7 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from onestory_jax.config import Config, from_dict
+from onestory_jax.config import Config
+from onestory_jax.config_files import from_dict
 from onestory_jax.errors import UserError
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from onestory_jax.config import CONFIG_DIR
+from onestory_jax.config_files import CONFIG_DIR
 
 OUT = CONFIG_DIR / "tokenizers" / "bytes"
 

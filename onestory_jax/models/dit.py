@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 
-from onestory_jax.config import FP8_LAYERS, DiTConfig
+from onestory_jax.config import FP8_LAYERS, DiTConfig, DiTRuntime
 from onestory_jax.models.layers import (
     DTYPES,
     Dense,
@@ -72,16 +72,16 @@ def _modulation(table: Array, e: Array, group_onehot: Array | None) -> list[Arra
     return [jnp.sum(w * m[:, None, :, k, :], axis=2) for k in range(m.shape[2])]
 
 
-def block_dense(cfg: DiTConfig, features: int, axes: tuple[str, str], name: str) -> Dense:
+def block_dense(cfg: DiTConfig, rt: DiTRuntime, features: int, axes: tuple[str, str], name: str) -> Dense:
     """A block's linear layer `name`, with the config's LoRA when `name` is one of its targets, and its kernel
-    in fp8 when `dit.weights_dtype=fp8` names it (`dit.fp8_layers`)."""
+    in fp8 when `dit_runtime.weights_dtype=fp8` names it (`dit_runtime.fp8_layers`)."""
     rank = cfg.lora_rank if name in cfg.lora_targets else 0
-    fp8 = cfg.weights_dtype == "fp8" and name in FP8_LAYERS[cfg.fp8_layers]
+    fp8 = rt.weights_dtype == "fp8" and name in FP8_LAYERS[rt.fp8_layers]
     return Dense(
         features,
         axes,
-        dtype=DTYPES[cfg.dtype],
-        param_dtype=DTYPES[cfg.param_dtype],
+        dtype=DTYPES[rt.dtype],
+        param_dtype=DTYPES[rt.param_dtype],
         lora_rank=rank,
         lora_alpha=cfg.lora_alpha,
         fp8=fp8,
@@ -91,61 +91,65 @@ def block_dense(cfg: DiTConfig, features: int, axes: tuple[str, str], name: str)
 
 class SelfAttention(nn.Module):
     cfg: DiTConfig
+    rt: DiTRuntime
 
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array, kv_lengths: Array | None) -> Array:
-        cfg, pdt = self.cfg, DTYPES[self.cfg.param_dtype]
-        proj = lambda name: block_dense(cfg, cfg.dim, ("embed", "heads"), name)
+        cfg, rt, pdt = self.cfg, self.rt, DTYPES[self.rt.param_dtype]
+        proj = lambda name: block_dense(cfg, rt, cfg.dim, ("embed", "heads"), name)
         q = RMSNorm(cfg.eps, "heads", pdt, name="norm_q")(proj("q")(x))
         k = RMSNorm(cfg.eps, "heads", pdt, name="norm_k")(proj("k")(x))
         v = proj("v")(x)
         split = lambda a: rearrange(a, "b l (n h) -> b l n h", n=cfg.num_heads)
-        ulysses = cfg.sequence_parallel == "ulysses" and sequence_shards() > 1
+        ulysses = rt.sequence_parallel == "ulysses" and sequence_shards() > 1
         kv_axes = HEADS if ulysses else KV_HEADS  # Ulysses: keys stay sequence-sharded until its all-to-all
         q = constrain(apply_rope(split(q), cos, sin), HEADS)
         k = constrain(apply_rope(split(k), cos, sin), kv_axes)
         v = constrain(split(v), kv_axes)
-        out = (ulysses_attention if ulysses else attention)(q, k, v, cfg.attention, kv_lengths=kv_lengths)
+        out = (ulysses_attention if ulysses else attention)(q, k, v, rt.attention, kv_lengths=kv_lengths)
         out = constrain(rearrange(out, "b l n h -> b l (n h)"), ATTN_OUT)
-        return block_dense(cfg, cfg.dim, ("heads", "embed"), "o")(out)
+        return block_dense(cfg, rt, cfg.dim, ("heads", "embed"), "o")(out)
 
 
 class CrossAttention(nn.Module):
     """Attention to text tokens and (I2V) CLIP image tokens, sharing one normalised query."""
 
     cfg: DiTConfig
+    rt: DiTRuntime
 
     @nn.compact
     def __call__(self, x: Array, text: Array, image: Array | None) -> Array:
-        cfg, pdt = self.cfg, DTYPES[self.cfg.param_dtype]
-        proj = lambda name: block_dense(cfg, cfg.dim, ("embed", "heads"), name)
+        cfg, rt, pdt = self.cfg, self.rt, DTYPES[self.rt.param_dtype]
+        proj = lambda name: block_dense(cfg, rt, cfg.dim, ("embed", "heads"), name)
         norm = lambda name: RMSNorm(cfg.eps, "heads", pdt, name=name)
         split = lambda a: rearrange(a, "b l (n h) -> b l n h", n=cfg.num_heads)
         q = constrain(split(norm("norm_q")(proj("q")(x))), HEADS)
         k = split(norm("norm_k")(proj("k")(text)))
-        out = attention(q, k, split(proj("v")(text)), cfg.attention)
+        out = attention(q, k, split(proj("v")(text)), rt.attention)
         if cfg.has_image_branch:
             k_img = split(norm("norm_k_img")(proj("k_img")(image)))
-            out = out + attention(q, k_img, split(proj("v_img")(image)), cfg.attention)
+            out = out + attention(q, k_img, split(proj("v_img")(image)), rt.attention)
         out = constrain(rearrange(out, "b l n h -> b l (n h)"), ATTN_OUT)
-        return block_dense(cfg, cfg.dim, ("heads", "embed"), "o")(out)
+        return block_dense(cfg, rt, cfg.dim, ("heads", "embed"), "o")(out)
 
 
 class FeedForward(nn.Module):
     cfg: DiTConfig
+    rt: DiTRuntime
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        cfg = self.cfg
-        h = block_dense(cfg, cfg.ffn_dim, ("embed", "mlp"), "fc1")(x)
+        cfg, rt = self.cfg, self.rt
+        h = block_dense(cfg, rt, cfg.ffn_dim, ("embed", "mlp"), "fc1")(x)
         h = constrain(nn.gelu(h, approximate=True), ("act_batch", "act_length", "act_mlp"))
-        return block_dense(cfg, cfg.dim, ("mlp", "embed"), "fc2")(h)
+        return block_dense(cfg, rt, cfg.dim, ("mlp", "embed"), "fc2")(h)
 
 
 class Block(nn.Module):
     """One Wan block: modulated self-attention, cross-attention, modulated FFN (fp32 residuals)."""
 
     cfg: DiTConfig
+    rt: DiTRuntime
 
     @nn.compact
     def __call__(
@@ -159,7 +163,7 @@ class Block(nn.Module):
         text: Array,
         image: Array | None,
     ) -> tuple[Array, None]:
-        cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
+        cfg, rt, dt, pdt = self.cfg, self.rt, DTYPES[self.rt.dtype], DTYPES[self.rt.param_dtype]
         table = self.param(
             "modulation",
             partitioned(lambda k, s, d: jax.random.normal(k, s, d) / math.sqrt(cfg.dim), ("modulation", "embed")),
@@ -169,11 +173,11 @@ class Block(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = _modulation(table, e0, group_onehot)
         norm = LayerNorm(cfg.eps, affine=False)  # parameter-free, shared
         h = norm(x) * (1 + scale1) + shift1
-        x = x + SelfAttention(cfg, name="self_attn")(h.astype(dt), cos, sin, kv_lengths).astype(jnp.float32) * gate1
+        x = x + SelfAttention(cfg, rt, name="self_attn")(h.astype(dt), cos, sin, kv_lengths).astype(jnp.float32) * gate1
         c = LayerNorm(cfg.eps, affine=True, param_dtype=pdt, name="norm_cross")(x)
-        x = x + CrossAttention(cfg, name="cross_attn")(c.astype(dt), text, image).astype(jnp.float32)
+        x = x + CrossAttention(cfg, rt, name="cross_attn")(c.astype(dt), text, image).astype(jnp.float32)
         f = norm(x) * (1 + scale2) + shift2
-        x = x + FeedForward(cfg, name="ffn")(f.astype(dt)).astype(jnp.float32) * gate2
+        x = x + FeedForward(cfg, rt, name="ffn")(f.astype(dt)).astype(jnp.float32) * gate2
         return constrain(x, TOKENS), None
 
 
@@ -181,10 +185,11 @@ class TimeEmbedding(nn.Module):
     """t -> (temb [..., D] for the head, e0 [..., 6, D] for the blocks), all fp32."""
 
     cfg: DiTConfig
+    rt: DiTRuntime
 
     @nn.compact
     def __call__(self, t: Array) -> tuple[Array, Array]:
-        cfg, pdt = self.cfg, DTYPES[self.cfg.param_dtype]
+        cfg, pdt = self.cfg, DTYPES[self.rt.param_dtype]
         s = timestep_sinusoid(t, cfg.freq_dim)
         temb = Dense(cfg.dim, ("in_features", "embed"), param_dtype=pdt, name="linear_1")(s)
         temb = Dense(cfg.dim, ("embed", "mlp"), param_dtype=pdt, name="linear_2")(nn.silu(temb))
@@ -194,10 +199,11 @@ class TimeEmbedding(nn.Module):
 
 class TextEmbedding(nn.Module):
     cfg: DiTConfig
+    rt: DiTRuntime
 
     @nn.compact
     def __call__(self, text: Array) -> Array:
-        cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
+        cfg, dt, pdt = self.cfg, DTYPES[self.rt.dtype], DTYPES[self.rt.param_dtype]
         h = Dense(cfg.dim, ("in_features", "embed"), dtype=dt, param_dtype=pdt, name="linear_1")(text)
         return Dense(cfg.dim, ("embed", "mlp"), dtype=dt, param_dtype=pdt, name="linear_2")(nn.gelu(h, approximate=True))
 
@@ -206,10 +212,11 @@ class ImageEmbedding(nn.Module):
     """CLIP tokens -> D: LayerNorm, Linear, GELU (erf), Linear, LayerNorm (eps 1e-5)."""
 
     cfg: DiTConfig
+    rt: DiTRuntime
 
     @nn.compact
     def __call__(self, image: Array) -> Array:
-        cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
+        cfg, dt, pdt = self.cfg, DTYPES[self.rt.dtype], DTYPES[self.rt.param_dtype]
         h = LayerNorm(1e-5, affine=True, param_dtype=pdt, name="norm1")(image)
         h = Dense(image.shape[-1], ("in_features", "embed"), dtype=dt, param_dtype=pdt, name="linear_1")(h)
         h = Dense(cfg.dim, ("in_features", "embed"), dtype=dt, param_dtype=pdt, name="linear_2")(nn.gelu(h, approximate=False))
@@ -220,10 +227,12 @@ class WanDiT(nn.Module):
     """Wan2.1 DiT: velocity prediction for channels-last latents.
 
     x [B, F, H, W, in_dim], t [B] (0..1000), text [B, Lt, text_dim], image [B, Li, image_dim]
-    (I2V only), context: optional extra tokens -> [B, F, H, W, out_dim].
+    (I2V only), context: optional extra tokens -> [B, F, H, W, out_dim]. `config` is the architecture,
+    `runtime` how it computes (dtypes, attention kernel, remat, sequence parallelism) and stores its weights.
     """
 
     config: DiTConfig
+    runtime: DiTRuntime
 
     @nn.compact
     def __call__(
@@ -234,7 +243,8 @@ class WanDiT(nn.Module):
         image: Array | None = None,
         context: ContextTokens | None = None,
     ) -> Array:
-        cfg, dt, pdt = self.config, DTYPES[self.config.dtype], DTYPES[self.config.param_dtype]
+        cfg, rt = self.config, self.runtime
+        dt, pdt = DTYPES[rt.dtype], DTYPES[rt.param_dtype]
         if cfg.has_image_branch and image is None:
             raise ValueError("an I2V DiT needs CLIP image tokens (image=...)")
         b = x.shape[0]
@@ -245,7 +255,7 @@ class WanDiT(nn.Module):
         n_noise = tokens.shape[1]
         cos, sin = rope_tables(grid_positions(*grid), cfg.head_dim, cfg.rope_theta)
 
-        time_embedding = TimeEmbedding(cfg, name="time_embedding")
+        time_embedding = TimeEmbedding(cfg, rt, name="time_embedding")
         temb, e0 = time_embedding(t)  # [B, D], [B, 6, D]
         e0, onehot, kv_lengths = e0[:, None], None, None
         if context is not None:
@@ -262,14 +272,16 @@ class WanDiT(nn.Module):
                 kv_lengths = n_noise + context.mask.sum(axis=1, dtype=jnp.int32)
 
         context_axes = ("act_batch", None, "act_embed")
-        text_emb = constrain(TextEmbedding(cfg, name="text_embedding")(text), context_axes)
-        image_emb = constrain(ImageEmbedding(cfg, name="image_embedding")(image), context_axes) if cfg.has_image_branch else None
+        text_emb = constrain(TextEmbedding(cfg, rt, name="text_embedding")(text), context_axes)
+        image_emb = (
+            constrain(ImageEmbedding(cfg, rt, name="image_embedding")(image), context_axes) if cfg.has_image_branch else None
+        )
 
         block = Block
-        if cfg.offload == "blocks":  # each layer's params, sliced from the host-resident stack, moved to the device
+        if rt.offload == "blocks":  # each layer's params, sliced from the host-resident stack, moved to the device
             block = nn.map_variables(Block, "params", trans_in_fn=on_device, init=True)
-        policy = remat_policy(cfg.remat_policy)
-        if cfg.remat_policy != "none":
+        policy = remat_policy(rt.remat_policy)
+        if rt.remat_policy != "none":
             block = nn.remat(block, policy=policy, prevent_cse=False)
         blocks = nn.scan(
             block,
@@ -278,7 +290,7 @@ class WanDiT(nn.Module):
             in_axes=(nn.broadcast,) * 7,
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, name="blocks")
+        )(cfg, rt, name="blocks")
         h, _ = blocks(tokens, e0, onehot, cos, sin, kv_lengths, text_emb, image_emb)
         h = h[:, :n_noise]
 
@@ -296,14 +308,14 @@ class WanDiT(nn.Module):
 
     def patch_embed(self, x: Array) -> Array:
         """Conv3d with kernel = stride = patch size: [B, F, H, W, C] -> [B, F', H', W', D]."""
-        cfg = self.config
+        cfg, rt = self.config, self.runtime
         return nn.Conv(
             cfg.dim,
             kernel_size=cfg.patch_size,
             strides=cfg.patch_size,
             padding="VALID",
-            dtype=DTYPES[cfg.dtype],
-            param_dtype=DTYPES[cfg.param_dtype],
+            dtype=DTYPES[rt.dtype],
+            param_dtype=DTYPES[rt.param_dtype],
             kernel_init=partitioned(
                 nn.initializers.xavier_uniform(), ("kernel_t", "kernel_h", "kernel_w", "in_features", "embed")
             ),
@@ -336,9 +348,10 @@ def init_inputs(
     return inputs
 
 
-def init_fn(cfg: DiTConfig) -> Any:
-    """A function rng -> boxed params, for `sharding.init_sharded` / `abstract_params`."""
-    model = WanDiT(cfg)
+def init_fn(cfg: DiTConfig, runtime: DiTRuntime) -> Any:
+    """A function rng -> boxed params (of `runtime`'s param dtype and storage), for `sharding.init_sharded` /
+    `abstract_params`."""
+    model = WanDiT(cfg, runtime)
     example = init_inputs(cfg, text_len=8, image_len=4)
 
     def fn(rng: Array) -> Any:

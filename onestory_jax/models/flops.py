@@ -60,7 +60,7 @@ def train_step_flops(cfg: Config, shapes: Mapping[str, tuple[int, ...]], dit_tra
     b, _, h, w = shapes["target"][:4]
     tokens = noise_tokens(cfg.dit, shapes["target"]) + context_tokens(cfg.memory, (h, w))
     image = shapes["image"][1] if "image" in shapes else 0
-    passes = 2 + int(dit_trains) + int(cfg.dit.remat_policy == "full")
+    passes = 2 + int(dit_trains) + int(cfg.dit_runtime.remat_policy == "full")
     return b * passes * dit_forward_flops(cfg.dit, tokens, shapes["text"][1], image)
 
 

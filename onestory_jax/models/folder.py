@@ -2,7 +2,7 @@
 
     M/onestory/        config.yaml + params {"dit": Wan DiT, "memory": OneStory modules}; a converted
                        Wan2.1 release holds {"dit"} only, and its memory modules start as
-                       `memory_params_from_dit` makes them
+                       `onestory.memory_params` makes them
     M/vae/             Wan-VAE             (config.yaml + params)
     M/text_encoder/    umT5 encoder        (config.yaml + params)
     M/image_encoder/   CLIP vision tower   (config.yaml + params; I2V models only)
@@ -28,7 +28,7 @@ from onestory_jax import checkpoint
 from onestory_jax.config import Config, DiTConfig
 from onestory_jax.errors import UserError
 from onestory_jax.models.dit import init_fn as dit_init_fn
-from onestory_jax.models.onestory import component_init_fns, memory_init_fn, memory_params_from_dit
+from onestory_jax.models.onestory import MODEL, components, init_fn, memory_params
 from onestory_jax.sharding import activate, init_sharded
 
 ONESTORY = "onestory"
@@ -127,16 +127,10 @@ def read_onestory(folder: Path, cfg: Config, mesh: jax.sharding.Mesh) -> tuple[C
         raise UserError(
             f"the DiT of '{folder}' differs from this config's dit section: {'; '.join(diff)} (this config != the folder's)"
         )
-    dit = dataclasses.replace(source.dit, **{f: getattr(cfg.dit, f) for f in ("dtype", "param_dtype")})
-    if path.name == LEGACY_DIT:
-        return source, {"dit": checkpoint.load_params(path, mesh, dit_init_fn(dit))}
-    stored = checkpoint.stored_keys(path)
-    fns = {"dit": dit_init_fn(dit), "memory": memory_init_fn(source)}
-
-    def init(rng: jax.Array) -> dict[str, Any]:
-        return {k: fns[k](rng) for k in sorted(stored & fns.keys())}
-
-    return source, checkpoint.load_params(path, mesh, init)
+    if path.name == LEGACY_DIT:  # a bare DiT tree
+        return source, {"dit": checkpoint.load_params(path, mesh, dit_init_fn(source.dit, cfg.dit_runtime.plain()))}
+    stored = dataclasses.replace(source, dit_runtime=cfg.dit_runtime.plain())  # the stored tree, in this config's param dtype
+    return source, checkpoint.load_params(path, mesh, init_fn(stored, sorted(checkpoint.stored_keys(path) & set(MODEL))))
 
 
 def load_model(
@@ -149,30 +143,28 @@ def load_model(
 ) -> dict[str, Any]:
     """Every param of a model folder, sharded on `mesh`: its DiT and memory modules (initialised from the
     DiT when it has none, with a note), and frozen parts. Missing parts: see `require_parts`. The DiT is the
-    stored tree (`DiTConfig.plain`: low-VRAM switches apply after loading). `meshes`: a part's own mesh
+    stored tree (`DiTRuntime.plain`: low-VRAM switches apply after loading). `meshes`: a part's own mesh
     instead of `mesh` ("dit" for the DiT and the memory modules, "text_encoder", ...), e.g. the host CPU's."""
     on = lambda part: (meshes or {}).get(part, mesh)  # noqa: E731
-    cfg = dataclasses.replace(cfg, dit=cfg.dit.plain())
+    cfg = dataclasses.replace(cfg, dit_runtime=cfg.dit_runtime.plain())
     missing = require_parts(folder, cfg, allow_random)
-    fns = component_init_fns(cfg)
-    random = [p for p in missing if p in fns]
+    parts = components(cfg)
     params = {}
-    for i, p in enumerate(random):
+    for p in [p for p in missing if p in parts]:  # random frozen parts, as `init_fn` makes them
         with activate(on(p)):  # each part is read or made under its own mesh (keys, checks and all)
-            params[p] = init_sharded(fns[p], on(p), jax.random.key(seed + i))
+            params.update(init_sharded(init_fn(cfg, [p]), on(p), jax.random.key(seed)))
     with activate(on("dit")):
         if ONESTORY in missing:
-            params["dit"] = init_sharded(fns["dit"], on("dit"), jax.random.key(seed))
+            params.update(init_sharded(init_fn(cfg), on("dit"), jax.random.key(seed)))
         else:
             params.update(read_onestory(folder, cfg, on("dit"))[1])
         if "memory" not in params:
-            if ONESTORY not in missing:
-                print(
-                    f"note: '{folder}' has no OneStory modules (a converted Wan2.1): the Frame Selector is random and "
-                    "the patchifiers start from the DiT's patch embedding (docs/design.md)"
-                )
-            params["memory"] = memory_params_from_dit(cfg, params["dit"], jax.random.key(seed + 1))
-    for part in [p for p in FROZEN_PARTS if p in fns and p not in missing]:
+            print(
+                f"note: '{folder}' has no OneStory modules (a converted Wan2.1): the Frame Selector is random and "
+                "the patchifiers start from the DiT's patch embedding (docs/design.md)"
+            )
+            params["memory"] = memory_params(cfg, params["dit"], jax.random.key(seed + 1))
+    for part in [p for p in FROZEN_PARTS if p in parts and p not in missing]:
         with activate(on(part)):
             params.update(load_frozen_parts(folder, cfg, on(part), [part]))
     return params
@@ -180,8 +172,7 @@ def load_model(
 
 def load_frozen_parts(folder: Path, cfg: Config, mesh: jax.sharding.Mesh, parts: list[str]) -> dict[str, Any]:
     """The frozen parts `parts` (of vae, text_encoder, image_encoder) of a model folder."""
-    fns = component_init_fns(cfg)
-    return {p: checkpoint.load_params(folder / p, mesh, fns[p]) for p in parts}
+    return {p: checkpoint.load_params(folder / p, mesh, lambda rng, p=p: init_fn(cfg, [p])(rng)[p]) for p in parts}
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -89,7 +89,7 @@ class Dense(nn.Module):
 
 def on_device(tree: Any) -> Any:
     """Every array of `tree` moved to device memory (traced: a transfer from host memory where it lives there,
-    as the blocks' params of `dit.offload=blocks`; lowered only for GPU and TPU, a no-op on the CPU backend)."""
+    as the blocks' params of `dit_runtime.offload=blocks`; lowered only for GPU and TPU, a no-op on the CPU backend)."""
     return jax.tree.map(lambda a: jax.device_put(a, jax.memory.Space.Device), tree)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from onestory_jax.config import DiTConfig
+from onestory_jax.config import DiTConfig, DiTRuntime
 from onestory_jax.models.dit import init_fn as dit_init_fn
 from onestory_jax.sharding import init_sharded
 
@@ -56,8 +56,8 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def with_fresh_lora(dit_params: Any, cfg: DiTConfig, mesh: jax.sharding.Mesh, rng: jax.Array) -> Any:
-    """A DiT without LoRA params plus fresh ones (B = 0: the same function), created in their sharding;
-    the base kernels are not initialised again (XLA drops the unused random init)."""
-    lora = init_sharded(lambda key: _only_lora(dit_init_fn(cfg)(key)), mesh, rng)
+def with_fresh_lora(dit_params: Any, cfg: DiTConfig, rt: DiTRuntime, mesh: jax.sharding.Mesh, rng: jax.Array) -> Any:
+    """A DiT without LoRA params plus fresh ones (B = 0: the same function; in `rt`'s param dtype), created in
+    their sharding; the base kernels are not initialised again (XLA drops the unused random init)."""
+    lora = init_sharded(lambda key: _only_lora(dit_init_fn(cfg, rt.plain())(key)), mesh, rng)
     return _deep_merge(dit_params, lora)

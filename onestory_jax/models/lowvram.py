@@ -1,9 +1,9 @@
 """Low-VRAM sampling of the DiT: fp8 storage of its block kernels, and its blocks kept in host memory.
 
-`dit.weights_dtype=fp8` stores the kernels of the block layers `dit.fp8_layers` names as float8_e4m3fn
+`dit_runtime.weights_dtype=fp8` stores the kernels of the block layers `dit_runtime.fp8_layers` names as float8_e4m3fn
 with a per-output-channel fp32 `scale` beside each (`quantize_fp8`); the layer dequantizes its kernel
 right before its matmul (`layers.dequantize`), inside the layer scan, so that (on a GPU) at most one
-layer's kernels exist in the compute dtype. `dit.offload=blocks` places the stacked block params (`params["blocks"]`,
+layer's kernels exist in the compute dtype. `dit_runtime.offload=blocks` places the stacked block params (`params["blocks"]`,
 [layers, ...] each) in host memory (memory kind `pinned_host`); the layer scan moves each layer's slice
 to the device as it reaches it (`layers.on_device`, `dit.py`).
 
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from onestory_jax.config import FP8_LAYERS, DiTConfig, MeshConfig
+from onestory_jax.config import FP8_LAYERS, DiTConfig, DiTRuntime, MeshConfig
 from onestory_jax.models.dit import init_fn
 from onestory_jax.sharding import abstract_params, make_mesh
 
@@ -33,9 +33,9 @@ FP8_MAX = float(jnp.finfo(FP8).max)  # 448: e4m3 has 4 exponent bits, 3 mantissa
 HOST = "pinned_host"
 
 
-def loads_via_host(cfg: DiTConfig) -> bool:
-    """Whether the DiT of `cfg` is read or initialised on the host CPU first (`place_dit` puts it on the mesh)."""
-    return cfg.weights_dtype == "fp8" or cfg.offload != "none"
+def loads_via_host(rt: DiTRuntime) -> bool:
+    """Whether a DiT run with `rt` is read or initialised on the host CPU first (`place_dit` puts it on the mesh)."""
+    return rt.weights_dtype == "fp8" or rt.offload != "none"
 
 
 @functools.cache
@@ -57,12 +57,12 @@ def quantize_fp8(kernel: Array) -> tuple[Array, Array]:
     return (w / scale[..., None, :]).astype(FP8), scale
 
 
-def quantize_dit(params: dict[str, Any], cfg: DiTConfig) -> dict[str, Any]:
-    """The DiT params (stored tree, `cfg.plain()`) with the kernel of every block layer `cfg.fp8_layers` names
+def quantize_dit(params: dict[str, Any], rt: DiTRuntime) -> dict[str, Any]:
+    """The DiT params (stored tree, `rt.plain()`) with the kernel of every block layer `rt.fp8_layers` names
     quantized and its `scale` added beside it; unchanged without `weights_dtype=fp8`. Traceable."""
-    if cfg.weights_dtype != "fp8":
+    if rt.weights_dtype != "fp8":
         return params
-    names = FP8_LAYERS[cfg.fp8_layers]
+    names = FP8_LAYERS[rt.fp8_layers]
 
     def visit(tree: dict[str, Any]) -> dict[str, Any]:
         out = {}
@@ -77,30 +77,30 @@ def quantize_dit(params: dict[str, Any], cfg: DiTConfig) -> dict[str, Any]:
     return {**params, "blocks": visit(params["blocks"])}
 
 
-def dit_shardings(cfg: DiTConfig, mesh: Mesh) -> Any:
-    """The NamedShardings of the DiT params of `cfg` on `mesh` (scales included), the blocks' in `pinned_host`
-    memory with `offload=blocks`."""
-    boxed = init_fn(dataclasses.replace(cfg, offload="none"))
+def dit_shardings(cfg: DiTConfig, rt: DiTRuntime, mesh: Mesh) -> Any:
+    """The NamedShardings of the DiT params of `cfg` run with `rt` on `mesh` (scales included), the blocks' in
+    `pinned_host` memory with `offload=blocks`."""
+    boxed = init_fn(cfg, dataclasses.replace(rt, offload="none"))
     shardings = jax.tree.map(lambda a: a.sharding, abstract_params(boxed, mesh, jax.random.key(0)))
-    if cfg.offload == "blocks":
+    if rt.offload == "blocks":
         shardings["blocks"] = jax.tree.map(lambda s: s.with_memory_kind(HOST), shardings["blocks"])
     return shardings
 
 
-def place_dit(params: dict[str, Any], cfg: DiTConfig, mesh: Mesh) -> dict[str, Any]:
+def place_dit(params: dict[str, Any], cfg: DiTConfig, rt: DiTRuntime, mesh: Mesh) -> dict[str, Any]:
     """The stored DiT params (on `host_mesh()`, or uncommitted) quantized on the host (`quantize_dit`), then put
     on `mesh` in the shardings and memory kinds of `dit_shardings`."""
-    if cfg.weights_dtype == "fp8":
+    if rt.weights_dtype == "fp8":
         with jax.set_mesh(host_mesh()):
-            params = jax.jit(quantize_dit, static_argnums=1)(params, cfg)
-    return jax.device_put(params, dit_shardings(cfg, mesh))
+            params = jax.jit(quantize_dit, static_argnums=1)(params, rt)
+    return jax.device_put(params, dit_shardings(cfg, rt, mesh))
 
 
-def abstract_dit(cfg: DiTConfig, mesh: Mesh) -> Any:
+def abstract_dit(cfg: DiTConfig, rt: DiTRuntime, mesh: Mesh) -> Any:
     """ShapeDtypeStructs of the DiT params `place_dit` makes (dtypes, shardings, memory kinds), allocating nothing."""
-    stored = abstract_params(init_fn(cfg.plain()), mesh, jax.random.key(0))
-    shapes = jax.eval_shape(functools.partial(quantize_dit, cfg=cfg), stored)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, dit_shardings(cfg, mesh))
+    stored = abstract_params(init_fn(cfg, rt.plain()), mesh, jax.random.key(0))
+    shapes = jax.eval_shape(functools.partial(quantize_dit, rt=rt), stored)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, dit_shardings(cfg, rt, mesh))
 
 
 def bytes_by_memory_kind(tree: Any) -> dict[str, int]:

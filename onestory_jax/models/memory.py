@@ -60,7 +60,7 @@ class QueryAttention(nn.Module):
         # No key bias: it adds one constant to each query's logits, which softmax cancels (zero gradient).
         k = split(Dense(self.dim, ("embed", "heads"), use_bias=False, dtype=self.dtype, name="k")(kv))
         v = split(Dense(self.dim, ("embed", "heads"), dtype=self.dtype, name="v")(kv))
-        # Always XLA, whatever dit.attention says: m queries (16) make logits of m x keys, small at any
+        # Always XLA, whatever dit_runtime.attention says: m queries (16) make logits of m x keys, small at any
         # size, and the valid memory frames need not be a prefix (no kv_lengths for a flash kernel).
         out = attention(qq, k, v, "xla", kv_mask).reshape(*q.shape[:2], self.dim)
         out = constrain(out, ("act_batch", None, "act_heads"))

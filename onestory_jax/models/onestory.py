@@ -11,6 +11,7 @@ or a baseline strategy's. Everything else is the same code.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -22,21 +23,31 @@ from onestory_jax.models import image_encoder, text_encoder, vae
 from onestory_jax.models.dit import ContextTokens, WanDiT
 from onestory_jax.models.dit import init_fn as dit_init_fn
 from onestory_jax.models.memory import OneStoryMemory, conditioner_from_patch_embedding, num_selected, select_top_k
+from onestory_jax.sharding import unbox_plain
 
 Array = jax.Array
 
 
+# Every param part of a full OneStory model, in the order of their init keys (`init_fn`).
+PARTS = ("dit", "memory", "vae", "text_encoder", "image_encoder")
+MODEL = ("dit", "memory")  # the trained params: a model folder's onestory/ part; the other parts are frozen
+
+
+def components(cfg: Config) -> tuple[str, ...]:
+    """The param parts a full model of `cfg` has: `PARTS`, less the image encoder for T2V."""
+    return tuple(p for p in PARTS if p != "image_encoder" or cfg.dit.has_image_branch)
+
+
 def memory_module(cfg: Config) -> OneStoryMemory:
     """The selector + conditioner module of this config (holds no params)."""
-    return OneStoryMemory(cfg.memory, cfg.dit.dim, cfg.dit.head_dim, cfg.dit.rope_theta, cfg.dit.dtype)
+    return OneStoryMemory(cfg.memory, cfg.dit.dim, cfg.dit.head_dim, cfg.dit.rope_theta, cfg.dit_runtime.dtype)
 
 
-def memory_init_fn(cfg: Config):
-    """rng -> boxed params of the memory modules (random; see `memory_params_from_dit`)."""
+def _memory_init_fn(cfg: Config) -> Callable[[Array], Any]:
+    """rng -> boxed params of the memory modules, all random (`_with_patchifiers` then seeds the conditioner)."""
     module = memory_module(cfg)
-    c = cfg.memory.latent_channels
     caption = jnp.zeros((1, 4, cfg.dit.text_dim))
-    memory = jnp.zeros((1, 2, 16, 16, c))  # shapes of params do not depend on the memory size
+    memory = jnp.zeros((1, 2, 16, 16, cfg.memory.latent_channels))  # shapes of params do not depend on the memory size
 
     def fn(rng: Array) -> Any:
         return module.init(rng, caption, memory, jnp.ones((1, 2), bool))["params"]
@@ -44,67 +55,74 @@ def memory_init_fn(cfg: Config):
     return fn
 
 
-def memory_params_from_dit(cfg: Config, dit_params: Any, rng: Array) -> Any:
-    """Memory modules for a DiT without them: random selector, patchifiers from its patch embedding."""
-    params = nn.meta.unbox(jax.jit(memory_init_fn(cfg))(rng))
-    pe = dit_params["patch_embedding"]
-    return {**params, "conditioner": conditioner_from_patch_embedding(pe["kernel"], pe["bias"], cfg.memory)}
+def _with_patchifiers(cfg: Config, memory: Any, patch_embedding: Any) -> Any:
+    """`memory` (boxed or plain params) with every patchifier derived from `patch_embedding` ({kernel
+    [1, ph, pw, C_in, D], bias [D]}: the DiT's, or a finest patchifier) by the average-pool rule
+    (`memory.conditioner_from_patch_embedding`); each keeps its box and dtype."""
+    pe = unbox_plain(patch_embedding)
+    derived = conditioner_from_patch_embedding(pe["kernel"], pe["bias"], cfg.memory)
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+
+    def put(old: Any, new: Array) -> Any:
+        return old.replace_boxed(new.astype(old.value.dtype)) if is_box(old) else new.astype(old.dtype)
+
+    return {**memory, "conditioner": jax.tree.map(put, memory["conditioner"], derived, is_leaf=is_box)}
 
 
-def memory_params_from_pretrained(cfg: Config, source: Config, memory: Any, dit_params: Any, rng: Array) -> Any:
-    """Memory modules for a fine-tune of a model that has them (the shared base of the memory
-    ablation): its selector when the selector's settings match, and every patchifier derived from its
-    finest one by the average-pool rule, so each variant's context tokens start as the base's DiT
-    learned to read them. Parts that cannot be carried over start as `memory_params_from_dit`'s."""
-    params = memory_params_from_dit(cfg, dit_params, rng)
-    selector_fields = ("num_queries", "selector_heads", "selector_stride", "latent_channels")
-    if all(getattr(cfg.memory, f) == getattr(source.memory, f) for f in selector_fields):
-        params["selector"] = memory["selector"]
-    finest, base = source.memory.patchifier_kernels[0], memory["conditioner"]["patchifier_0"]
-    if all(k % f == 0 for kernel in cfg.memory.patchifier_kernels for k, f in zip(kernel[1:], finest[1:])):
-        params["conditioner"] = conditioner_from_patch_embedding(base["kernel"], base["bias"], cfg.memory)
-    return params
+def init_fn(cfg: Config, parts: Sequence[str] = MODEL) -> Callable[[Array], dict[str, Any]]:
+    """rng -> boxed (logically partitioned) params {part: tree} of `parts` (names of `PARTS`; default the
+    trained model): the one init of OneStory params, for `sharding.init_sharded` (sharded arrays),
+    `sharding.abstract_params` (shapes and shardings, nothing allocated) and checkpoint templates.
 
-
-def boxed_init_fn(cfg: Config):
-    """rng -> boxed (logically partitioned) OneStory params, for shardings and abstract shapes."""
-    dit_fn, mem_fn = dit_init_fn(cfg.dit), memory_init_fn(cfg)
+    A part's key depends only on rng and its name, so a part is the same whichever parts are made with it.
+    The memory modules' selector is random and their patchifiers start from the DiT's patch embedding
+    (docs/design.md), as `memory_params` makes them for a given DiT.
+    """
+    if unknown := sorted(set(parts) - set(PARTS)):
+        raise ValueError(f"unknown OneStory params {unknown}; the parts are {PARTS}")
+    inits = {
+        "dit": lambda: dit_init_fn(cfg.dit, cfg.dit_runtime),
+        "memory": lambda: _memory_init_fn(cfg),
+        "vae": lambda: vae.init_fn(cfg.vae),
+        "text_encoder": lambda: text_encoder.init_fn(cfg.text_encoder),
+        "image_encoder": lambda: image_encoder.init_fn(cfg.image_encoder),
+    }
+    made = {p: inits[p]() for p in {*parts, *(("dit",) if "memory" in parts else ())}}  # memory reads the DiT's
 
     def fn(rng: Array) -> dict[str, Any]:
-        r_dit, r_mem = jax.random.split(rng)
-        return {"dit": dit_fn(r_dit), "memory": mem_fn(r_mem)}
+        keys = dict(zip(PARTS, jax.random.split(rng, len(PARTS))))
+        out = {p: f(keys[p]) for p, f in made.items()}
+        if "memory" in out:
+            out["memory"] = _with_patchifiers(cfg, out["memory"], out["dit"]["patch_embedding"])
+        return {p: out[p] for p in parts}
 
     return fn
 
 
 def init_params(cfg: Config, rng: Array) -> dict[str, Any]:
-    """Fresh OneStory params (unsharded; for sharded creation see `sharding.init_sharded`)."""
-    r_dit, r_mem = jax.random.split(rng)
-    dit = nn.meta.unbox(jax.jit(dit_init_fn(cfg.dit))(r_dit))
-    return {"dit": dit, "memory": memory_params_from_dit(cfg, dit, r_mem)}
+    """Fresh OneStory params {"dit", "memory"} of `init_fn`, unsharded (sharded: `sharding.init_sharded(init_fn(cfg), ...)`)."""
+    return nn.meta.unbox(jax.jit(init_fn(cfg))(rng))
 
 
-def component_init_fns(cfg: Config) -> dict[str, Any]:
-    """rng -> boxed params, per component of a full OneStory model."""
-    fns = {
-        "dit": dit_init_fn(cfg.dit),
-        "memory": memory_init_fn(cfg),
-        "vae": vae.init_fn(cfg.vae),
-        "text_encoder": text_encoder.init_fn(cfg.text_encoder),
-    }
-    if cfg.dit.has_image_branch:
-        fns["image_encoder"] = image_encoder.init_fn(cfg.image_encoder)
-    return fns
+def memory_params(cfg: Config, dit: Any, rng: Array, pretrained: tuple[Config, Any] | None = None) -> Any:
+    """Memory modules for the DiT params `dit` (a converted Wan2.1's, a fine-tune's): a random selector and
+    patchifiers from its patch embedding, as `init_fn` makes them for its own DiT.
 
-
-def full_init_fn(cfg: Config):
-    fns = component_init_fns(cfg)
-
-    def fn(rng: jax.Array) -> dict[str, Any]:
-        keys = jax.random.split(rng, len(fns))
-        return {name: f(k) for (name, f), k in zip(sorted(fns.items()), keys)}
-
-    return fn
+    pretrained: (source config, its memory params), the shared base of a fine-tune (the memory ablation):
+    its selector when the selector's settings match, and every patchifier derived from its finest one, so
+    that each variant's context tokens start as the base's DiT learned to read them.
+    """
+    params = _with_patchifiers(cfg, nn.meta.unbox(jax.jit(_memory_init_fn(cfg))(rng)), dit["patch_embedding"])
+    if pretrained is None:
+        return params
+    source, stored = pretrained
+    selector_fields = ("num_queries", "selector_heads", "selector_stride", "latent_channels")
+    if all(getattr(cfg.memory, f) == getattr(source.memory, f) for f in selector_fields):
+        params["selector"] = stored["selector"]
+    finest = source.memory.patchifier_kernels[0]
+    if all(k % f == 0 for kernel in cfg.memory.patchifier_kernels for k, f in zip(kernel[1:], finest[1:])):
+        params = _with_patchifiers(cfg, params, stored["conditioner"]["patchifier_0"])
+    return params
 
 
 def memory_scores(params: dict[str, Any], cfg: Config, caption: Array, memory: Array, valid: Array) -> Array:
@@ -154,4 +172,4 @@ def velocity(
     I2V mask + image latents (None for T2V); context: memory tokens appended to the sequence.
     """
     x_in = x_t if cond is None else jnp.concatenate([x_t, cond], axis=-1)
-    return WanDiT(cfg.dit).apply({"params": params["dit"]}, x_in, timestep, text, image, context=context)
+    return WanDiT(cfg.dit, cfg.dit_runtime).apply({"params": params["dit"]}, x_in, timestep, text, image, context=context)

@@ -79,7 +79,7 @@ def check_heads(heads: int, sequence: int, tensor: int = 1) -> None:
         on = f"sequence axis {sequence}" + (f" x tensor axis {tensor}" if tensor > 1 else "")
         raise ValueError(
             f"Ulysses sequence parallelism: {heads} attention heads are not divisible by the {on} "
-            f"(= {sequence * tensor}); change the mesh or set dit.sequence_parallel=gspmd"
+            f"(= {sequence * tensor}); change the mesh or set dit_runtime.sequence_parallel=gspmd"
         )
 
 

@@ -16,16 +16,15 @@ from typing import Any
 import jax
 
 from onestory_jax import checkpoint
-from onestory_jax.config import Config, apply_overrides, from_dict, load_config, to_dict
+from onestory_jax.config import Config
+from onestory_jax.config_files import apply_overrides, from_dict, load_config, to_dict
 from onestory_jax.errors import UserError
 from onestory_jax.models import byte_tokenizer, lowvram
 from onestory_jax.models.embedding_cache import EmbeddingCache, encoder_identity
 from onestory_jax.models.folder import TOKENIZER, folder_config, load_model
 from onestory_jax.models.frozen import Components, build_components
-from onestory_jax.models.onestory import component_init_fns, memory_init_fn, memory_params_from_dit
+from onestory_jax.models.onestory import components, init_fn
 from onestory_jax.sharding import abstract_params, activate, init_sharded, make_mesh
-
-Array = jax.Array
 
 BYTE_TOKENIZER = byte_tokenizer.OUT  # for random-weight models: any text, no download
 
@@ -33,34 +32,38 @@ BYTE_TOKENIZER = byte_tokenizer.OUT  # for random-weight models: any text, no do
 def part_meshes(cfg: Config) -> dict[str, jax.sharding.Mesh]:
     """The parts the low-VRAM switches keep off the model's mesh at first, on the host CPU's mesh: the DiT until
     `lowvram.place_dit` quantizes and places it, the text encoder for good (`text_encoder.device=cpu`)."""
-    host = {"dit": lowvram.loads_via_host(cfg.dit), "text_encoder": cfg.text_encoder.device == "cpu"}
+    host = {"dit": lowvram.loads_via_host(cfg.dit_runtime), "text_encoder": cfg.text_encoder.device == "cpu"}
     return {part: lowvram.host_mesh() for part, on_host in host.items() if on_host}
 
 
 def random_params(cfg: Config, mesh: jax.sharding.Mesh, seed: int) -> dict[str, Any]:
-    """Random params created directly in their shardings (the parts of `part_meshes` on the host first; each
-    part's weights as `full_init_fn` makes them, wherever it is made); patchifiers from the patch embedding."""
-    fns = sorted(component_init_fns(dataclasses.replace(cfg, dit=cfg.dit.plain())).items())
+    """Random params created directly in their shardings, part by part (those of `part_meshes` on the host
+    first), each as `onestory.init_fn(cfg, every part)` makes it from key `seed`, wherever it is made."""
+    plain = dataclasses.replace(cfg, dit_runtime=cfg.dit_runtime.plain())
     meshes = part_meshes(cfg)
 
-    def part(i: int, fn: Callable[[Array], Any]) -> Callable[[], Any]:
-        """Part i's init, its key made inside (as full_init_fn splits it): a key made here would carry the mesh
-        of this context to another part's mesh."""
-        return lambda: fn(jax.random.split(jax.random.key(seed), len(fns))[i])
+    def part(name: str) -> Callable[[], dict[str, Any]]:
+        """{name: its params}, the key made inside: a key made here would carry the mesh of this context to
+        another part's mesh."""
+        return lambda: init_fn(plain, [name])(jax.random.key(seed))
 
-    params = {name: init_sharded(part(i, fn), meshes.get(name, mesh)) for i, (name, fn) in enumerate(fns)}
+    params = {}
+    for name in components(cfg):
+        params.update(init_sharded(part(name), meshes.get(name, mesh)))
     if "dit" in meshes:
-        params["dit"] = lowvram.place_dit(params["dit"], cfg.dit, mesh)
-    return {**params, "memory": memory_params_from_dit(cfg, params["dit"], jax.random.key(seed + 1))}
+        params["dit"] = lowvram.place_dit(params["dit"], cfg.dit, cfg.dit_runtime, mesh)
+    return params
 
 
 def onto_mesh(cfg: Config, params: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, Any]:
     """Loaded params with a DiT (and memory modules) read on the host put on `mesh`: the DiT by
     `lowvram.place_dit`, the memory modules in their logical shardings."""
-    if not lowvram.loads_via_host(cfg.dit):
+    if not lowvram.loads_via_host(cfg.dit_runtime):
         return params
-    memory = jax.tree.map(lambda a: a.sharding, abstract_params(memory_init_fn(cfg), mesh, jax.random.key(0)))
-    return {**params, "dit": lowvram.place_dit(params["dit"], cfg.dit, mesh), "memory": jax.device_put(params["memory"], memory)}
+    plain = dataclasses.replace(cfg, dit_runtime=cfg.dit_runtime.plain())
+    memory = jax.tree.map(lambda a: a.sharding, abstract_params(init_fn(plain, ["memory"]), mesh, jax.random.key(0))["memory"])
+    dit = lowvram.place_dit(params["dit"], cfg.dit, cfg.dit_runtime, mesh)
+    return {**params, "dit": dit, "memory": jax.device_put(params["memory"], memory)}
 
 
 def _with_overrides(cfg: Config, overrides: list[str]) -> Config:

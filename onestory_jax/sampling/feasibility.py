@@ -70,8 +70,8 @@ def estimate_bytes(story: Story, cfg: Config) -> dict[str, int]:
     z = cfg.vae.z_dim
     channels = 2 * z + (4 + z if d.has_image_branch else 0)
     tokens = t * (h // d.patch_size[1]) * (w // d.patch_size[2])
-    compute = 2 if d.dtype == "bfloat16" else 4
-    queries = {"xla": tokens, "chunked": min(CHUNK, tokens), "auto": min(CHUNK, tokens)}.get(d.attention, 0)
+    compute = 2 if cfg.dit_runtime.dtype == "bfloat16" else 4
+    queries = {"xla": tokens, "chunked": min(CHUNK, tokens), "auto": min(CHUNK, tokens)}.get(cfg.dit_runtime.attention, 0)
     tile = lambda side: min(side, cfg.vae.tile) if cfg.vae.tile else side  # noqa: E731
     return {
         "latents": len(story.shots) * t * h * w * channels * 4,

@@ -200,9 +200,9 @@ def generate_story(
         bank, record = next_shot(params, cfg, spec, bank, inputs, shot, on_step, shot_tokens, pair_sharding, cond)
         if on_shot_done is not None:  # hand a newly generated shot to the host now (e.g. to save it)
             new = inputs.active[shot] & ~inputs.done[shot]
-            # Ordered, except beside host-memory params (dit.offload): JAX 0.10.2 cannot lower ordered effects in a
+            # Ordered, except beside host-memory params (dit_runtime.offload): JAX 0.10.2 cannot lower ordered effects in a
             # program with non-default memory kinds (its result memory kinds miss the effect tokens).
-            io_callback(on_shot_done, None, shot, new, record.latents, ordered=cfg.dit.offload == "none")
+            io_callback(on_shot_done, None, shot, new, record.latents, ordered=cfg.dit_runtime.offload == "none")
         if cfg.dit.has_image_branch and not cfg.memory.later_shots_see_first_image:
             tokens = jnp.zeros_like(tokens)  # memory is the later shots' only visual input (as in training)
         elif cfg.dit.has_image_branch:  # without a start image, later shots see CLIP of shot 1's first frame

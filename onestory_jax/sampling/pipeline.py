@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from onestory_jax.config import Config, to_dict
+from onestory_jax.config import Config
+from onestory_jax.config_files import to_dict
 from onestory_jax.data.video import i2v_channels, image_clip, load_image, read_video, resize_frame
 from onestory_jax.diffusion.guidance import null_text
 from onestory_jax.errors import UserError

@@ -14,7 +14,8 @@ from typing import Any
 
 import jax
 
-from onestory_jax.config import Config, to_dict
+from onestory_jax.config import Config
+from onestory_jax.config_files import to_dict
 from onestory_jax.models.frozen import Components
 from onestory_jax.sampling.story import Story
 

@@ -1,9 +1,10 @@
 """Compile-only memory analysis of the train step, and the device targets of the shipped presets.
 
-Nothing is allocated: the state and the batch are `ShapeDtypeStruct`s carrying the `NamedSharding`s
-the training loop gives them (`loop.py`), the step is jitted as the loop jits it (pinned layouts,
-donated state, replicated metrics), and `compiled.memory_analysis()` gives per-device sizes. The
-peak estimate is arguments + temporaries + outputs - aliased (the donated state aliases its output).
+Nothing is allocated: the state is the training loop's own (`loop.py: initial_state`, abstract) and the
+batch `ShapeDtypeStruct`s carrying their `NamedSharding`s; the step is the loop's jitted step
+(`step.py: jit_train_step`: pinned layouts, donated state, replicated metrics), lowered and compiled, and
+`compiled.memory_analysis()` gives per-device sizes. The peak estimate is arguments + temporaries +
+outputs - aliased (the donated state aliases its output).
 """
 
 from __future__ import annotations
@@ -14,14 +15,11 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from onestory_jax.config import Config
-from onestory_jax.models.onestory import boxed_init_fn
-from onestory_jax.sharding import abstract_params, activate, batch_sharding, make_mesh
-from onestory_jax.training.optim import make_optimizer
-from onestory_jax.training.step import TrainState, init_state, make_train_step
+from onestory_jax.sharding import activate, batch_sharding, make_mesh
+from onestory_jax.training.loop import initial_state
+from onestory_jax.training.step import TrainState, jit_train_step
 
 GIB = 1 << 30
 # Memory per device (GiB): H100 SXM 80 GB and H200 141 GB as nvidia-smi reports them, TPU v5p 95 GB.
@@ -62,32 +60,20 @@ def preset_problems(cfg: Config, devices: int) -> list[str]:
         problems.append(f"mesh {sizes} covers {math.prod(sizes.values())} devices, the target has {devices}")
     if m.data > 0 and m.fsdp > 0 and cfg.train.batch_size % (m.data * m.fsdp):
         problems.append(f"train.batch_size={cfg.train.batch_size} is not divisible by data x fsdp = {m.data * m.fsdp}")
-    if d.sequence_parallel == "ulysses" and m.sequence > 1 and d.num_heads % (m.sequence * max(m.tensor, 1)):
+    if cfg.dit_runtime.sequence_parallel == "ulysses" and m.sequence > 1 and d.num_heads % (m.sequence * max(m.tensor, 1)):
         problems.append(f"dit.num_heads={d.num_heads} is not divisible by sequence x tensor = {m.sequence * m.tensor}")
-    if d.attention == "xla":
-        problems.append("dit.attention=xla builds the full [heads, L, L] logits")
+    if cfg.dit_runtime.attention == "xla":
+        problems.append("dit_runtime.attention=xla builds the full [heads, L, L] logits")
     return problems
 
 
 def fingerprint(cfg: Config) -> dict[str, Any]:
     """The settings the step's memory depends on: a recorded analysis holds only while they are unchanged."""
-    d, t = cfg.dit, cfg.train
+    d, rt, t = cfg.dit, cfg.dit_runtime, cfg.train
     return {
-        "dit": {
-            **{
-                k: getattr(d, k)
-                for k in (
-                    "dim",
-                    "ffn_dim",
-                    "num_heads",
-                    "num_layers",
-                    "dtype",
-                    "param_dtype",
-                    "remat_policy",
-                    "attention",
-                    "sequence_parallel",
-                )
-            },
+        "dit": {  # one section, as recorded before dit_runtime had its own
+            **{k: getattr(d, k) for k in ("dim", "ffn_dim", "num_heads", "num_layers")},
+            **{k: getattr(rt, k) for k in ("dtype", "param_dtype", "remat_policy", "attention", "sequence_parallel")},
             **({"lora_rank": d.lora_rank} if d.lora_rank else {}),
         },  # (analyses of presets without LoRA stay valid)
         "memory_budget": cfg.memory.budget,
@@ -114,44 +100,6 @@ def batch_shapes(cfg: Config, batch: int, latent: tuple[int, int, int]) -> dict[
     return shapes
 
 
-def jit_step(cfg: Config, tx: optax.GradientTransformation, state_shardings: Any, batch_shardings: Any, mesh: Any) -> Any:
-    """The train step jitted as loop.py does: pinned state layout, donated state, replicated metrics."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(
-        make_train_step(cfg, tx),
-        donate_argnums=0,
-        in_shardings=(state_shardings, batch_shardings),
-        out_shardings=(state_shardings, replicated),
-    )
-
-
-def abstract_state(cfg: Config, mesh: Any) -> tuple[TrainState, optax.GradientTransformation]:
-    """The train state as ShapeDtypeStructs with the shardings loop.py's state gets, allocating nothing.
-
-    Params (and EMA) take their logical shardings; optimizer moments take their param's (optax's
-    tree_map_params); scalars (step, counts, rng) are replicated.
-    """
-    params = abstract_params(boxed_init_fn(cfg), mesh, jax.random.key(0))
-    tx = make_optimizer(cfg.train, params)
-    shapes = jax.eval_shape(lambda p: init_state(p, tx, cfg.train.seed, ema=cfg.train.ema_decay > 0), params)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
-    param_sh = jax.tree.map(lambda p: p.sharding, params)
-    masked = lambda a: isinstance(a, optax.MaskedNode)  # noqa: E731  (a frozen param's slot in a masked state)
-    opt_state = optax.tree_map_params(
-        tx,
-        lambda a, s: a if masked(a) else sds(a, s),
-        shapes.opt_state,
-        param_sh,
-        transform_non_params=lambda a: sds(a, replicated),
-        is_leaf=masked,
-    )
-    ema = None if shapes.ema is None else jax.tree.map(sds, shapes.ema, param_sh)
-    return TrainState(
-        step=sds(shapes.step, replicated), params=params, opt_state=opt_state, ema=ema, rng=sds(shapes.rng, replicated)
-    ), tx
-
-
 def compile_train_step(cfg: Config, latent: tuple[int, int, int], devices: int | None = None) -> tuple[Any, TrainState, Any]:
     """Lower and compile the step of `cfg` (batch `train.batch_size`) on the first `devices` devices.
 
@@ -159,12 +107,12 @@ def compile_train_step(cfg: Config, latent: tuple[int, int, int], devices: int |
     """
     mesh = make_mesh(cfg.mesh, jax.devices()[:devices] if devices else None)
     with activate(mesh):
-        state, tx = abstract_state(cfg, mesh)
+        state, shardings, tx = initial_state(cfg, mesh, abstract=True)
         batch = {
             k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
             for k, (shape, dtype) in batch_shapes(cfg, cfg.train.batch_size, latent).items()
         }
-        step = jit_step(cfg, tx, jax.tree.map(lambda a: a.sharding, state), jax.tree.map(lambda a: a.sharding, batch), mesh)
+        step = jit_train_step(cfg, tx, shardings, jax.tree.map(lambda a: a.sharding, batch))
         return step.lower(state, batch).compile(COMPILER_OPTIONS), state, mesh
 
 

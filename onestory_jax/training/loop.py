@@ -31,21 +31,21 @@ from onestory_jax.checkpoint import (
     save_model,
     unreadable_checkpoint,
 )
-from onestory_jax.config import DIT_ADAPTER_FIELDS, Config, DiTConfig, MeshConfig, load_config, to_dict
+from onestory_jax.config import DIT_ADAPTER_FIELDS, Config, DiTConfig, MeshConfig
+from onestory_jax.config_files import load_config, to_dict
 from onestory_jax.data.pipeline import make_dataset
 from onestory_jax.errors import UserError
 from onestory_jax.io import require_free_space
 from onestory_jax.models import folder as model_folder
-from onestory_jax.models import lora
+from onestory_jax.models import lora, onestory
 from onestory_jax.models.dit import init_fn as dit_init_fn
 from onestory_jax.models.flops import noise_tokens, train_step_flops
 from onestory_jax.models.folder import check_folder, copy_parts, read_onestory, required_parts
-from onestory_jax.models.onestory import boxed_init_fn, memory_params_from_dit, memory_params_from_pretrained
-from onestory_jax.sharding import activate, batch_sharding, init_sharded, make_mesh
+from onestory_jax.sharding import abstract_params, activate, batch_sharding, init_sharded, make_mesh
 from onestory_jax.training.losses import loss_at_sigmas, loss_fn
 from onestory_jax.training.metrics import TrainMonitor
-from onestory_jax.training.optim import make_optimizer, trainable_mask
-from onestory_jax.training.step import LossFn, TrainState, init_state, make_train_step
+from onestory_jax.training.optim import trainable_mask
+from onestory_jax.training.step import LossFn, TrainState, jit_train_step, make_state
 
 VAL_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # validation timestep buckets (sigma at each bucket's centre)
 VAL_SEED_OFFSET = 7919  # the validation iterator and noise use train.seed + this
@@ -56,7 +56,7 @@ def _host_dataset(cfg: Config) -> grain.IterDataset:
     return make_dataset(cfg, cfg.train.batch_size // jax.process_count(), jax.process_index(), jax.process_count())
 
 
-def _global_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+def global_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
     """Host-local batch rows -> one global array per key, split over (data, fsdp)."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in batch.items()}
 
@@ -95,14 +95,6 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState, data_iter: Any) 
     return restored["state"]
 
 
-def _replicate_scalars(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
-    """Put leaves made outside the mesh (step, rng, optimizer counts) on it, replicated, so that
-    every leaf is a global array (multi-process) and has one fixed sharding."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    on_mesh = lambda a: isinstance(a.sharding, jax.sharding.NamedSharding) and a.sharding.mesh == mesh
-    return jax.tree.map(lambda a: a if on_mesh(a) else jax.device_put(np.asarray(a), replicated), state)
-
-
 def pretrained_params(
     folder: Path,
     part: str,
@@ -131,7 +123,7 @@ def _check_init(cfg: Config) -> None:
     tc = cfg.train
     if tc.init_from or tc.from_scratch:
         return
-    n = sum(a.size for a in jax.tree.leaves(jax.eval_shape(dit_init_fn(cfg.dit), jax.random.key(0))))
+    n = sum(a.size for a in jax.tree.leaves(jax.eval_shape(dit_init_fn(cfg.dit, cfg.dit_runtime), jax.random.key(0))))
     if n >= FROM_SCRATCH_LIMIT:
         raise UserError(
             f"train.init_from is empty: this {n / 1e9:.1f}B-parameter DiT would train from random init; convert "
@@ -140,42 +132,30 @@ def _check_init(cfg: Config) -> None:
         )
 
 
-def _adapt_lora(dit: Any, source: DiTConfig, target: DiTConfig, mesh: jax.sharding.Mesh, rng: jax.Array) -> Any:
+def _adapt_lora(dit: Any, source: DiTConfig, target: Config, mesh: jax.sharding.Mesh, rng: jax.Array) -> Any:
     """A pretrained DiT's params for this config's LoRA: a source LoRA of other settings is folded into
     the kernels; a fresh LoRA (B = 0) is added where this config asks for one and the DiT has none."""
     adapter = lambda c: tuple(getattr(c, f) for f in DIT_ADAPTER_FIELDS)
-    if source.lora_rank and adapter(source) != adapter(target):
+    if source.lora_rank and adapter(source) != adapter(target.dit):
         dit, _ = lora.merge(dit, source)
-    if target.lora_rank and not lora.has_lora(dit):
-        dit = lora.with_fresh_lora(dit, target, mesh, rng)
+    if target.dit.lora_rank and not lora.has_lora(dit):
+        dit = lora.with_fresh_lora(dit, target.dit, target.dit_runtime, mesh, rng)
     return dit
 
 
-def _initial_state(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
-    """Fresh sharded train state and its optimizer: the DiT of train.init_from (a model folder) and its
-    memory modules carried over as `memory_params_from_pretrained` says, or random ones; memory
-    modules a source lacks start from the DiT (`memory_params_from_dit`)."""
-    tc = cfg.train
-    rng = jax.random.key(tc.seed + 1)
-    if tc.init_from:
-        folder = Path(tc.init_from)
-        try:
-            check_folder(folder)
-            source, params = read_onestory(folder, cfg, mesh)
-        except UserError as e:
-            raise UserError(f"train.init_from: {e}") from None
-        stored = params.pop("memory", None)
-        params["dit"] = _adapt_lora(params["dit"], source.dit, cfg.dit, mesh, jax.random.fold_in(rng, 1))
-        params["memory"] = (
-            memory_params_from_dit(cfg, params["dit"], rng)
-            if stored is None
-            else memory_params_from_pretrained(cfg, source, stored, params["dit"], rng)
-        )
-    else:
-        params = init_sharded(boxed_init_fn(cfg), mesh, jax.random.key(tc.seed))
-        params["memory"] = memory_params_from_dit(cfg, params["dit"], rng)
-    tx = make_optimizer(tc, params)
-    return _replicate_scalars(init_state(params, tx, tc.seed, ema=tc.ema_decay > 0), mesh), tx
+def _pretrained_onestory(cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """The params of train.init_from (a model folder): its DiT, with this config's LoRA, and its memory
+    modules carried over as `onestory.memory_params` says (started from the DiT when it has none)."""
+    rng = jax.random.key(cfg.train.seed + 1)
+    folder = Path(cfg.train.init_from)
+    try:
+        check_folder(folder)
+        source, params = read_onestory(folder, cfg, mesh)
+    except UserError as e:
+        raise UserError(f"train.init_from: {e}") from None
+    stored = params.pop("memory", None)
+    dit = _adapt_lora(params["dit"], source.dit, cfg, mesh, jax.random.fold_in(rng, 1))
+    return {"dit": dit, "memory": onestory.memory_params(cfg, dit, rng, None if stored is None else (source, stored))}
 
 
 def _export_params(state: TrainState) -> Any:
@@ -191,7 +171,7 @@ class Validator:
     def __init__(self, cfg: Config, mesh: jax.sharding.Mesh):
         seed = cfg.train.seed + VAL_SEED_OFFSET
         data = iter(_host_dataset(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))))
-        self.batches = [_global_batch(next(data), mesh) for _ in range(cfg.train.val_batches)]
+        self.batches = [global_batch(next(data), mesh) for _ in range(cfg.train.val_batches)]
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
         def losses(params: Any, batch: dict[str, jax.Array], index: jax.Array) -> jax.Array:
@@ -237,7 +217,8 @@ class Stage:
     """What a training stage gives the one loop, `train`; the rest (mesh, resume at the exact data
     position, NaN checks, async checkpoints, logging, validation) is shared."""
 
-    initial_state: Callable[[Config, jax.sharding.Mesh], tuple[TrainState, optax.GradientTransformation]]
+    init: Callable[[Config], Callable[[jax.Array], Any]]  # rng -> boxed fresh params: their values and layout
+    pretrained: Callable[[Config, jax.sharding.Mesh], Any]  # the params of train.init_from (laid out as `init`'s)
     dataset: Callable[[Config], grain.IterDataset]  # this host's batches {name: array}
     objective: LossFn
     cost: Callable[
@@ -295,7 +276,34 @@ def _export_onestory(cfg: Config, params: Any, workdir: Path, mesh: jax.sharding
         copy_parts(source, out, [p for p in required_parts(cfg) if p != model_folder.ONESTORY])
 
 
-ONESTORY = Stage(_initial_state, _host_dataset, loss_fn, _onestory_cost, _export_onestory, validates=True, check=_check_init)
+ONESTORY = Stage(
+    onestory.init_fn,
+    _pretrained_onestory,
+    _host_dataset,
+    loss_fn,
+    _onestory_cost,
+    _export_onestory,
+    validates=True,
+    check=_check_init,
+)
+
+
+def initial_state(
+    cfg: Config, mesh: jax.sharding.Mesh, stage: Stage = ONESTORY, abstract: bool = False
+) -> tuple[TrainState, TrainState, optax.GradientTransformation]:
+    """(state at step 0, its shardings, optimizer) of `stage` on `mesh`, as `train` starts: the params of
+    train.init_from, else `stage.init`'s from key train.seed, both laid out as `stage.init` lays them out.
+    abstract: the same state as ShapeDtypeStructs, nothing read or allocated (the AOT memory analysis).
+    Runs inside `activate(mesh)`."""
+    init, rng = stage.init(cfg), jax.random.key(cfg.train.seed)
+    if abstract:
+        params = abstract_params(init, mesh, rng)
+    elif cfg.train.init_from:
+        layout = jax.tree.map(lambda a: a.sharding, abstract_params(init, mesh, rng))
+        params = jax.device_put(stage.pretrained(cfg, mesh), layout)
+    else:
+        params = init_sharded(init, mesh, rng)
+    return make_state(cfg, params, mesh)
 
 
 def train(
@@ -315,17 +323,13 @@ def train(
     lead = jax.process_index() == 0
     data_iter = iter(stage.dataset(cfg))
     with activate(mesh):
-        state, tx = stage.initial_state(cfg, mesh)
+        state, shardings, tx = initial_state(cfg, mesh, stage)
         manager = _manager(workdir, cfg)
         if manager.latest_step() is not None:
             state = _restore(manager, state, data_iter)
         if lead:  # the workdir's config.yaml describes its checkpoints: written once this config fits them
             require_free_space(workdir, sum(a.nbytes for a in jax.tree.leaves(state)), "a checkpoint of the train state")
             (workdir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        # Pinned shardings: the state keeps one layout across steps and restarts, so a resumed run
-        # executes the very same program as an uninterrupted one (bitwise-equal results on CPU).
-        state_shardings = jax.tree.map(lambda a: a.sharding, state)
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         start = int(state.step)
         end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
         cost = stage.cost(cfg, state.params)
@@ -334,17 +338,11 @@ def train(
         step_fn, metrics = None, {}
         try:
             for step in range(start, end):
-                global_batch = _global_batch(next(data_iter), mesh)
-                if step_fn is None:
-                    batch_shardings = jax.tree.map(lambda a: a.sharding, global_batch)
-                    step_fn = jax.jit(
-                        make_train_step(cfg, tx, stage.objective),
-                        donate_argnums=0,
-                        in_shardings=(state_shardings, batch_shardings),
-                        out_shardings=(state_shardings, replicated),
-                    )
-                state, m = step_fn(state, global_batch)
-                monitor.count(*cost({k: v.shape for k, v in global_batch.items()}))
+                batch = global_batch(next(data_iter), mesh)
+                if step_fn is None:  # the batch's shardings are known once one is read
+                    step_fn = jit_train_step(cfg, tx, shardings, jax.tree.map(lambda a: a.sharding, batch), stage.objective)
+                state, m = step_fn(state, batch)
+                monitor.count(*cost({k: v.shape for k, v in batch.items()}))
                 log, save = _due(step + 1, tc.log_every, end), _due(step + 1, tc.checkpoint_every, end)
                 kept = save or step + 1 == tc.steps  # saved, or exported as the model
                 if log or kept:  # nothing non-finite is logged as fine, saved or exported

@@ -4,8 +4,9 @@ The released Wan-VAE is converted, never trained here; the demo's small VAE conf
 so this stage trains it as a regularised autoencoder on clips of synthetic stories
 (`onestory_jax.data.synthetic`): L = MSE + L1 of the reconstruction from latents with Gaussian
 noise added (`train.vae_stage.latent_noise`, so the decoder tolerates imperfect generated latents) plus
-`train.vae_stage.latent_penalty` * mean(mu^2). At the end it measures the per-channel latent statistics
-(stored as `vae.latents_mean/std`, as Wan's are) and exports a model folder of the frozen parts:
+`train.vae_stage.latent_penalty` * mean(mu^2), plus `train.vae_stage.still_consistency` * the still
+drift (a still clip must keep its first frame's code in every latent frame). At the end it measures
+the per-channel latent statistics (stored as `vae.latents_mean/std`, as Wan's are) and exports a model folder of the frozen parts:
 `model/vae` (trained), `model/text_encoder` and `model/image_encoder` (random, fixed seed: frozen
 features the DiT learns to read) and `model/tokenizer` (byte-level).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,6 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from onestory_jax.checkpoint import save_model
 from onestory_jax.config import Config
@@ -30,8 +31,6 @@ from onestory_jax.errors import UserError
 from onestory_jax.models import byte_tokenizer, image_encoder, text_encoder, vae
 from onestory_jax.sharding import init_sharded
 from onestory_jax.training.loop import Stage, pretrained_params, train
-from onestory_jax.training.optim import make_optimizer
-from onestory_jax.training.step import TrainState, init_state
 
 
 def _crop_corner(rng: np.random.Generator, masks: np.ndarray, crop: int, on_character: bool) -> tuple[int, int]:
@@ -80,7 +79,18 @@ def vae_loss(
     l1 = jnp.mean(jnp.abs(recon - video))
     penalty = jnp.mean(mu**2)
     loss = mse + l1 + cfg.train.vae_stage.latent_penalty * penalty
-    return loss, {"loss": loss, "mse": mse, "latent_rms": jnp.sqrt(penalty)}
+    metrics = {"mse": mse, "latent_rms": jnp.sqrt(penalty)}
+    if cfg.train.vae_stage.still_consistency:
+        metrics["still_drift"] = still_drift(cfg, params["vae"], video)
+        loss = loss + cfg.train.vae_stage.still_consistency * metrics["still_drift"]
+    return loss, {"loss": loss, **metrics}
+
+
+def still_drift(cfg: Config, params: Any, video: jax.Array) -> jax.Array:
+    """How far the latent of a still clip (`video`'s last frame held, [B, T, H, W, 3]) moves from its first
+    latent frame (the frame's image code) in the later ones, relative to the latents' mean square."""
+    codes = vae.encode(cfg.vae, params, jnp.broadcast_to(video[:, -1:], video.shape))  # [B, t, h, w, z]
+    return jnp.mean((codes[:, 1:] - codes[:, :1]) ** 2) / jax.lax.stop_gradient(jnp.mean(codes**2) + 1e-6)
 
 
 def latent_statistics(cfg: Config, params: Any, clips: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -114,13 +124,9 @@ def _pretrained_vae(folder: Path, cfg: Config, mesh: jax.sharding.Mesh) -> Any:
     )
 
 
-def _initial_state(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[TrainState, optax.GradientTransformation]:
-    """Fresh VAE params (from train.init_from's VAE when set) and the optimizer."""
-    params = init_sharded(lambda rng: {"vae": vae.init_fn(cfg.vae)(rng)}, mesh, jax.random.key(cfg.train.seed))
-    if cfg.train.init_from:
-        params["vae"] = _pretrained_vae(Path(cfg.train.init_from), cfg, mesh)
-    tx = make_optimizer(cfg.train, params)
-    return init_state(params, tx, cfg.train.seed, ema=False), tx
+def _init(cfg: Config) -> Callable[[jax.Array], dict[str, Any]]:
+    """rng -> boxed fresh params {"vae": ...}."""
+    return lambda rng: {"vae": vae.init_fn(cfg.vae)(rng)}
 
 
 def measured(cfg: Config, vae_params: Any) -> Config:
@@ -145,7 +151,14 @@ def _export(cfg: Config, params: dict[str, Any], workdir: Path, mesh: jax.shardi
     export_frozen_parts(cfg, {"vae": params["vae"], **frozen}, workdir / "model")
 
 
-VAE_STAGE = Stage(_initial_state, clip_dataset, vae_loss, lambda cfg, params: lambda shapes: (0, 0.0), _export)
+VAE_STAGE = Stage(
+    _init,
+    lambda cfg, mesh: {"vae": _pretrained_vae(Path(cfg.train.init_from), cfg, mesh)},
+    clip_dataset,
+    vae_loss,
+    lambda cfg, params: lambda shapes: (0, 0.0),
+    _export,
+)
 
 
 def train_vae(cfg: Config, workdir: str | Path, progress: bool = True, stop_after: int | None = None) -> dict[str, float]:
