@@ -7,7 +7,6 @@ apt-get install chromium chromium-driver; pip install -e '.[studio]')."""
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -60,7 +59,9 @@ def studio(tmp_path_factory):
     """A studio process on models/demo serving an empty run folder: (url, out, log)."""
     tmp = tmp_path_factory.mktemp("studio")
     out, log_path, port = tmp / "out", tmp / "studio.log", _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "JAX_PLATFORMS": "cpu"}  # one CPU device
+    from train_runs import train_env
+
+    env = train_env(devices=1)  # one CPU device, the suite's other XLA flags
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "onestory_jax.studio", "--checkpoint", str(MODEL), "--out", str(out), "--port", str(port)],

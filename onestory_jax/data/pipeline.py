@@ -176,4 +176,6 @@ def make_dataset(cfg: Config, batch_size: int, process_index: int = 0, process_c
     ds = ds.shuffle(seed=cfg.train.seed).repeat(None)
     ds = ds.map(lambda i: (int(i), source[int(i)]))
     ds = ds.random_map(example, seed=cfg.train.seed)
-    return ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
+    # 16 batches read ahead, not grain's default 500: those cost a short run (the tests' train.py runs) ~10 s of CPU
+    # after its last step, and a long one their memory (500 batches of latents).
+    return ds.batch(batch_size, drop_remainder=True).to_iter_dataset(grain.ReadOptions(prefetch_buffer_size=16))

@@ -64,7 +64,8 @@ def clip_dataset(cfg: Config) -> grain.IterDataset:
     ds = grain.MapDataset.range(2**31 - 1).shuffle(seed=tc.seed)
     vs = tc.vae_stage
     ds = ds.map(lambda i: synthetic_clip(int(i), vs.clip_frames, vs.clip_size, character_crops=vs.character_crops))
-    return ds.batch(tc.batch_size, drop_remainder=True).map(lambda video: {"video": video}).to_iter_dataset()
+    ds = ds.batch(tc.batch_size, drop_remainder=True).map(lambda video: {"video": video})
+    return ds.to_iter_dataset(grain.ReadOptions(prefetch_buffer_size=16))  # as data.pipeline's: not grain's 500
 
 
 def vae_loss(
