@@ -3,7 +3,6 @@
 import contextlib
 import fcntl
 import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -11,23 +10,9 @@ from pathlib import Path
 
 import pytest
 
-
-def _xla_accepts(flag: str) -> bool:
-    """Whether this jaxlib's XLA knows `flag` (an unknown flag in XLA_FLAGS aborts the process that reads it)."""
-    probe = [sys.executable, "-c", "import jax; jax.devices()"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flag}
-    return subprocess.run(probe, env=env, capture_output=True).returncode == 0
-
-
 # The suite compiles far more than it computes (tiny models, a few steps): LLVM's optimisation of the CPU
-# programs (up to 7x the compile time) costs more than it saves, so it is off for the suite and its subprocesses;
-# so are XLA's newer fusion emitters where this XLA can turn them off (its older emitters compile a tiny train.py
-# run's programs in 0.6x the CPU time). Set once, by the first process (pytest-xdist's workers inherit it).
-if "XLA_FLAGS" not in os.environ:
-    flags = ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"]
-    if _xla_accepts(legacy := "--xla_cpu_use_fusion_emitters=false"):
-        flags.append(legacy)
-    os.environ["XLA_FLAGS"] = " ".join(flags)
+# programs (up to 7x the compile time) costs more than it saves, so it is off for the suite and its subprocesses.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session, shared with the CLI subprocesses the tests start:
 # the tiny model's init and programs compile once, not once per sample.py / train.py run.
