@@ -7,6 +7,7 @@ apt-get install chromium chromium-driver; pip install -e '.[studio]')."""
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -59,9 +60,7 @@ def studio(tmp_path_factory):
     """A studio process on models/demo serving an empty run folder: (url, out, log)."""
     tmp = tmp_path_factory.mktemp("studio")
     out, log_path, port = tmp / "out", tmp / "studio.log", _free_port()
-    from train_runs import train_env
-
-    env = train_env(devices=1)  # one CPU device, the suite's other XLA flags
+    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "JAX_PLATFORMS": "cpu"}  # one CPU device
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "onestory_jax.studio", "--checkpoint", str(MODEL), "--out", str(out), "--port", str(port)],
