@@ -14,9 +14,14 @@ import pytest
 # programs (up to 7x the compile time) costs more than it saves, so it is off for the suite and its subprocesses.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache for the session, shared with the CLI subprocesses the tests start:
-# the tiny model's init and programs compile once, not once per sample.py / train.py run.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="onestory-jax-cache-"))
+# One persistent compilation cache for the test run, shared by both xdist workers and the CLI subprocesses
+# they start: the tiny model's init and programs compile once, not once per worker and sample.py / train.py
+# run. A size cap turns on JAX's file lock around each entry, so no process reads another's half-written one.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # set by xdist in each worker before this file is imported
+_CACHE = os.path.join(tempfile.gettempdir(), f"onestory-jax-cache-{_RUN or os.getpid()}")
+os.makedirs(_CACHE, exist_ok=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 sys.path.insert(0, os.path.dirname(__file__))
 

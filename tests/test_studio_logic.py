@@ -92,6 +92,7 @@ def test_add_shot_and_settings_fields():
     assert data["settings"] == {"steps": 4, "guidance": 2.5} and data["memory"] == {"strategy": "recent", "budget": 2}
     data = se.apply_settings(data, None, 5, float("nan"), None, None)  # blank: the model's
     assert data["settings"] == {"seed": 5}
+    assert se.apply_settings(data, 0, None, None, None, None)["settings"] == {}  # an unloaded page's blank box
 
 
 def test_references_named_added_removed():

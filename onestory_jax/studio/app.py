@@ -71,10 +71,11 @@ def build(studio: Studio, initial: dict[str, Any], title: str = "OneStory studio
                     add_btn = gr.Button("Add shot", scale=1, elem_id="add-shot")
                 sampler = studio.model.cfg.sampler
                 with gr.Row():
-                    steps = gr.Number(
-                        label=f"steps (blank: {sampler.steps})", precision=0, minimum=1, min_width=90, elem_id="steps"
-                    )
-                    seed = gr.Number(label="seed (blank: 0)", precision=0, minimum=0, min_width=90, elem_id="seed")
+                    # No `minimum`: Gradio's page can send 0 for a blank box before it has loaded, and a bound
+                    # turns that into an error of the click (story_edit.apply_settings reads 0 steps as blank;
+                    # the story's parse refuses negative values).
+                    steps = gr.Number(label=f"steps (blank: {sampler.steps})", precision=0, min_width=90, elem_id="steps")
+                    seed = gr.Number(label="seed (blank: 0)", precision=0, min_width=90, elem_id="seed")
                     guidance = gr.Number(label=f"guidance (blank: {sampler.guidance:g})", min_width=90, elem_id="guidance")
                     strategy = gr.Dropdown(list(STRATEGIES), label="memory", min_width=90, elem_id="strategy")
                     budget = gr.Dropdown([1, 2, 3], label="budget", min_width=90, elem_id="budget")

@@ -188,7 +188,8 @@ def apply_settings(
     data = copy.deepcopy(data)
     settings = dict(data.get("settings") or {})
     for key, value in (("steps", steps), ("seed", seed), ("guidance", guidance)):
-        if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        blank = value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+        if blank or (key == "steps" and value == 0):  # 0 steps: a blank box as the page may send it
             settings.pop(key, None)
         else:
             settings[key] = float(value) if key == "guidance" else int(value)

@@ -87,11 +87,17 @@ def vae_loss(
     return loss, {"loss": loss, **metrics}
 
 
+def code_drift(codes: jax.Array) -> jax.Array:
+    """Mean square of the later latent frames' difference from the first, over the codes' mean square:
+    codes [B, t, h, w, z]. Scale-invariant (the gradient flows through both), so an encoder cannot lower it
+    by shrinking its latents under the stage's latent noise, which blurs the reconstruction."""
+    return jnp.mean((codes[:, 1:] - codes[:, :1]) ** 2) / (jnp.mean(codes**2) + 1e-6)
+
+
 def still_drift(cfg: Config, params: Any, video: jax.Array) -> jax.Array:
-    """How far the latent of a still clip (`video`'s last frame held, [B, T, H, W, 3]) moves from its first
-    latent frame (the frame's image code) in the later ones, relative to the latents' mean square."""
-    codes = vae.encode(cfg.vae, params, jnp.broadcast_to(video[:, -1:], video.shape))  # [B, t, h, w, z]
-    return jnp.mean((codes[:, 1:] - codes[:, :1]) ** 2) / jax.lax.stop_gradient(jnp.mean(codes**2) + 1e-6)
+    """`code_drift` of a still clip's latents (`video`'s last frame held, [B, T, H, W, 3]): how far its later
+    latent frames move from its first (the frame's image code)."""
+    return code_drift(vae.encode(cfg.vae, params, jnp.broadcast_to(video[:, -1:], video.shape)))
 
 
 def latent_statistics(cfg: Config, params: Any, clips: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
