@@ -235,7 +235,7 @@ def test_random_params_are_those_of_one_full_init():
     cfg = load_config("tiny")
     mesh = make_mesh(cfg.mesh)
     with activate(mesh):
-        ours = random_params(cfg, mesh, 3)
-        full = init_sharded(init_fn(cfg, components(cfg)), mesh, jax.random.key(3))
+        ours = random_params(cfg, mesh, 0)  # seed 0: the programs of sample.py --config tiny (compile cache)
+        full = init_sharded(init_fn(cfg, components(cfg)), mesh, jax.random.key(0))
     assert sorted(ours) == sorted(full) == ["dit", "image_encoder", "memory", "text_encoder", "vae"]
     jax.tree.map(np.testing.assert_array_equal, ours, full)
