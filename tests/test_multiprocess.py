@@ -18,6 +18,7 @@ import numpy as np
 from train_runs import MESH, ROOT, TINY, assert_same_params, train_cmd, train_env
 
 HOSTS = 2
+PARAM_ATOL, LOSS_RTOL = 5e-6, 2e-6
 EXTRA = ("train.val_every=6", "train.val_batches=1", "train.checkpoint_every=3")  # one validation, at the end
 
 
@@ -55,11 +56,10 @@ def run_all(procs: list[subprocess.Popen], timeout: float = 400) -> list[str]:
 
 
 def start(cmd: list[str], **env: str) -> subprocess.Popen:
-    """`cmd` with LLVM-optimised CPU code: the 1e-6 tolerances below hold for its reduction orders (it passed
-    5 runs of 5); with the suite's unoptimised code one parameter of 24576 was 1.6e-6 off."""
-    return subprocess.Popen(
-        cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=train_env(optimised=True, **env)
-    )
+    """`cmd` with the suite's unoptimised CPU code (LLVM's optimisation cost the test a third of its time). Its
+    reduction orders differ by up to 1.6e-6 in one parameter of 24576 (seen once; 6e-8 in three runs here),
+    hence PARAM_ATOL: a wrong split or average of the batch moves parameters by ~1e-3 a step."""
+    return subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=train_env(**env))
 
 
 def distributed_run(workdir: Path, records: Path) -> list[subprocess.Popen]:
@@ -91,10 +91,10 @@ def test_two_processes_match_one(tmp_path, records):
     multi, single = tmp_path / "multi", tmp_path / "single"
     run_all([*distributed_run(multi, records), reference_run(single, records)])  # all at once: fewer idle cores
     for name in ("metrics.csv", "val.csv"):
-        np.testing.assert_allclose(column(multi / name, "loss"), column(single / name, "loss"), rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(column(multi / name, "loss"), column(single / name, "loss"), rtol=LOSS_RTOL, err_msg=name)
     assert column(multi / "metrics.csv", "step").tolist() == [1, 2, 3, 4, 5, 6]
     assert column(multi / "val.csv", "bucket").tolist() == [0.1, 0.3, 0.5, 0.7, 0.9]
-    assert_same_params(multi, single, atol=1e-6)
+    assert_same_params(multi, single, atol=PARAM_ATOL)
     assert (multi / "model" / "onestory" / "config.yaml").is_file()
     assert not list(multi.joinpath("model").glob(".*"))  # the export's temporary folders are gone
 

@@ -67,12 +67,11 @@ def write_test_records(path: Path) -> Path:
     return path
 
 
-def train_env(devices: int = 8, optimised: bool = False, **extra: str) -> dict[str, str]:
-    """Environment of a train.py subprocess: `devices` host CPU devices, the session's other XLA flags (with
-    LLVM's optimisation back on if `optimised`) and its persistent compile cache (tests/conftest.py), every
-    program cached: the runs of all workers compile the same programs, and a cached executable is the very
-    same program (bitwise results hold)."""
-    dropped = ("--xla_force_host_platform_device_count",) + (("--xla_backend_optimization_level",) if optimised else ())
+def train_env(devices: int = 8, **extra: str) -> dict[str, str]:
+    """Environment of a train.py subprocess: `devices` host CPU devices, the session's other XLA flags and its
+    persistent compile cache (tests/conftest.py), every program cached: the runs of all workers compile the
+    same programs, and a cached executable is the very same program (bitwise results hold)."""
+    dropped = ("--xla_force_host_platform_device_count",)
     flags = [f for f in os.environ["XLA_FLAGS"].split() if not f.startswith(dropped)]
     return {
         **os.environ,
