@@ -30,12 +30,6 @@ from onestory_jax.sharding import activate, make_mesh
 OUT = Path(__file__).resolve().parent / "results" / "vae_codes.json"
 
 
-def correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation of two equally shaped arrays, flattened."""
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
-
-
 def measure(folder: Path, stories: list[synthetic.SyntheticStory]) -> dict[str, float]:
     """Frame-code correlations and hue round trip of `folder`'s VAE on `stories`."""
     cfg = folder_config(folder)
@@ -51,7 +45,7 @@ def measure(folder: Path, stories: list[synthetic.SyntheticStory]) -> dict[str, 
     lat = np.stack(latents)  # [shots, 3, h, w, z]
     pairs = {"0-1": (0, 1), "1-2": (1, 2), "0-2": (0, 2)}
     return {
-        **{f"corr_{k}": correlation(lat[:, i], lat[:, j]) for k, (i, j) in pairs.items()},
+        **{f"corr_{k}": float(np.corrcoef(lat[:, i].ravel(), lat[:, j].ravel())[0, 1]) for k, (i, j) in pairs.items()},
         "hue_round_trip": float(np.mean(hits)),
         "shots": len(hits),
     }
