@@ -147,6 +147,7 @@ def main() -> None:
     )
     ap.add_argument("--frozen", type=Path, default=Path("models/demo"), help="model folder of the VAE and text encoder")
     ap.add_argument("--radius", type=float, default=synthetic.RADIUS, help="the characters' half-size, in image widths")
+    ap.add_argument("--guidance", type=float, nargs="+", help="sample recall at each of these CFG scales (default: the recipe's)")
     args = ap.parse_args()
     synthetic.RADIUS = args.radius
     frozen_cfg = folder_config(args.frozen)
@@ -207,15 +208,16 @@ def main() -> None:
             f"{np.round(true, 4)}, wrong frame {np.round(wrong, 4)}, gain {np.round(1 - true / wrong, 3)}"
         )
     if args.latents in ("vae", "vae-image"):
-        with activate(mesh):
-            print(sampled_recall(params, cfg, comps, held, args.latents == "vae-image"))
+        for guidance in args.guidance or [cfg.sampler.guidance]:
+            with activate(mesh):
+                print(f"guidance {guidance}: " + sampled_recall(params, cfg, comps, held, guidance, args.latents == "vae-image"))
 
 
-def sampled_recall(params: dict, cfg, comps, held: list[Story], image_coded: bool = False) -> str:
+def sampled_recall(params: dict, cfg, comps, held: list[Story], guidance: float, image_coded: bool = False) -> str:
     """The oracle gate on the bisect's model: each recall shot sampled (20 steps, the recipe's sampler)
     from the same noise with the true and with a wrong context frame, decoded (image-coded latents one
-    frame at a time), its hue checked."""
-    spec = generation_spec(cfg, "last_frame", 1, (8, 8), 20, cfg.sampler.shift, cfg.sampler.solver, cfg.sampler.guidance)
+    frame at a time), its hue checked, at CFG scale `guidance`."""
+    spec = generation_spec(cfg, "last_frame", 1, (8, 8), 20, cfg.sampler.shift, cfg.sampler.solver, guidance)
     sample = shot_sampler(params, cfg, spec, max_memory_shots=1)
     hits: dict[bool, list[bool]] = {True: [], False: []}
     for data in held:
