@@ -6,6 +6,8 @@ For each model folder's VAE, on the 8 shots of each held-out story (9 frames, 3 
 - the correlation of latent frames 0-1, 1-2 and 0-2 of the same shot (centred over all shots). Memory
   hands the DiT an earlier shot's latent frame; if the code depends on the frame's place in its shot, the
   frame is in another code than those the DiT draws (docs/results.md, "The block found");
+- the correlation of latent frames 1-2 with frames 4 and 8 each encoded alone (their image codes: the code
+  `train.vae_stage.keyframe_consistency` trains toward);
 - the hue round trip: the share of shots whose decoded latents the hue check names in the character's colour.
 
 Prints one line per model and writes bench/results/vae_codes.json.
@@ -36,16 +38,19 @@ def measure(folder: Path, stories: list[synthetic.SyntheticStory]) -> dict[str, 
     mesh = make_mesh(cfg.mesh)
     with activate(mesh):
         comps = build_components(cfg, load_frozen_parts(folder, cfg, mesh, ["vae", "text_encoder"]), folder / "tokenizer")
-        latents, hits = [], []
+        latents, alone, hits = [], [], []
         for story in stories:
             for shot, (video, _) in zip(story.shots, synthetic.render_synthetic(story, 9)):
-                lat = comps.encode_video(video.astype(np.float32) / 127.5 - 1.0)  # [3, h, w, z]
+                frames = video.astype(np.float32) / 127.5 - 1.0
+                lat = comps.encode_video(frames)  # [3, h, w, z]
                 latents.append(lat)
+                alone.append(np.concatenate([comps.encode_video(frames[k : k + 1]) for k in (4, 8)]))
                 hits.append(shot_colour(to_uint8(comps.decode_latents(lat))) == story.characters[shot.characters[0]].colour)
-    lat = np.stack(latents)  # [shots, 3, h, w, z]
+    lat, keyframes = np.stack(latents), np.stack(alone)  # [shots, 3, h, w, z], [shots, 2, h, w, z]
     pairs = {"0-1": (0, 1), "1-2": (1, 2), "0-2": (0, 2)}
     return {
         **{f"corr_{k}": float(np.corrcoef(lat[:, i].ravel(), lat[:, j].ravel())[0, 1]) for k, (i, j) in pairs.items()},
+        "corr_keyframes": float(np.corrcoef(lat[:, 1:].ravel(), keyframes.ravel())[0, 1]),
         "hue_round_trip": float(np.mean(hits)),
         "shots": len(hits),
     }
@@ -62,7 +67,8 @@ def main() -> None:
     for folder in args.model:
         results[str(folder)] = r = measure(folder, stories)
         print(
-            f"{folder}: latent frames correlate 0-1 {r['corr_0-1']:.3f}, 1-2 {r['corr_1-2']:.3f}, 0-2 {r['corr_0-2']:.3f}; "
+            f"{folder}: latent frames correlate 0-1 {r['corr_0-1']:.3f}, 1-2 {r['corr_1-2']:.3f}, 0-2 {r['corr_0-2']:.3f}, "
+            f"with frames 4 and 8 alone {r['corr_keyframes']:.3f}; "
             f"hue round trip {r['hue_round_trip']:.3f} ({r['shots']} shots)"
         )
     OUT.parent.mkdir(parents=True, exist_ok=True)

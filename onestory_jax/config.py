@@ -150,6 +150,9 @@ class VAEStageConfig:
     # weight of the still-clip term: one frame held still must encode to the first frame's latent in every
     # latent frame, so a memory frame and a target frame share one code whatever their place in a shot
     still_consistency: float = 0.0
+    # weight of the keyframe term: latent frame k of a clip must be the image code of its frame 4k (that frame
+    # encoded alone), so every latent frame holds one instant in the code of a shot's first frame
+    keyframe_consistency: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

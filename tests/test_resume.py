@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from train_runs import cli
 
 from onestory_jax.sampling import resume
 from onestory_jax.sampling.story import MemorySettings, Settings, Shot, Story
@@ -91,32 +92,32 @@ runpy.run_path("sample.py", run_name="__main__")
 """
 
 
-def _sample(story: Path, out: Path, killed: bool = False) -> subprocess.Popen:
-    prefix = ["-c", KILLED_AFTER_SHOT_2, "sample.py"] if killed else ["sample.py"]
-    return subprocess.Popen(
-        [sys.executable, *prefix, "--config", "tiny", "--story", str(story), "--out", str(out), "--no-progress"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def _killed_sample(story: Path, out: Path) -> subprocess.CompletedProcess:
+    argv = ["--config", "tiny", "--story", str(story), "--out", str(out), "--no-progress"]
+    return subprocess.run([sys.executable, "-c", KILLED_AFTER_SHOT_2, "sample.py", *argv], capture_output=True, text=True)
 
 
-def test_sigkill_keeps_finished_shots_and_the_rerun_is_bitwise_equal(tmp_path):
-    """Killed while shot 3 of 3 is to be denoised: shots 1-2 are on disk; the re-run equals an uninterrupted run."""
+def test_sigkill_keeps_finished_shots_and_the_rerun_is_bitwise_equal(tmp_path, capsys):
+    """Killed while shot 3 of 3 is to be denoised: shots 1-2 are on disk; the re-run equals an uninterrupted run.
+    The uninterrupted run and the re-run run in this process (the killed one loads their programs from the
+    suite's compile cache)."""
     story = tmp_path / "story.yaml"
     story.write_text(yaml.safe_dump(STORY))
-    reference = _sample(story, tmp_path / "ref")  # first: the later runs load its programs from the compile cache
-    assert reference.wait() == 0, reference.communicate()
-    killed = _sample(story, tmp_path / "out", killed=True)
-    assert killed.wait() == -signal.SIGKILL, killed.communicate()
+
+    def sample_here(out: Path) -> None:
+        code, err = cli("sample", ["--config", "tiny", "--story", story, "--out", out, "--no-progress"], capsys)
+        assert code == 0, err
+
+    sample_here(tmp_path / "ref")
+    killed = _killed_sample(story, tmp_path / "out")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert sorted(p.name for p in (tmp_path / "out").glob("shot_*")) == [
         "shot_01.json",
         "shot_01.npy",
         "shot_02.json",
         "shot_02.npy",
     ]
-    rerun = _sample(story, tmp_path / "out")
-    assert rerun.wait() == 0, rerun.communicate()
+    sample_here(tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [s["resumed"] for s in manifest["shots"]] == [True, True, False]
     for i in (1, 2, 3):

@@ -5,7 +5,9 @@ so this stage trains it as a regularised autoencoder on clips of synthetic stori
 (`onestory_jax.data.synthetic`): L = MSE + L1 of the reconstruction from latents with Gaussian
 noise added (`train.vae_stage.latent_noise`, so the decoder tolerates imperfect generated latents) plus
 `train.vae_stage.latent_penalty` * mean(mu^2), plus `train.vae_stage.still_consistency` * the still
-drift (a still clip must keep its first frame's code in every latent frame). At the end it measures
+drift (a still clip must keep its first frame's code in every latent frame) and
+`train.vae_stage.keyframe_consistency` * the keyframe drift (latent frame k must be the image code of
+frame 4k, that frame encoded alone). At the end it measures
 the per-channel latent statistics (stored as `vae.latents_mean/std`, as Wan's are) and exports a model folder of the frozen parts:
 `model/vae` (trained), `model/text_encoder` and `model/image_encoder` (random, fixed seed: frozen
 features the DiT learns to read) and `model/tokenizer` (byte-level).
@@ -81,23 +83,49 @@ def vae_loss(
     penalty = jnp.mean(mu**2)
     loss = mse + l1 + cfg.train.vae_stage.latent_penalty * penalty
     metrics = {"mse": mse, "latent_rms": jnp.sqrt(penalty)}
-    if cfg.train.vae_stage.still_consistency:
-        metrics["still_drift"] = still_drift(cfg, params["vae"], video)
-        loss = loss + cfg.train.vae_stage.still_consistency * metrics["still_drift"]
+    for name, weight, drift in (
+        ("still_drift", cfg.train.vae_stage.still_consistency, still_drift),
+        ("keyframe_drift", cfg.train.vae_stage.keyframe_consistency, keyframe_drift),
+    ):
+        if weight:
+            metrics[name] = drift(cfg, params["vae"], video)
+            loss = loss + weight * metrics[name]
     return loss, {"loss": loss, **metrics}
+
+
+def relative_error(codes: jax.Array, target: jax.Array) -> jax.Array:
+    """Mean square of codes - target over the codes' mean square. Scale-invariant (the gradient flows
+    through both), so an encoder cannot lower it by shrinking its latents under the stage's latent noise,
+    which blurs the reconstruction."""
+    return jnp.mean((codes - target) ** 2) / (jnp.mean(codes**2) + 1e-6)
 
 
 def code_drift(codes: jax.Array) -> jax.Array:
     """Mean square of the later latent frames' difference from the first, over the codes' mean square:
-    codes [B, t, h, w, z]. Scale-invariant (the gradient flows through both), so an encoder cannot lower it
-    by shrinking its latents under the stage's latent noise, which blurs the reconstruction."""
-    return jnp.mean((codes[:, 1:] - codes[:, :1]) ** 2) / (jnp.mean(codes**2) + 1e-6)
+    codes [B, t, h, w, z] (`relative_error` against the first frame, the first frame's zeros left out)."""
+    t = codes.shape[1]
+    return relative_error(codes, codes[:, :1]) * t / (t - 1)
 
 
 def still_drift(cfg: Config, params: Any, video: jax.Array) -> jax.Array:
     """`code_drift` of a still clip's latents (`video`'s last frame held, [B, T, H, W, 3]): how far its later
     latent frames move from its first (the frame's image code)."""
     return code_drift(vae.encode(cfg.vae, params, jnp.broadcast_to(video[:, -1:], video.shape)))
+
+
+def image_codes(cfg: Config, params: Any, frames: jax.Array) -> jax.Array:
+    """frames [B, n, H, W, 3] -> [B, n, h, w, z]: each frame encoded alone (a one-frame clip)."""
+    b, n = frames.shape[:2]
+    codes = vae.encode(cfg.vae, params, frames.reshape(b * n, 1, *frames.shape[2:]))
+    return codes.reshape(b, n, *codes.shape[2:])
+
+
+def keyframe_drift(cfg: Config, params: Any, video: jax.Array) -> jax.Array:
+    """`relative_error` of a clip's latents [B, t, h, w, z] against the image codes of its frames 0, 4, 8, ...
+    (`video` [B, 1 + 4(t - 1), H, W, 3]): latent frame k should hold frame 4k, in the code a shot's first
+    latent frame is in (the image code, which the bisect found the DiT reads from memory)."""
+    codes = vae.encode(cfg.vae, params, video)
+    return relative_error(codes, image_codes(cfg, params, video[:, :: cfg.vae.temporal_factor]))
 
 
 def latent_statistics(cfg: Config, params: Any, clips: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
