@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import yaml
+from train_runs import cli
 
 STORY = {
     "settings": {"width": 32, "height": 48, "frames": 5, "fps": 4, "steps": 2, "seed": 1},
@@ -48,13 +49,13 @@ def test_every_output_is_written_with_the_right_shape(rendered):
     assert not list(out.glob(".*"))  # no temp files left behind
 
 
-def test_resume_skips_finished_shots_and_same_seed_same_latents(rendered):
+def test_resume_skips_finished_shots_and_same_seed_same_latents(rendered, capsys):
     out = rendered / "out"
     before = [np.load(out / f"shot_{i:02d}.npy") for i in (1, 2, 3)]
     for f in out.glob("shot_03.*"):
         f.unlink()
-    r = run("--config", "tiny", "--story", str(rendered / "story.yaml"), "--out", str(out), "--no-progress")
-    assert r.returncode == 0, r.stderr
+    code, err = cli("sample", ["--config", "tiny", "--story", rendered / "story.yaml", "--out", out, "--no-progress"], capsys)
+    assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["resumed"] for s in manifest["shots"]] == [True, True, False]
     after = [np.load(out / f"shot_{i:02d}.npy") for i in (1, 2, 3)]
@@ -86,8 +87,6 @@ def test_unreadable_start_image(rendered):
 
 def test_start_video_resumes_every_shot(rendered, capsys):
     """Shot 1 from a start_video had no shot_01.npy, so every re-run re-denoised every later shot."""
-    from train_runs import cli
-
     (rendered / "vid.yaml").write_text(yaml.safe_dump({**STORY, "start_video": "out/shot_01.mp4"}))
     args = ["--config", "tiny", "--story", rendered / "vid.yaml", "--out", rendered / "vid", "--no-progress"]
     for resumed in ([True, False, False], [True, True, True]):  # shot 1 is the video's latents
@@ -98,21 +97,12 @@ def test_start_video_resumes_every_shot(rendered, capsys):
     assert [s["generated_because"] for s in manifest["shots"]] == [None] * 3 and (rendered / "vid" / "shot_01.npy").is_file()
 
 
-def test_story_sharded_over_sequence_and_cfg_pair_equals_the_plain_run(rendered, tmp_path):
+def test_story_sharded_over_sequence_and_cfg_pair_equals_the_plain_run(rendered, tmp_path, capsys):
     """8 host devices as data 2 (the CFG pair split) x sequence 2 (Ulysses) x fsdp 2 = the fsdp-only run."""
-    r = run(
-        "--config",
-        "tiny",
-        "--story",
-        str(rendered / "story.yaml"),
-        "--out",
-        str(tmp_path / "out"),
-        "--no-progress",
-        "mesh.data=2",
-        "mesh.sequence=2",
-        "mesh.fsdp=2",
-    )
-    assert r.returncode == 0, r.stderr
+    story, out = rendered / "story.yaml", tmp_path / "out"
+    sharding = ["mesh.data=2", "mesh.sequence=2", "mesh.fsdp=2"]
+    code, err = cli("sample", ["--config", "tiny", "--story", story, "--out", out, "--no-progress", *sharding], capsys)
+    assert code == 0, err
     for i in (1, 2, 3):  # fp32 reduction order differs, amplified x5 by guidance and over shots: 2e-5 of the scale
         ref = np.load(rendered / "out" / f"shot_0{i}.npy")
         np.testing.assert_allclose(np.load(tmp_path / "out" / f"shot_0{i}.npy"), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
