@@ -4,12 +4,11 @@ import io
 import json
 import os
 import subprocess
-import sys
 import warnings
 
 import numpy as np
 import pytest
-from train_runs import random_videos
+from train_runs import main_output, random_videos
 
 from onestory_jax.config_files import load_config
 from onestory_jax.data import synthetic
@@ -43,12 +42,10 @@ def model_folder(tmp_path_factory):
     return export_frozen_parts(cfg, params, tmp_path_factory.mktemp("model") / "model")
 
 
-def prepare(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "onestory_jax.data.prepare", "--no-progress", "--size", SIZE, "--frames", "5", *map(str, args)],
-        capture_output=True,
-        text=True,
-    )
+def prepare(capsys, *args) -> subprocess.CompletedProcess:
+    """`python -m onestory_jax.data.prepare` at the tests' size, run in this process (its programs compile once)."""
+    code, out, err = main_output(prepare_main, ["--no-progress", "--size", SIZE, "--frames", "5", *args], capsys)
+    return subprocess.CompletedProcess([], code, out, err)
 
 
 def test_shot_detector_finds_the_cuts(tmp_path):
@@ -74,14 +71,15 @@ def test_augment_mirrors_the_width_axis_and_keeps_channel_order():
             np.testing.assert_array_equal(np.sign(corner), np.broadcast_to(np.float32(colour), corner.shape))
 
 
-def test_videos_become_records_and_a_rerun_resumes(tmp_path, model_folder):
+def test_videos_become_records_and_a_rerun_resumes(tmp_path, model_folder, capsys):
     videos = tmp_path / "videos"
     videos.mkdir()
     video, captions = story_video()
     write_mp4(videos / "clip.mp4", video, fps=8)
     (tmp_path / "captions.jsonl").write_text(json.dumps({"video": "clip.mp4", "captions": captions}) + "\n")
     out = tmp_path / "prepared"
-    r = prepare("--model", model_folder, "--out", out, "--videos", videos, "--captions", tmp_path / "captions.jsonl")
+    args = ["--model", model_folder, "--out", out, "--videos", videos, "--captions", tmp_path / "captions.jsonl"]
+    r = prepare(capsys, *args)
     assert r.returncode == 0, r.stderr
     record = out / "records" / "clip.arrayrecord"
     manifest = json.loads((out / "manifest.json").read_text())
@@ -91,10 +89,7 @@ def test_videos_become_records_and_a_rerun_resumes(tmp_path, model_folder):
     assert batch["target"].shape == (2, 2, 4, 4, 16) and batch["memory"].shape == (2, 4, 4, 4, 16)
     assert np.isfinite(batch["labels"]).all()
     mtime = record.stat().st_mtime_ns
-    assert (
-        prepare("--model", model_folder, "--out", out, "--videos", videos, "--captions", tmp_path / "captions.jsonl").returncode
-        == 0
-    )
+    assert prepare(capsys, *args).returncode == 0
     assert record.stat().st_mtime_ns == mtime  # skipped, not rewritten
 
 
@@ -143,20 +138,20 @@ def test_records_of_an_older_version_are_refused_in_one_line():
     assert decode_record(encode_record(video), 0)["shot_keys"].tolist() == [0, 1]
 
 
-def test_bad_inputs_are_one_clear_line(tmp_path, model_folder):
+def test_bad_inputs_are_one_clear_line(tmp_path, model_folder, capsys):
     videos = tmp_path / "videos"
     videos.mkdir()
     video, captions = story_video()
     write_mp4(videos / "clip.mp4", video, fps=8)
     (tmp_path / "c.jsonl").write_text(json.dumps({"video": "clip.mp4", "captions": captions[:1]}) + "\n")
-    r = prepare("--model", model_folder, "--out", tmp_path / "o", "--videos", videos, "--captions", tmp_path / "c.jsonl")
+    r = prepare(capsys, "--model", model_folder, "--out", tmp_path / "o", "--videos", videos, "--captions", tmp_path / "c.jsonl")
     assert r.returncode == 2 and "3 shots but 1 captions" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    r = prepare("--model", tmp_path, "--out", tmp_path / "o", "--synthetic", "1")
+    r = prepare(capsys, "--model", tmp_path, "--out", tmp_path / "o", "--synthetic", "1")
     assert r.returncode == 2 and "not a part of a model folder" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_synthetic_stories_prepare(tmp_path, model_folder):
-    r = prepare("--model", model_folder, "--out", tmp_path / "syn", "--synthetic", "2", "--seed", "1")
+def test_synthetic_stories_prepare(tmp_path, model_folder, capsys):
+    r = prepare(capsys, "--model", model_folder, "--out", tmp_path / "syn", "--synthetic", "2", "--seed", "1")
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "syn" / "records").glob("*.arrayrecord"))) == 2
     # A re-run with other --frames/--size would mix record shapes: refused from the manifest, before any model...

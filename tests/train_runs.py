@@ -110,8 +110,13 @@ def cli_output(script: str, argv: list[str], capsys) -> tuple[int, str, str]:
     spec = importlib.util.spec_from_file_location(script, ROOT / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return main_output(module.main, argv, capsys)
+
+
+def main_output(main, argv: list, capsys) -> tuple[int, str, str]:
+    """A CLI entry point `main` run in this process as `run_cli` runs it: (exit status, stdout, stderr)."""
     with pytest.raises(SystemExit) as exit_:
-        run_cli(module.main, [str(a) for a in argv])
+        run_cli(main, [str(a) for a in argv])
     captured = capsys.readouterr()
     return exit_.value.code, captured.out, captured.err
 
