@@ -137,8 +137,9 @@ def test_gradients_reach_selector_patchifiers_and_dit():
     text = rng.standard_normal((B, 16, cfg.text_dim)).astype(np.float32)
     labels = rng.standard_normal((B, F)).astype(np.float32)
     t = np.array([300.0, 700.0], np.float32)
-    mem_params = nn.meta.unbox(mem.init(jax.random.key(1), caption, memory, valid)["params"])
-    dit_params = nn.meta.unbox(dit.init(jax.random.key(2), x, t, text)["params"])
+    # jitted throughout: run eagerly, every op of the init and the gradients compiles on its own
+    mem_params = nn.meta.unbox(jax.jit(lambda k: mem.init(k, caption, memory, valid))(jax.random.key(1))["params"])
+    dit_params = nn.meta.unbox(jax.jit(lambda k: dit.init(k, x, t, text))(jax.random.key(2))["params"])
 
     def losses(params):
         scores, _, _, ctx = mem.apply({"params": params["mem"]}, caption, memory, valid)
@@ -147,9 +148,9 @@ def test_gradients_reach_selector_patchifiers_and_dit():
         return l_sel, jnp.mean((v - x[..., :16]) ** 2)
 
     params = {"mem": mem_params, "dit": dit_params}
-    g_sel = jax.grad(lambda p: losses(p)[0])(params)
-    g_diff = jax.grad(lambda p: losses(p)[1])(params)
-    norm = lambda tree: float(sum(jnp.sum(jnp.abs(a)) for a in jax.tree.leaves(tree)))
+    g_sel = jax.jit(jax.grad(lambda p: losses(p)[0]))(params)
+    g_diff = jax.jit(jax.grad(lambda p: losses(p)[1]))(params)
+    norm = lambda tree: float(sum(np.abs(np.asarray(a)).sum() for a in jax.tree.leaves(tree)))
     assert norm(g_sel["mem"]["selector"]) > 0
     assert norm(g_sel["mem"]["conditioner"]) == 0 and norm(g_sel["dit"]) == 0
     assert norm(g_diff["mem"]["conditioner"]) > 0 and norm(g_diff["dit"]["blocks"]) > 0
