@@ -123,7 +123,7 @@ def image_codes(cfg: Config, params: Any, frames: jax.Array) -> jax.Array:
 def keyframe_drift(cfg: Config, params: Any, video: jax.Array) -> jax.Array:
     """`relative_error` of a clip's latents [B, t, h, w, z] against the image codes of its frames 0, 4, 8, ...
     (`video` [B, 1 + 4(t - 1), H, W, 3]): latent frame k should hold frame 4k, in the code a shot's first
-    latent frame is in (the image code, which the bisect found the DiT reads from memory)."""
+    latent frame is in (the image code: the bisect's image-coded latents, docs/results.md)."""
     codes = vae.encode(cfg.vae, params, video)
     return relative_error(codes, image_codes(cfg, params, video[:, :: cfg.vae.temporal_factor]))
 
