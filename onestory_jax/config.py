@@ -153,6 +153,9 @@ class VAEStageConfig:
     # weight of the keyframe term: latent frame k of a clip must be the image code of its frame 4k (that frame
     # encoded alone), so every latent frame holds one instant in the code of a shot's first frame
     keyframe_consistency: float = 0.0
+    # the keyframe term's image codes are those of the VAE the stage starts from (train.init_from), held frozen,
+    # not the trained VAE's own (which drift with it)
+    keyframe_teacher: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

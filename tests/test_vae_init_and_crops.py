@@ -107,3 +107,31 @@ def test_code_drift_cannot_be_lowered_by_shrinking_the_codes():
     # the same value as the term's first, explicit form (the still VAE of docs/results.md was trained on it)
     explicit = jnp.mean((codes[:, 1:] - codes[:, :1]) ** 2) / (jnp.mean(codes**2) + 1e-6)
     np.testing.assert_allclose(float(code_drift(codes)), float(explicit), rtol=1e-5)
+
+
+def test_a_keyframe_teacher_starts_from_init_from_and_never_trains(tmp_path):
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from onestory_jax.models import vae
+    from onestory_jax.training.optim import trainable_mask
+    from onestory_jax.training.vae_stage import TEACHER, _init, keyframe_drift, with_frozen_teacher
+
+    cfg = load_config("tiny", ["train.vae_stage.keyframe_teacher=true"])
+    with pytest.raises(UserError, match="keyframe_teacher holds the VAE of train.init_from frozen: set train.init_from"):
+        with_frozen_teacher(cfg)
+    cfg = load_config("tiny", ["train.vae_stage.keyframe_teacher=true", f"train.init_from={tmp_path}"])
+    frozen = with_frozen_teacher(cfg)
+    mask = trainable_mask(jax.eval_shape(_init(frozen), jax.random.key(0)), frozen.train.trainable)
+    assert all(jax.tree.leaves(mask["vae"])) and not any(jax.tree.leaves(mask[TEACHER]))
+    decoder_only = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, trainable=("decoder",)))
+    with pytest.raises(UserError, match=r"matches the keyframe teacher \(keyframe_teacher/\): match vae/ only"):
+        with_frozen_teacher(decoder_only)
+
+    # The targets are the teacher's image codes: its own VAE as teacher is the term without one.
+    video = jnp.asarray(synthetic_clip(3, 9, 16)[None])
+    params, other = (nn.unbox(vae.init_fn(cfg.vae)(jax.random.key(k))) for k in (0, 1))
+    drift = jax.jit(lambda p, t: keyframe_drift(cfg, p, video, t))
+    np.testing.assert_allclose(float(drift(params, params)), float(jax.jit(lambda p: keyframe_drift(cfg, p, video))(params)))
+    assert abs(float(drift(params, other)) - float(drift(params, params))) > 1e-3

@@ -7,7 +7,8 @@ noise added (`train.vae_stage.latent_noise`, so the decoder tolerates imperfect 
 `train.vae_stage.latent_penalty` * mean(mu^2), plus `train.vae_stage.still_consistency` * the still
 drift (a still clip must keep its first frame's code in every latent frame) and
 `train.vae_stage.keyframe_consistency` * the keyframe drift (latent frame k must be the image code of
-frame 4k, that frame encoded alone). At the end it measures
+frame 4k, that frame encoded alone: by the trained VAE, or with `keyframe_teacher` by the VAE it starts
+from, held frozen). At the end it measures
 the per-channel latent statistics (stored as `vae.latents_mean/std`, as Wan's are) and exports a model folder of the frozen parts:
 `model/vae` (trained), `model/text_encoder` and `model/image_encoder` (random, fixed seed: frozen
 features the DiT learns to read) and `model/tokenizer` (byte-level).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,9 @@ from onestory_jax.errors import UserError
 from onestory_jax.models import byte_tokenizer, image_encoder, text_encoder, vae
 from onestory_jax.sharding import init_sharded
 from onestory_jax.training.loop import Stage, pretrained_params, train
+from onestory_jax.training.optim import trainable_mask
+
+TEACHER = "keyframe_teacher"  # the params of the frozen VAE whose image codes the keyframe term targets
 
 
 def _crop_corner(rng: np.random.Generator, masks: np.ndarray, crop: int, on_character: bool) -> tuple[int, int]:
@@ -85,7 +90,7 @@ def vae_loss(
     metrics = {"mse": mse, "latent_rms": jnp.sqrt(penalty)}
     for name, weight, drift in (
         ("still_drift", cfg.train.vae_stage.still_consistency, still_drift),
-        ("keyframe_drift", cfg.train.vae_stage.keyframe_consistency, keyframe_drift),
+        ("keyframe_drift", cfg.train.vae_stage.keyframe_consistency, partial(keyframe_drift, teacher=params.get(TEACHER))),
     ):
         if weight:
             metrics[name] = drift(cfg, params["vae"], video)
@@ -120,12 +125,13 @@ def image_codes(cfg: Config, params: Any, frames: jax.Array) -> jax.Array:
     return codes.reshape(b, n, *codes.shape[2:])
 
 
-def keyframe_drift(cfg: Config, params: Any, video: jax.Array) -> jax.Array:
+def keyframe_drift(cfg: Config, params: Any, video: jax.Array, teacher: Any = None) -> jax.Array:
     """`relative_error` of a clip's latents [B, t, h, w, z] against the image codes of its frames 0, 4, 8, ...
     (`video` [B, 1 + 4(t - 1), H, W, 3]): latent frame k should hold frame 4k, in the code a shot's first
-    latent frame is in (the image code: the bisect's image-coded latents, docs/results.md)."""
+    latent frame is in (the image code: the bisect's image-coded latents, docs/results.md). The image codes
+    are `teacher`'s (VAE params) when given, else the trained VAE's own."""
     codes = vae.encode(cfg.vae, params, video)
-    return relative_error(codes, image_codes(cfg, params, video[:, :: cfg.vae.temporal_factor]))
+    return relative_error(codes, image_codes(cfg, params if teacher is None else teacher, video[:, :: cfg.vae.temporal_factor]))
 
 
 def latent_statistics(cfg: Config, params: Any, clips: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -160,8 +166,31 @@ def _pretrained_vae(folder: Path, cfg: Config, mesh: jax.sharding.Mesh) -> Any:
 
 
 def _init(cfg: Config) -> Callable[[jax.Array], dict[str, Any]]:
-    """rng -> boxed fresh params {"vae": ...}."""
-    return lambda rng: {"vae": vae.init_fn(cfg.vae)(rng)}
+    """rng -> boxed fresh params {"vae": ...}, and the keyframe teacher's tree beside it when there is one."""
+    parts = ("vae", TEACHER) if cfg.train.vae_stage.keyframe_teacher else ("vae",)
+    return lambda rng: {part: vae.init_fn(cfg.vae)(rng) for part in parts}
+
+
+def _pretrained(cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """train.init_from's VAE, the start of the trained one and, when the keyframe term has a teacher, a
+    copy of it as the frozen teacher."""
+    start = _pretrained_vae(Path(cfg.train.init_from), cfg, mesh)
+    return {"vae": start, TEACHER: jax.tree.map(jnp.copy, start)} if cfg.train.vae_stage.keyframe_teacher else {"vae": start}
+
+
+def with_frozen_teacher(cfg: Config) -> Config:
+    """`cfg`, its keyframe teacher (if any) checked to start from train.init_from and never to train: with no
+    train.trainable patterns, only vae/ trains."""
+    tc = cfg.train
+    if not tc.vae_stage.keyframe_teacher:
+        return cfg
+    if not tc.init_from:
+        raise UserError("train.vae_stage.keyframe_teacher holds the VAE of train.init_from frozen: set train.init_from")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, trainable=tc.trainable or ("^vae/",)))
+    mask = trainable_mask(jax.eval_shape(_init(cfg), jax.random.key(0)), cfg.train.trainable)
+    if any(jax.tree.leaves(mask[TEACHER])):
+        raise UserError(f"train.trainable {list(cfg.train.trainable)} matches the keyframe teacher ({TEACHER}/): match vae/ only")
+    return cfg
 
 
 def measured(cfg: Config, vae_params: Any) -> Config:
@@ -188,7 +217,7 @@ def _export(cfg: Config, params: dict[str, Any], workdir: Path, mesh: jax.shardi
 
 VAE_STAGE = Stage(
     _init,
-    lambda cfg, mesh: {"vae": _pretrained_vae(Path(cfg.train.init_from), cfg, mesh)},
+    _pretrained,
     clip_dataset,
     vae_loss,
     lambda cfg, params: lambda shapes: (0, 0.0),
@@ -206,4 +235,4 @@ def train_vae(cfg: Config, workdir: str | Path, progress: bool = True, stop_afte
         raise UserError(
             f"train.vae_stage.clip_frames must be 1 + 4k and train.vae_stage.clip_size a multiple of {cfg.vae.spatial_factor}"
         )
-    return train(cfg, workdir, progress, stop_after, stage=VAE_STAGE)
+    return train(with_frozen_teacher(cfg), workdir, progress, stop_after, stage=VAE_STAGE)
