@@ -31,29 +31,6 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-# The longest files first (longest-processing-time-first scheduling): with `--dist loadfile` each file runs on one
-# worker, and in collection (alphabetical) order the longest came last, one worker running them alone while the other
-# idled. Ordered by their measured totals in `make test` on the 2-core CPU; files not named keep their order after them.
-LONGEST_FILES = (
-    "test_multiprocess.py",
-    "test_train_loop.py",
-    "test_prepare.py",
-    "test_low_vram.py",
-    "test_preset_fit.py",
-    "test_sample.py",
-    "test_training.py",
-    "test_wan_to_onestory.py",
-    "test_studio.py",
-    "test_train_resilience.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the longest files first (`LONGEST_FILES`); a stable sort, so every file's tests keep their order."""
-    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))
-
-
 @contextlib.contextmanager
 def made_once(tmp_path_factory, worker_id: str, name: str) -> Iterator[tuple[Path, bool]]:
     """(folder, ready) for a session-wide artefact made by the first pytest-xdist worker that asks for
