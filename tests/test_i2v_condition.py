@@ -65,7 +65,7 @@ def test_one_null_text_for_training_and_sampling(monkeypatch):
 
     batch = _batch(cfg, np.random.default_rng(0))
     params = jax.jit(lambda: init_params(cfg, jax.random.key(0)))()
-    # jitted (eagerly, each op compiles on its own): the text L_shot saw is an output of the same trace
+    # jitted (run eagerly, every op compiles on its own); the text L_shot saw is an output of the same trace
     text = jax.jit(lambda p: (losses.loss_fn(p, batch, jax.random.key(0), jnp.array(False), cfg), seen[-1])[1])(params)
     np.testing.assert_array_equal(text, null_text(batch["text"].shape))
     assert not np.any(null_text((4, 8)))
