@@ -68,7 +68,11 @@ def test_a_consistency_term_is_in_the_loss_and_training_it_lowers_its_drift(term
     assert name not in off and float(on[name]) > 0.01  # a random causal VAE codes frames apart
     np.testing.assert_allclose(float(on["loss"]), float(off["loss"]) + 2.0 * float(on[name]), rtol=1e-5)
 
-    drift_and_grad = jax.jit(jax.value_and_grad(lambda p: getattr(vae_stage, name)(cfg, p, video)))
+    drifts = {
+        "still_drift": lambda p: vae_stage.still_drift(cfg, p, video),
+        "keyframe_drift": lambda p: vae_stage.keyframe_drift(cfg, p, video, vae.encode(cfg.vae, p, video)),
+    }
+    drift_and_grad = jax.jit(jax.value_and_grad(drifts[name]))
     p = params["vae"]
     before = float(drift_and_grad(p)[0])
     for _ in range(5):
@@ -116,7 +120,7 @@ def test_a_keyframe_teacher_starts_from_init_from_and_never_trains(tmp_path):
 
     from onestory_jax.models import vae
     from onestory_jax.training.optim import trainable_mask
-    from onestory_jax.training.vae_stage import TEACHER, _init, keyframe_drift, with_frozen_teacher
+    from onestory_jax.training.vae_stage import TEACHER, _init, vae_loss, with_frozen_teacher
 
     cfg = load_config("tiny", ["train.vae_stage.keyframe_teacher=true"])
     with pytest.raises(UserError, match="keyframe_teacher holds the VAE of train.init_from frozen: set train.init_from"):
@@ -129,9 +133,12 @@ def test_a_keyframe_teacher_starts_from_init_from_and_never_trains(tmp_path):
     with pytest.raises(UserError, match=r"matches the keyframe teacher \(keyframe_teacher/\): match vae/ only"):
         with_frozen_teacher(decoder_only)
 
-    # The targets are the teacher's image codes: its own VAE as teacher is the term without one.
+    # The loss targets the teacher's image codes: the VAE's own params as teacher give the term without one.
     video = jnp.asarray(synthetic_clip(3, 9, 16)[None])
-    params, other = (nn.unbox(vae.init_fn(cfg.vae)(jax.random.key(k))) for k in (0, 1))
-    drift = jax.jit(lambda p, t: keyframe_drift(cfg, p, video, t))
-    np.testing.assert_allclose(float(drift(params, params)), float(jax.jit(lambda p: keyframe_drift(cfg, p, video))(params)))
-    assert abs(float(drift(params, other)) - float(drift(params, params))) > 1e-3
+    own, other = (nn.unbox(vae.init_fn(cfg.vae)(jax.random.key(k))) for k in (0, 1))
+    weighted = dataclasses.replace(cfg.train.vae_stage, keyframe_consistency=1.0)
+    on_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, vae_stage=weighted))
+    drift = jax.jit(lambda p: vae_loss(p, {"video": video}, jax.random.key(1), jnp.array(False), on_cfg)[1]["keyframe_drift"])
+    alone = float(drift({"vae": own}))
+    np.testing.assert_allclose(float(drift({"vae": own, TEACHER: own})), alone, rtol=1e-6)
+    assert abs(float(drift({"vae": own, TEACHER: other})) - alone) > 1e-3

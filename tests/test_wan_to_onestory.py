@@ -50,13 +50,13 @@ def sample(folder, tmp_path, *extra):
     )
 
 
-def sample_here(folder, tmp_path, capsys, out="out"):
+def sample_here(folder, tmp_path, capsys):
     """sample.py in this process (compiled programs are shared between a test's renders): a result like run's."""
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(STORY))
     with mock.patch.dict(os.environ, {"ONESTORY_CACHE": str(tmp_path / "cache")}), warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*RANDOM weights")  # a missing part fails the run
         code, out_text, err = cli_output(
-            "sample", ["--checkpoint", folder, "--story", tmp_path / "s.yaml", "--out", tmp_path / out, "--no-progress"], capsys
+            "sample", ["--checkpoint", folder, "--story", tmp_path / "s.yaml", "--out", tmp_path / "out", "--no-progress"], capsys
         )
     return subprocess.CompletedProcess([], code, out_text, err)
 

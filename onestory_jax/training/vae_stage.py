@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -88,20 +87,20 @@ def vae_loss(
     penalty = jnp.mean(mu**2)
     loss = mse + l1 + cfg.train.vae_stage.latent_penalty * penalty
     metrics = {"mse": mse, "latent_rms": jnp.sqrt(penalty)}
-    for name, weight, drift in (
-        ("still_drift", cfg.train.vae_stage.still_consistency, still_drift),
-        ("keyframe_drift", cfg.train.vae_stage.keyframe_consistency, partial(keyframe_drift, teacher=params.get(TEACHER))),
-    ):
-        if weight:
-            metrics[name] = drift(cfg, params["vae"], video)
-            loss = loss + weight * metrics[name]
+    vs = cfg.train.vae_stage
+    if vs.still_consistency:
+        metrics["still_drift"] = still_drift(cfg, params["vae"], video)
+        loss = loss + vs.still_consistency * metrics["still_drift"]
+    if vs.keyframe_consistency:  # the image codes of the frozen teacher when there is one, else the VAE's own
+        metrics["keyframe_drift"] = keyframe_drift(cfg, params.get(TEACHER, params["vae"]), video, mu)
+        loss = loss + vs.keyframe_consistency * metrics["keyframe_drift"]
     return loss, {"loss": loss, **metrics}
 
 
 def relative_error(codes: jax.Array, target: jax.Array) -> jax.Array:
-    """Mean square of codes - target over the codes' mean square. Scale-invariant (the gradient flows
-    through both), so an encoder cannot lower it by shrinking its latents under the stage's latent noise,
-    which blurs the reconstruction."""
+    """Mean square of codes - target over the codes' mean square. Where the target is the same encoder's
+    (the gradient flows through both), scale-invariant: an encoder cannot lower it by shrinking its latents
+    under the stage's latent noise, which blurs the reconstruction."""
     return jnp.mean((codes - target) ** 2) / (jnp.mean(codes**2) + 1e-6)
 
 
@@ -125,13 +124,12 @@ def image_codes(cfg: Config, params: Any, frames: jax.Array) -> jax.Array:
     return codes.reshape(b, n, *codes.shape[2:])
 
 
-def keyframe_drift(cfg: Config, params: Any, video: jax.Array, teacher: Any = None) -> jax.Array:
-    """`relative_error` of a clip's latents [B, t, h, w, z] against the image codes of its frames 0, 4, 8, ...
-    (`video` [B, 1 + 4(t - 1), H, W, 3]): latent frame k should hold frame 4k, in the code a shot's first
-    latent frame is in (the image code: the bisect's image-coded latents, docs/results.md). The image codes
-    are `teacher`'s (VAE params) when given, else the trained VAE's own."""
-    codes = vae.encode(cfg.vae, params, video)
-    return relative_error(codes, image_codes(cfg, params if teacher is None else teacher, video[:, :: cfg.vae.temporal_factor]))
+def keyframe_drift(cfg: Config, image_params: Any, video: jax.Array, codes: jax.Array) -> jax.Array:
+    """`relative_error` of a clip's latents `codes` [B, t, h, w, z] (of `video` [B, 1 + 4(t - 1), H, W, 3])
+    against the image codes of its frames 0, 4, 8, ... by the VAE `image_params` (the trained one, or its
+    frozen teacher): latent frame k should hold frame 4k, in the code a shot's first latent frame is in
+    (the image code: the bisect's image-coded latents, docs/results.md)."""
+    return relative_error(codes, image_codes(cfg, image_params, video[:, :: cfg.vae.temporal_factor]))
 
 
 def latent_statistics(cfg: Config, params: Any, clips: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
