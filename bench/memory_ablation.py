@@ -79,6 +79,7 @@ def render_and_score(
     steps: int,
     frames: int,
     features: Any,
+    model: str,
 ) -> list[dict[str, Any]]:
     """Render (or resume) every story with sample.py's pipeline under the variant's own scheme; its metrics."""
     from onestory_jax.sampling.components import load_for_sampling
@@ -91,17 +92,17 @@ def render_and_score(
     for i, truth in enumerate(stories):
         spec = synthetic.story_file(truth, frames, steps=steps, seed=i, guidance=cfg.sampler.guidance, fps=8)
         run = runs / name / f"story_{i:02d}"
-        if not (run / "manifest.json").is_file():
-            with activate(mesh):
-                render_story(
-                    cfg,
-                    params,
-                    comps,
-                    parse_story({**spec, "memory": {"strategy": strategy}}, f"story {i}"),
-                    run,
-                    progress=False,
-                    mesh=mesh,
-                )
+        with activate(mesh):  # sample.py's resume: shots of these weights and settings are kept, others redrawn
+            render_story(
+                cfg,
+                params,
+                comps,
+                parse_story({**spec, "memory": {"strategy": strategy}}, f"story {i}"),
+                run,
+                progress=False,
+                mesh=mesh,
+                model_id=model,
+            )
         rendered = load_run(run)
         manifest = json.loads((run / "manifest.json").read_text())
         rows.append({"story": i, **recall_metrics(truth, rendered, evaluate_story(rendered, truth, features), manifest)})
@@ -266,11 +267,14 @@ def main() -> None:
     results, strategies = {}, {}
     for name in names:
         folder, strategies[name] = model_folder(name, args.variants, args.frozen, args.out)
-        model = model_identity((args.variants / name / "onestory").resolve(), {"steps": args.steps, "frames": args.frames}, 0)
+        settings = {"steps": args.steps, "frames": args.frames}
+        model = ":".join(model_identity((folder / part).resolve(), settings, 0) for part in ("onestory", *FROZEN))
         file = out / f"{name}.json"
         saved = json.loads(file.read_text()) if file.is_file() else {}
         if not isinstance(saved, dict) or saved.get("model") != model:  # results of other weights are never reused
-            rows = render_and_score(name, folder, strategies[name], stories, out / "runs", args.steps, args.frames, features)
+            rows = render_and_score(
+                name, folder, strategies[name], stories, out / "runs", args.steps, args.frames, features, model
+            )
             forced = teacher_forced(
                 folder, strategies[name], stories, args.first_seed, args.frames, args.steps, name == "fs_only"
             )
