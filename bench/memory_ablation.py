@@ -80,6 +80,7 @@ def render_and_score(
     frames: int,
     features: Any,
     model: str,
+    overrides: list[str],
 ) -> list[dict[str, Any]]:
     """Render (or resume) every story with sample.py's pipeline under the variant's own scheme; its metrics."""
     from onestory_jax.sampling.components import load_for_sampling
@@ -87,7 +88,7 @@ def render_and_score(
     from onestory_jax.sampling.story import parse_story
     from onestory_jax.sharding import activate
 
-    cfg, params, comps, mesh = load_for_sampling(folder, None, [], 0)
+    cfg, params, comps, mesh = load_for_sampling(folder, None, overrides, 0)
     rows = []
     for i, truth in enumerate(stories):
         spec = synthetic.story_file(truth, frames, steps=steps, seed=i, guidance=cfg.sampler.guidance, fps=8)
@@ -110,7 +111,14 @@ def render_and_score(
 
 
 def teacher_forced(
-    folder: Path, strategy: str, stories: list[synthetic.SyntheticStory], first_seed: int, frames: int, steps: int, oracle: bool
+    folder: Path,
+    strategy: str,
+    stories: list[synthetic.SyntheticStory],
+    first_seed: int,
+    frames: int,
+    steps: int,
+    oracle: bool,
+    overrides: list[str],
 ) -> list[dict[str, Any]]:
     """Per story, with the ground truth's latents as memory: selection_on_truth, recall_l_shot_gain and
     (when `oracle`) oracle_recall, the true frame in context."""
@@ -124,7 +132,7 @@ def teacher_forced(
     from onestory_jax.sharding import activate
     from onestory_jax.training.losses import loss_at_sigmas
 
-    cfg, params, comps, mesh = load_for_sampling(folder, None, [], 0)
+    cfg, params, comps, mesh = load_for_sampling(folder, None, overrides, 0)
     choose = jax.jit(lambda p, bank, caption, spec: context_for_shot(p, cfg, bank, caption, spec)[1:], static_argnums=3)
     sigmas = jnp.asarray([0.3, 0.5, 0.7], jnp.float32)
     loss = jax.jit(lambda p, batch, keep: loss_at_sigmas(p, batch, sigmas, jax.random.key(0), cfg, keep).mean(), static_argnums=2)
@@ -205,7 +213,9 @@ def report(results: dict[str, list[dict]], strategies: dict[str, str], args: arg
         "",
         f"{args.stories} held-out 8-shot stories ({recall_n} recall shots), {args.steps} sampler steps, each variant "
         "rendered with its own scheme: " + ", ".join(f"{k} = `{v}`" for k, v in strategies.items()) + ". "
-        f"Reproduce: `python bench/memory_ablation.py --first-seed {args.first_seed} --stories {args.stories}`.",
+        f"Reproduce: `python bench/memory_ablation.py --first-seed {args.first_seed} --stories {args.stories}"
+        + "".join(f" --set {o}" for o in args.set)
+        + "`.",
         "",
         "| variant | " + " | ".join(METRICS) + " |",
         "|" + "---|" * (len(METRICS) + 1),
@@ -256,6 +266,9 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=9)
     ap.add_argument("--out", type=Path, default=Path("bench/results/memory_ablation"))
     ap.add_argument("--report", type=Path, default=Path("docs/results.md"))
+    ap.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of every variant's config: sampler.memory_guidance=3"
+    )
     args = ap.parse_args()
     names = args.only.split(",")
     if any(n not in VARIANTS for n in names):
@@ -267,16 +280,16 @@ def main() -> None:
     results, strategies = {}, {}
     for name in names:
         folder, strategies[name] = model_folder(name, args.variants, args.frozen, args.out)
-        settings = {"steps": args.steps, "frames": args.frames}
+        settings = {"steps": args.steps, "frames": args.frames, "overrides": args.set}
         model = ":".join(model_identity((folder / part).resolve(), settings, 0) for part in ("onestory", *FROZEN))
         file = out / f"{name}.json"
         saved = json.loads(file.read_text()) if file.is_file() else {}
         if not isinstance(saved, dict) or saved.get("model") != model:  # results of other weights are never reused
             rows = render_and_score(
-                name, folder, strategies[name], stories, out / "runs", args.steps, args.frames, features, model
+                name, folder, strategies[name], stories, out / "runs", args.steps, args.frames, features, model, args.set
             )
             forced = teacher_forced(
-                folder, strategies[name], stories, args.first_seed, args.frames, args.steps, name == "fs_only"
+                folder, strategies[name], stories, args.first_seed, args.frames, args.steps, name == "fs_only", args.set
             )
             saved = {"model": model, "rows": [{**a, **b} for a, b in zip(rows, forced)]}
             file.write_text(json.dumps(saved, indent=1))

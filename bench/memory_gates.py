@@ -7,7 +7,7 @@
      latest earlier shot, its last latent frame) >= 0.80, and with a wrong one (the previous shot's
      last frame, another character) <= 0.25, on the same noise.
 
-    python bench/memory_gates.py --model runs/demo/model [--first-seed 1000000] [--stories 30]
+    python bench/memory_gates.py --model runs/demo/model [--first-seed 1000000] [--stories 30] [--set KEY=VALUE ...]
 
 The memory of gate 4 is the ground truth's latents (teacher forcing: `sampling.teacher_forced`).
 Prints one line per gate and writes the numbers to --out (JSON).
@@ -56,13 +56,14 @@ def oracle_sampler(params: dict, cfg: Any, steps: int, size: int = 64) -> Any:
     """One compiled teacher-forced sampler (`sampling.teacher_forced`) whose context is the last latent
     frame of the one memory shot it is given, at the world's `size` and the model's sampler settings."""
     hw = (size // cfg.vae.spatial_factor,) * 2
-    spec = generation_spec(cfg, "last_frame", 1, hw, steps, cfg.sampler.shift, cfg.sampler.solver, cfg.sampler.guidance)
+    s = cfg.sampler
+    spec = generation_spec(cfg, "last_frame", 1, hw, steps, s.shift, s.solver, s.guidance, memory_guidance=s.memory_guidance)
     return shot_sampler(params, cfg, spec, max_memory_shots=1)
 
 
-def gates(model: Path, first_seed: int, n: int, steps: int, frames: int) -> dict[str, Any]:
-    """Every gate's per-shot hits, for `n` held-out stories from `first_seed`."""
-    cfg, params, comps, mesh = load_for_sampling(model, None, [], 0)
+def gates(model: Path, first_seed: int, n: int, steps: int, frames: int, overrides: list[str]) -> dict[str, Any]:
+    """Every gate's per-shot hits, for `n` held-out stories from `first_seed` (`overrides`: of the model's config)."""
+    cfg, params, comps, mesh = load_for_sampling(model, None, overrides, 0)
     hits: dict[str, list[bool]] = {k: [] for k in (*GATES, "wrong_frame_recall")}
     with activate(mesh):
         sample = oracle_sampler(params, cfg, steps)
@@ -96,8 +97,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="sampler steps per shot")
     ap.add_argument("--frames", type=int, default=9)
     ap.add_argument("--out", type=Path, default=Path("bench/results/memory_gates/gates.json"))
+    ap.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of the model's config: sampler.memory_guidance=3"
+    )
     args = ap.parse_args()
-    hits = gates(args.model, args.first_seed, args.stories, args.steps, args.frames)
+    hits = gates(args.model, args.first_seed, args.stories, args.steps, args.frames, args.set)
     rates = {k: float(np.mean(v)) for k, v in hits.items()}
     paired = np.asarray(hits["oracle_recall"], float) - np.asarray(hits["wrong_frame_recall"], float)
     half = 1.96 * paired.std(ddof=1) / np.sqrt(len(paired)) if len(paired) > 1 else float("nan")
@@ -106,6 +110,7 @@ def main() -> None:
         "first_seed": args.first_seed,
         "stories": args.stories,
         "steps": args.steps,
+        "overrides": args.set,
         "rates": rates,
         "counts": {k: len(v) for k, v in hits.items()},
         "oracle_minus_wrong": [float(paired.mean()), float(half)],

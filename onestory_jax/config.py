@@ -403,6 +403,9 @@ class SamplerConfig:
     guidance: float = 5.0  # classifier-free guidance scale on text (1.0: no unconditional pass)
     negative_prompt: str = ""  # "": the null text (all-zero embedding) that training drops captions to
     cache: float = 0.0  # step caching threshold (diffusion/loop.py; 0 = off: every step runs the DiT)
+    # Guidance on the memory: the velocity moves away from the one with every context token hidden (as
+    # training's context dropout hides them) by this scale; 1 = off, a third DiT pass per step when on.
+    memory_guidance: float = 1.0
     # A story's default shot size: the size the model was trained at (train.py exports its data's).
     width: int = 832
     height: int = 480
@@ -421,6 +424,8 @@ class SamplerConfig:
             raise UserError(f"sampler.shift must be > 0, got {self.shift}")
         if self.cache < 0:
             raise UserError(f"sampler.cache must be >= 0 (0 = off), got {self.cache}")
+        if self.memory_guidance < 0:
+            raise UserError(f"sampler.memory_guidance must be >= 0 (1 = off), got {self.memory_guidance}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,10 +10,11 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from onestory_jax.config import SamplerConfig
 from onestory_jax.diffusion import (
     add_noise,
-    cfg_combine,
-    cfg_pair,
+    cfg_batch,
     diffusers_flow_schedule,
     flow_match_euler_schedule,
+    guidance_weights,
+    guided_velocity_fn,
     make_schedule,
     sample,
     sample_training_sigmas,
@@ -133,15 +134,20 @@ def test_sample_defaults_and_traced_sigmas():
 
 
 def test_cfg():
-    k = jax.random.split(jax.random.key(0), 3)
-    vc, vu = jax.random.normal(k[0], (2, 3)), jax.random.normal(k[1], (2, 3))
-    np.testing.assert_allclose(cfg_combine(vc, vu, 5.0), vu + 5.0 * (vc - vu), rtol=1e-6)
-    np.testing.assert_allclose(cfg_combine(vc, vu, 1.0), vc, atol=1e-6)
-    x = jax.random.normal(k[2], (2, 3))
-    ctx_c, ctx_u = jnp.array([[1.0], [2.0]]), jnp.array([[-1.0], [0.5]])
+    """Text CFG is v_u + s (v_c - v_u); memory guidance adds (m - 1)(v_c - v_no_memory); scales of 1 drop a branch."""
+    k = jax.random.split(jax.random.key(0), 2)
+    x = jax.random.normal(k[0], (2, 3))
+    full, no_text, no_memory = jnp.array([[1.0], [2.0]]), jnp.array([[-1.0], [0.5]]), jnp.array([[0.3], [-2.0]])
     fn = lambda x, t, ctx: x * ctx + t  # noqa: E731
-    got = cfg_pair(fn, x, 0.25, ctx_c, ctx_u, 4.0)
-    np.testing.assert_allclose(got, cfg_combine(fn(x, 0.25, ctx_c), fn(x, 0.25, ctx_u), 4.0), rtol=1e-6)
+    vc, vu, vm = (fn(x, 0.25, c) for c in (full, no_text, no_memory))
+    got = cfg_batch(fn, x, 0.25, [full, no_text], guidance_weights(4.0), None)
+    np.testing.assert_allclose(got, vu + 4.0 * (vc - vu), rtol=1e-6)
+    got = cfg_batch(fn, x, 0.25, [full, no_text, no_memory], guidance_weights(4.0, 3.0), None)
+    np.testing.assert_allclose(got, vc + 3.0 * (vc - vu) + 2.0 * (vc - vm), rtol=1e-6)
+    got = cfg_batch(fn, x, 0.25, [full, no_memory], guidance_weights(1.0, 3.0), None)
+    np.testing.assert_allclose(got, vc + 2.0 * (vc - vm), rtol=1e-6)
+    assert guidance_weights(1.0, 1.0) == (1.0,)
+    np.testing.assert_allclose(guided_velocity_fn(fn, [full], (1.0,))(x, 0.25), vc)
 
 
 def test_training_helpers():
@@ -173,8 +179,8 @@ def test_on_step_and_sharded_cfg_pair():
     sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     fn = lambda x, t, ctx: x * ctx[:, :1, None, None] + t  # noqa: E731  x [2B, 3, 4, 5], ctx [2B, 7]
     cond, uncond = jnp.ones((2, 7)), jnp.full((2, 7), 0.5)
-    got = jax.jit(lambda x: cfg_pair(fn, x, 0.1, cond, uncond, 5.0, sh))(x)
-    want = cfg_combine(fn(x, 0.1, cond), fn(x, 0.1, uncond), 5.0)
+    got = jax.jit(lambda x: cfg_batch(fn, x, 0.1, [cond, uncond], guidance_weights(5.0), sh))(x)
+    want = fn(x, 0.1, uncond) + 5.0 * (fn(x, 0.1, cond) - fn(x, 0.1, uncond))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 

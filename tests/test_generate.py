@@ -80,6 +80,23 @@ def test_same_seed_same_latents_and_memory_matters(model):
     assert np.abs(np.asarray(none.latents[2] - a.latents[2])).max() > 1e-3  # memory changes later shots
 
 
+def test_memory_guidance_moves_away_from_the_memoryless_velocity(model):
+    """Scale 0 without text CFG leaves only the branch whose context is hidden: the story of no memory. Scale 1
+    is exactly off; scale 3 changes only the shots that have memory."""
+    cfg, params = model
+    run = jax.jit(lambda p, i, s: generate_story(p, cfg, s, i), static_argnums=2)
+    plain = lambda strategy: dataclasses.replace(_spec(strategy), guidance=1.0)  # noqa: E731
+    none = run(params, _inputs(cfg, 0), plain("none"))
+    hidden = run(params, _inputs(cfg, 0), dataclasses.replace(plain("onestory"), memory_guidance=0.0))
+    np.testing.assert_allclose(np.asarray(hidden.latents), np.asarray(none.latents), atol=1e-5)
+    base = run(params, _inputs(cfg, 0), _spec())
+    off = run(params, _inputs(cfg, 0), dataclasses.replace(_spec(), memory_guidance=1.0))
+    np.testing.assert_array_equal(np.asarray(off.latents), np.asarray(base.latents))
+    guided = run(params, _inputs(cfg, 0), dataclasses.replace(_spec(), memory_guidance=3.0))
+    np.testing.assert_allclose(np.asarray(guided.latents[0]), np.asarray(base.latents[0]), atol=1e-5)  # no memory yet
+    assert np.abs(np.asarray(guided.latents[2] - base.latents[2])).max() > 1e-3
+
+
 def test_inactive_and_done_shots(model):
     cfg, params = model
     inputs = _inputs(cfg, 0, n_active=2)

@@ -37,6 +37,7 @@ def test_valid_story_and_defaults(tmp_path):
         ({"settings": {"guidance": float("inf")}}, r"settings\.guidance: must be a finite number"),
         ({"settings": {"shift": float("nan")}}, r"settings\.shift: must be a finite number"),
         ({"settings": {"shift": -1}}, r"settings\.shift: must be > 0"),
+        ({"settings": {"memory_guidance": -1}}, r"settings\.memory_guidance: must be >= 0"),
         ({"shots": [{"caption": True}]}, r"shots\[1\]\.caption: must be a non-empty string, got True \(YAML reads yes/no"),
         ({"settings": {"steps": 10**9}}, r"settings\.steps: 1000000000 is not in 1\.\.1000"),
         ({"settings": {"seed": -5}}, r"settings\.seed: -5 is not in 0\.\.4294967295"),

@@ -1,6 +1,6 @@
 """Flow-matching diffusion: sigma schedules, Euler / UniPC solvers, CFG and the scan sampling loop."""
 
-from onestory_jax.diffusion.guidance import cfg_combine, cfg_pair, guided_velocity_fn
+from onestory_jax.diffusion.guidance import cfg_batch, guidance_weights, guided_velocity_fn
 from onestory_jax.diffusion.loop import sample
 from onestory_jax.diffusion.schedule import (
     FlowSchedule,
@@ -23,13 +23,13 @@ __all__ = [
     "FlowSchedule",
     "SolverState",
     "add_noise",
-    "cfg_combine",
-    "cfg_pair",
+    "cfg_batch",
     "diffusers_flow_schedule",
     "diffusers_flow_sigmas",
     "euler_step",
     "flow_match_euler_schedule",
     "flow_match_euler_sigmas",
+    "guidance_weights",
     "guided_velocity_fn",
     "init_state",
     "make_schedule",

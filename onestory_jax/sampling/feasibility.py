@@ -107,7 +107,7 @@ def plan(story: Story, cfg: Config) -> str:
     h, w = s.height // cfg.vae.spatial_factor, s.width // cfg.vae.spatial_factor
     tokens = noise_tokens(cfg.dit, (1, story.latent_frames, h, w)) + context_tokens(cfg.memory, (h, w))
     image = cfg.image_encoder.num_tokens if cfg.dit.has_image_branch else 0
-    passes = (1 if s.guidance == 1.0 else 2) * s.steps * len(story.shots)
+    passes = (1 + (s.guidance != 1.0) + (s.memory_guidance != 1.0)) * s.steps * len(story.shots)
     flops = passes * dit_forward_flops(cfg.dit, tokens, cfg.dit.text_len, image)
     kind = jax.devices()[0].device_kind
     peak = peak_flops(kind)

@@ -22,7 +22,7 @@ from jax.experimental import io_callback
 
 from onestory_jax.config import Config
 from onestory_jax.data.video import i2v_channels, image_clip
-from onestory_jax.diffusion.guidance import guided_velocity_fn
+from onestory_jax.diffusion.guidance import guidance_weights, guided_velocity_fn
 from onestory_jax.diffusion.loop import sample as denoise
 from onestory_jax.diffusion.schedule import make_schedule
 from onestory_jax.models import vae
@@ -80,6 +80,7 @@ class GenerationSpec:
     solver: str
     guidance: float
     cache: float = 0.0  # step caching threshold (0 = off)
+    memory_guidance: float = 1.0  # guidance on the memory's context tokens (1 = off; guidance.guidance_weights)
 
 
 PIN_BOOST = 1.0e4  # added to a pinned slot's ranking score: pinned frames rank first (best first among them)
@@ -115,6 +116,11 @@ def context_for_shot(
     return context, indices[0], top[0] - boost[indices[0]], selected[0]
 
 
+def without_memory(context: ContextTokens) -> ContextTokens:
+    """The context with every token hidden from attention (what training's context dropout shows)."""
+    return context.replace(mask=jnp.zeros(context.tokens.shape[:2], bool))
+
+
 def next_shot(
     params: dict,
     cfg: Config,
@@ -147,14 +153,15 @@ def next_shot(
         text, ctx, img, y = conditioning  # batch 2B: [cond; uncond]
         return velocity(params, cfg, x, jnp.full(x.shape[:1], t), text, img, y, ctx)
 
-    # Context tokens, image tokens and I2V channels are shared by both branches; only text differs.
-    guided = guided_velocity_fn(
-        dit_fn,
-        (caption[None], context, image, cond),
-        (inputs.negative[None], context, image, cond),
-        spec.guidance,
-        pair_sharding,
-    )
+    # Branches [full, no text, no memory] (those whose scale is not 1): the image tokens and I2V channels are
+    # shared; the no-memory branch hides every context token, as training's context dropout does.
+    memory_scale = spec.memory_guidance if context is not None else 1.0
+    weights = guidance_weights(spec.guidance, memory_scale)
+    branches = [(caption[None], context, image, cond)]
+    branches += [(inputs.negative[None], context, image, cond)] if spec.guidance != 1.0 else []
+    branches += [(caption[None], without_memory(context), image, cond)] if memory_scale != 1.0 else []
+    sharding = pair_sharding if len(branches) == 2 else None  # a pair splits over data = 2; three branches do not
+    guided = guided_velocity_fn(dit_fn, branches, weights, sharding)
 
     def generate() -> Array:
         x_t = inputs.noise[shot][None]
@@ -300,9 +307,10 @@ def generation_spec(
     solver: str,
     guidance: float,
     cache: float = 0.0,
+    memory_guidance: float = 1.0,
 ) -> GenerationSpec:
-    """The static spec of a story program: memory strategy and K, the solver's sigma grid, guidance,
-    step caching."""
+    """The static spec of a story program: memory strategy and K, the solver's sigma grid, guidance (on text
+    and on memory), step caching."""
     sched = make_schedule("wan" if solver == "unipc" else "euler", steps, shift)
     return GenerationSpec(
         strategy=strategy,
@@ -312,6 +320,7 @@ def generation_spec(
         solver=solver,
         guidance=guidance,
         cache=cache,
+        memory_guidance=memory_guidance,
     )
 
 

@@ -150,7 +150,9 @@ def story_spec(cfg: Config, story: Story) -> tuple[Config, GenerationSpec]:
     if story.memory.budget is not None:
         cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, budget=story.memory.budget))
     hw = latent_shape(cfg, story)[1:3]
-    return cfg, generation_spec(cfg, story.memory.strategy, story.memory.k, hw, s.steps, s.shift, s.solver, s.guidance, s.cache)
+    return cfg, generation_spec(
+        cfg, story.memory.strategy, story.memory.k, hw, s.steps, s.shift, s.solver, s.guidance, s.cache, s.memory_guidance
+    )
 
 
 def run_story(

@@ -47,6 +47,7 @@ class Settings:
     solver: Literal["unipc", "euler"] | None = None
     negative_prompt: str | None = None
     cache: float | None = None  # step caching threshold (0 = off)
+    memory_guidance: float | None = None  # guidance on the memory's context tokens (1 = off)
     lora: tuple[LoraFile, ...] = ()  # merged into the model: every story of one run has the same
 
 
@@ -57,6 +58,7 @@ SAMPLER_FIELDS = (
     "solver",
     "negative_prompt",
     "cache",
+    "memory_guidance",
     "width",
     "height",
     "frames",
@@ -123,6 +125,7 @@ _SETTING_TYPES = {
     "solver": _STR,
     "negative_prompt": _STR,
     "cache": _FLOAT,
+    "memory_guidance": _FLOAT,
 }
 
 
@@ -201,6 +204,8 @@ def _settings(src: str, data: Any, base: Path) -> Settings:
         raise UserError(f"{src}: settings.shift: must be > 0")
     if s.cache is not None and s.cache < 0:
         raise UserError(f"{src}: settings.cache: must be >= 0 (0 = off)")
+    if s.memory_guidance is not None and s.memory_guidance < 0:
+        raise UserError(f"{src}: settings.memory_guidance: must be >= 0 (1 = off)")
     if s.solver is not None and s.solver not in SOLVERS:
         raise UserError(f"{src}: settings.solver: {shown(s.solver)} is not one of {', '.join(SOLVERS)}")
     if s.fps is not None and s.fps < 1:
