@@ -150,7 +150,7 @@ def next_shot(
     cond = None if cond is None else cond[None]
 
     def dit_fn(x: Array, t: Array, conditioning: tuple[Array, ContextTokens, Any, Any]) -> Array:
-        text, ctx, img, y = conditioning  # batch 2B: [cond; uncond]
+        text, ctx, img, y = conditioning  # batch N*B: the guidance branches, stacked
         return velocity(params, cfg, x, jnp.full(x.shape[:1], t), text, img, y, ctx)
 
     # Branches [full, no text, no memory] (those whose scale is not 1): the image tokens and I2V channels are
