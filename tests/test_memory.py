@@ -178,3 +178,35 @@ def test_dit_with_empty_or_masked_context_matches_diffusers():
         out = np.asarray(WanDiT(cfg, DiTRuntime()).apply({"params": params}, x, t, text, image, context=ctx))
         assert out.shape == ref.shape  # context tokens are sliced off before the head
         assert np.abs(out - ref).max() / ref.std() < 1e-4
+
+
+def _layer_norm(x, scale, bias):
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + 1e-6) * scale + bias
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+@pytest.mark.parametrize("pooling,token_mlp", [("mean", False), ("max", False), ("max", True)])
+def test_selector_scores_follow_the_pooling_formula(pooling, token_mlp):
+    """S = mean_m (pool_tokens(M1) W_P + b_P) . Q''_m / sqrt(D), M1 = phi_V (+ LN -> fc1 -> GELU -> fc2 residual),
+    recomputed in numpy from the module's phi_V output and Q''."""
+    cfg = dataclasses.replace(CFG, selector_pooling=pooling, selector_token_mlp=token_mlp)
+    mod, inputs = OneStoryMemory(cfg, DIM, HEAD_DIM), _memory_inputs(3)
+    params = nn.meta.unbox(mod.init(jax.random.key(1), *inputs)["params"])
+    scores, state = mod.apply({"params": params}, *inputs, method="score", capture_intermediates=True)
+    inter, sel = state["intermediates"]["selector"], params["selector"]
+    m1 = np.asarray(inter["phi_v"]["__call__"][0], np.float64)  # [B, F, h', w', D]
+    assert ("phi_v_mlp" in sel) == token_mlp
+    if token_mlp:
+        mlp = sel["phi_v_mlp"]
+        h = _layer_norm(m1, np.asarray(mlp["norm"]["scale"]), np.asarray(mlp["norm"]["bias"]))
+        h = _gelu_tanh(h @ np.asarray(mlp["fc1"]["kernel"]) + np.asarray(mlp["fc1"]["bias"]))
+        m1 = m1 + h @ np.asarray(mlp["fc2"]["kernel"]) + np.asarray(mlp["fc2"]["bias"])
+    q = np.asarray(inter["memory_attn"]["__call__"][0], np.float64)  # Q'' [B, m, D]
+    pooled = m1.max(axis=(2, 3)) if pooling == "max" else m1.mean(axis=(2, 3))
+    frame = pooled @ np.asarray(sel["phi_p"]["kernel"]) + np.asarray(sel["phi_p"]["bias"])
+    want = np.einsum("bfd,bmd->bfm", frame, q).mean(-1) / np.sqrt(DIM)
+    np.testing.assert_allclose(np.asarray(scores), want, rtol=1e-4, atol=1e-5)

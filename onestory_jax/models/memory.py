@@ -68,9 +68,24 @@ class QueryAttention(nn.Module):
         return constrain(q + o, ("act_batch", None, "act_embed"))
 
 
+class TokenMLP(nn.Module):
+    """Pre-LN residual MLP (D -> 2D -> D, GELU) on each token [..., D]: phi_V's tokens become nonlinear
+    features, so a frame's pooled embedding can say what a region holds, not only its mean colour."""
+
+    dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        h = LayerNorm(1e-6, affine=True, name="norm")(x)
+        h = nn.gelu(Dense(2 * self.dim, ("embed", "mlp"), dtype=self.dtype, name="fc1")(h), approximate=True)
+        return x + Dense(self.dim, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h).astype(jnp.float32)
+
+
 class FrameSelector(nn.Module):
     """Relevance score per memory frame: S = mean_m phi_P(M1) Q''^T (unnormalised).
 
+    phi_P pools a frame's tokens (memory.selector_pooling: mean, or max for small subjects) and projects.
     caption [B, Lt, text_dim], memory [B, F, h, w, C], valid [B, F] -> scores [B, F].
     """
 
@@ -88,12 +103,15 @@ class FrameSelector(nn.Module):
         q = QueryAttention(self.dim, cfg.selector_heads, self.dtype, name="text_attn")(q, text)  # Q'
         s = cfg.selector_stride
         m1 = patchify_conv(self.dim, (1, s, s), "phi_v", self.dtype)(edge_pad(memory, (s, s)))  # [B, F, h', w', D]
+        if cfg.selector_token_mlp:
+            m1 = TokenMLP(self.dim, self.dtype, name="phi_v_mlp")(m1)
         tokens_per_frame = m1.shape[2] * m1.shape[3]
         kv_mask = jnp.repeat(valid, tokens_per_frame, axis=1)  # [B, F*h'*w']
         q = QueryAttention(self.dim, cfg.selector_heads, self.dtype, name="memory_attn")(
             q, m1.reshape(b, -1, self.dim), kv_mask
         )  # Q''
-        frame_emb = Dense(self.dim, ("embed", "mlp"), dtype=self.dtype, name="phi_p")(m1.mean(axis=(2, 3)))  # [B, F, D]
+        pooled = m1.max(axis=(2, 3)) if cfg.selector_pooling == "max" else m1.mean(axis=(2, 3))  # [B, F, D]
+        frame_emb = Dense(self.dim, ("embed", "mlp"), dtype=self.dtype, name="phi_p")(pooled)  # [B, F, D]
         scores = jnp.einsum("bfd,bmd->bfm", frame_emb.astype(jnp.float32), q) / math.sqrt(self.dim)
         return scores.mean(axis=-1)
 
