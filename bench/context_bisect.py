@@ -28,6 +28,7 @@ from onestory_jax.data import synthetic
 from onestory_jax.data.prepare import character_cells
 from onestory_jax.data.video import to_uint8
 from onestory_jax.eval.hue import shot_colour
+from onestory_jax.eval.metrics import mean_ci
 from onestory_jax.models.folder import folder_config, load_frozen_parts
 from onestory_jax.models.frozen import build_components
 from onestory_jax.models.onestory import init_params
@@ -233,7 +234,7 @@ def sampled_recall(params: dict, cfg, comps, held: list[Story], guidance: float,
                     video = np.concatenate([comps.decode_latents(f) for f in frames])
                     hits[true_frame].append(shot_colour(to_uint8(video)) == story.characters[c].colour)
     paired = np.asarray(hits[True], float) - np.asarray(hits[False], float)
-    half = 1.96 * paired.std(ddof=1) / np.sqrt(len(paired))
+    _, half, _ = mean_ci(paired)
     return (
         f"sampled recall colour ({len(paired)} shots): true frame {np.mean(hits[True]):.3f}, wrong frame "
         f"{np.mean(hits[False]):.3f}, paired {paired.mean():+.3f} ± {half:.3f}"

@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 import yaml
 from memory_gates import HELD_OUT_SEED, held_out, oracle_sampler, oracle_shot, shot_noise
-from scipy import stats
 
 from onestory_jax.data import synthetic
 from onestory_jax.eval import evaluate_story, load_features
 from onestory_jax.eval.hue import shot_colour
 from onestory_jax.eval.loading import load_run
+from onestory_jax.eval.metrics import mean_ci
 from onestory_jax.eval.recall import recall_metrics, recall_shots
 from onestory_jax.sampling.resume import model_identity
 
@@ -185,16 +185,8 @@ def teacher_forced(
     return rows
 
 
-def ci(values: list[float]) -> tuple[float, float, int]:
-    """Mean and 95% t-interval half-width of the values."""
-    v = np.asarray(values, np.float64)
-    if len(v) < 2:
-        return (float(v.mean()) if len(v) else float("nan")), float("nan"), len(v)
-    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))), len(v)
-
-
 def cell(values: list[float | None], signed: bool = False) -> str:
-    mean, half, n = ci([v for v in values if v is not None])
+    mean, half, n = mean_ci([v for v in values if v is not None])
     if n == 0:
         return "n/a"
     return (f"{mean:+.3f}" if signed else f"{mean:.3f}") + (f" ± {half:.3f}" if n > 1 else "")

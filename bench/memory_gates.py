@@ -26,6 +26,7 @@ import numpy as np
 from onestory_jax.data import synthetic
 from onestory_jax.data.video import to_uint8
 from onestory_jax.eval.hue import shot_colour
+from onestory_jax.eval.metrics import mean_ci
 from onestory_jax.eval.recall import named_shots, recall_shots
 from onestory_jax.sampling.components import load_for_sampling
 from onestory_jax.sampling.generate import generation_spec
@@ -104,7 +105,7 @@ def main() -> None:
     hits = gates(args.model, args.first_seed, args.stories, args.steps, args.frames, args.set)
     rates = {k: float(np.mean(v)) for k, v in hits.items()}
     paired = np.asarray(hits["oracle_recall"], float) - np.asarray(hits["wrong_frame_recall"], float)
-    half = 1.96 * paired.std(ddof=1) / np.sqrt(len(paired)) if len(paired) > 1 else float("nan")
+    _, half, _ = mean_ci(paired)
     result = {
         "model": str(args.model),
         "first_seed": args.first_seed,

@@ -240,3 +240,10 @@ def test_a_truth_story_from_the_command_line_and_a_run_of_another_story(tmp_path
     synthetic.save_synthetic(tmp_path / "truth", recall_story())
     with pytest.raises(UserError, match="shot 1 was rendered from 'A green diamond"):
         main(["--run", str(run), "--truth", str(tmp_path / "truth")])
+
+
+def test_mean_ci_is_the_t_interval():
+    """[1..5]: mean 3, sd 1.5811, t(0.975, 4) = 2.7764 (tables) -> half-width 1.9632; one value: no interval."""
+    mean, half, n = metrics.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert (mean, n) == (3.0, 5) and half == pytest.approx(1.9632, abs=1e-4)
+    assert metrics.mean_ci([0.5])[0] == 0.5 and np.isnan(metrics.mean_ci([0.5])[1])

@@ -45,6 +45,16 @@ def mean_abs_change(frames: np.ndarray) -> float:
     return float(np.mean(diffs) / 255.0)
 
 
+def mean_ci(values: list[float] | np.ndarray) -> tuple[float, float, int]:
+    """(mean, 95% t-interval half-width, n) of the values; the half-width is nan below two values."""
+    from scipy import stats
+
+    v = np.asarray(values, np.float64)
+    if len(v) < 2:
+        return (float(v.mean()) if len(v) else float("nan")), float("nan"), len(v)
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))), len(v)
+
+
 def mean_or_none(values: list[float | None]) -> float | None:
     """Mean of the values that are not None; None when there are none."""
     kept = [v for v in values if v is not None]

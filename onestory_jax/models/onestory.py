@@ -116,7 +116,14 @@ def memory_params(cfg: Config, dit: Any, rng: Array, pretrained: tuple[Config, A
     if pretrained is None:
         return params
     source, stored = pretrained
-    selector_fields = ("num_queries", "selector_heads", "selector_stride", "selector_pooling", "selector_token_mlp", "latent_channels")
+    selector_fields = (
+        "num_queries",
+        "selector_heads",
+        "selector_stride",
+        "selector_pooling",
+        "selector_token_mlp",
+        "latent_channels",
+    )
     if all(getattr(cfg.memory, f) == getattr(source.memory, f) for f in selector_fields):
         params["selector"] = stored["selector"]
     finest = source.memory.patchifier_kernels[0]
