@@ -103,6 +103,20 @@ def browser():
     driver.quit()
 
 
+# Counts, in the page, the most shot videos shown while the status says "Rendering": an observer sees
+# every DOM change, where polling from the test could miss a short window between two updates.
+PREVIEW_WATCH = """
+window.shotVideosWhileRendering = 0;
+new MutationObserver(() => {
+  const status = document.getElementById("status");
+  if (status && status.innerText.includes("Rendering")) {
+    const n = document.querySelectorAll("#shot-videos video").length;
+    window.shotVideosWhileRendering = Math.max(window.shotVideosWhileRendering, n);
+  }
+}).observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true});
+"""
+
+
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -129,18 +143,17 @@ def test_write_render_pin_and_regenerate_in_a_browser(studio, browser, tmp_path)
         steps.send_keys("4", Keys.TAB)
         wait.until(lambda d: all(c in text("shots-table") for c in CAPTIONS))
 
+        d.execute_script(PREVIEW_WATCH)
         d.find_element(By.ID, "render").click()
-        previews = []  # shot videos shown while the render still runs
 
         def rendered(d) -> bool:
             status = text("status")
             assert "Error" not in status, status
-            if "Rendering" in status:
-                previews.append(count("#shot-videos video"))
             return "Rendered" in status
 
         wait.until(rendered)
-        assert max(previews, default=0) >= 1, "no shot's video appeared before the render finished"
+        previews = d.execute_script("return window.shotVideosWhileRendering")
+        assert previews >= 1, "no shot's video appeared before the render finished"
         wait.until(lambda d: count("#shot-videos video") == 3)
         manifest = json.loads((out / "manifest.json").read_text())
         assert [s["caption"] for s in manifest["shots"]] == CAPTIONS
