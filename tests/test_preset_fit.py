@@ -82,8 +82,17 @@ def tiny_twin(cfg: Config, devices: int = 8) -> Config:
     return load_config("tiny", overrides)
 
 
+def distinct_twins() -> list[str]:
+    """The first preset of each distinct tiny twin (the v5p presets of 64 and 256 chips share one): compiling
+    the same twin twice tests nothing more."""
+    seen: dict[str, str] = {}
+    for name, target in TARGETS.items():
+        seen.setdefault(repr(tiny_twin(load_config(target.preset))), name)
+    return list(seen.values())
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(TARGETS))
+@pytest.mark.parametrize("name", distinct_twins())
 def test_tiny_twin_compiles_through_the_analysis(name):
     preset = load_config(TARGETS[name].preset)
     cfg = tiny_twin(preset)
