@@ -39,7 +39,8 @@ from onestory_jax.eval.metrics import mean_ci
 from onestory_jax.eval.recall import recall_metrics, recall_shots
 from onestory_jax.sampling.resume import model_identity
 
-VARIANTS = ("none", "last_frame", "ac_only", "fs_only", "onestory")
+# The paper's five, then onestory with a selector that also reads the memory shots' captions (beyond the paper)
+VARIANTS = ("none", "last_frame", "ac_only", "fs_only", "onestory", "onestory_captions")
 FROZEN = ("vae", "text_encoder", "image_encoder", "tokenizer")
 METRICS = (
     "recall_colour",
@@ -128,12 +129,15 @@ def teacher_forced(
     from onestory_jax.data.video import to_uint8
     from onestory_jax.sampling.components import load_for_sampling
     from onestory_jax.sampling.generate import context_for_shot, generation_spec
-    from onestory_jax.sampling.memory_bank import empty_bank, write_shot
+    from onestory_jax.sampling.memory_bank import empty_bank, slot_captions, write_shot
     from onestory_jax.sharding import activate
     from onestory_jax.training.losses import loss_at_sigmas
 
     cfg, params, comps, mesh = load_for_sampling(folder, None, overrides, 0)
-    choose = jax.jit(lambda p, bank, caption, spec: context_for_shot(p, cfg, bank, caption, spec)[1:], static_argnums=3)
+    choose = jax.jit(
+        lambda p, bank, caption, spec, text: context_for_shot(p, cfg, bank, caption, spec, memory_text=text)[1:],
+        static_argnums=3,
+    )
     sigmas = jnp.asarray([0.3, 0.5, 0.7], jnp.float32)
     loss = jax.jit(lambda p, batch, keep: loss_at_sigmas(p, batch, sigmas, jax.random.key(0), cfg, keep).mean(), static_argnums=2)
     rows = []
@@ -145,6 +149,7 @@ def teacher_forced(
             ]
             captions = comps.encode_text([s.caption for s in story.shots])
             t = latents[0].shape[0]
+            memory_text = slot_captions(captions, t) if cfg.memory.selector_reads_captions else None
             spec = generation_spec(
                 cfg, strategy, None, latents[0].shape[1:3], steps, cfg.sampler.shift, cfg.sampler.solver, cfg.sampler.guidance
             )
@@ -153,10 +158,11 @@ def teacher_forced(
                 bank = empty_bank(len(story.shots), *latents[0].shape)
                 for s in range(j):
                     bank = write_shot(bank, s, latents[s])
-                indices, _, selected = choose(params, bank, captions[j], spec)
+                indices, _, selected = choose(params, bank, captions[j], spec, memory_text)
                 shots = {int(k) // t for k, ok in zip(np.asarray(indices), np.asarray(selected)) if ok}
                 hits.append(any(c in story.shots[s].characters for s in shots))
-                memory = np.concatenate([latents[oracle_shot(story, j, c)], latents[j - 1]])[None]
+                shown = [oracle_shot(story, j, c), j - 1]  # the memory shots, older first
+                memory = np.concatenate([latents[s] for s in shown])[None]
                 batch = {
                     "target": latents[j][None],
                     "memory": memory,
@@ -166,6 +172,8 @@ def teacher_forced(
                     "image": np.zeros((1, cfg.image_encoder.num_tokens, cfg.dit.image_dim), np.float32),
                     "cond": np.zeros((*latents[j][None].shape[:-1], 4 + latents[j].shape[-1]), np.float32),
                 }
+                if memory_text is not None:
+                    batch["memory_text"] = np.concatenate([memory_text[s * t : (s + 1) * t] for s in shown])[None]
                 gains.append(float(loss(params, batch, True)) - float(loss(params, batch, False)))
                 if oracle:
                     out = sample(

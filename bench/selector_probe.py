@@ -32,9 +32,10 @@ from onestory_jax.data.records import RecordFiles
 from onestory_jax.eval.metrics import mean_ci
 from onestory_jax.models.memory import baseline_candidates, num_selected
 from onestory_jax.models.onestory import memory_module, memory_scores
+from onestory_jax.sampling.memory_bank import slot_captions
 from onestory_jax.training.losses import selection_loss
 
-KEYS = ("memory", "memory_valid", "labels", "text")
+KEYS = ("memory", "memory_valid", "labels", "text", "memory_text")  # memory_text: memory.selector_reads_captions
 
 
 Videos = list[dict[str, np.ndarray]]
@@ -44,14 +45,16 @@ def training_batch(records: Videos, ids: np.ndarray, rng: np.random.Generator, c
     """`size` examples of the training pipeline (three_shot_example) from the records `ids`."""
     pick = lambda r: records[int(r.choice(ids))]  # noqa: E731
     examples = [three_shot_example(pick(rng), rng, pick, cfg) for _ in range(size)]
-    return {k: jnp.asarray(np.stack([e[k] for e in examples])) for k in KEYS}
+    return {k: jnp.asarray(np.stack([e[k] for e in examples])) for k in KEYS if k in examples[0]}
 
 
 def train_selector(records: Videos, ids: np.ndarray, cfg: Any, steps: int, seed: int) -> dict:
     """Memory params whose selector is trained on L_sel alone (AdamW, warm-up + cosine)."""
     rng = np.random.default_rng(seed)
     first = training_batch(records, ids, rng, cfg, 1)
-    variables = memory_module(cfg).init(jax.random.key(seed), first["text"], first["memory"], first["memory_valid"])
+    variables = memory_module(cfg).init(
+        jax.random.key(seed), first["text"], first["memory"], first["memory_valid"], first.get("memory_text")
+    )
     params = {"memory": nn.meta.unbox(variables["params"])}
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.train.learning_rate, min(100, steps // 10), steps)
     opt = optax.masked(optax.adamw(schedule), jax.tree_util.tree_map_with_path(lambda p, _: "selector" in str(p), params))
@@ -60,7 +63,7 @@ def train_selector(records: Videos, ids: np.ndarray, cfg: Any, steps: int, seed:
     @jax.jit
     def step(params: dict, state: Any, batch: dict) -> tuple[dict, Any, jax.Array]:
         def loss(p: dict) -> jax.Array:
-            scores = memory_scores(p, cfg, batch["text"], batch["memory"], batch["memory_valid"])
+            scores = memory_scores(p, cfg, batch["text"], batch["memory"], batch["memory_valid"], batch.get("memory_text"))
             return selection_loss(scores, batch["labels"], batch["memory_valid"])
 
         value, grads = jax.value_and_grad(loss)(params)
@@ -78,7 +81,7 @@ def train_selector(records: Videos, ids: np.ndarray, cfg: Any, steps: int, seed:
 def recall_hits(records: Videos, ids: np.ndarray, params: dict, cfg: Any) -> dict[str, list[bool]]:
     """Per recall shot of the records `ids`: do the top K frames hold the recalled character (selector,
     uniform, last_frame)?"""
-    score = jax.jit(lambda t, m, v: memory_scores(params, cfg, t, m, v))
+    score = jax.jit(lambda t, m, v, mt: memory_scores(params, cfg, t, m, v, mt))
     hits: dict[str, list[bool]] = {"selector": [], "uniform": [], "last_frame": []}
     for i in ids:
         video = records[int(i)]
@@ -92,9 +95,12 @@ def recall_hits(records: Videos, ids: np.ndarray, params: dict, cfg: Any) -> dic
             memory = np.zeros((slots, *latents.shape[2:]), np.float32)
             memory[: j * t] = latents[:j].reshape(-1, *latents.shape[2:])
             valid = np.arange(slots) < j * t
-            text = np.zeros((cfg.dit.text_len, video["text"].shape[-1]), np.float32)
-            text[: lengths[j]] = video["text"][j, : lengths[j]]
-            scores = np.asarray(score(text[None], memory[None], valid[None]))[0]
+            text = np.zeros((n_shots, cfg.dit.text_len, video["text"].shape[-1]), np.float32)
+            for s in range(n_shots):
+                text[s, : lengths[s]] = video["text"][s, : lengths[s]]
+            memory_text = np.asarray(slot_captions(text[:-1], t)) if cfg.memory.selector_reads_captions else None
+            memory_text = None if memory_text is None else np.where(valid[:, None], memory_text, 0.0)[None]
+            scores = np.asarray(score(text[j][None], memory[None], valid[None], memory_text))[0]
             shot_keys = keys[np.arange(slots) // t]  # [F]: who each memory frame shows
             hits["selector"].append(bool(np.any(shot_keys[np.argsort(-np.where(valid, scores, -np.inf))[:k]] == keys[j])))
             for name in ("uniform", "last_frame"):

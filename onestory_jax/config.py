@@ -117,6 +117,10 @@ class MemoryConfig:
     # a subject that covers a few tokens (docs/results.md: the toy world selector's top 3, 0.46 -> 0.85 on true frames).
     selector_pooling: Literal["mean", "max"] = "mean"
     selector_token_mlp: bool = False  # a residual MLP on each phi_V token (models/memory.py: TokenMLP)
+    # Beyond the paper: each memory frame's tokens also carry its shot's caption (pooled, projected by phi_C),
+    # so a returning character can be found by the caption of its first appearance when the drawn frames are
+    # too coarse to show it (docs/design.md). Training examples and the sampler's bank then carry captions.
+    selector_reads_captions: bool = False
     latent_channels: int = 16
     # Patchifier kernels on the latent, finest first; frames are assigned to them by rank.
     patchifier_kernels: tuple[tuple[int, int, int], ...] = ((1, 4, 4), (1, 8, 8), (1, 16, 16))

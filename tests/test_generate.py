@@ -163,3 +163,41 @@ def test_references_are_memory_before_shot_one(model):
     assert _chosen(with_ref.indices[0], with_ref.selected[0]) == [0]  # shot 1 sees the reference
     assert sorted(_chosen(with_ref.indices[1], with_ref.selected[1])) == [0, 1, 2]  # the reference + shot 1's frames
     assert np.abs(np.asarray(plain.latents[0] - with_ref.latents[0])).max() > 1e-3
+
+
+def test_a_caption_reading_selector_reads_each_slots_shot_caption(model):
+    """memory.selector_reads_captions: the story program scores each bank slot with its own shot's caption
+    (`slot_captions`: reference slots get none), and a selector that needs captions says so when given none."""
+    from onestory_jax.models.memory import caption_summary
+    from onestory_jax.models.onestory import memory_scores
+    from onestory_jax.sampling.generate import context_for_shot
+    from onestory_jax.sampling.memory_bank import slot_captions, write_shot
+
+    base_cfg, base = model
+    cfg = dataclasses.replace(base_cfg, memory=dataclasses.replace(base_cfg.memory, selector_reads_captions=True))
+    rng = np.random.default_rng(7)
+    phi_c = {
+        "kernel": jnp.asarray(rng.standard_normal((cfg.dit.text_dim, cfg.dit.dim)), jnp.float32),
+        "bias": jnp.zeros(cfg.dit.dim),
+    }
+    params = {**base, "memory": {**base["memory"], "selector": {**base["memory"]["selector"], "phi_c": phi_c}}}
+    inputs = _inputs(cfg)
+    text = slot_captions(inputs.text, T)  # [S x T, D]
+    np.testing.assert_allclose(
+        np.asarray(text[T : 2 * T]), np.broadcast_to(np.asarray(inputs.text[1]).mean(0), (T, text.shape[1])), rtol=1e-5
+    )
+    assert not np.any(np.asarray(slot_captions(inputs.text, T, reference_slots=2)[:2]))
+    records = generate_story(params, cfg, _spec(k=3), inputs.replace(memory_text=text))
+    bank = empty_bank(SHOTS, T, H, W)
+    for s in range(2):
+        bank = write_shot(bank, s, records.latents[s])
+    want = memory_scores(params, cfg, inputs.text[2][None], bank.latents[None], bank.valid[None], text[None])[0]
+    used = np.asarray(records.selected[2])
+    got = np.asarray(records.scores[2])[used]
+    np.testing.assert_allclose(got, np.asarray(want)[np.asarray(records.indices[2])[used]], rtol=1e-4, atol=1e-5)
+    swapped = text.at[:T].set(text[T : 2 * T]).at[T : 2 * T].set(text[:T])  # shot 1 and shot 2 trade captions
+    _, _, other, _ = context_for_shot(params, cfg, bank, inputs.text[2], _spec(k=3), memory_text=swapped)
+    assert not np.allclose(np.asarray(other)[used], got)
+    assert np.asarray(caption_summary(inputs.text)).shape == (SHOTS, cfg.dit.text_dim)
+    with pytest.raises(ValueError, match="memory_text"):
+        context_for_shot(params, cfg, bank, inputs.text[2], _spec(k=3))

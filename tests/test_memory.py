@@ -14,6 +14,7 @@ from onestory_jax.convert.dit import convert
 from onestory_jax.models.dit import ContextTokens, WanDiT
 from onestory_jax.models.memory import (
     OneStoryMemory,
+    caption_summary,
     conditioner_from_patch_embedding,
     frames_per_patchifier,
     num_selected,
@@ -189,13 +190,23 @@ def _gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
-@pytest.mark.parametrize("pooling,token_mlp", [("mean", False), ("max", False), ("max", True)])
-def test_selector_scores_follow_the_pooling_formula(pooling, token_mlp):
-    """S = mean_m (pool_tokens(M1) W_P + b_P) . Q''_m / sqrt(D), M1 = phi_V (+ LN -> fc1 -> GELU -> fc2 residual),
-    recomputed in numpy from the module's phi_V output and Q''."""
-    cfg = dataclasses.replace(CFG, selector_pooling=pooling, selector_token_mlp=token_mlp)
+@pytest.mark.parametrize(
+    "pooling,token_mlp,captions", [("mean", False, False), ("max", False, False), ("max", True, False), ("max", True, True)]
+)
+def test_selector_scores_follow_the_pooling_formula(pooling, token_mlp, captions):
+    """S = mean_m (pool_tokens(M1) W_P + b_P) . Q''_m / sqrt(D), M1 = phi_V (+ LN -> fc1 -> GELU -> fc2 residual)
+    (+ each frame's caption x W_C + b_C on all its tokens), recomputed in numpy from phi_V's output and Q''."""
+    cfg = dataclasses.replace(CFG, selector_pooling=pooling, selector_token_mlp=token_mlp, selector_reads_captions=captions)
     mod, inputs = OneStoryMemory(cfg, DIM, HEAD_DIM), _memory_inputs(3)
+    memory_text = np.random.default_rng(4).standard_normal((B, F, TEXT_DIM)).astype(np.float32)
+    inputs = (*inputs, memory_text if captions else None)
     params = nn.meta.unbox(mod.init(jax.random.key(1), *inputs)["params"])
+    if captions:  # phi_C starts at zero (the image-only selector); a trained one is not
+        assert not np.any(params["selector"]["phi_c"]["kernel"])
+        rng = np.random.default_rng(5)
+        params["selector"]["phi_c"] = {
+            k: jnp.asarray(rng.standard_normal(v.shape), jnp.float32) for k, v in params["selector"]["phi_c"].items()
+        }
     scores, state = mod.apply({"params": params}, *inputs, method="score", capture_intermediates=True)
     inter, sel = state["intermediates"]["selector"], params["selector"]
     m1 = np.asarray(inter["phi_v"]["__call__"][0], np.float64)  # [B, F, h', w', D]
@@ -205,8 +216,28 @@ def test_selector_scores_follow_the_pooling_formula(pooling, token_mlp):
         h = _layer_norm(m1, np.asarray(mlp["norm"]["scale"]), np.asarray(mlp["norm"]["bias"]))
         h = _gelu_tanh(h @ np.asarray(mlp["fc1"]["kernel"]) + np.asarray(mlp["fc1"]["bias"]))
         m1 = m1 + h @ np.asarray(mlp["fc2"]["kernel"]) + np.asarray(mlp["fc2"]["bias"])
+    if captions:
+        phi_c = sel["phi_c"]
+        m1 = m1 + (memory_text @ np.asarray(phi_c["kernel"]) + np.asarray(phi_c["bias"]))[:, :, None, None, :]
     q = np.asarray(inter["memory_attn"]["__call__"][0], np.float64)  # Q'' [B, m, D]
     pooled = m1.max(axis=(2, 3)) if pooling == "max" else m1.mean(axis=(2, 3))
     frame = pooled @ np.asarray(sel["phi_p"]["kernel"]) + np.asarray(sel["phi_p"]["bias"])
     want = np.einsum("bfd,bmd->bfm", frame, q).mean(-1) / np.sqrt(DIM)
     np.testing.assert_allclose(np.asarray(scores), want, rtol=1e-4, atol=1e-5)
+
+
+def test_caption_summary_is_the_mean_of_the_unpadded_tokens():
+    rng = np.random.default_rng(0)
+    text = np.zeros((2, 6, 4), np.float32)
+    text[0, :3], text[1, :5] = rng.standard_normal((3, 4)), rng.standard_normal((5, 4))
+    want = np.stack([text[0, :3].mean(0), text[1, :5].mean(0)])
+    np.testing.assert_allclose(caption_summary(text), want, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(caption_summary(jnp.asarray(text))), want, rtol=1e-6)
+    assert not np.any(caption_summary(np.zeros((6, 4), np.float32)))  # no caption: zeros, not NaN
+
+
+def test_a_caption_reading_selector_needs_the_captions():
+    cfg = dataclasses.replace(CFG, selector_reads_captions=True)
+    mod = OneStoryMemory(cfg, DIM, HEAD_DIM)
+    with pytest.raises(ValueError, match="memory_text"):
+        mod.init(jax.random.key(0), *_memory_inputs())

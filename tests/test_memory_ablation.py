@@ -156,6 +156,10 @@ def test_a_fine_tune_carries_the_bases_selector_and_derives_its_patchifiers():
     other = load_config("tiny", [*ABLATION, "memory.num_queries=3"])  # another selector: a fresh one
     fresh = memory_params(other, params["dit"], jax.random.key(1), pretrained=(base, params["memory"]))
     assert fresh["selector"]["queries"].shape[0] == 3
+    reading = load_config("tiny", [*ABLATION, "memory.selector_reads_captions=true"])  # the base's, plus phi_C at zero
+    extended = memory_params(reading, params["dit"], jax.random.key(1), pretrained=(base, params["memory"]))
+    assert not np.any(extended["selector"].pop("phi_c")["kernel"])
+    assert jax.tree.all(jax.tree.map(np.array_equal, extended["selector"], params["memory"]["selector"]))
 
 
 def test_the_one_init_starts_the_patchifiers_from_its_own_dit():

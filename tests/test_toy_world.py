@@ -193,3 +193,36 @@ def test_character_weight_weighs_the_target_shots_cells():
         np.testing.assert_allclose(ex["loss_weight"], 1 + 4 * cells[target])
     unknown = three_shot_example(video, rng, None, cfg)  # a record without characters (a real video) weighs 1
     np.testing.assert_array_equal(unknown["loss_weight"], 1.0)
+
+
+def test_memory_frames_carry_their_own_shots_caption():
+    """memory.selector_reads_captions: each memory frame's `memory_text` is the mean of its shot's caption
+    tokens (padding left out): the recalled shot's, the previous shot's, an inserted shot's own, none for shot 1."""
+    cfg = load_config("tiny", ["train.memory_pick=recall", "train.first_shot_prob=0.3", "memory.selector_reads_captions=true"])
+    rng = np.random.default_rng(2)
+    video = {**_keyed_video([0, 1, 2, 0, 3, 1], rng), "text_lengths": np.asarray([2, 3, 4, 1, 2, 3], np.int32)}
+    mean_caption = lambda v, s: v["text"][s, : v["text_lengths"][s]].mean(0)  # noqa: E731
+    kinds = set()
+    for _ in range(60):
+        ex = three_shot_example(video, rng, None, cfg)
+        if not ex["memory_valid"].any():
+            kinds.add("first")
+            assert not np.any(ex["memory_text"])
+            continue
+        kinds.add("triplet")
+        for half in (0, T):
+            shot = int(ex["memory"][half, 0, 0, 0])
+            np.testing.assert_allclose(
+                ex["memory_text"][half : half + T], np.broadcast_to(mean_caption(video, shot), (T, 32)), rtol=1e-6
+            )
+    assert kinds == {"first", "triplet"}
+    two = {
+        k: (v[:2] if k in ("latents", "frame_embeddings", "text", "text_lengths", "shot_keys") else v) for k, v in video.items()
+    }
+    other = {**two, "text": rng.standard_normal(two["text"].shape).astype(np.float32), "latents": two["latents"] + 10.0}
+    inflated = load_config("tiny", ["memory.selector_reads_captions=true", "train.insertion_prob=1", "train.first_shot_prob=0"])
+    ex = three_shot_example(two, rng, lambda r: other, inflated)
+    inserted = ex["memory"][:, 0, 0, 0] >= 10.0  # [F]: frames of the other video's shot
+    shot = int(ex["memory"][inserted][0, 0, 0, 0]) - 10
+    np.testing.assert_allclose(ex["memory_text"][inserted], np.broadcast_to(mean_caption(other, shot), (T, 32)), rtol=1e-6)
+    np.testing.assert_allclose(ex["memory_text"][~inserted], np.broadcast_to(mean_caption(two, 0), (T, 32)), rtol=1e-6)

@@ -109,6 +109,28 @@ def test_frozen_params_cost_no_weight_gradients():
     assert frozen < 0.8 * everything, (frozen, everything)
 
 
+def test_a_selector_stage_step_is_l_sel_alone_without_the_dit():
+    """train.trainable = the selector only: the loss is lambda x L_sel (the MSE of the scores against the labels,
+    recomputed here) and the step runs no DiT (a fraction of the matmuls of a step whose DiT is frozen)."""
+    from onestory_jax.models.onestory import memory_scores
+
+    def step_and_loss(trainable: str) -> tuple[str, float, dict]:
+        cfg = load_config("tiny", [f"train.trainable={trainable}"])
+        params, batch = init_params(cfg, jax.random.key(0)), _batch(cfg, np.random.default_rng(2))
+        loss, metrics = loss_fn(params, batch, jax.random.key(1), jnp.array(False), cfg)
+        tx = make_optimizer(cfg.train, params)
+        jaxpr = str(jax.make_jaxpr(make_train_step(cfg, tx))(init_state(params, tx, 0, ema=False), batch))
+        scores = np.asarray(memory_scores(params, cfg, batch["text"], batch["memory"], batch["memory_valid"]))
+        want = cfg.train.selection_weight * ((scores - batch["labels"]) ** 2).mean()
+        return jaxpr, float(loss), {**metrics, "want": want}
+
+    selector, loss, metrics = step_and_loss("['^memory/selector/']")
+    assert np.isclose(loss, metrics["want"], rtol=1e-5) and "l_shot" not in metrics
+    frozen_dit, _, with_dit = step_and_loss("['^memory/']")
+    assert "l_shot" in with_dit
+    assert selector.count("dot_general") < 0.5 * frozen_dit.count("dot_general")
+
+
 def test_sharded_train_step_equals_unsharded():
     """Loss and gradients of the step on a (data, fsdp, tensor) mesh equal the single-device ones.
 

@@ -5,8 +5,10 @@ real triplets (consecutive shots, or with `train.memory_pick: recall` the target
 appearance and the shot before it); two-shot videos are inflated with a synthetic shot (paper section 5): a shot from
 another video (pseudo-label -1) or the augmented first shot (pseudo-label 0), in either order.
 Real memory frames are labelled by the cosine similarity of their embedding to the target shot's
-mean embedding. A share `train.first_shot_prob` of I2V examples is instead shot 1 generated from its
-first frame with no memory (Wan's image-to-video task), so a start image counts when sampling.
+mean embedding. With `memory.selector_reads_captions` each memory frame also carries its shot's pooled
+caption (`memory_text`: the inserted shot's own, the augmented first shot's shot 1's). A share
+`train.first_shot_prob` of I2V examples is instead shot 1 generated from its first frame with no
+memory (Wan's image-to-video task), so a start image counts when sampling.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from onestory_jax.config import Config
 from onestory_jax.data.records import RecordFiles, check_record_fits
 from onestory_jax.data.video import i2v_channels
 from onestory_jax.errors import UserError
-from onestory_jax.models.memory import num_selected
+from onestory_jax.models.memory import caption_summary, num_selected
 
 Example = dict[str, np.ndarray]
 INSERTED_LABEL, AUGMENTED_LABEL = -1.0, 0.0
@@ -66,11 +68,23 @@ def with_loss_weight(example: Example, video: dict[str, np.ndarray], shot: int, 
     return {**example, "loss_weight": (1.0 + w * cells).astype(np.float32)}
 
 
+def with_memory_text(example: Example, shots: list[tuple[dict[str, np.ndarray], int]], cfg: Config) -> Example:
+    """The example with each memory frame's shot caption `memory_text` [F, text_dim] (zeros: no shot) when
+    the selector reads captions; shots: the (record, shot index) of each memory shot of T latent frames."""
+    if not cfg.memory.selector_reads_captions:
+        return example
+    out = np.zeros((example["memory"].shape[0], cfg.dit.text_dim), np.float32)
+    t = example["target"].shape[0]
+    for i, (video, shot) in enumerate(shots):
+        out[i * t : (i + 1) * t] = caption_summary(_padded_text(video, shot, cfg.dit.text_len))
+    return {**example, "memory_text": out}
+
+
 def first_shot_example(video: dict[str, np.ndarray], cfg: Config) -> Example:
     """Shot 1 generated from its first frame (Wan's I2V task), with an empty memory."""
     lat = video["latents"]
     t = lat.shape[1]
-    return with_loss_weight(
+    example = with_loss_weight(
         {
             "target": lat[0].astype(np.float32),
             "memory": np.zeros((2 * t, *lat.shape[2:]), np.float32),
@@ -84,6 +98,7 @@ def first_shot_example(video: dict[str, np.ndarray], cfg: Config) -> Example:
         0,
         cfg,
     )
+    return with_memory_text(example, [], cfg)
 
 
 def three_shot_example(video: dict[str, np.ndarray], rng: np.random.Generator, other: Any, cfg: Config) -> Example:
@@ -98,19 +113,21 @@ def three_shot_example(video: dict[str, np.ndarray], rng: np.random.Generator, o
         a, b, last = memory_shots(video["shot_keys"], n_shots, rng, tc.memory_pick)
         memory = [lat[a], lat[b]]
         labels = [cosine_to_target(emb[a], emb[last]), cosine_to_target(emb[b], emb[last])]
+        captions = [(video, a), (video, b)]
     else:
         last = 1
         real, real_label = lat[0], cosine_to_target(emb[0], emb[1])
         if rng.random() < tc.insertion_prob:
             o = other(rng)
-            syn, syn_label = o["latents"][int(rng.integers(0, o["latents"].shape[0]))], INSERTED_LABEL
+            k = int(rng.integers(0, o["latents"].shape[0]))
+            syn, syn_label, syn_caption = o["latents"][k], INSERTED_LABEL, (o, k)
         else:
-            syn, syn_label = video["augmented_first"], AUGMENTED_LABEL
+            syn, syn_label, syn_caption = video["augmented_first"], AUGMENTED_LABEL, (video, 0)
         syn_labels = np.full((t,), syn_label, np.float32)
         if rng.random() < tc.swap_order_prob:
-            memory, labels = [syn, real], [syn_labels, real_label]
+            memory, labels, captions = [syn, real], [syn_labels, real_label], [syn_caption, (video, 0)]
         else:
-            memory, labels = [real, syn], [real_label, syn_labels]
+            memory, labels, captions = [real, syn], [real_label, syn_labels], [(video, 0), syn_caption]
     h, w = lat.shape[2:4]
     example = {
         "target": lat[last].astype(np.float32),
@@ -124,7 +141,7 @@ def three_shot_example(video: dict[str, np.ndarray], rng: np.random.Generator, o
         tokens = video["image_tokens"].astype(np.float32)
         example["image"] = tokens if cfg.memory.later_shots_see_first_image else np.zeros_like(tokens)
         example["cond"] = np.zeros((t, h, w, 4 + lat.shape[-1]), np.float32)  # later shots: mask 0, no image
-    return with_loss_weight(example, video, last, cfg)
+    return with_loss_weight(with_memory_text(example, captions, cfg), video, last, cfg)
 
 
 def other_index(rng: np.random.Generator, n: int, exclude: int) -> int:

@@ -52,12 +52,13 @@ class Dense(nn.Module):
     lora_rank: int = 0
     lora_alpha: float = 1.0
     fp8: bool = False
+    kernel_init: Any = nn.initializers.xavier_uniform()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param(
             "kernel",
-            partitioned(nn.initializers.xavier_uniform(), self.axes),
+            partitioned(self.kernel_init, self.axes),
             (x.shape[-1], self.features),
             self.param_dtype,
         )

@@ -82,11 +82,23 @@ class TokenMLP(nn.Module):
         return x + Dense(self.dim, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h).astype(jnp.float32)
 
 
+def caption_summary(text: Any) -> Any:
+    """A caption's pooled embedding: the mean of its tokens [..., Lt, D] that are not zero padding -> [..., D].
+
+    numpy or jax arrays alike (the data pipeline and the sampler both call it); an all-zero caption gives zeros.
+    """
+    used = (abs(text).sum(axis=-1) > 0).sum(axis=-1)[..., None]  # [..., 1]
+    return text.sum(axis=-2) / used.clip(1, None)
+
+
 class FrameSelector(nn.Module):
     """Relevance score per memory frame: S = mean_m phi_P(M1) Q''^T (unnormalised).
 
     phi_P pools a frame's tokens (memory.selector_pooling: mean, or max for small subjects) and projects.
-    caption [B, Lt, text_dim], memory [B, F, h, w, C], valid [B, F] -> scores [B, F].
+    caption [B, Lt, text_dim], memory [B, F, h, w, C], valid [B, F] -> scores [B, F]. With
+    memory.selector_reads_captions, memory_text [B, F, text_dim] (`caption_summary` of each frame's shot;
+    zeros where none is known) is projected by phi_C (zero-initialised: the selector starts as the
+    image-only one) and added to every token of its frame.
     """
 
     cfg: MemoryConfig
@@ -94,7 +106,7 @@ class FrameSelector(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, caption: Array, memory: Array, valid: Array) -> Array:
+    def __call__(self, caption: Array, memory: Array, valid: Array, memory_text: Array | None = None) -> Array:
         cfg, b = self.cfg, memory.shape[0]
         queries = self.param("queries", partitioned(nn.initializers.normal(1.0), ("norm", "embed")), (cfg.num_queries, self.dim))
         seq = ("act_batch", None, "act_embed")  # explicit: GSPMD mis-partitions these when left to infer
@@ -105,6 +117,11 @@ class FrameSelector(nn.Module):
         m1 = patchify_conv(self.dim, (1, s, s), "phi_v", self.dtype)(edge_pad(memory, (s, s)))  # [B, F, h', w', D]
         if cfg.selector_token_mlp:
             m1 = TokenMLP(self.dim, self.dtype, name="phi_v_mlp")(m1)
+        if cfg.selector_reads_captions:
+            if memory_text is None:
+                raise ValueError("memory.selector_reads_captions: the selector needs memory_text, each frame's shot caption")
+            phi_c = Dense(self.dim, ("in_features", "embed"), dtype=self.dtype, kernel_init=nn.initializers.zeros, name="phi_c")
+            m1 = m1 + phi_c(memory_text)[:, :, None, None, :].astype(m1.dtype)
         tokens_per_frame = m1.shape[2] * m1.shape[3]
         kv_mask = jnp.repeat(valid, tokens_per_frame, axis=1)  # [B, F*h'*w']
         q = QueryAttention(self.dim, cfg.selector_heads, self.dtype, name="memory_attn")(
@@ -263,8 +280,8 @@ class OneStoryMemory(nn.Module):
         self.selector = FrameSelector(self.cfg, self.dim, DTYPES[self.dtype])
         self.conditioner = AdaptiveConditioner(self.cfg, self.dim, DTYPES[self.dtype])
 
-    def score(self, caption: Array, memory: Array, valid: Array) -> Array:
-        return self.selector(caption, memory, valid)
+    def score(self, caption: Array, memory: Array, valid: Array, memory_text: Array | None = None) -> Array:
+        return self.selector(caption, memory, valid, memory_text)
 
     def condition(self, memory: Array, indices: Array, selected_valid: Array) -> ContextTokens:
         """Context tokens for the frames `indices` [B, K] (rank order) of memory [B, F, h, w, C]."""
@@ -273,9 +290,11 @@ class OneStoryMemory(nn.Module):
         tokens, cos, sin, mask = self.conditioner(frames, frame_time, selected_valid, self.head_dim, self.rope_theta)
         return ContextTokens(tokens=tokens, cos=cos, sin=sin, timestep=jnp.zeros(memory.shape[:1], jnp.float32), mask=mask)
 
-    def __call__(self, caption: Array, memory: Array, valid: Array) -> tuple[Array, Array, Array, ContextTokens]:
+    def __call__(
+        self, caption: Array, memory: Array, valid: Array, memory_text: Array | None = None
+    ) -> tuple[Array, Array, Array, ContextTokens]:
         """Score, select top-K, patchify: -> (scores [B, F], indices [B, K], selected-valid, context)."""
-        scores = self.score(caption, memory, valid)
+        scores = self.score(caption, memory, valid, memory_text)
         k = num_selected(self.cfg, memory.shape[2:4])
         indices, _, selected_valid = select_top_k(scores, valid, k)
         return scores, indices, selected_valid, self.condition(memory, indices, selected_valid)

@@ -49,8 +49,10 @@ def _memory_init_fn(cfg: Config) -> Callable[[Array], Any]:
     caption = jnp.zeros((1, 4, cfg.dit.text_dim))
     memory = jnp.zeros((1, 2, 16, 16, cfg.memory.latent_channels))  # shapes of params do not depend on the memory size
 
+    memory_text = jnp.zeros((1, 2, cfg.dit.text_dim))
+
     def fn(rng: Array) -> Any:
-        return module.init(rng, caption, memory, jnp.ones((1, 2), bool))["params"]
+        return module.init(rng, caption, memory, jnp.ones((1, 2), bool), memory_text)["params"]
 
     return fn
 
@@ -109,7 +111,8 @@ def memory_params(cfg: Config, dit: Any, rng: Array, pretrained: tuple[Config, A
     patchifiers from its patch embedding, as `init_fn` makes them for its own DiT.
 
     pretrained: (source config, its memory params), the shared base of a fine-tune (the memory ablation):
-    its selector when the selector's settings match, and every patchifier derived from its finest one, so
+    its selector when the selector's settings match (a caption-reading selector takes an image-only one's
+    params and starts its zero-initialised phi_C), and every patchifier derived from its finest one, so
     that each variant's context tokens start as the base's DiT learned to read them.
     """
     params = _with_patchifiers(cfg, nn.meta.unbox(jax.jit(_memory_init_fn(cfg))(rng)), dit["patch_embedding"])
@@ -125,16 +128,21 @@ def memory_params(cfg: Config, dit: Any, rng: Array, pretrained: tuple[Config, A
         "latent_channels",
     )
     if all(getattr(cfg.memory, f) == getattr(source.memory, f) for f in selector_fields):
-        params["selector"] = stored["selector"]
+        params["selector"] = {k: stored["selector"].get(k, v) for k, v in params["selector"].items()}  # fresh phi_C stays
     finest = source.memory.patchifier_kernels[0]
     if all(k % f == 0 for kernel in cfg.memory.patchifier_kernels for k, f in zip(kernel[1:], finest[1:])):
         params = _with_patchifiers(cfg, params, stored["conditioner"]["patchifier_0"])
     return params
 
 
-def memory_scores(params: dict[str, Any], cfg: Config, caption: Array, memory: Array, valid: Array) -> Array:
-    """Frame Selection: caption [B, Lt, text_dim], memory [B, F, h, w, C], valid [B, F] -> scores [B, F]."""
-    return memory_module(cfg).apply({"params": params["memory"]}, caption, memory, valid, method="score")
+def memory_scores(
+    params: dict[str, Any], cfg: Config, caption: Array, memory: Array, valid: Array, memory_text: Array | None = None
+) -> Array:
+    """Frame Selection: caption [B, Lt, text_dim], memory [B, F, h, w, C], valid [B, F] -> scores [B, F].
+
+    memory_text [B, F, text_dim]: each frame's shot caption (`memory.caption_summary`), read when
+    memory.selector_reads_captions."""
+    return memory_module(cfg).apply({"params": params["memory"]}, caption, memory, valid, memory_text, method="score")
 
 
 def memory_context(

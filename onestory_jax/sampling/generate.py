@@ -52,6 +52,7 @@ class StoryInputs:
     references: Array | None = None  # [R, h, w, C] the story's reference images: memory before shot 1
     pinned: Array | None = None  # [S, R + S x T] bool: slots always in shot i's memory (`memory.pin`)
     excluded: Array | None = None  # [S, R + S x T] bool: slots never in it (`memory.exclude`)
+    memory_text: Array | None = None  # [R + S x T, text_dim] each slot's shot caption (memory.selector_reads_captions)
 
     @property
     def reference_slots(self) -> int:
@@ -94,16 +95,20 @@ def context_for_shot(
     spec: GenerationSpec,
     pinned: Array | None = None,
     excluded: Array | None = None,
+    memory_text: Array | None = None,
 ) -> tuple[ContextTokens, Array, Array, Array]:
     """Choose memory frames for the next shot and patchify them: (context, indices, scores, selected).
 
     pinned / excluded [S] bool: slots the user put in / kept out of this shot's memory. Excluded
     slots are never candidates; pinned ones always are, ranked first (among them by their score).
+    memory_text [S, text_dim]: each slot's shot caption (`memory_bank.slot_captions`), for a selector
+    that reads captions.
     """
     latents = bank.latents[None]
     valid = bank.valid if excluded is None else bank.valid & ~excluded
     if spec.strategy == "onestory":
-        scores, candidates = memory_scores(params, cfg, caption[None], latents, valid[None]), valid[None]
+        text = None if memory_text is None else memory_text[None]
+        scores, candidates = memory_scores(params, cfg, caption[None], latents, valid[None], text), valid[None]
     else:
         s, c = baseline_candidates(spec.strategy, valid, spec.k)
         scores, candidates = s[None], c[None]
@@ -142,7 +147,7 @@ def next_shot(
     """
     caption = inputs.text[shot]
     control = [None if m is None else m[shot] for m in (inputs.pinned, inputs.excluded)]
-    context, indices, scores, selected = context_for_shot(params, cfg, bank, caption, spec, *control)
+    context, indices, scores, selected = context_for_shot(params, cfg, bank, caption, spec, *control, inputs.memory_text)
 
     image = None if image_tokens is None else image_tokens[None]
     if cond is None and inputs.cond is not None:
@@ -339,6 +344,7 @@ def abstract_story_inputs(cfg: Config, shots: int, latent_shape: tuple[int, int,
         cond=f32(t, h, w, 4 + c) if i2v else None,
         image_tokens=f32(cfg.image_encoder.num_tokens, cfg.dit.image_dim) if i2v else None,
         has_start_image=jax.ShapeDtypeStruct((), bool) if i2v else None,
+        memory_text=f32(shots * t, cfg.dit.text_dim) if cfg.memory.selector_reads_captions else None,
     )
 
 

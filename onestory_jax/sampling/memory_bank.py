@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from onestory_jax.errors import UserError
+from onestory_jax.models.memory import caption_summary
 
 Array = jax.Array
 
@@ -54,6 +55,13 @@ def write_shot(bank: MemoryBank, shot: Array, latents: Array, offset: int = 0) -
     new_latents = jax.lax.dynamic_update_slice(bank.latents, latents.astype(bank.latents.dtype), (start, 0, 0, 0))
     new_valid = jax.lax.dynamic_update_slice(bank.valid, jnp.ones((t,), bool), (start,))
     return MemoryBank(latents=new_latents, valid=new_valid)
+
+
+def slot_captions(text: Array, frames_per_shot: int, reference_slots: int = 0) -> Array:
+    """Each slot's shot caption for a selector that reads captions: shot captions [S, Lt, D] ->
+    [R + S x T, D] (`caption_summary`; the reference slots get zeros: no caption)."""
+    per_shot = jnp.repeat(caption_summary(jnp.asarray(text, jnp.float32)), frames_per_shot, axis=0)
+    return jnp.concatenate([jnp.zeros((reference_slots, per_shot.shape[-1]), jnp.float32), per_shot])
 
 
 def item_slots(item: str, references: Sequence[str], frames_per_shot: int) -> list[int]:

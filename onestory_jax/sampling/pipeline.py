@@ -28,7 +28,7 @@ from onestory_jax.models.frozen import Components
 from onestory_jax.models.memory import frames_per_patchifier
 from onestory_jax.sampling import outputs, resume
 from onestory_jax.sampling.generate import GenerationSpec, Listeners, ShotRecord, StoryInputs, generation_spec, story_program
-from onestory_jax.sampling.memory_bank import control_masks, item_slots
+from onestory_jax.sampling.memory_bank import control_masks, item_slots, slot_captions
 from onestory_jax.sampling.story import Story, require_resolved, story_to_dict, with_sampler
 
 
@@ -140,6 +140,7 @@ def encode_story(cfg: Config, comps: Components, story: Story, prepared: Prepare
         references=None if references is None else jnp.asarray(references),
         pinned=None if pinned is None else jnp.asarray(pinned),
         excluded=None if excluded is None else jnp.asarray(excluded),
+        memory_text=slot_captions(embeddings, shape[0], len(story.references)) if cfg.memory.selector_reads_captions else None,
     )
 
 

@@ -94,6 +94,8 @@ def batch_shapes(cfg: Config, batch: int, latent: tuple[int, int, int]) -> dict[
         "labels": ((batch, 2 * t), np.float32),
         "text": ((batch, cfg.dit.text_len, cfg.dit.text_dim), np.float32),
     }
+    if cfg.memory.selector_reads_captions:
+        shapes["memory_text"] = ((batch, 2 * t, cfg.dit.text_dim), np.float32)
     if cfg.dit.has_image_branch:
         shapes["image"] = ((batch, cfg.image_encoder.num_tokens, cfg.dit.image_dim), np.float32)
         shapes["cond"] = ((batch, t, h, w, cfg.dit.in_dim - c), np.float32)

@@ -11,6 +11,7 @@ from onestory_jax.diffusion.schedule import add_noise, sample_training_sigmas, v
 from onestory_jax.models.dit import ContextTokens
 from onestory_jax.models.memory import baseline_candidates, num_selected
 from onestory_jax.models.onestory import memory_context, memory_scores, velocity
+from onestory_jax.training.optim import trainable_mask
 
 Array = jax.Array
 
@@ -19,6 +20,7 @@ Array = jax.Array
 #   memory [B, F, h, w, 16]   latents of the earlier shots; memory_valid [B, F]
 #   labels [B, F]             frame-relevance pseudo-labels (real: similarity; inserted -1; augmented 0)
 #   text [B, Lt, text_dim]    caption embedding of the target shot
+#   memory_text [B, F, text_dim]  pooled caption of each memory frame's shot (memory.selector_reads_captions)
 #   image [B, Li, image_dim], cond [B, T, h, w, 20]   I2V only
 #   loss_weight [B, T, h, w]  optional weight of each latent cell in L_shot
 Batch = dict[str, Array]
@@ -28,6 +30,12 @@ def selection_loss(scores: Array, labels: Array, valid: Array) -> Array:
     """L_sel = MSE between frame scores and pseudo-labels over valid memory frames."""
     err = jnp.where(valid, (scores - labels) ** 2, 0.0)
     return err.sum() / jnp.maximum(valid.sum(), 1)
+
+
+def scored_selection_loss(params: dict, batch: Batch, cfg: Config) -> tuple[Array, Array]:
+    """Frame Selection's scores of the batch's memory [B, F] and their L_sel."""
+    scores = memory_scores(params, cfg, batch["text"], batch["memory"], batch["memory_valid"], batch.get("memory_text"))
+    return scores, selection_loss(scores, batch["labels"], batch["memory_valid"])
 
 
 def training_ranking(scores: Array, batch: Batch, warm: Array, rng: Array, cfg: Config) -> tuple[Array, Array]:
@@ -50,8 +58,7 @@ def select_and_condition(
     """Score the memory, pick the conditioning frames (`training_ranking`), patchify them:
     -> (L_sel, context tokens). keep [B, 1]: samples whose context survives context dropout.
     """
-    scores = memory_scores(params, cfg, batch["text"], batch["memory"], batch["memory_valid"])
-    l_sel = selection_loss(scores, batch["labels"], batch["memory_valid"])
+    scores, l_sel = scored_selection_loss(params, batch, cfg)
     ranking, candidates = training_ranking(scores, batch, warm, rng, cfg)
     context, *_ = memory_context(params, cfg, batch["memory"], ranking, candidates, keep=keep)
     return l_sel, context
@@ -69,11 +76,22 @@ def shot_loss(params: dict, batch: Batch, context: ContextTokens, text: Array, s
     return jnp.sum(weight * err) / (jnp.maximum(jnp.sum(weight), 1e-6) * err.shape[-1])
 
 
+def only_the_selector_trains(params: dict, cfg: Config) -> bool:
+    """train.trainable leaves only Frame Selection's params training. Top-K is hard, so L_shot then reaches no
+    trainable param, and a step needs L_sel alone (no DiT pass): the selector stage of docs/demo.md."""
+    mask = trainable_mask(params, cfg.train.trainable)
+    rest = {**mask, "memory": {k: v for k, v in mask["memory"].items() if k != "selector"}}
+    return bool(cfg.train.trainable) and not any(jax.tree.leaves(rest))
+
+
 def loss_fn(params: dict, batch: Batch, rng: Array, warm: Array, cfg: Config) -> tuple[Array, dict[str, Array]]:
     """Total loss and metrics. `warm` (bool scalar): decoupled-conditioning warm-up is on."""
     tc = cfg.train
     r_sel, r_sigma, r_noise, r_text, r_ctx = jax.random.split(rng, 5)
     b = batch["target"].shape[0]
+    if only_the_selector_trains(params, cfg):
+        _, l_sel = scored_selection_loss(params, batch, cfg)
+        return tc.selection_weight * l_sel, {"loss": tc.selection_weight * l_sel, "l_sel": l_sel}
     keep_ctx = jax.random.uniform(r_ctx, (b, 1)) >= tc.context_dropout
     l_sel, context = select_and_condition(params, batch, warm, r_sel, keep_ctx, cfg)
     keep_text = jax.random.uniform(r_text, (b, 1, 1)) >= tc.text_dropout
