@@ -25,10 +25,10 @@ demo: $(STAMP)
 
 # Rebuild the embedded default and the memory ablation's variants (docs/demo.md), from the shipped frozen
 # parts: the VAE fine-tuned toward its own image code (a frozen teacher, stage 1b), its frozen-parts folder,
-# synthetic records, the shared base, then one model per memory scheme. models/demo = the frozen parts + the
-# onestory variant; models/ablation/<variant>.
+# synthetic records, the shared base, the selector stage of onestory_captions, then one model per memory scheme.
+# models/demo = the frozen parts + the onestory_captions variant; models/ablation/<variant>.
 DEMO_STORIES ?= 800
-VARIANTS := none last_frame ac_only fs_only onestory
+VARIANTS := none last_frame ac_only fs_only onestory onestory_captions
 FROZEN := runs/demo-frozen
 demo-model: $(STAMP)
 	$(PY) train.py --config configs/train/demo-vae-teacher.yaml --workdir runs/demo-vae-teacher
@@ -36,11 +36,12 @@ demo-model: $(STAMP)
 	cp -r models/demo/text_encoder models/demo/image_encoder models/demo/tokenizer runs/demo-vae-teacher/model/vae $(FROZEN)/
 	$(PY) -m onestory_jax.data.prepare --model $(FROZEN) --out data/demo --synthetic $(DEMO_STORIES) --frames 9 --character-weight 0.7
 	$(PY) train.py --config configs/train/demo.yaml --workdir runs/demo train.data=data/demo/records
+	$(PY) train.py --config configs/train/memory-selector-captions.yaml --workdir runs/memory-selector-captions train.data=data/demo/records
 	for v in $(VARIANTS); do $(PY) train.py --config configs/train/memory-$$v.yaml --workdir runs/memory-$$v train.data=data/demo/records || exit 1; done
 	rm -rf models/demo.new models/ablation.new && mkdir -p models/demo.new models/ablation.new
-	cp -r $(FROZEN)/* runs/memory-onestory/model/onestory models/demo.new/
-	for v in $(filter-out onestory,$(VARIANTS)); do mkdir -p models/ablation.new/$$v && cp -r runs/memory-$$v/model/onestory models/ablation.new/$$v/; done
-	mkdir -p models/ablation.new/onestory && ln -s ../../demo/onestory models/ablation.new/onestory/onestory
+	cp -r $(FROZEN)/* runs/memory-onestory_captions/model/onestory models/demo.new/
+	for v in $(filter-out onestory_captions,$(VARIANTS)); do mkdir -p models/ablation.new/$$v && cp -r runs/memory-$$v/model/onestory models/ablation.new/$$v/; done
+	mkdir -p models/ablation.new/onestory_captions && ln -s ../../demo/onestory models/ablation.new/onestory_captions/onestory
 	rm -rf models/demo models/ablation && mv models/demo.new models/demo && mv models/ablation.new models/ablation
 
 test: $(STAMP)

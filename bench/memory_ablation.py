@@ -4,8 +4,9 @@ was trained with, on the same held-out stories; the section of docs/results.md.
     python bench/memory_ablation.py [--variants models/ablation] [--frozen models/demo]
         [--first-seed 1000000] [--stories 30] [--out bench/results/memory_ablation]
 
-Each variant is a folder VARIANTS/NAME/onestory (a train.py export, or the shipped ones); the frozen
-parts (VAE, text and image encoders, tokenizer) come from --frozen. Stories are 8-shot stories of
+Variants: the paper's five (none, last_frame, ac_only, fs_only, onestory) and onestory_captions (its
+selector also reads the memory's captions). Each is a folder VARIANTS/NAME/onestory (a train.py export,
+or the shipped ones); the frozen parts (VAE, text and image encoders, tokenizer) come from --frozen. Stories are 8-shot stories of
 the synthetic world from seeds FIRST_SEED .. FIRST_SEED + STORIES - 1 (training uses seeds < 10^6),
 so `--first-seed` checks the result on stories no one trained or tuned on. Per variant and story:
 

@@ -181,6 +181,9 @@ class TrainConfig:
     lr_warmup_steps: int = 100
     grad_clip: float = 1.0
     selection_weight: float = 0.5  # lambda in L = L_shot + lambda * L_sel
+    # Share of memory frames the selector sees degraded (3x3 blur + noise, training/losses.py degrade_frames):
+    # at sampling time it reads generated frames, coarser than the records' (the DiT's context stays intact).
+    selector_degrade: float = 0.0
     decoupled_warmup: float = 0.1  # fraction of steps conditioned on uniform frames of the real prior shot
     text_dropout: float = 0.1
     context_dropout: float = 0.1
@@ -214,7 +217,14 @@ class TrainConfig:
     vae_stage: VAEStageConfig = VAEStageConfig()  # read by the vae stage only
 
     def validate(self) -> None:
-        for name in ("text_dropout", "context_dropout", "decoupled_warmup", "insertion_prob", "swap_order_prob"):
+        for name in (
+            "text_dropout",
+            "context_dropout",
+            "decoupled_warmup",
+            "insertion_prob",
+            "swap_order_prob",
+            "selector_degrade",
+        ):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise UserError(f"train.{name} must be in [0, 1], got {v}")

@@ -131,6 +131,22 @@ def test_a_selector_stage_step_is_l_sel_alone_without_the_dit():
     assert selector.count("dot_general") < 0.5 * frozen_dit.count("dot_general")
 
 
+def test_the_selectors_degraded_frames_are_blurred_and_noised():
+    """train.selector_degrade: a picked frame is its 3x3 box blur (edges replicated, recomputed here with numpy's
+    edge padding) plus noise of std DEGRADE_NOISE; the others are untouched; 0 changes nothing."""
+    from onestory_jax.training.losses import DEGRADE_NOISE, degrade_frames
+
+    memory = np.random.default_rng(0).standard_normal((4, 8, 6, 6, 16)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(degrade_frames(jnp.asarray(memory), 0.0, jax.random.key(0))), memory)
+    padded = np.pad(memory, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    blur = np.mean([padded[:, :, i : i + 6, j : j + 6] for i in range(3) for j in range(3)], axis=0)
+    out = np.asarray(degrade_frames(jnp.asarray(memory), 1.0, jax.random.key(0)))
+    assert abs((out - blur).std() - DEGRADE_NOISE) < 0.02 and abs((out - blur).mean()) < 0.02
+    half = np.asarray(degrade_frames(jnp.asarray(memory), 0.5, jax.random.key(1)))
+    same = np.all(half == memory, axis=(2, 3, 4))  # [B, F]: frames left as they were
+    assert 0.25 < same.mean() < 0.75
+
+
 def test_sharded_train_step_equals_unsharded():
     """Loss and gradients of the step on a (data, fsdp, tensor) mesh equal the single-device ones.
 

@@ -32,9 +32,28 @@ def selection_loss(scores: Array, labels: Array, valid: Array) -> Array:
     return err.sum() / jnp.maximum(valid.sum(), 1)
 
 
-def scored_selection_loss(params: dict, batch: Batch, cfg: Config) -> tuple[Array, Array]:
-    """Frame Selection's scores of the batch's memory [B, F] and their L_sel."""
-    scores = memory_scores(params, cfg, batch["text"], batch["memory"], batch["memory_valid"], batch.get("memory_text"))
+DEGRADE_NOISE = 0.3  # std of the noise on a degraded frame, in units of the (normalised) latents
+
+
+def degrade_frames(memory: Array, share: float, rng: Array) -> Array:
+    """memory [B, F, h, w, C] with each frame, at probability `share`, blurred (3x3 box, edges replicated)
+    and noised (std DEGRADE_NOISE): what a selector reading a small model's generated frames faces."""
+    if share == 0.0:
+        return memory
+    r_pick, r_noise = jax.random.split(rng)
+    h, w = memory.shape[2:4]
+    padded = jnp.pad(memory, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    blurred = sum(padded[:, :, i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9.0
+    noisy = blurred + DEGRADE_NOISE * jax.random.normal(r_noise, memory.shape, memory.dtype)
+    pick = jax.random.bernoulli(r_pick, share, memory.shape[:2])[:, :, None, None, None]
+    return jnp.where(pick, noisy, memory)
+
+
+def scored_selection_loss(params: dict, batch: Batch, cfg: Config, degrade: Array | None = None) -> tuple[Array, Array]:
+    """Frame Selection's scores of the batch's memory [B, F] and their L_sel. degrade: an rng key to show the
+    selector `train.selector_degrade` of the frames degraded (training; None: as they are)."""
+    memory = batch["memory"] if degrade is None else degrade_frames(batch["memory"], cfg.train.selector_degrade, degrade)
+    scores = memory_scores(params, cfg, batch["text"], memory, batch["memory_valid"], batch.get("memory_text"))
     return scores, selection_loss(scores, batch["labels"], batch["memory_valid"])
 
 
@@ -53,12 +72,13 @@ def training_ranking(scores: Array, batch: Batch, warm: Array, rng: Array, cfg: 
 
 
 def select_and_condition(
-    params: dict, batch: Batch, warm: Array, rng: Array, keep: Array, cfg: Config
+    params: dict, batch: Batch, warm: Array, rng: Array, keep: Array, cfg: Config, degrade: Array | None = None
 ) -> tuple[Array, ContextTokens]:
     """Score the memory, pick the conditioning frames (`training_ranking`), patchify them:
-    -> (L_sel, context tokens). keep [B, 1]: samples whose context survives context dropout.
+    -> (L_sel, context tokens). keep [B, 1]: samples whose context survives context dropout; degrade: the
+    rng key of the selector's degraded view (`scored_selection_loss`; the context is always the intact frames).
     """
-    scores, l_sel = scored_selection_loss(params, batch, cfg)
+    scores, l_sel = scored_selection_loss(params, batch, cfg, degrade)
     ranking, candidates = training_ranking(scores, batch, warm, rng, cfg)
     context, *_ = memory_context(params, cfg, batch["memory"], ranking, candidates, keep=keep)
     return l_sel, context
@@ -90,10 +110,10 @@ def loss_fn(params: dict, batch: Batch, rng: Array, warm: Array, cfg: Config) ->
     r_sel, r_sigma, r_noise, r_text, r_ctx = jax.random.split(rng, 5)
     b = batch["target"].shape[0]
     if only_the_selector_trains(params, cfg):
-        _, l_sel = scored_selection_loss(params, batch, cfg)
+        _, l_sel = scored_selection_loss(params, batch, cfg, jax.random.fold_in(r_sel, 1))
         return tc.selection_weight * l_sel, {"loss": tc.selection_weight * l_sel, "l_sel": l_sel}
     keep_ctx = jax.random.uniform(r_ctx, (b, 1)) >= tc.context_dropout
-    l_sel, context = select_and_condition(params, batch, warm, r_sel, keep_ctx, cfg)
+    l_sel, context = select_and_condition(params, batch, warm, r_sel, keep_ctx, cfg, jax.random.fold_in(r_sel, 1))
     keep_text = jax.random.uniform(r_text, (b, 1, 1)) >= tc.text_dropout
     text = jnp.where(keep_text, batch["text"], null_text(batch["text"].shape[1:], batch["text"].dtype))
     noise = jax.random.normal(r_noise, batch["target"].shape, batch["target"].dtype)
