@@ -48,8 +48,7 @@ def _memory_init_fn(cfg: Config) -> Callable[[Array], Any]:
     module = memory_module(cfg)
     caption = jnp.zeros((1, 4, cfg.dit.text_dim))
     memory = jnp.zeros((1, 2, 16, 16, cfg.memory.latent_channels))  # shapes of params do not depend on the memory size
-
-    memory_text = jnp.zeros((1, 2, cfg.dit.text_dim))
+    memory_text = jnp.zeros((1, 2, cfg.dit.text_dim))  # each frame's shot caption (read with selector_reads_captions)
 
     def fn(rng: Array) -> Any:
         return module.init(rng, caption, memory, jnp.ones((1, 2), bool), memory_text)["params"]
