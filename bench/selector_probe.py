@@ -9,7 +9,8 @@ frames (ac_only's `uniform`) and the latest frame (`last_frame`) on the same sho
     python bench/selector_probe.py --records DIR [--config configs/train/memory-onestory.yaml]
         [--steps 4000] [--held-out 100] [--set memory.selector_pooling=max ...] [--out FILE.json]
 
-The records need `shot_keys` (synthetic stories from `onestory_jax.data.prepare --synthetic`).
+The records need `shot_keys` (synthetic stories from `onestory_jax.data.prepare --synthetic`). With
+`--set memory.selector_reads_captions=true` each memory frame also carries its shot's caption.
 """
 
 from __future__ import annotations
