@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from onestory_jax.config_files import load_config
-from onestory_jax.data.pipeline import three_shot_example
+from onestory_jax.data.pipeline import padded_text, three_shot_example
 from onestory_jax.data.records import RecordFiles
 from onestory_jax.eval.metrics import mean_ci
 from onestory_jax.models.memory import baseline_candidates, num_selected
@@ -86,21 +86,19 @@ def recall_hits(records: Videos, ids: np.ndarray, params: dict, cfg: Any) -> dic
     hits: dict[str, list[bool]] = {"selector": [], "uniform": [], "last_frame": []}
     for i in ids:
         video = records[int(i)]
-        latents, keys, lengths = video["latents"], video["shot_keys"], video["text_lengths"]
+        latents, keys = video["latents"], video["shot_keys"]
         n_shots, t = latents.shape[:2]
         k = num_selected(cfg.memory, latents.shape[2:4])
         slots = (n_shots - 1) * t  # one memory size for every shot: one compile per story length
+        text = np.stack([padded_text(video, s, cfg.dit.text_len) for s in range(n_shots)])
+        slot_text = np.asarray(slot_captions(text[:-1], t)) if cfg.memory.selector_reads_captions else None
         for j in range(2, n_shots):
             if keys[j] < 0 or keys[j] == keys[j - 1] or keys[j] not in keys[:j]:
                 continue
             memory = np.zeros((slots, *latents.shape[2:]), np.float32)
             memory[: j * t] = latents[:j].reshape(-1, *latents.shape[2:])
             valid = np.arange(slots) < j * t
-            text = np.zeros((n_shots, cfg.dit.text_len, video["text"].shape[-1]), np.float32)
-            for s in range(n_shots):
-                text[s, : lengths[s]] = video["text"][s, : lengths[s]]
-            memory_text = np.asarray(slot_captions(text[:-1], t)) if cfg.memory.selector_reads_captions else None
-            memory_text = None if memory_text is None else np.where(valid[:, None], memory_text, 0.0)[None]
+            memory_text = None if slot_text is None else np.where(valid[:, None], slot_text, 0.0)[None]
             scores = np.asarray(score(text[j][None], memory[None], valid[None], memory_text))[0]
             shot_keys = keys[np.arange(slots) // t]  # [F]: who each memory frame shows
             hits["selector"].append(bool(np.any(shot_keys[np.argsort(-np.where(valid, scores, -np.inf))[:k]] == keys[j])))

@@ -37,7 +37,8 @@ def cosine_to_target(frames: np.ndarray, target: np.ndarray) -> np.ndarray:
     return (num / (np.linalg.norm(frames, axis=1) * np.linalg.norm(t) + 1e-8)).astype(np.float32)
 
 
-def _padded_text(video: dict[str, np.ndarray], shot: int, text_len: int) -> np.ndarray:
+def padded_text(video: dict[str, np.ndarray], shot: int, text_len: int) -> np.ndarray:
+    """A record's shot caption embedding [text_len, text_dim], zero-padded after its length."""
     n = int(video["text_lengths"][shot])
     out = np.zeros((text_len, video["text"].shape[-1]), np.float32)
     out[:n] = video["text"][shot, :n]
@@ -76,7 +77,7 @@ def with_memory_text(example: Example, shots: list[tuple[dict[str, np.ndarray], 
     out = np.zeros((example["memory"].shape[0], cfg.dit.text_dim), np.float32)
     t = example["target"].shape[0]
     for i, (video, shot) in enumerate(shots):
-        out[i * t : (i + 1) * t] = caption_summary(_padded_text(video, shot, cfg.dit.text_len))
+        out[i * t : (i + 1) * t] = caption_summary(padded_text(video, shot, cfg.dit.text_len))
     return {**example, "memory_text": out}
 
 
@@ -90,7 +91,7 @@ def first_shot_example(video: dict[str, np.ndarray], cfg: Config) -> Example:
             "memory": np.zeros((2 * t, *lat.shape[2:]), np.float32),
             "memory_valid": np.zeros((2 * t,), bool),
             "labels": np.zeros((2 * t,), np.float32),
-            "text": _padded_text(video, 0, cfg.dit.text_len),
+            "text": padded_text(video, 0, cfg.dit.text_len),
             "image": video["image_tokens"].astype(np.float32),
             "cond": i2v_channels(video["first_image"]),
         },
@@ -134,7 +135,7 @@ def three_shot_example(video: dict[str, np.ndarray], rng: np.random.Generator, o
         "memory": np.concatenate(memory).astype(np.float32),
         "memory_valid": np.ones((2 * t,), bool),
         "labels": np.concatenate(labels).astype(np.float32),
-        "text": _padded_text(video, last, cfg.dit.text_len),
+        "text": padded_text(video, last, cfg.dit.text_len),
     }
     if cfg.dit.has_image_branch:
         # The target is never shot 1: CLIP tokens of shot 1's first frame, unless later shots see none
