@@ -111,3 +111,29 @@ def test_configs_written_by_earlier_versions_still_load():
     assert (cfg.sampler.steps, cfg.train.steps, cfg.train.vae_stage.clip_size) == (9, 3, 16)
     with pytest.raises(UserError, match="unknown config key 'train.clip_sizes'"):
         from_dict(Config, {"train": {"clip_sizes": 16}})
+
+
+def test_small_replicated_arrays_are_saved_whole_and_large_ones_replica_parallel(tmp_path):
+    """On the 8 host devices, an array replicated on all of them and under MIN_REPLICA_SLICE_BYTES is written by
+    one replica, with no program compiled (orbax's default slices it per replica: a slice program per device);
+    a larger one is still split across replicas (compiles); both restore to their values."""
+    from onestory_jax.checkpoint import MIN_REPLICA_SLICE_BYTES
+
+    replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("d",)), jax.sharding.PartitionSpec())
+    rows = MIN_REPLICA_SLICE_BYTES // 4 // 16  # rows of 16 float32 per MiB: one replica's slice of `big` is 1 MiB
+    small = jax.device_put(np.arange(24 * 7, dtype=np.float32).reshape(24, 7), replicated)
+    big = jax.device_put(np.ones((8 * rows, 16), np.float32), replicated)
+    compiles = []
+    listener = lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        save_model(tmp_path / "small", {"w": small}, Config())
+        small_compiles = len(compiles)
+        save_model(tmp_path / "big", {"w": big}, Config())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert small_compiles == 0
+    assert len(compiles) > 0
+    for name, a in (("small", small), ("big", big)):
+        back = restore_params(tmp_path / name, {"w": jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated)})
+        np.testing.assert_array_equal(np.asarray(back["w"]), np.asarray(a))

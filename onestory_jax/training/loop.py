@@ -27,7 +27,9 @@ from onestory_jax.checkpoint import (
     check_stored_tree,
     load_params,
     non_finite_leaves,
+    pytree_handler,
     quiet_failed_reads,
+    restore_args,
     save_model,
     unreadable_checkpoint,
 )
@@ -75,7 +77,8 @@ def _manager(workdir: Path, cfg: Config) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.train.keep_checkpoints, enable_async_checkpointing=True, cleanup_tmp_directories=True
     )
-    return ocp.CheckpointManager(workdir / "checkpoints", options=options, item_names=("state", "data"))
+    handlers = {"state": pytree_handler(), "data": grain.checkpoint.CheckpointHandler()}
+    return ocp.CheckpointManager(workdir / "checkpoints", options=options, item_handlers=handlers)
 
 
 def _restore(manager: ocp.CheckpointManager, state: TrainState, data_iter: Any) -> TrainState:
@@ -86,7 +89,7 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState, data_iter: Any) 
     try:
         restored = manager.restore(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iter)),
+            args=ocp.args.Composite(state=restore_args(abstract), data=grain.checkpoint.CheckpointRestore(data_iter)),
         )
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"checkpoint at step {step} does not fit this config: {str(e).splitlines()[0]}") from None
@@ -358,7 +361,7 @@ def train(
                     manager.save(
                         step + 1,
                         args=ocp.args.Composite(
-                            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)
+                            state=ocp.args.PyTreeSave(state), data=grain.checkpoint.CheckpointSave(data_iter)
                         ),
                     )
         finally:
