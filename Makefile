@@ -47,7 +47,7 @@ demo-model: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest tests -n 2 --dist loadfile --no-loadscope-reorder --durations=12  # two workers (CI has 2 cores); a file's tests share one; tests/conftest.py orders the files
+	$(PY) -m pytest tests -n 2 --dist loadfile --durations=12  # two workers (CI has 2 cores); a file's tests share one
 
 clean:
 	rm -rf $(VENV) out

@@ -66,35 +66,3 @@ def straight_run(tmp_path_factory, worker_id, records):
             r = run_train(workdir, records)
             assert r.returncode == 0, r.stderr
     return workdir
-
-
-# The longest files first (each over 40 s of test time on the 2-core machine): `--dist loadfile` hands whole files
-# to the workers in collection order (the Makefile passes --no-loadscope-reorder, else xdist puts the files with
-# the most tests first and these came last), so that no long file starts last while the other worker idles.
-# The two users of `straight_run` sit apart: a worker never waits for the other one building it.
-LONGEST_FIRST = (
-    "test_wan_to_onestory",
-    "test_train_loop",
-    "test_sample",
-    "test_low_vram",
-    "test_training",
-    "test_prepare",
-    "test_train_resilience",
-    "test_vae_init_and_crops",
-    "test_multiprocess",
-    "test_preset_fit",
-    "test_resume",
-    "test_story_formats",
-    "test_generate",
-    "test_studio",
-    "test_lora_formats",
-    "test_attention",
-    "test_lora",
-    "test_memory_control",
-    "test_behaviours",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: each file keeps its order
