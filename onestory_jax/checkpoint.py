@@ -36,8 +36,8 @@ PARAMS, CONFIG = "params", "config.yaml"
 
 # Orbax saves a replicated array "replica-parallel" by default (not on GPUs): each replica writes one slice of
 # it, which takes a sliced copy and a compiled slice program per (shape, device). That pays for large arrays on
-# many hosts; for small slices it costs more than it saves (a tiny train.py run on 8 CPU devices: 15 s
-# instead of 21 s warm, 27 s instead of 49 s cold; docs/performance.md). Smaller slices: one replica writes.
+# many hosts; for small slices it costs more than it saves (a tiny train.py run on 8 CPU devices: 32 s instead
+# of 49 s cold, 15-17 s instead of 21-23 s warm; docs/performance.md). Smaller slices: one replica writes.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 

@@ -120,7 +120,7 @@ def test_small_replicated_arrays_are_saved_whole_and_large_ones_replica_parallel
     from onestory_jax.checkpoint import MIN_REPLICA_SLICE_BYTES
 
     replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("d",)), jax.sharding.PartitionSpec())
-    rows = MIN_REPLICA_SLICE_BYTES // 4 // 16  # rows of 16 float32 per MiB: one replica's slice of `big` is 1 MiB
+    rows = MIN_REPLICA_SLICE_BYTES // 4 // 16  # [rows, 16] float32 is 1 MiB: each of 8 replicas' slices of `big`
     small = jax.device_put(np.arange(24 * 7, dtype=np.float32).reshape(24, 7), replicated)
     big = jax.device_put(np.ones((8 * rows, 16), np.float32), replicated)
     compiles = []
