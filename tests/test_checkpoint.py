@@ -113,6 +113,7 @@ def test_configs_written_by_earlier_versions_still_load():
         from_dict(Config, {"train": {"clip_sizes": 16}})
 
 
+@pytest.mark.multidevice
 def test_small_replicated_arrays_are_saved_whole_and_large_ones_replica_parallel(tmp_path):
     """On the 8 host devices, an array replicated on all of them and under MIN_REPLICA_SLICE_BYTES is written by
     one replica, with no program compiled (orbax's default slices it per replica: a slice program per device);

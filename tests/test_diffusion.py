@@ -167,6 +167,7 @@ def test_sampler_config():
     assert (c.solver, c.steps, c.shift, c.guidance, c.negative_prompt) == ("unipc", 40, 3.0, 5.0, "")
 
 
+@pytest.mark.multidevice
 def test_on_step_and_sharded_cfg_pair():
     seen = []
     x = jnp.asarray(_noise())

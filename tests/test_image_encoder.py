@@ -144,6 +144,7 @@ def test_strict_conversion_lists_every_problem(reference):
         convert_clip(TINY, shapes, sd.__getitem__, "diffusers")
 
 
+@pytest.mark.multidevice
 def test_full_size_key_map_and_sharding():
     """ViT-H/14 names and shapes (meta tensors) map onto our abstract tree; big params shard on fsdp."""
     cfg = ImageEncoderConfig()

@@ -215,6 +215,7 @@ def test_bad_arguments_and_jsonl_values_are_one_line_before_any_model(tmp_path, 
     assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
 
 
+@pytest.mark.multidevice
 def test_vae_stage_learns_and_exports_the_frozen_parts(tmp_path, monkeypatch):
     from onestory_jax.training import vae_stage
 

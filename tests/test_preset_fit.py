@@ -91,6 +91,7 @@ def distinct_twins() -> list[str]:
     return list(seen.values())
 
 
+@pytest.mark.multidevice
 @pytest.mark.slow
 @pytest.mark.parametrize("name", distinct_twins())
 def test_tiny_twin_compiles_through_the_analysis(name):

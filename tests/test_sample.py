@@ -97,6 +97,7 @@ def test_start_video_resumes_every_shot(rendered, capsys):
     assert [s["generated_because"] for s in manifest["shots"]] == [None] * 3 and (rendered / "vid" / "shot_01.npy").is_file()
 
 
+@pytest.mark.multidevice
 def test_story_sharded_over_sequence_and_cfg_pair_equals_the_plain_run(rendered, tmp_path, capsys):
     """8 host devices as data 2 (the CFG pair split) x sequence 2 (Ulysses) x fsdp 2 = the fsdp-only run."""
     story, out = rendered / "story.yaml", tmp_path / "out"

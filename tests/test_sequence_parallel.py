@@ -17,6 +17,7 @@ from onestory_jax.models import layers
 from onestory_jax.models.dit import ContextTokens, WanDiT
 from onestory_jax.sharding import activate, make_mesh
 
+pytestmark = pytest.mark.multidevice  # meshes over the 8 host devices (tests/conftest.py)
 B, L, N, H = 2, 37, 4, 8  # L = 37 is not a multiple of the sequence axis: the padded path
 MESHES = {
     "data2_seq4": MeshConfig(data=2, fsdp=1, sequence=4, tensor=1),

@@ -20,6 +20,7 @@ from onestory_jax.sharding import (
     param_shardings,
 )
 
+pytestmark = pytest.mark.multidevice  # meshes over the 8 host devices (tests/conftest.py)
 MESHES = {
     "data": MeshConfig(data=8, fsdp=1, sequence=1, tensor=1),
     "fsdp_tensor": MeshConfig(data=1, fsdp=4, sequence=1, tensor=2),

@@ -131,6 +131,7 @@ def test_tied_embedding_name_alone_is_accepted(reference):
     np.testing.assert_array_equal(params["token_embedding"]["embedding"], sd["encoder.embed_tokens.weight"])
 
 
+@pytest.mark.multidevice
 def test_full_size_key_map_and_sharding():
     """umt5-xxl names and shapes (meta tensors) map onto our abstract tree; big params shard on fsdp."""
     cfg = TextEncoderConfig()

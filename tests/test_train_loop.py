@@ -45,6 +45,7 @@ def test_missing_data_and_mismatched_checkpoint_are_clear(tmp_path, records):
     assert "ffn_dim: 32" in (tmp_path / "w2" / "config.yaml").read_text()  # still describes its checkpoints
 
 
+@pytest.mark.multidevice
 def test_bad_stop_after_and_a_disk_without_room_are_refused(tmp_path, records, capsys, monkeypatch):
     """--stop-after 0 trained nothing and said "had already trained all 6 steps"; a disk that cannot hold one
     checkpoint gave 1661 lines of orbax tracebacks at the first save."""

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from onestory_jax.config_files import load_config
 from onestory_jax.models.onestory import init_params
@@ -147,6 +148,7 @@ def test_the_selectors_degraded_frames_are_blurred_and_noised():
     assert 0.25 < same.mean() < 0.75
 
 
+@pytest.mark.multidevice
 def test_sharded_train_step_equals_unsharded():
     """Loss and gradients of the step on a (data, fsdp, tensor) mesh equal the single-device ones.
 
