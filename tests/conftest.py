@@ -13,7 +13,8 @@ import pytest
 
 # Most tests run on any number of devices; those marked `multidevice` need 8 (meshes over data, fsdp, sequence
 # and tensor). Every program of an 8-device mesh is partitioned and runs as 8 programs on the same 2 cores, so
-# `make test` runs the unmarked tests on one device (a third less CPU time) and then the marked ones on 8.
+# `make test` runs the unmarked tests on one device (their test time 2,825 -> 2,156 s here) and then the
+# marked ones on 8.
 DEVICES = int(os.environ.get("ONESTORY_TEST_DEVICES", "8"))
 MULTIDEVICE = 8
 # The suite compiles far more than it computes (tiny models, a few steps): LLVM's optimisation of the CPU
