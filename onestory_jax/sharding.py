@@ -104,16 +104,23 @@ def param_shardings(abstract_boxed: Any, mesh: Mesh) -> Any:
     return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
 
 
+def init_program(init_fn: Callable[..., Any], mesh: Mesh, *args: Any) -> Callable[..., Any]:
+    """`init_fn` (returning boxed params) jitted to return the unboxed params straight in their shardings on
+    `mesh`; `args` are its arguments or their `jax.ShapeDtypeStruct`s. Keep it to create params again without
+    tracing the model anew."""
+    abstract = jax.eval_shape(init_fn, *args)
+    shardings = unbox_plain(param_shardings(abstract, mesh))
+    return jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)
+
+
 def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args: Any) -> Any:
     """Run `init_fn(*args)` (returning boxed params) jitted straight into its shardings.
 
     Returns the unboxed param tree; no full replica is ever built on one device.
     """
-    abstract = jax.eval_shape(init_fn, *args)
-    shardings = unbox_plain(param_shardings(abstract, mesh))
+    program = init_program(init_fn, mesh, *args)
     with activate(mesh):
-        params = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
-    return params
+        return program(*args)
 
 
 def unbox_plain(tree: Any) -> Any:

@@ -7,6 +7,7 @@ memory modules are initialised per docs/design.md), or a config preset with rand
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 from collections.abc import Callable
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from onestory_jax import checkpoint
 from onestory_jax.config import Config
@@ -24,7 +27,7 @@ from onestory_jax.models.embedding_cache import EmbeddingCache, encoder_identity
 from onestory_jax.models.folder import TOKENIZER, folder_config, load_model
 from onestory_jax.models.frozen import Components, build_components
 from onestory_jax.models.onestory import components, init_fn
-from onestory_jax.sharding import abstract_params, activate, init_sharded, make_mesh
+from onestory_jax.sharding import abstract_params, activate, init_program, make_mesh
 
 BYTE_TOKENIZER = byte_tokenizer.OUT  # for random-weight models: any text, no download
 
@@ -36,20 +39,24 @@ def part_meshes(cfg: Config) -> dict[str, jax.sharding.Mesh]:
     return {part: lowvram.host_mesh() for part, on_host in host.items() if on_host}
 
 
+@functools.cache
+def _part_init(plain: Config, name: str, mesh: jax.sharding.Mesh) -> Callable[[jax.Array], dict[str, Any]]:
+    """The program seed -> {name: its params} of `onestory.init_fn(plain, every part)`, on `mesh`: traced once per
+    process (a studio or a test run renders many stories). The key is made inside: a key made outside would
+    carry the mesh of its context to another part's mesh."""
+    return init_program(lambda seed: init_fn(plain, [name])(jax.random.key(seed)), mesh, jax.ShapeDtypeStruct((), jnp.int32))
+
+
 def random_params(cfg: Config, mesh: jax.sharding.Mesh, seed: int) -> dict[str, Any]:
     """Random params created directly in their shardings, part by part (those of `part_meshes` on the host
     first), each as `onestory.init_fn(cfg, every part)` makes it from key `seed`, wherever it is made."""
     plain = dataclasses.replace(cfg, dit_runtime=cfg.dit_runtime.plain())
     meshes = part_meshes(cfg)
-
-    def part(name: str) -> Callable[[], dict[str, Any]]:
-        """{name: its params}, the key made inside: a key made here would carry the mesh of this context to
-        another part's mesh."""
-        return lambda: init_fn(plain, [name])(jax.random.key(seed))
-
     params = {}
     for name in components(cfg):
-        params.update(init_sharded(part(name), meshes.get(name, mesh)))
+        part_mesh = meshes.get(name, mesh)
+        with activate(part_mesh):
+            params.update(_part_init(plain, name, part_mesh)(np.int32(seed)))
     if "dit" in meshes:
         params["dit"] = lowvram.place_dit(params["dit"], cfg.dit, cfg.dit_runtime, mesh)
     return params
