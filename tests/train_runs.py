@@ -106,19 +106,32 @@ def cli(script: str, argv: list[str], capsys) -> tuple[int, str]:
 
 def cli_output(script: str, argv: list[str], capsys) -> tuple[int, str, str]:
     """`cli` with stdout too: (exit status, stdout, stderr). In-process runs share compiled programs
-    (the story program is cached per spec), so a test's later runs do not compile again."""
+    (the story program and random params are cached per spec), so a test's later runs do not compile again."""
+    code = run_main(script, argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def run_main(script: str, argv: list) -> int:
+    """sample.py's or train.py's main run in this process as its CLI runs it: its exit status."""
     spec = importlib.util.spec_from_file_location(script, ROOT / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return main_output(module.main, argv, capsys)
+    return exit_status(module.main, argv)
+
+
+def exit_status(main, argv: list) -> int:
+    """A CLI entry point `main` run in this process as `run_cli` runs it: its exit status."""
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main, [str(a) for a in argv])
+    return exit_.value.code
 
 
 def main_output(main, argv: list, capsys) -> tuple[int, str, str]:
-    """A CLI entry point `main` run in this process as `run_cli` runs it: (exit status, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exit_:
-        run_cli(main, [str(a) for a in argv])
+    """`exit_status` with the output: (exit status, stdout, stderr)."""
+    code = exit_status(main, argv)
     captured = capsys.readouterr()
-    return exit_.value.code, captured.out, captured.err
+    return code, captured.out, captured.err
 
 
 def run_train(workdir: Path, records: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -11,6 +11,7 @@ or a baseline strategy's. Everything else is the same code.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -102,7 +103,13 @@ def init_fn(cfg: Config, parts: Sequence[str] = MODEL) -> Callable[[Array], dict
 
 def init_params(cfg: Config, rng: Array) -> dict[str, Any]:
     """Fresh OneStory params {"dit", "memory"} of `init_fn`, unsharded (sharded: `sharding.init_sharded(init_fn(cfg), ...)`)."""
-    return nn.meta.unbox(jax.jit(init_fn(cfg))(rng))
+    return _init_program(cfg)(rng)
+
+
+@functools.cache
+def _init_program(cfg: Config) -> Callable[[Array], dict[str, Any]]:
+    """`init_params`' program for `cfg`, traced once per process."""
+    return jax.jit(lambda rng: nn.meta.unbox(init_fn(cfg)(rng)))
 
 
 def memory_params(cfg: Config, dit: Any, rng: Array, pretrained: tuple[Config, Any] | None = None) -> Any:
