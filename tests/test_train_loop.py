@@ -1,5 +1,7 @@
 """train.py end to end: grain records, orbax checkpoints, exact resume, clear failures."""
 
+import shutil
+
 import numpy as np
 import pytest
 from train_runs import MESH, TINY, assert_same_params, cli, run_train
@@ -35,21 +37,23 @@ def test_data_pipeline_labels_and_exact_position(records):
     np.testing.assert_array_equal(next(again)["target"], batches[1]["target"])
 
 
-def test_missing_data_and_mismatched_checkpoint_are_clear(tmp_path, records):
-    r = run_train(tmp_path / "w", tmp_path / "nope.arrayrecord")
-    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
-    assert run_train(tmp_path / "w2", records, "--stop-after", "2").returncode == 0
-    r = run_train(tmp_path / "w2", records, "dit.ffn_dim=48")
-    assert r.returncode == 2 and "does not match the config" in r.stderr and "ffn/fc1" in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr, r.stderr
-    assert "ffn_dim: 32" in (tmp_path / "w2" / "config.yaml").read_text()  # still describes its checkpoints
+def test_missing_data_and_mismatched_checkpoint_are_clear(tmp_path, records, straight_run, capsys):
+    """Run in this process: the errors come before any training step."""
+    argv = ["--config", TINY, "--workdir", tmp_path / "w", "--no-progress", f"train.data={tmp_path / 'nope.arrayrecord'}"]
+    code, err = cli("train", argv, capsys)
+    assert code == 2 and "does not exist" in err and "Traceback" not in err, err
+    workdir = shutil.copytree(straight_run, tmp_path / "w2")
+    argv = ["--config", TINY, "--workdir", workdir, "--no-progress", f"train.data={records}", "dit.ffn_dim=48"]
+    code, err = cli("train", argv, capsys)
+    assert code == 2 and "does not match the config" in err and "ffn/fc1" in err, err
+    assert "Traceback" not in err, err
+    assert "ffn_dim: 32" in (workdir / "config.yaml").read_text()  # still describes its checkpoints
 
 
 @pytest.mark.multidevice
 def test_bad_stop_after_and_a_disk_without_room_are_refused(tmp_path, records, capsys, monkeypatch):
     """--stop-after 0 trained nothing and said "had already trained all 6 steps"; a disk that cannot hold one
     checkpoint gave 1661 lines of orbax tracebacks at the first save."""
-    import shutil
     from types import SimpleNamespace
 
     from onestory_jax.training import loop
