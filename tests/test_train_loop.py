@@ -12,14 +12,21 @@ from onestory_jax.errors import UserError
 
 
 def test_resume_reaches_the_same_params_bitwise(tmp_path, records, straight_run):
-    assert run_train(tmp_path / "split", records, "--stop-after", "3").returncode == 0
-    r = run_train(tmp_path / "split", records)
+    """The straight run without its last checkpoint resumes from the one before (params, optimizer, data
+    position) and ends where it ended. (Stopping early and resuming from that stop: test_prepare's VAE stage.)"""
+    split = shutil.copytree(straight_run, tmp_path / "split")
+    steps = sorted(int(p.name) for p in (split / "checkpoints").iterdir() if p.name.isdigit())
+    shutil.rmtree(split / "checkpoints" / str(steps[-1]))
+    r = run_train(split, records)
     assert r.returncode == 0, r.stderr
-    assert "step 6/6: loss " in r.stdout and "steps/s" in r.stdout, r.stdout  # --no-progress: one line per log
+    resumed = steps[-2]  # --no-progress: one line per log, from the step after the checkpoint
+    assert f"step {resumed + 1}/6: loss " in r.stdout and f"step {resumed}/6" not in r.stdout, r.stdout
+    assert "step 6/6: loss " in r.stdout and "steps/s" in r.stdout, r.stdout
     assert "Metadata file does not exist" not in r.stderr, r.stderr  # no absl noise on resume
-    assert_same_params(straight_run, tmp_path / "split")
-    lines = (straight_run / "metrics.csv").read_text().splitlines()
-    assert lines[0].startswith("step,time,") and [int(r.split(",")[0]) for r in lines[1:]] == [1, 2, 3, 4, 5, 6]
+    assert_same_params(straight_run, split)
+    for workdir in (straight_run, split):  # the resumed run logs its redone steps once
+        lines = (workdir / "metrics.csv").read_text().splitlines()
+        assert lines[0].startswith("step,time,") and [int(r.split(",")[0]) for r in lines[1:]] == [1, 2, 3, 4, 5, 6]
 
 
 def test_data_pipeline_labels_and_exact_position(records):
