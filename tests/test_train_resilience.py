@@ -59,23 +59,25 @@ def finish_and_compare(workdir: Path, records: Path, reference: Path, *extra: st
     assert not partial_saves(workdir)
 
 
-def test_sigkill_after_a_committed_checkpoint(tmp_path, records, straight_run):
-    w = tmp_path / "w"
-    assert kill_when(start_train(w, records), lambda: bool(committed_steps(w))), w.with_suffix(".log").read_text()
-    assert committed_steps(w)[-1] < 6
-    finish_and_compare(w, records, straight_run)
-
-
-def test_sigkill_while_a_save_is_in_flight(tmp_path, records, straight_run):
-    """A partial '<step>.orbax-checkpoint-tmp' folder is never taken for a step; the next run
-    resumes from the last committed one and removes it."""
+def test_sigkill_while_a_save_is_in_flight_and_after_a_committed_checkpoint(tmp_path, records, straight_run):
+    """Run 1 is killed while a save is in flight: its partial '<step>.orbax-checkpoint-tmp' folder is never
+    taken for a step. Run 2 resumes from the last committed step, removes the partial save, and is killed
+    after committing a newer checkpoint, no save in flight. Run 3 resumes from that one and ends as the
+    uninterrupted run did."""
     w, every_step = tmp_path / "w", "train.checkpoint_every=1"
     assert kill_when(start_train(w, records, every_step), lambda: bool(partial_saves(w))), w.with_suffix(".log").read_text()
     partial = {int(p.name.split(".")[0]) for p in partial_saves(w)}
     with ocp.CheckpointManager(
         w / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state", "data")
     ) as m:
-        assert m.latest_step() is None or m.latest_step() < min(partial)
+        first = m.latest_step() or 0
+    assert first < min(partial)
+
+    def committed_later() -> bool:
+        return bool(committed_steps(w)) and committed_steps(w)[-1] > first and not partial_saves(w)
+
+    assert kill_when(start_train(w, records, every_step), committed_later), w.with_suffix(".log").read_text()
+    assert first < committed_steps(w)[-1] < 6
     finish_and_compare(w, records, straight_run, every_step)
 
 
