@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 from torch_refs import diffusers_dit, tiny_dit_config
-from train_runs import cli_output, train_env
+from train_runs import cli, cli_output, main_output, train_env
 
 from onestory_jax.config_files import CONFIG_DIR, load_config
 
@@ -32,22 +32,13 @@ def run(argv, tmp_path, **env):
     )
 
 
-def sample(folder, tmp_path, *extra):
+def sample(folder, tmp_path, capsys, *extra):
+    """sample.py on the module's story in this process: a result like run's."""
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(STORY))
-    return run(
-        [
-            "sample.py",
-            "--checkpoint",
-            str(folder),
-            "--story",
-            str(tmp_path / "s.yaml"),
-            "--out",
-            str(tmp_path / "out"),
-            "--no-progress",
-            *extra,
-        ],
-        tmp_path,
-    )
+    argv = ["--checkpoint", folder, "--story", tmp_path / "s.yaml", "--out", tmp_path / "out", "--no-progress", *extra]
+    with mock.patch.dict(os.environ, {"ONESTORY_CACHE": str(tmp_path / "cache")}):
+        code, out_text, err = cli_output("sample", argv, capsys)
+    return subprocess.CompletedProcess([], code, out_text, err)
 
 
 def sample_here(folder, tmp_path, capsys):
@@ -149,26 +140,13 @@ def test_incomplete_folder_is_refused_unless_random_is_asked(model_folder, tmp_p
         (folder / "text_encoder").rename(folder / "umt5")
     else:
         shutil.rmtree(folder / "vae")
-    r = sample(folder, tmp_path)
+    r = sample(folder, tmp_path, capsys)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert ("holds umt5/" if case == "misnamed" else "lacks vae/") in r.stderr
     if case == "missing":
         with pytest.warns(UserWarning, match="lacks vae/: using RANDOM weights"):
-            code, _, err = cli_output(
-                "sample",
-                [
-                    "--checkpoint",
-                    folder,
-                    "--story",
-                    tmp_path / "s.yaml",
-                    "--out",
-                    tmp_path / "out",
-                    "--no-progress",
-                    "--allow-random",
-                ],
-                capsys,
-            )
-        assert code == 0, err
+            r = sample(folder, tmp_path, capsys, "--allow-random")
+        assert r.returncode == 0, r.stderr
 
 
 def test_train_from_the_converted_release_and_sample_the_export(model_folder, tmp_path, capsys):
@@ -257,51 +235,26 @@ def test_train_from_the_converted_release_and_sample_the_export(model_folder, tm
     assert "no OneStory modules" not in r.stdout
 
 
-def test_a_wan_sized_run_needs_init_from(tmp_path):
-    r = run(["train.py", "--config", "configs/train/wan2.1-i2v-14b-480p.yaml", "--workdir", str(tmp_path / "w")], tmp_path)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "train.init_from is empty" in r.stderr, r.stderr
-    assert "from_scratch" in r.stderr
+def test_a_wan_sized_run_needs_init_from(tmp_path, capsys):
+    argv = ["--config", "configs/train/wan2.1-i2v-14b-480p.yaml", "--workdir", tmp_path / "w"]
+    code, err = cli("train", argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and "train.init_from is empty" in err, err
+    assert "from_scratch" in err
 
 
-def test_frozen_component_bad_source(tmp_path):
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "onestory_jax.convert",
-            "--component",
-            "vae",
-            "--source",
-            str(tmp_path),
-            "--out",
-            str(tmp_path / "o"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 2 and "no vae weights" in r.stderr and "Traceback" not in r.stderr
+def test_frozen_component_bad_source(tmp_path, capsys):
+    from onestory_jax.convert.__main__ import main
+
+    code, _, err = main_output(main, ["--component", "vae", "--source", tmp_path, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "no vae weights" in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
 
 
-def test_model_folder_without_tokenizer_is_one_line(model_folder, tmp_path):
+def test_model_folder_without_tokenizer_is_one_line(model_folder, tmp_path, capsys):
     folder = tmp_path / "model"
     shutil.copytree(model_folder, folder)
     shutil.rmtree(folder / "tokenizer")
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"shots": ["A cat."]}))
-    r = subprocess.run(
-        [
-            sys.executable,
-            "sample.py",
-            "--checkpoint",
-            str(folder),
-            "--story",
-            str(tmp_path / "s.yaml"),
-            "--out",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    r = sample(folder, tmp_path, capsys)
     assert r.returncode == 2 and "no tokenizer/" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
