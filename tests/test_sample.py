@@ -71,18 +71,18 @@ def test_resume_skips_finished_shots_and_same_seed_same_latents(rendered, capsys
         (["--config", "tiny", "dit.num_layers=two"], "dit.num_layers"),
     ],
 )
-def test_bad_input_is_one_clear_line(rendered, args, message):
-    r = run(*args, "--story", str(rendered / "story.yaml"), "--out", str(rendered / "bad"))
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+def test_bad_input_is_one_clear_line(rendered, args, message, capsys):
+    code, err = cli("sample", [*args, "--story", rendered / "story.yaml", "--out", rendered / "bad"], capsys)
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
 
 
-def test_unreadable_start_image(rendered):
+def test_unreadable_start_image(rendered, capsys):
     (rendered / "broken.png").write_bytes(b"not a png")
     story = {**STORY, "start_image": "broken.png"}
     (rendered / "img.yaml").write_text(yaml.safe_dump(story))
-    r = run("--config", "tiny", "--story", str(rendered / "img.yaml"), "--out", str(rendered / "img"))
-    assert r.returncode == 2 and "broken.png" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    code, err = cli("sample", ["--config", "tiny", "--story", rendered / "img.yaml", "--out", rendered / "img"], capsys)
+    assert code == 2 and "broken.png" in err and "Traceback" not in err, err
 
 
 def test_start_video_resumes_every_shot(rendered, capsys):
@@ -158,6 +158,7 @@ def test_several_stories_in_one_run(rendered, tmp_path, capsys):
 
 
 def test_seed_is_refused_with_a_checkpoint(rendered):
+    """sample.py as a script, in its own process (the other refusals run its main in this one)."""
     r = run("--checkpoint", "models/demo", "--seed", "3", "--story", str(rendered / "story.yaml"), "--out", str(rendered / "x"))
     assert r.returncode == 2 and "--seed seeds the random weights of --config" in r.stderr and r.stderr.count("\n") == 1
 
