@@ -2,6 +2,8 @@
 Pallas splash kernel (interpret mode on CPU) against masked XLA attention (fp32, forward and
 gradients); `auto` never builds full logits past its limit and picks splash on TPU."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,28 +23,42 @@ def _qkv(seed: int = 0):
     return tuple(jnp.asarray(r.standard_normal((B, L, N, H)), jnp.float32) for _ in range(3))
 
 
-def _masked_reference(q, k, v, lengths):
-    mask = jnp.arange(L)[None] < lengths[:, None]
-    return layers.attention(q, k, v, "xla", kv_mask=mask)
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """`chunked` in chunks of 8 queries: several chunks, the last one padded. `chunked_attention` binds
+    CHUNK_QUERIES as a default argument when defined, so patching the constant alone would change nothing."""
+    monkeypatch.setattr(layers, "chunked_attention", partial(layers.chunked_attention, block=8))
+
+
+def _attend(impl: str, q, k, v, lengths):
+    """`impl` with key lengths, or ("reference") xla attention with the equivalent key mask."""
+    if impl == "reference":
+        return layers.attention(q, k, v, "xla", kv_mask=jnp.arange(L)[None] < lengths[:, None])
+    return layers.attention(q, k, v, impl, kv_lengths=lengths)
+
+
+@partial(jax.jit, static_argnums=0)
+def _out_and_grads(impl: str, q, k, v, lengths):
+    """Attention and the gradients of sum(sin(attention)) wrt q, k, v: one program per implementation for
+    every key length (eagerly, each small op of the forward and backward would compile on its own)."""
+    loss = lambda q, k, v: (lambda out: (jnp.sum(jnp.sin(out)), out))(_attend(impl, q, k, v, lengths))
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    return out, grads
 
 
 @pytest.mark.parametrize("lengths", [(L, L), (L, 20), (25, 1)], ids=["full bank", "partial", "empty bank"])
 @pytest.mark.parametrize("impl", ["xla", "chunked", "splash"])
-def test_key_lengths_match_masked_attention(impl, lengths, monkeypatch):
-    monkeypatch.setattr(layers, "CHUNK_QUERIES", 8)  # several chunks, the last one padded
+def test_key_lengths_match_masked_attention(impl, lengths, small_chunks):
     q, k, v = _qkv()
     lengths = jnp.asarray(lengths, jnp.int32)
-    out = layers.attention(q, k, v, impl, kv_lengths=lengths)
-    np.testing.assert_allclose(out, _masked_reference(q, k, v, lengths), atol=1e-5)
-    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
-    grads = jax.grad(loss(lambda *a: layers.attention(*a, impl, kv_lengths=lengths)), argnums=(0, 1, 2))(q, k, v)
-    ref = jax.grad(loss(lambda *a: _masked_reference(*a, lengths)), argnums=(0, 1, 2))(q, k, v)
+    out, grads = _out_and_grads(impl, q, k, v, lengths)
+    ref_out, ref = _out_and_grads("reference", q, k, v, lengths)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5)
     for g, r in zip(grads, ref):
         np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-6)  # grads reach ~40: fp32 summation order
 
 
-def test_chunked_with_mask_and_bias_matches_xla(monkeypatch):
-    monkeypatch.setattr(layers, "CHUNK_QUERIES", 8)
+def test_chunked_with_mask_and_bias_matches_xla(small_chunks):
     q, k, v = _qkv(1)
     mask = jnp.asarray(np.random.default_rng(2).random((B, L)) > 0.3)
     bias = jnp.asarray(np.random.default_rng(3).standard_normal((1, N, L, L)), jnp.float32)
@@ -95,18 +111,17 @@ def test_dit_hides_empty_memory_slots_exactly():
     n_ctx = 7
     tokens = jnp.asarray(r.standard_normal((2, n_ctx, cfg.dim)), jnp.float32)
     ang = jnp.asarray(r.uniform(-3, 3, (2, n_ctx, cfg.head_dim // 2)), jnp.float32)
-    params = model.init(jax.random.key(0), x, t, text)["params"]
+    # One jitted init and apply: eagerly, each of their small ops compiles a program of its own (~360 here).
+    params = jax.jit(model.init)(jax.random.key(0), x, t, text)["params"]
+    apply = jax.jit(lambda x, t, text, ctx: model.apply({"params": params}, x, t, text, context=ctx))
     valid = [5, 0]  # sample 0: 5 filled slots; sample 1: an empty bank
-
-    def run(ctx: ContextTokens, rows: slice = slice(None)):
-        return model.apply({"params": params}, x[rows], t[rows], text[rows], context=ctx)
 
     full = ContextTokens(
         tokens, jnp.cos(ang), jnp.sin(ang), jnp.zeros((2,)), jnp.arange(n_ctx)[None] < jnp.asarray(valid)[:, None]
     )
-    out = run(full)
+    out = apply(x, t, text, full)
     for i, n in enumerate(valid):
         rows = slice(i, i + 1)
         truncated = ContextTokens(tokens[rows, :n], jnp.cos(ang)[rows, :n], jnp.sin(ang)[rows, :n], jnp.zeros((1,)))
-        ref = run(truncated, rows) if n else model.apply({"params": params}, x[rows], t[rows], text[rows])
+        ref = apply(x[rows], t[rows], text[rows], truncated if n else None)
         np.testing.assert_allclose(out[rows], ref, atol=1e-5)
