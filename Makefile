@@ -49,8 +49,8 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	@# Two passes (tests/conftest.py): the tests on one host device, then those that need 8; both run, either fails.
-	ONESTORY_TEST_DEVICES=1 $(PY) -m pytest tests -n 2 --dist loadfile -m "not multidevice" --durations=12; one=$$?; \
-	$(PY) -m pytest tests -n 2 --dist loadfile -m multidevice --durations=6 && exit $$one
+	ONESTORY_TEST_DEVICES=1 $(PY) -m pytest tests -n 2 --dist loadfile --no-loadscope-reorder -m "not multidevice" --durations=12; one=$$?; \
+	$(PY) -m pytest tests -n 2 --dist loadfile --no-loadscope-reorder -m multidevice --durations=6 && exit $$one
 
 clean:
 	rm -rf $(VENV) out
