@@ -4,7 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
-from train_runs import MESH, TINY, assert_same_params, cli, run_train
+from train_runs import TINY, assert_same_params, cli, run_train
 
 from onestory_jax.config_files import load_config
 from onestory_jax.data.pipeline import make_dataset
@@ -57,7 +57,6 @@ def test_missing_data_and_mismatched_checkpoint_are_clear(tmp_path, records, str
     assert "ffn_dim: 32" in (workdir / "config.yaml").read_text()  # still describes its checkpoints
 
 
-@pytest.mark.multidevice
 def test_bad_stop_after_and_a_disk_without_room_are_refused(tmp_path, records, capsys, monkeypatch):
     """--stop-after 0 trained nothing and said "had already trained all 6 steps"; a disk that cannot hold one
     checkpoint gave 1661 lines of orbax tracebacks at the first save."""
@@ -69,7 +68,7 @@ def test_bad_stop_after_and_a_disk_without_room_are_refused(tmp_path, records, c
     assert code == 2 and err == "error: --stop-after must be >= 1, got 0\n"
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
     with pytest.raises(UserError, match=r"'.*w' has 1000.0 B free but a checkpoint of the train state needs \d+\.\d MiB"):
-        loop.train(load_config(TINY, [f"train.data={records}", *MESH]), tmp_path / "w", progress=False)
+        loop.train(load_config(TINY, [f"train.data={records}"]), tmp_path / "w", progress=False)
     assert not (tmp_path / "w" / "config.yaml").exists()
 
 
