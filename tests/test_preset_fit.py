@@ -4,8 +4,8 @@ Three checks per preset: its fields are consistent with its device count; the co
 recorded in bench/results/train_step_aot.json is of exactly its memory-relevant settings and leaves
 >= 10% of the device free (an edit to the preset fails here until `python bench/train_step.py
 --suite aot` is rerun and still fits); and a tiny model with its mesh axes, remat, attention,
-sequence parallelism, param dtype and trainable set compiles on the 8 forced host devices through
-the same analysis functions.
+sequence parallelism, param dtype and trainable set compiles on forced host devices (as many as its
+mesh: 8, or 1 for the single-GPU preset) through the same analysis functions.
 """
 
 import dataclasses
@@ -82,22 +82,26 @@ def tiny_twin(cfg: Config, devices: int = 8) -> Config:
     return load_config("tiny", overrides)
 
 
-def distinct_twins() -> list[str]:
+def twin_devices(cfg: Config) -> int:
+    return cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.sequence * cfg.mesh.tensor
+
+
+def distinct_twins() -> list:
     """The first preset of each distinct tiny twin (the v5p presets of 64 and 256 chips share one): compiling
-    the same twin twice tests nothing more."""
-    seen: dict[str, str] = {}
+    the same twin twice tests nothing more. Those on several devices are `multidevice`."""
+    seen: dict[str, tuple[str, Config]] = {}
     for name, target in TARGETS.items():
-        seen.setdefault(repr(tiny_twin(load_config(target.preset))), name)
-    return list(seen.values())
+        twin = tiny_twin(load_config(target.preset))
+        seen.setdefault(repr(twin), (name, twin))
+    return [pytest.param(name, marks=[pytest.mark.multidevice] * (twin_devices(twin) > 1)) for name, twin in seen.values()]
 
 
-@pytest.mark.multidevice
 @pytest.mark.slow
 @pytest.mark.parametrize("name", distinct_twins())
 def test_tiny_twin_compiles_through_the_analysis(name):
     preset = load_config(TARGETS[name].preset)
     cfg = tiny_twin(preset)
-    n = cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.sequence * cfg.mesh.tensor
+    n = twin_devices(cfg)
     compiled, state, mesh = aot.compile_train_step(cfg, (2, 8, 8), devices=n)
     assert (mesh.shape["sequence"], mesh.shape["tensor"]) == (preset.mesh.sequence, preset.mesh.tensor)
     mem = aot.memory_gib(compiled)
