@@ -53,7 +53,7 @@ def test_overfit_one_batch_and_learn_pseudo_labels():
     cfg = load_config(
         "tiny",
         [
-            "train.steps=300",
+            "train.steps=150",  # loss ratio 0.31, r 0.995 (300 steps: 0.27, 0.992; 5 s more)
             "train.learning_rate=1e-2",
             "train.lr_warmup_steps=10",
             "train.text_dropout=0.0",
