@@ -2,6 +2,7 @@
 encoder on the host CPU, the DiT's blocks in host memory; all on tiny models, fp32 unless fp8."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -66,13 +67,26 @@ def test_fp8_dense_error_is_the_rounding_rms():
     assert 0.7 * FP8_ELEMENT_RMS < rel_rms(fp8, exact) < 1.3 * FP8_ELEMENT_RMS
 
 
+@functools.cache
 def perturbed_dit_params(cfg, seed: int = 0):
     """Tiny DiT params (stored: fp32, no fp8) with every leaf (zero biases, unit norms too) perturbed, so every
-    weight matters."""
-    params = nn.meta.unbox(jax.jit(init_fn(cfg, DiTRuntime()))(jax.random.key(seed)))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+    weight matters. Made once per config and seed in a process, in one program (eagerly, each leaf's noise would
+    compile programs of its own); the tests only read them."""
+
+    def make(key: jax.Array):
+        params = nn.meta.unbox(init_fn(cfg, DiTRuntime())(key))
+        leaves, tree = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+        return jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+
+    return jax.jit(make)(jax.random.key(seed))
+
+
+@functools.cache
+def dit_apply(cfg, rt: DiTRuntime):
+    """jit (params, inputs) -> the DiT's output, one per config and runtime (eagerly, the forward's small ops
+    would compile one by one: ~200 programs)."""
+    return jax.jit(lambda p, i: WanDiT(cfg, rt).apply({"params": p}, **i))
 
 
 def dit_inputs(cfg, seed: int = 0):
@@ -87,14 +101,14 @@ def test_fp8_dit_forward_close_to_fp32(layers):
     cfg = load_config("tiny").dit
     fp8 = DiTRuntime(weights_dtype="fp8", fp8_layers=layers)
     params, inputs = perturbed_dit_params(cfg), dit_inputs(cfg)
-    quantized = lowvram.quantize_dit(params, fp8)
+    quantized = jax.jit(lowvram.quantize_dit, static_argnums=1)(params, fp8)  # as lowvram.place_dit runs it
     kernels = jax.tree_util.tree_flatten_with_path(quantized["blocks"])[0]
     in_fp8 = {jax.tree_util.keystr(p[:-1]) for p, a in kernels if a.dtype == jnp.float8_e4m3fn}
     expected = {"ffn": 2, "all": 2 + 4 + 6}[layers]  # fc1 fc2; + self q k v o; + cross q k v o k_img v_img
     assert len(in_fp8) == expected, in_fp8
     assert all(str(p[-1].key) == "kernel" for p, a in kernels if a.dtype == jnp.float8_e4m3fn)
-    exact = WanDiT(cfg, DiTRuntime()).apply({"params": params}, **inputs)
-    ours = WanDiT(cfg, fp8).apply({"params": quantized}, **inputs)
+    exact = dit_apply(cfg, DiTRuntime())(params, inputs)
+    ours = dit_apply(cfg, fp8)(quantized, inputs)
     err = rel_rms(ours, exact)
     # Each quantized layer errs by ~2.65% RMS of its output (above); the residual stream adds the unquantized
     # parts, so the DiT's output errs by less. 1e-3 from below: the kernels really are rounded to fp8.
@@ -148,12 +162,12 @@ def test_offloaded_blocks_live_in_host_memory_and_compute_the_same():
         placed = lowvram.place_dit(params, cfg, offload, mesh)
         kinds = {k: {a.sharding.memory_kind for a in jax.tree.leaves(v)} for k, v in placed.items()}
         assert kinds.pop("blocks") == {"pinned_host"} and all(v == {"device"} for v in kinds.values()), kinds
-        apply = lambda rt: jax.jit(lambda p, i: WanDiT(cfg, rt).apply({"params": p}, **i))  # noqa: E731
         reference = lowvram.place_dit(params, cfg, plain, mesh)  # the same shardings, in device memory
-        np.testing.assert_array_equal(np.asarray(apply(offload)(placed, inputs)), np.asarray(apply(plain)(reference, inputs)))
+        ours = dit_apply(cfg, offload)(placed, inputs)
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(dit_apply(cfg, plain)(reference, inputs)))
         # On a GPU the layer scan moves each layer's slice to the device: lowered for CUDA (on this CPU), the
         # params arrive in host memory and every block leaf is annotated for device placement inside the loop.
-        text = apply(offload).trace(placed, inputs).lower(lowering_platforms=("cuda",)).as_text()
+        text = dit_apply(cfg, offload).trace(placed, inputs).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count('mhlo.memory_kind = "pinned_host"') == len(jax.tree.leaves(placed["blocks"]))
     body = text[text.index("stablehlo.while") :]
     assert body.count('_xla_buffer_placement = "device"') >= len(jax.tree.leaves(placed["blocks"]))
