@@ -25,9 +25,8 @@ def _qkv(seed: int = 0):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """`chunked` in chunks of 8 queries: several chunks, the last one padded. `chunked_attention` binds
-    CHUNK_QUERIES as a default argument when defined, so patching the constant alone would change nothing."""
-    monkeypatch.setattr(layers, "chunked_attention", partial(layers.chunked_attention, block=8))
+    """`chunked` in chunks of 8 queries: several chunks, the last one padded."""
+    monkeypatch.setattr(layers, "CHUNK_QUERIES", 8)
 
 
 def _attend(impl: str, q, k, v, lengths):
@@ -64,6 +63,8 @@ def test_chunked_with_mask_and_bias_matches_xla(small_chunks):
     bias = jnp.asarray(np.random.default_rng(3).standard_normal((1, N, L, L)), jnp.float32)
     out = layers.attention(q, k, v, "chunked", kv_mask=mask, bias=bias)
     np.testing.assert_allclose(out, layers.attention(q, k, v, "xla", kv_mask=mask, bias=bias), atol=1e-5)
+    chunked = jax.make_jaxpr(lambda q, k, v: layers.attention(q, k, v, "chunked"))(q, k, v)
+    assert f"length={-(-L // 8)}" in str(chunked)  # a scan over 5 chunks of 8 queries (the last one padded)
 
 
 def test_splash_general_mask_matches_xla():

@@ -215,16 +215,17 @@ def chunked_attention(
     bias: Array | None = None,
     scale: float | None = None,
     kv_lengths: Array | None = None,
-    block: int = CHUNK_QUERIES,
+    block: int | None = None,
 ) -> Array:
     """XLA attention over query chunks, one rematerialised chunk at a time (`lax.map` + checkpoint).
 
     q [B, L, N, H] is viewed as [B, A, C, N, H] (position = a*C + c) and the map runs over c, so each
     chunk holds A = block x sequence-shards queries spread along L (it stays sharded like L). Only one
-    chunk's [B, N, A, Lk] logits live at once: memory O(A Lk) instead of O(L Lk).
+    chunk's [B, N, A, Lk] logits live at once: memory O(A Lk) instead of O(L Lk). `block` defaults to
+    CHUNK_QUERIES, read at each call.
     """
     b, length, n, h = q.shape
-    a = min(block * sequence_parallel.sequence_shards(), length)
+    a = min((block or CHUNK_QUERIES) * sequence_parallel.sequence_shards(), length)
     chunks = -(-length // a)
     qp = jnp.pad(q, ((0, 0), (0, chunks * a - length), (0, 0), (0, 0)))
     qc = rearrange(qp, "b (a c) n h -> c b a n h", c=chunks)
