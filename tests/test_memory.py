@@ -1,6 +1,7 @@
 """Frame Selection and the Adaptive Conditioner: shapes, masking, assignment, budget, init, gradients."""
 
 import dataclasses
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -37,17 +38,30 @@ def _memory_inputs(seed=0):
     return caption, memory, valid
 
 
+# Inits and applies run as one jitted program per module and input shapes: eagerly, each of their small ops
+# compiles a program of its own (~230 in this file).
+@partial(jax.jit, static_argnums=0)
+def _init(mod: nn.Module, key: jax.Array, *inputs) -> dict:
+    """`mod`'s unboxed params."""
+    return nn.meta.unbox(mod.init(key, *inputs)["params"])
+
+
+@partial(jax.jit, static_argnums=0, static_argnames=("method", "capture_intermediates"))
+def _apply(mod: nn.Module, params: dict, *inputs, **kwargs):
+    """`mod.apply` on `params` (`kwargs`: the module's and apply's keyword arguments)."""
+    return mod.apply({"params": params}, *inputs, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def module_and_params():
     mod = OneStoryMemory(CFG, DIM, HEAD_DIM)
-    params = nn.meta.unbox(mod.init(jax.random.key(0), *_memory_inputs())["params"])
-    return mod, params
+    return mod, _init(mod, jax.random.key(0), *_memory_inputs())
 
 
 def test_shapes_and_budget(module_and_params):
     mod, params = module_and_params
     caption, memory, valid = _memory_inputs()
-    scores, idx, sel_valid, ctx = mod.apply({"params": params}, caption, memory, valid)
+    scores, idx, sel_valid, ctx = _apply(mod, params, caption, memory, valid)
     k = num_selected(CFG, (H, W))
     counts = frames_per_patchifier(CFG, (H, W))
     n_ctx = sum(c * tokens_per_frame(kern, (H, W)) for c, kern in zip(counts, CFG.patchifier_kernels))
@@ -72,7 +86,7 @@ def test_token_budget_is_honoured(budget, latent_hw):
 def test_masked_frames_are_never_chosen_and_do_not_matter(module_and_params):
     mod, params = module_and_params
     caption, memory, valid = _memory_inputs()
-    scores, idx, sel_valid, _ = mod.apply({"params": params}, caption, memory, valid)
+    scores, idx, sel_valid, _ = _apply(mod, params, caption, memory, valid)
     idx, sel_valid = np.asarray(idx), np.asarray(sel_valid)
     for b in range(B):
         assert valid[b][idx[b][sel_valid[b]]].all()
@@ -80,7 +94,7 @@ def test_masked_frames_are_never_chosen_and_do_not_matter(module_and_params):
     # Changing what sits in invalid slots changes no valid score.
     other = memory.copy()
     other[~valid] = 100.0
-    scores2 = mod.apply({"params": params}, caption, other, valid)[0]
+    scores2 = _apply(mod, params, caption, other, valid)[0]
     np.testing.assert_allclose(np.asarray(scores2)[valid], np.asarray(scores)[valid], rtol=1e-5, atol=1e-5)
 
 
@@ -101,11 +115,11 @@ def test_rank_to_patchifier_assignment(module_and_params):
     seg = np.cumsum([0] + [c * tokens_per_frame(kern, (H, W)) for c, kern in zip(counts, CFG.patchifier_kernels)])
     memory = np.zeros((1, F, H, W, C), np.float32)
     indices = np.arange(k)[None]
-    base = mod.apply({"params": params}, memory, indices, np.ones((1, k), bool), method="condition").tokens
+    base = _apply(mod, params, memory, indices, np.ones((1, k), bool), method="condition").tokens
     for rank in range(k):
         m = memory.copy()
         m[0, rank] = 1.0
-        tok = mod.apply({"params": params}, m, indices, np.ones((1, k), bool), method="condition").tokens
+        tok = _apply(mod, params, m, indices, np.ones((1, k), bool), method="condition").tokens
         changed = np.nonzero(np.abs(np.asarray(tok - base)).sum(-1)[0] > 1e-6)[0]
         level = int(np.searchsorted(np.cumsum(counts), rank, side="right"))
         assert changed.min() >= seg[level] and changed.max() < seg[level + 1], (rank, level)
@@ -139,8 +153,8 @@ def test_gradients_reach_selector_patchifiers_and_dit():
     labels = rng.standard_normal((B, F)).astype(np.float32)
     t = np.array([300.0, 700.0], np.float32)
     # jitted throughout: run eagerly, every op of the init and the gradients compiles on its own
-    mem_params = nn.meta.unbox(jax.jit(lambda k: mem.init(k, caption, memory, valid))(jax.random.key(1))["params"])
-    dit_params = nn.meta.unbox(jax.jit(lambda k: dit.init(k, x, t, text))(jax.random.key(2))["params"])
+    mem_params = _init(mem, jax.random.key(1), caption, memory, valid)  # the fixture's program (equal module)
+    dit_params = _init(dit, jax.random.key(2), x, t, text)
 
     def losses(params):
         scores, _, _, ctx = mem.apply({"params": params["mem"]}, caption, memory, valid)
@@ -176,7 +190,7 @@ def test_dit_with_empty_or_masked_context_matches_diffusers():
             timestep=jnp.zeros((2,)),
             mask=jnp.zeros((2, n_ctx), bool),
         )
-        out = np.asarray(WanDiT(cfg, DiTRuntime()).apply({"params": params}, x, t, text, image, context=ctx))
+        out = np.asarray(_apply(WanDiT(cfg, DiTRuntime()), params, x, t, text, image, context=ctx))
         assert out.shape == ref.shape  # context tokens are sliced off before the head
         assert np.abs(out - ref).max() / ref.std() < 1e-4
 
@@ -200,14 +214,14 @@ def test_selector_scores_follow_the_pooling_formula(pooling, token_mlp, captions
     mod, inputs = OneStoryMemory(cfg, DIM, HEAD_DIM), _memory_inputs(3)
     memory_text = np.random.default_rng(4).standard_normal((B, F, TEXT_DIM)).astype(np.float32)
     inputs = (*inputs, memory_text if captions else None)
-    params = nn.meta.unbox(mod.init(jax.random.key(1), *inputs)["params"])
+    params = _init(mod, jax.random.key(1), *inputs)
     if captions:  # phi_C starts at zero (the image-only selector); a trained one is not
         assert not np.any(params["selector"]["phi_c"]["kernel"])
         rng = np.random.default_rng(5)
         params["selector"]["phi_c"] = {
             k: jnp.asarray(rng.standard_normal(v.shape), jnp.float32) for k, v in params["selector"]["phi_c"].items()
         }
-    scores, state = mod.apply({"params": params}, *inputs, method="score", capture_intermediates=True)
+    scores, state = _apply(mod, params, *inputs, method="score", capture_intermediates=True)
     inter, sel = state["intermediates"]["selector"], params["selector"]
     m1 = np.asarray(inter["phi_v"]["__call__"][0], np.float64)  # [B, F, h', w', D]
     assert ("phi_v_mlp" in sel) == token_mlp
@@ -240,4 +254,4 @@ def test_a_caption_reading_selector_needs_the_captions():
     cfg = dataclasses.replace(CFG, selector_reads_captions=True)
     mod = OneStoryMemory(cfg, DIM, HEAD_DIM)
     with pytest.raises(ValueError, match="memory_text"):
-        mod.init(jax.random.key(0), *_memory_inputs())
+        _init(mod, jax.random.key(0), *_memory_inputs())  # raised while tracing: nothing compiles
