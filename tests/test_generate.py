@@ -1,6 +1,7 @@
 """Next-shot generation: the scan over shots, determinism, resume inputs and baseline strategies."""
 
 import dataclasses
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -12,7 +13,7 @@ from onestory_jax.config_files import load_config
 from onestory_jax.diffusion.schedule import make_schedule
 from onestory_jax.models.dit import WanDiT
 from onestory_jax.models.memory import OneStoryMemory, baseline_candidates, conditioner_from_patch_embedding
-from onestory_jax.sampling.generate import GenerationSpec, StoryInputs, generate_story, next_shot
+from onestory_jax.sampling.generate import GenerationSpec, StoryInputs, context_for_shot, generate_story, next_shot
 from onestory_jax.sampling.memory_bank import empty_bank
 
 SHOTS, T, H, W = 3, 2, 8, 8
@@ -23,17 +24,22 @@ def model():
     cfg = load_config("tiny", ["dit.model_type=t2v", "dit.in_dim=16"])
     dit, mem = WanDiT(cfg.dit, cfg.dit_runtime), OneStoryMemory(cfg.memory, cfg.dit.dim, cfg.dit.head_dim)
     x = jnp.zeros((1, T, H, W, 16))
-    dit_params = nn.meta.unbox(dit.init(jax.random.key(0), x, jnp.zeros((1,)), jnp.zeros((1, 8, cfg.dit.text_dim))))["params"]
-    mem_params = nn.meta.unbox(
-        mem.init(jax.random.key(1), jnp.zeros((1, 8, cfg.dit.text_dim)), jnp.zeros((1, 4, H, W, 16)), jnp.ones((1, 4), bool))
-    )["params"]
-    mem_params = {
-        **mem_params,
-        "conditioner": conditioner_from_patch_embedding(
-            dit_params["patch_embedding"]["kernel"], dit_params["patch_embedding"]["bias"], cfg.memory
-        ),
-    }
-    return cfg, {"dit": dit_params, "memory": mem_params}
+
+    @jax.jit  # one program: eagerly, each small op of the inits compiles a program of its own (~220 here)
+    def init(dit_key: jax.Array, mem_key: jax.Array) -> dict:
+        dit_params = nn.meta.unbox(dit.init(dit_key, x, jnp.zeros((1,)), jnp.zeros((1, 8, cfg.dit.text_dim))))["params"]
+        mem_params = nn.meta.unbox(
+            mem.init(mem_key, jnp.zeros((1, 8, cfg.dit.text_dim)), jnp.zeros((1, 4, H, W, 16)), jnp.ones((1, 4), bool))
+        )["params"]
+        mem_params = {
+            **mem_params,
+            "conditioner": conditioner_from_patch_embedding(
+                dit_params["patch_embedding"]["kernel"], dit_params["patch_embedding"]["bias"], cfg.memory
+            ),
+        }
+        return {"dit": dit_params, "memory": mem_params}
+
+    return cfg, init(jax.random.key(0), jax.random.key(1))
 
 
 def _inputs(cfg, seed=0, n_active=SHOTS):
@@ -55,10 +61,17 @@ def _spec(strategy="onestory", k=4):
     return GenerationSpec(strategy, k, tuple(sched.sigmas.tolist()), tuple(sched.timesteps.tolist()), "unipc", 5.0)
 
 
+@partial(jax.jit, static_argnums=(1, 2))
+def _generate(params: dict, cfg, spec: GenerationSpec, inputs: StoryInputs):
+    """generate_story, one program per config and spec shared by the tests (a fresh jax.jit of an equal
+    lambda in each test would compile the same program again)."""
+    return generate_story(params, cfg, spec, inputs)
+
+
 def test_scan_over_shots_equals_python_loop(model):
     cfg, params = model
     inputs, spec = _inputs(cfg), _spec()
-    scanned = jax.jit(lambda p, i: generate_story(p, cfg, spec, i))(params, inputs)
+    scanned = _generate(params, cfg, spec, inputs)
     bank = empty_bank(SHOTS, T, H, W)
     step = jax.jit(lambda p, b, i, s: next_shot(p, cfg, spec, b, i, s))
     for shot in range(SHOTS):
@@ -71,7 +84,7 @@ def test_scan_over_shots_equals_python_loop(model):
 
 def test_same_seed_same_latents_and_memory_matters(model):
     cfg, params = model
-    run = jax.jit(lambda p, i, s: generate_story(p, cfg, s, i), static_argnums=2)
+    run = lambda p, i, s: _generate(p, cfg, s, i)  # noqa: E731
     a = run(params, _inputs(cfg, 0), _spec())
     b = run(params, _inputs(cfg, 0), _spec())
     np.testing.assert_array_equal(np.asarray(a.latents), np.asarray(b.latents))
@@ -84,7 +97,7 @@ def test_memory_guidance_moves_away_from_the_memoryless_velocity(model):
     """Scale 0 without text CFG leaves only the branch whose context is hidden: the story of no memory. Scale 1
     is exactly off; scale 3 changes only the shots that have memory."""
     cfg, params = model
-    run = jax.jit(lambda p, i, s: generate_story(p, cfg, s, i), static_argnums=2)
+    run = lambda p, i, s: _generate(p, cfg, s, i)  # noqa: E731
     plain = lambda strategy: dataclasses.replace(_spec(strategy), guidance=1.0)  # noqa: E731
     none = run(params, _inputs(cfg, 0), plain("none"))
     hidden = run(params, _inputs(cfg, 0), dataclasses.replace(plain("onestory"), memory_guidance=0.0))
@@ -102,7 +115,7 @@ def test_inactive_and_done_shots(model):
     inputs = _inputs(cfg, 0, n_active=2)
     given = jnp.full((SHOTS, T, H, W, 16), 0.5)
     inputs = dataclasses.replace(inputs, done=jnp.array([True, False, False]), done_latents=given)
-    rec = jax.jit(lambda p, i: generate_story(p, cfg, _spec(), i))(params, inputs)
+    rec = _generate(params, cfg, _spec(), inputs)
     np.testing.assert_array_equal(np.asarray(rec.latents[0]), 0.5)  # resumed shot kept as given
     assert np.asarray(rec.selected[1]).sum() == 2  # shot 2 remembers the resumed shot 1
     np.testing.assert_array_equal(np.asarray(rec.latents[2]), 0.0)  # beyond the story: nothing
@@ -134,31 +147,35 @@ def _bank(valid_slots: int, references=None):
     )
 
 
+# context_for_shot as one program per config, spec and mask arguments (eagerly, each small op compiles on its own).
+_context = partial(jax.jit, static_argnums=(1, 4))(context_for_shot)
+
+
 def _chosen(indices, selected) -> list[int]:
     return [int(i) for i, s in zip(indices, selected) if s]
 
 
 def test_pinned_slots_rank_first_and_excluded_never_appear(model):
     """memory.pin / memory.exclude: the mask arguments of context_for_shot (onestory and a baseline)."""
-    from onestory_jax.sampling.generate import PIN_BOOST, context_for_shot
+    from onestory_jax.sampling.generate import PIN_BOOST
 
     cfg, params = model
     bank, caption = _bank(6), _inputs(cfg).text[2]
     pinned, excluded = jnp.arange(6) == 1, jnp.arange(6) >= 4  # pin shot 1's frame 1, exclude shot 3
-    _, free_idx, free_scores, free_sel = context_for_shot(params, cfg, bank, caption, _spec(k=3))
-    _, idx, scores, sel = context_for_shot(params, cfg, bank, caption, _spec(k=3), pinned, excluded)
+    _, free_idx, free_scores, free_sel = _context(params, cfg, bank, caption, _spec(k=3))
+    _, idx, scores, sel = _context(params, cfg, bank, caption, _spec(k=3), pinned, excluded)
     chosen = _chosen(idx, sel)
     assert chosen[0] == 1 and not {4, 5} & set(chosen), chosen
     assert float(scores[0]) < PIN_BOOST / 2  # the manifest shows the selector's own score, not the boost
     assert _chosen(free_idx, free_sel) != chosen  # the masks changed the choice
-    _, idx, _, sel = context_for_shot(params, cfg, bank, caption, _spec("last_frame", 1), None, excluded)
+    _, idx, _, sel = _context(params, cfg, bank, caption, _spec("last_frame", 1), None, excluded)
     assert _chosen(idx, sel) == [3]  # the latest frame that is not excluded
 
 
 def test_references_are_memory_before_shot_one(model):
     cfg, params = model
     refs = jnp.asarray(np.random.default_rng(5).standard_normal((1, H, W, 16)), jnp.float32)
-    run = jax.jit(lambda p, i: generate_story(p, cfg, _spec(), i))
+    run = lambda p, i: _generate(p, cfg, _spec(), i)  # noqa: E731
     plain, with_ref = run(params, _inputs(cfg)), run(params, dataclasses.replace(_inputs(cfg), references=refs))
     assert _chosen(with_ref.indices[0], with_ref.selected[0]) == [0]  # shot 1 sees the reference
     assert sorted(_chosen(with_ref.indices[1], with_ref.selected[1])) == [0, 1, 2]  # the reference + shot 1's frames
@@ -170,7 +187,6 @@ def test_a_caption_reading_selector_reads_each_slots_shot_caption(model):
     (`slot_captions`: reference slots get none), and a selector that needs captions says so when given none."""
     from onestory_jax.models.memory import caption_summary
     from onestory_jax.models.onestory import memory_scores
-    from onestory_jax.sampling.generate import context_for_shot
     from onestory_jax.sampling.memory_bank import slot_captions, write_shot
 
     base_cfg, base = model
@@ -187,17 +203,18 @@ def test_a_caption_reading_selector_reads_each_slots_shot_caption(model):
         np.asarray(text[T : 2 * T]), np.broadcast_to(np.asarray(inputs.text[1]).mean(0), (T, text.shape[1])), rtol=1e-5
     )
     assert not np.any(np.asarray(slot_captions(inputs.text, T, reference_slots=2)[:2]))
-    records = generate_story(params, cfg, _spec(k=3), inputs.replace(memory_text=text))
+    records = _generate(params, cfg, _spec(k=3), inputs.replace(memory_text=text))
     bank = empty_bank(SHOTS, T, H, W)
     for s in range(2):
         bank = write_shot(bank, s, records.latents[s])
-    want = memory_scores(params, cfg, inputs.text[2][None], bank.latents[None], bank.valid[None], text[None])[0]
+    scores = jax.jit(memory_scores, static_argnums=1)  # one program, not one per small op
+    want = scores(params, cfg, inputs.text[2][None], bank.latents[None], bank.valid[None], text[None])[0]
     used = np.asarray(records.selected[2])
     got = np.asarray(records.scores[2])[used]
     np.testing.assert_allclose(got, np.asarray(want)[np.asarray(records.indices[2])[used]], rtol=1e-4, atol=1e-5)
     swapped = text.at[:T].set(text[T : 2 * T]).at[T : 2 * T].set(text[:T])  # shot 1 and shot 2 trade captions
-    _, _, other, _ = context_for_shot(params, cfg, bank, inputs.text[2], _spec(k=3), memory_text=swapped)
+    _, _, other, _ = _context(params, cfg, bank, inputs.text[2], _spec(k=3), memory_text=swapped)
     assert not np.allclose(np.asarray(other)[used], got)
     assert np.asarray(caption_summary(inputs.text)).shape == (SHOTS, cfg.dit.text_dim)
     with pytest.raises(ValueError, match="memory_text"):
-        context_for_shot(params, cfg, bank, inputs.text[2], _spec(k=3))
+        _context(params, cfg, bank, inputs.text[2], _spec(k=3))
