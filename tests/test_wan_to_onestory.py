@@ -2,7 +2,9 @@
 diffusers Wan I2V release (transformer, VAE, umT5, CLIP, tokenizer) converted with --component all,
 sampled as converted, records prepared with it, train.py started from it, and the export sampled."""
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -88,27 +90,15 @@ def release(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_folder(release, tmp_path_factory):
+    """The release converted with --component all and --verify, in this process (the release's torch
+    modules are imported already: a subprocess spent half its time importing them again)."""
+    from onestory_jax.convert.__main__ import main
+
     folder = tmp_path_factory.mktemp("converted") / "wan"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "onestory_jax.convert",
-            "--component",
-            "all",
-            "--source",
-            str(release),
-            "--out",
-            str(folder),
-            "--config",
-            "tiny",
-            "--verify",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count("OK") == 4, r.stdout  # the DiT and the three frozen parts, each against its reference
+    argv = ["--component", "all", "--source", str(release), "--out", str(folder), "--config", "tiny", "--verify"]
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(argv) == 0
+    assert out.getvalue().count("OK") == 4, out.getvalue()  # the DiT and the three frozen parts, each against its reference
     return folder
 
 

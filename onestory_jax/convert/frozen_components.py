@@ -187,14 +187,15 @@ def verify_frozen(comp_name: str, out: Path, source_dir: Path, config: Config, s
             mu = ref_model.encode(torch.from_numpy(video.transpose(0, 4, 1, 2, 3))).latent_dist.mode().numpy()
             mean, std = vae.latent_stats(section)
             ref = (mu.transpose(0, 2, 3, 4, 1) - mean) / std
-            ours = np.asarray(vae.encode(section, params, jnp_f32(video)))
+            ours = np.asarray(jax.jit(lambda p, v: vae.encode(section, p, v))(params, jnp_f32(video)))
         elif comp_name == "umt5":
             from transformers import UMT5EncoderModel
 
             ref_model = UMT5EncoderModel.from_pretrained(source_dir, local_files_only=True).float().eval()
             ids = rng.integers(0, section.vocab_size, (1, 12))
             ref = ref_model(input_ids=torch.from_numpy(ids)).last_hidden_state.numpy()
-            ours = np.asarray(text_encoder.UMT5Encoder(section).apply({"params": params}, ids, np.ones_like(ids, bool)))[:, :12]
+            encoder = jax.jit(text_encoder.UMT5Encoder(section).apply)
+            ours = np.asarray(encoder({"params": params}, ids, np.ones_like(ids, bool)))[:, :12]
         else:
             from transformers import CLIPVisionModel
 
@@ -202,7 +203,7 @@ def verify_frozen(comp_name: str, out: Path, source_dir: Path, config: Config, s
             px = rng.standard_normal((1, section.image_size, section.image_size, 3)).astype(np.float32)
             out_ref = ref_model(pixel_values=torch.from_numpy(px.transpose(0, 3, 1, 2)), output_hidden_states=True)
             ref = out_ref.hidden_states[-2].numpy()
-            ours = np.asarray(image_encoder.CLIPVisionTower(section).apply({"params": params}, px))
+            ours = np.asarray(jax.jit(image_encoder.CLIPVisionTower(section).apply)({"params": params}, px))
     err = float(np.abs(ours - ref).max())
     return err, err / float(ref.std())
 
