@@ -1,11 +1,16 @@
-"""Schedules, solvers and CFG against the independent diffusers schedulers (torch float32)."""
+"""Schedules, solvers and CFG against the independent diffusers schedulers (torch float32).
+
+torch and diffusers are imported by the tests that compare with them: a run of the `multidevice` tests
+alone collects this file without them (the two imports were 16 s of each worker's collection)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 from onestory_jax.config import SamplerConfig
 from onestory_jax.diffusion import (
@@ -22,6 +27,9 @@ from onestory_jax.diffusion import (
     wan_flow_schedule,
 )
 
+if TYPE_CHECKING:
+    from diffusers import UniPCMultistepScheduler
+
 SHIFT = 3.0
 A, B, C = -0.7, 0.3, 0.5  # synthetic velocity v(x, t) = A x + B sin(x) + C t / 1000
 STEPS = [1, 2, 5, 40]
@@ -29,6 +37,8 @@ TOL = 1e-5
 
 
 def _unipc(**kw) -> UniPCMultistepScheduler:
+    from diffusers import UniPCMultistepScheduler
+
     return UniPCMultistepScheduler(
         use_flow_sigmas=True,
         flow_shift=kw.pop("flow_shift", SHIFT),
@@ -47,6 +57,8 @@ def _noise() -> np.ndarray:
 
 def _torch_run(sched, x: np.ndarray) -> np.ndarray:
     """The diffusers denoising loop with the synthetic field, float32."""
+    import torch
+
     xt = torch.from_numpy(x.copy())
     for t in sched.timesteps:
         v = A * xt + B * torch.sin(xt) + C * t.to(torch.float32) / 1000
@@ -70,6 +82,8 @@ def _run(solver: str, x: np.ndarray, sigmas: np.ndarray, timesteps: np.ndarray) 
 
 @pytest.mark.parametrize("n", STEPS)
 def test_grids_match_diffusers(n):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     u = _unipc()
     u.set_timesteps(n)
     ours = diffusers_flow_schedule(n, SHIFT)
@@ -94,6 +108,8 @@ def test_wan_grid_published_values():
 @pytest.mark.parametrize("solver", ["euler", "unipc"])
 @pytest.mark.parametrize("n", STEPS)
 def test_sampling_matches_diffusers(solver, n):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     x = _noise()
     if solver == "euler":
         ref_sched = FlowMatchEulerDiscreteScheduler(shift=SHIFT)

@@ -1,10 +1,15 @@
-"""Independent PyTorch references (diffusers) with random weights, shared by the parity tests."""
+"""Independent PyTorch references (diffusers) with random weights, shared by the parity tests. diffusers is
+imported when a reference is built, not with this module (it is 10 s of a test worker's collection)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from diffusers import WanTransformer3DModel
+
+if TYPE_CHECKING:
+    from diffusers import WanTransformer3DModel
 
 from onestory_jax.config import DiTConfig
 from onestory_jax.convert.dit_source import diffusers_config
@@ -29,6 +34,8 @@ def tiny_dit_config(model_type: str = "i2v", layers: int = 2) -> DiTConfig:
 
 def diffusers_dit(cfg: DiTConfig, seed: int = 0) -> WanTransformer3DModel:
     """A random diffusers WanTransformer3DModel with the same architecture as `cfg`."""
+    from diffusers import WanTransformer3DModel
+
     torch.manual_seed(seed)
     model = WanTransformer3DModel(**diffusers_config(cfg)).eval()
     # Default init leaves norms at 1/0 and the tables small; perturb everything so every weight matters.
