@@ -1,7 +1,11 @@
 """The Flax umT5 encoder against transformers' UMT5EncoderModel (random weights, fp32), its
 converters (transformers and original Wan names), the tokenizer front-end and the embedding cache."""
 
+import json
 import re
+import shutil
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -172,6 +176,46 @@ def test_tokenizer_loads_pads_and_truncates(tokenizer_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tokenize(tok, ["a fox"], 512)
+
+
+CAPTIONS = ["a red fox", "", "  fox&runs  ", "狐狸 runs 🦊 é", "fox " * 40, "a <b> red"]
+
+
+@pytest.mark.parametrize("sides", [{}, {"padding_side": "left", "truncation_side": "left"}])
+@pytest.mark.parametrize("which", ["bytes", "words"])
+def test_plain_tokenizer_folders_tokenize_as_transformers_does(which, sides, tokenizer_dir, tmp_path):
+    """A plain tokenizer folder is read without transformers; ids, masks and lengths equal AutoTokenizer's."""
+    from transformers import AutoTokenizer
+
+    from onestory_jax.config_files import CONFIG_DIR
+    from onestory_jax.models.prompts import JsonTokenizer
+
+    folder = tmp_path / "t"
+    shutil.copytree(CONFIG_DIR / "tokenizers" / "bytes" if which == "bytes" else tokenizer_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(config | sides))
+    ours, reference = load_tokenizer(folder), AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    assert isinstance(ours, JsonTokenizer)
+    assert ours.lengths(CAPTIONS) == [len(ids) for ids in reference(CAPTIONS)["input_ids"]]
+    enc = reference(CAPTIONS, padding="max_length", max_length=16, truncation=True, return_tensors="np")
+    ids, mask = ours.padded(CAPTIONS, 16)
+    np.testing.assert_array_equal(ids, enc["input_ids"])
+    np.testing.assert_array_equal(mask, enc["attention_mask"])
+
+
+def test_the_byte_tokenizer_loads_without_transformers():
+    code = (
+        "import sys\nfrom onestory_jax.config_files import CONFIG_DIR\nfrom onestory_jax.models.prompts import load_tokenizer\n"
+        "load_tokenizer(CONFIG_DIR / 'tokenizers' / 'bytes')\nprint(sorted({'transformers', 'torch'} & set(sys.modules)))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == "[]\n", r.stdout + r.stderr
+
+
+def test_a_broken_plain_tokenizer_is_a_user_error(tokenizer_dir):
+    (tokenizer_dir / "tokenizer.json").write_text("{")
+    with pytest.raises(UserError, match="cannot load a tokenizer from .*tokenizer.json"):
+        load_tokenizer(tokenizer_dir)
 
 
 def test_clean_prompt():

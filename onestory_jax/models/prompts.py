@@ -3,12 +3,14 @@ and encoding through an encoder function with an on-disk embedding cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import html
+import json
 import re
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -18,18 +20,99 @@ from onestory_jax.models.embedding_cache import EmbeddingCache
 TOKENIZER_FILES = "tokenizer.json, tokenizer_config.json, special_tokens_map.json, spiece.model"
 
 
-def load_tokenizer(path: str | Path) -> Any:
-    """The google/umt5-xxl tokenizer from a local directory (never the network)."""
-    from transformers import AutoTokenizer
+# tokenizer_config.json classes that add nothing to tokenizer.json: such a folder is read with `tokenizers` alone,
+# without transformers, whose import pulls torch (4 s of the demo's 25 s). Any other class (umT5's T5Tokenizer)
+# goes through transformers' AutoTokenizer.
+PLAIN_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
+
+class Tokenizer(Protocol):
+    """What prompt encoding needs of a tokenizer; </s> (the post-processor's special tokens) included."""
+
+    def lengths(self, texts: list[str]) -> list[int]:
+        """Each text's token count, untruncated."""
+        ...
+
+    def padded(self, texts: list[str], text_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [N, text_len], attention mask [N, text_len]): truncated or padded to text_len."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonTokenizer:
+    """A tokenizer.json run by `tokenizers`, padded and truncated as transformers' fast tokenizers do it."""
+
+    backend: Any  # tokenizers.Tokenizer
+    pad_token: str
+    padding_side: str = "right"
+    truncation_side: str = "right"
+
+    def lengths(self, texts: list[str]) -> list[int]:
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        return [len(e.ids) for e in self.backend.encode_batch(texts, add_special_tokens=True)]
+
+    def padded(self, texts: list[str], text_len: int) -> tuple[np.ndarray, np.ndarray]:
+        self.backend.enable_truncation(text_len, direction=self.truncation_side)
+        pad_id = self.backend.token_to_id(self.pad_token)
+        self.backend.enable_padding(length=text_len, direction=self.padding_side, pad_id=pad_id, pad_token=self.pad_token)
+        encoded = self.backend.encode_batch(texts, add_special_tokens=True)
+        return np.array([e.ids for e in encoded]), np.array([e.attention_mask for e in encoded])
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformersTokenizer:
+    """A transformers tokenizer (AutoTokenizer) behind the `Tokenizer` protocol."""
+
+    backend: Any
+
+    def lengths(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.backend(texts, add_special_tokens=True, verbose=False)["input_ids"]]
+
+    def padded(self, texts: list[str], text_len: int) -> tuple[np.ndarray, np.ndarray]:
+        enc = self.backend(
+            texts, padding="max_length", max_length=text_len, truncation=True, add_special_tokens=True, return_tensors="np"
+        )
+        return enc["input_ids"], enc["attention_mask"]
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The google/umt5-xxl tokenizer (or the byte tokenizer) from a local directory (never the network)."""
     path = Path(path)
     hint = f"put the files of the google/umt5-xxl tokenizer there ({TOKENIZER_FILES})"
     if not path.is_dir():
         raise UserError(f"tokenizer directory '{path}' not found: {hint}")
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        plain = plain_tokenizer(path)
+        if plain is not None:
+            return plain
+        from transformers import AutoTokenizer
+
+        return TransformersTokenizer(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a tokenizer from '{path}' ({e}): {hint}") from None
+
+
+def plain_tokenizer(path: Path) -> JsonTokenizer | None:
+    """The folder's tokenizer.json as a `JsonTokenizer` when its config names a plain class and a pad token; else None."""
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None  # no or unreadable config: transformers decides (and explains)
+    if not isinstance(config, dict) or config.get("tokenizer_class") not in PLAIN_CLASSES:
+        return None
+    if not isinstance(config.get("pad_token"), str) or not (path / "tokenizer.json").is_file():
+        return None
+    from tokenizers import Tokenizer as Backend
+
+    try:
+        backend = Backend.from_file(str(path / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+        raise ValueError(f"tokenizer.json: {e}") from None
+    if backend.token_to_id(config["pad_token"]) is None:
+        raise ValueError(f"its pad token {config['pad_token']!r} is not in tokenizer.json")
+    sides = {k: config[k] for k in ("padding_side", "truncation_side") if config.get(k) in ("left", "right")}
+    return JsonTokenizer(backend, config["pad_token"], **sides)
 
 
 def clean_prompt(text: str) -> str:
@@ -37,21 +120,19 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
 
 
-def tokenize(tokenizer: Any, prompts: Sequence[str], text_len: int) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(tokenizer: Tokenizer, prompts: Sequence[str], text_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Prompts -> (ids int32 [N, text_len], mask bool [N, text_len]); </s> appended, longer prompts truncated."""
     texts = [clean_prompt(p) for p in prompts]
-    for text, ids in zip(texts, tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]):
-        if len(ids) > text_len:
-            warnings.warn(f"a prompt has {len(ids)} tokens; truncated to {text_len}: {text[:60]!r}...", stacklevel=2)
-    enc = tokenizer(
-        texts, padding="max_length", max_length=text_len, truncation=True, add_special_tokens=True, return_tensors="np"
-    )
-    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(bool)
+    for text, n in zip(texts, tokenizer.lengths(texts)):
+        if n > text_len:
+            warnings.warn(f"a prompt has {n} tokens; truncated to {text_len}: {text[:60]!r}...", stacklevel=2)
+    ids, mask = tokenizer.padded(texts, text_len)
+    return ids.astype(np.int32), mask.astype(bool)
 
 
 def encode_prompts(
     prompts: Sequence[str],
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     encode: Callable[[np.ndarray, np.ndarray], Any],
     text_len: int,
     cache: EmbeddingCache | None = None,
