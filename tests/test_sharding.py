@@ -1,4 +1,5 @@
-"""Sharded DiT forward on 8 forced host devices equals the single-device result."""
+"""Sharded DiT forward on 8 forced host devices equals the single-device result; the full-size frozen encoders'
+big parameters shard on fsdp."""
 
 import flax.linen as nn
 import jax
@@ -18,6 +19,7 @@ from onestory_jax.sharding import (
     init_sharded,
     make_mesh,
     param_shardings,
+    replicated_large_params,
 )
 
 pytestmark = pytest.mark.multidevice  # meshes over the 8 host devices (tests/conftest.py)
@@ -89,3 +91,23 @@ def test_replication_check_fails_on_a_replicated_large_param():
 def test_bad_mesh_is_a_clear_error(cfg):
     with pytest.raises(UserError):
         make_mesh(cfg)
+
+
+def test_full_size_umt5_shards_its_big_params_on_fsdp():
+    from onestory_jax.config import TextEncoderConfig
+    from onestory_jax.models import text_encoder
+
+    mesh = make_mesh(MeshConfig(fsdp=-1))
+    abstract = abstract_params(text_encoder.init_fn(TextEncoderConfig()), mesh, jax.random.key(0))
+    assert sum(np.prod(a.shape) for a in jax.tree.leaves(abstract)) == pytest.approx(5.68e9, rel=1e-3)
+    assert replicated_large_params(abstract, mesh) == []
+
+
+def test_full_size_clip_shards_its_big_params_on_fsdp():
+    from onestory_jax.config import ImageEncoderConfig
+    from onestory_jax.models import image_encoder
+
+    mesh = make_mesh(MeshConfig(fsdp=-1))
+    abstract = abstract_params(image_encoder.init_fn(ImageEncoderConfig()), mesh, jax.random.key(0))
+    assert abstract["position_embedding"].shape == (257, 1280)  # ViT-H/14 at 224: 16 x 16 patches + the class token
+    assert replicated_large_params(abstract, mesh) == []

@@ -1,14 +1,15 @@
-"""Independent PyTorch references (diffusers) with random weights, shared by the parity tests. diffusers is
-imported when a reference is built, not with this module (it is 10 s of a test worker's collection)."""
+"""Independent PyTorch references (diffusers) with random weights, shared by the parity tests. torch and
+diffusers are imported when a reference is built, not with this module (diffusers is 10 s of a test worker's
+collection; the multidevice pass, tests/conftest.py, imports neither)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 if TYPE_CHECKING:
+    import torch
     from diffusers import WanTransformer3DModel
 
 from onestory_jax.config import DiTConfig
@@ -34,6 +35,7 @@ def tiny_dit_config(model_type: str = "i2v", layers: int = 2) -> DiTConfig:
 
 def diffusers_dit(cfg: DiTConfig, seed: int = 0) -> WanTransformer3DModel:
     """A random diffusers WanTransformer3DModel with the same architecture as `cfg`."""
+    import torch
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
@@ -124,6 +126,8 @@ def _invert(key: str) -> str:
 
 def run_diffusers_dit(model, x_cl: np.ndarray, t: np.ndarray, text: np.ndarray, image: np.ndarray | None) -> np.ndarray:
     """Run diffusers on channels-last input [B, F, H, W, C]; returns channels-last output."""
+    import torch
+
     with torch.no_grad():
         out = model(
             hidden_states=torch.from_numpy(np.ascontiguousarray(x_cl.transpose(0, 4, 1, 2, 3))),
