@@ -129,12 +129,12 @@ def test_incomplete_folder_is_refused_unless_random_is_asked(model_folder, tmp_p
     if case == "misnamed":
         (folder / "text_encoder").rename(folder / "umt5")
     else:
-        shutil.rmtree(folder / "vae")
+        shutil.rmtree(folder / "image_encoder")
     r = sample(folder, tmp_path, capsys)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
-    assert ("holds umt5/" if case == "misnamed" else "lacks vae/") in r.stderr
+    assert ("holds umt5/" if case == "misnamed" else "lacks image_encoder/") in r.stderr
     if case == "missing":
-        with pytest.warns(UserWarning, match="lacks vae/: using RANDOM weights"):
+        with pytest.warns(UserWarning, match="lacks image_encoder/: using RANDOM weights"):
             r = sample(folder, tmp_path, capsys, "--allow-random")
         assert r.returncode == 0, r.stderr
 
