@@ -60,7 +60,8 @@ LONGEST_FIRST = (
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     """A run of the `multidevice` tests alone (`make test`'s second pass) does not import the test files that
-    have none: each worker imported every file's torch, diffusers and gradio (collection on 2 workers 38-44 s -> 24-36 s)."""
+    have none: each worker imported every file's torch, diffusers and gradio (collection on 2 workers 38-44 s -> 24-36 s).
+    The files it imports import neither torch nor transformers (one process's collection 17.7 -> 5.5 s)."""
     test_file = collection_path.suffix == ".py" and collection_path.name.startswith("test_")
     if config.option.markexpr == MULTIDEVICE_ONLY and test_file:
         return "multidevice" not in collection_path.read_text()
