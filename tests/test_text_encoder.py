@@ -197,6 +197,15 @@ def test_plain_tokenizer_folders_tokenize_as_transformers_does(which, sides, tok
     np.testing.assert_array_equal(mask, enc["attention_mask"])
 
 
+@pytest.mark.parametrize("extra", [{"add_bos_token": True}, {"split_special_tokens": True}])
+def test_a_folder_that_transformers_changes_goes_through_transformers(extra, tokenizer_dir):
+    from onestory_jax.models.prompts import TransformersTokenizer
+
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(config | extra))
+    assert isinstance(load_tokenizer(tokenizer_dir), TransformersTokenizer)
+
+
 def test_the_byte_tokenizer_loads_without_transformers():
     code = (
         "import sys\nfrom onestory_jax.config_files import CONFIG_DIR\nfrom onestory_jax.models.prompts import load_tokenizer\n"

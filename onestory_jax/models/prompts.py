@@ -20,10 +20,13 @@ from onestory_jax.models.embedding_cache import EmbeddingCache
 TOKENIZER_FILES = "tokenizer.json, tokenizer_config.json, special_tokens_map.json, spiece.model"
 
 
-# tokenizer_config.json classes that add nothing to tokenizer.json: such a folder is read with `tokenizers` alone,
-# without transformers, whose import pulls torch (4 s of the demo's 25 s). Any other class (umT5's T5Tokenizer)
-# goes through transformers' AutoTokenizer.
+# A folder whose tokenizer_config.json names one of these classes, with no key beyond NEUTRAL_KEYS, and whose
+# tokenizer.json stores no padding or truncation, gets nothing from transformers beyond tokenizer.json: it is read
+# with `tokenizers` alone, without transformers, whose import pulls torch (4.5 s of the demo's 20 s). Any other
+# folder (umT5's T5Tokenizer; add_bos_token, added tokens, add_prefix_space...) goes through AutoTokenizer.
 PLAIN_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+NEUTRAL_KEYS = {"backend", "tokenizer_class", "model_max_length", "clean_up_tokenization_spaces", "padding_side"}
+NEUTRAL_KEYS |= {"truncation_side", "bos_token", "eos_token", "unk_token", "pad_token"}
 
 
 class Tokenizer(Protocol):
@@ -94,12 +97,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def plain_tokenizer(path: Path) -> JsonTokenizer | None:
-    """The folder's tokenizer.json as a `JsonTokenizer` when its config names a plain class and a pad token; else None."""
+    """The folder's tokenizer.json as a `JsonTokenizer` when transformers would add nothing to it (above); else None."""
     try:
         config = json.loads((path / "tokenizer_config.json").read_text())
     except (OSError, ValueError):
         return None  # no or unreadable config: transformers decides (and explains)
-    if not isinstance(config, dict) or config.get("tokenizer_class") not in PLAIN_CLASSES:
+    if not isinstance(config, dict) or config.get("tokenizer_class") not in PLAIN_CLASSES or set(config) - NEUTRAL_KEYS:
         return None
     if not isinstance(config.get("pad_token"), str) or not (path / "tokenizer.json").is_file():
         return None
@@ -109,6 +112,8 @@ def plain_tokenizer(path: Path) -> JsonTokenizer | None:
         backend = Backend.from_file(str(path / "tokenizer.json"))
     except Exception as e:  # tokenizers raises a bare Exception for a malformed file
         raise ValueError(f"tokenizer.json: {e}") from None
+    if backend.padding is not None or backend.truncation is not None:
+        return None
     if backend.token_to_id(config["pad_token"]) is None:
         raise ValueError(f"its pad token {config['pad_token']!r} is not in tokenizer.json")
     sides = {k: config[k] for k in ("padding_side", "truncation_side") if config.get(k) in ("left", "right")}
