@@ -93,21 +93,25 @@ def test_bad_mesh_is_a_clear_error(cfg):
         make_mesh(cfg)
 
 
+def sharded_full_size(init) -> dict:
+    """Abstract params of a full-size init on an fsdp-only mesh, checked to replicate no big parameter."""
+    mesh = make_mesh(MeshConfig(fsdp=-1))
+    abstract = abstract_params(init, mesh, jax.random.key(0))
+    assert replicated_large_params(abstract, mesh) == []
+    return abstract
+
+
 def test_full_size_umt5_shards_its_big_params_on_fsdp():
     from onestory_jax.config import TextEncoderConfig
     from onestory_jax.models import text_encoder
 
-    mesh = make_mesh(MeshConfig(fsdp=-1))
-    abstract = abstract_params(text_encoder.init_fn(TextEncoderConfig()), mesh, jax.random.key(0))
+    abstract = sharded_full_size(text_encoder.init_fn(TextEncoderConfig()))
     assert sum(np.prod(a.shape) for a in jax.tree.leaves(abstract)) == pytest.approx(5.68e9, rel=1e-3)
-    assert replicated_large_params(abstract, mesh) == []
 
 
 def test_full_size_clip_shards_its_big_params_on_fsdp():
     from onestory_jax.config import ImageEncoderConfig
     from onestory_jax.models import image_encoder
 
-    mesh = make_mesh(MeshConfig(fsdp=-1))
-    abstract = abstract_params(image_encoder.init_fn(ImageEncoderConfig()), mesh, jax.random.key(0))
+    abstract = sharded_full_size(image_encoder.init_fn(ImageEncoderConfig()))
     assert abstract["position_embedding"].shape == (257, 1280)  # ViT-H/14 at 224: 16 x 16 patches + the class token
-    assert replicated_large_params(abstract, mesh) == []

@@ -172,6 +172,12 @@ def test_tokenizer_loads_pads_and_truncates(tokenizer_dir):
         tokenize(tok, ["a fox"], 512)
 
 
+def add_to_config(folder, entries: dict) -> None:
+    """`entries` set in the tokenizer folder's tokenizer_config.json."""
+    path = folder / "tokenizer_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | entries))
+
+
 CAPTIONS = ["a red fox", "", "  fox&runs  ", "狐狸 runs 🦊 é", "fox " * 40, "a <b> red"]
 
 
@@ -186,8 +192,7 @@ def test_plain_tokenizer_folders_tokenize_as_transformers_does(which, sides, tok
 
     folder = tmp_path / "t"
     shutil.copytree(CONFIG_DIR / "tokenizers" / "bytes" if which == "bytes" else tokenizer_dir, folder)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps(config | sides))
+    add_to_config(folder, sides)
     ours, reference = load_tokenizer(folder), AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     assert isinstance(ours, JsonTokenizer)
     assert ours.lengths(CAPTIONS) == [len(ids) for ids in reference(CAPTIONS)["input_ids"]]
@@ -201,8 +206,7 @@ def test_plain_tokenizer_folders_tokenize_as_transformers_does(which, sides, tok
 def test_a_folder_that_transformers_changes_goes_through_transformers(extra, tokenizer_dir):
     from onestory_jax.models.prompts import TransformersTokenizer
 
-    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
-    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(config | extra))
+    add_to_config(tokenizer_dir, extra)
     assert isinstance(load_tokenizer(tokenizer_dir), TransformersTokenizer)
 
 

@@ -25,8 +25,10 @@ TOKENIZER_FILES = "tokenizer.json, tokenizer_config.json, special_tokens_map.jso
 # with `tokenizers` alone, without transformers, whose import pulls torch (4.5 s of the demo's 20 s). Any other
 # folder (umT5's T5Tokenizer; add_bos_token, added tokens, add_prefix_space...) goes through AutoTokenizer.
 PLAIN_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
-NEUTRAL_KEYS = {"backend", "tokenizer_class", "model_max_length", "clean_up_tokenization_spaces", "padding_side"}
-NEUTRAL_KEYS |= {"truncation_side", "bos_token", "eos_token", "unk_token", "pad_token"}
+NEUTRAL_KEYS = frozenset(
+    ("backend", "tokenizer_class", "model_max_length", "clean_up_tokenization_spaces", "padding_side", "truncation_side")
+    + ("bos_token", "eos_token", "unk_token", "pad_token")
+)
 
 
 class Tokenizer(Protocol):
@@ -47,6 +49,7 @@ class JsonTokenizer:
 
     backend: Any  # tokenizers.Tokenizer
     pad_token: str
+    pad_id: int
     padding_side: str = "right"
     truncation_side: str = "right"
 
@@ -57,8 +60,7 @@ class JsonTokenizer:
 
     def padded(self, texts: list[str], text_len: int) -> tuple[np.ndarray, np.ndarray]:
         self.backend.enable_truncation(text_len, direction=self.truncation_side)
-        pad_id = self.backend.token_to_id(self.pad_token)
-        self.backend.enable_padding(length=text_len, direction=self.padding_side, pad_id=pad_id, pad_token=self.pad_token)
+        self.backend.enable_padding(length=text_len, direction=self.padding_side, pad_id=self.pad_id, pad_token=self.pad_token)
         encoded = self.backend.encode_batch(texts, add_special_tokens=True)
         return np.array([e.ids for e in encoded]), np.array([e.attention_mask for e in encoded])
 
@@ -114,10 +116,11 @@ def plain_tokenizer(path: Path) -> JsonTokenizer | None:
         raise ValueError(f"tokenizer.json: {e}") from None
     if backend.padding is not None or backend.truncation is not None:
         return None
-    if backend.token_to_id(config["pad_token"]) is None:
+    pad_id = backend.token_to_id(config["pad_token"])
+    if pad_id is None:
         raise ValueError(f"its pad token {config['pad_token']!r} is not in tokenizer.json")
     sides = {k: config[k] for k in ("padding_side", "truncation_side") if config.get(k) in ("left", "right")}
-    return JsonTokenizer(backend, config["pad_token"], **sides)
+    return JsonTokenizer(backend, config["pad_token"], pad_id, **sides)
 
 
 def clean_prompt(text: str) -> str:
