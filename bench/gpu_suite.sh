@@ -6,7 +6,10 @@
 #   lowvram (~7 min alone: PARTS=lowvram): the same story with every low-VRAM switch on (fp8 kernels in all block
 #     layers, blocks in host memory, umT5 on the host CPU, 256-px tiled VAE decode; docs/performance.md "Low VRAM"),
 #     LOWVRAM_STEPS steps a shot -> sample_story_gpu_lowvram.json (its measured peak: the 24 GB question), then the
-#     GPU compiler's compile-only analysis of three switch variants -> sample_memory_aot.json (gpu rows).
+#     GPU compiler's compile-only analysis of three switch variants -> sample_memory_aot.json (gpu rows);
+#   step (~8 min alone: PARTS=step): the exact 14B CFG step lever by lever (bench/dit_step.py: kernels at the step's
+#     shapes, the step's variants, a profile by kernel class) -> dit_step_gpu.json, then the step with fp8 kernels in
+#     all block layers and the blocks in host memory, with its peak device memory -> dit_step_gpu_lowvram.json.
 # Run from anywhere: bash bench/gpu_suite.sh (PY=python by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +28,12 @@ for part in $PARTS; do
         --override vae.tile=256 --out bench/results/sample_story_gpu_lowvram.json
       $PY bench/sample_memory_aot.py --layers 40 --variant "fp8 ffn, umT5 on CPU" --variant "fp8 all, umT5 on CPU" \
         --variant "fp8 all + offload, umT5 on CPU" ;;
-    *) echo "unknown part '$part' (exact, cache, lowvram)" >&2; exit 2 ;;
+    step)  # kernels first, in their own process: a kernel that fails hard costs only their rows
+      kernels=bench/results/dit_step_gpu_kernels.json
+      $PY bench/dit_step.py --skip steps --skip profile --out "$kernels" || echo "kernel rows failed" >&2
+      $PY bench/dit_step.py --skip torch --skip kernels --iters "${STEP_ITERS:-2}" \
+        $([ -f "$kernels" ] && echo --kernels-from "$kernels")
+      timeout "${LOWVRAM_STEP_TIMEOUT:-200}" $PY bench/dit_step.py --lowvram --iters 2 ;;
+    *) echo "unknown part '$part' (exact, cache, lowvram, step)" >&2; exit 2 ;;
   esac
 done

@@ -179,6 +179,53 @@ def sample_memory_aot_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def dit_step_table(data: dict) -> str:
+    exact = next((r["step_s"] for r in data["steps"] if r["variant"] == "exact (this code)" and "step_s" in r), None)
+    lines = [
+        f"JAX {data['jax']} on one {data['device']}; {data['config']} ({data['layers']} layers), random bf16 weights, the guided "
+        "pair as one batch of 2; median of timed steps after a warm-up.",
+        "",
+        "| variant | tokens a sample | step s | / exact | TFLOP/s | MFU |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["steps"]:
+        if "step_s" not in r:
+            lines.append(f"| {r['variant']} | {r['tokens']:,} | failed: {r['error'][:80]} | | | |")
+            continue
+        ratio = f"{r['step_s'] / exact:.3f}" if exact else "-"
+        lines.append(
+            f"| {r['variant']} | {r['tokens']:,} | **{r['step_s']:.3f}** | {ratio} | {r['tflops']:.0f} | {r['mfu']:.1%} |"
+        )
+    prof = data.get("profile", {}).get("lines")
+    if prof:
+        line, rec = max(prof.items(), key=lambda kv: kv[1]["total_s"])
+        lines += ["", f"One step's kernels (`exact`, trace line `{line}`): {rec['total_s']:.3f} s.", ""]
+        lines += ["| kernel class | GPU s | share |", "|---|---|---|"]
+        for c, t in sorted(rec["by_class_s"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {c} | {t:.3f} | {t / rec['total_s']:.1%} |")
+    return "\n".join(lines)
+
+
+def dit_step_kernels_table(data: dict) -> str:
+    lines = ["| kernel | shape | TFLOP/s |", "|---|---|---|"]
+    for r in data["kernels"]:
+        rate = f"**{r['tflops']:.0f}**" if "tflops" in r else f"failed: {r['error'][:90]}"
+        lines.append(f"| {r['kernel']} | {r.get('shape', '')} | {rate} |")
+    return "\n".join(lines)
+
+
+def dit_step_lowvram_table(data: dict) -> str:
+    kinds = data["bytes_by_memory_kind_gib"]
+    return "\n".join(
+        [
+            "| switches | step s | DiT params on device GiB | in host memory GiB | peak device GiB (process) |",
+            "|---|---|---|---|---|",
+            f"| {', '.join(o.split('.', 1)[1] for o in data['overrides'][3:])} | **{data['step_s']:.3f}** | "
+            f"{kinds.get('device', 0):.2f} | {kinds.get('pinned_host', 0):.2f} | **{data['peak_device_gib']:.2f}** |",
+        ]
+    )
+
+
 def generic_table(data: dict) -> str:
     rows = data["rows"] if isinstance(data, dict) and "rows" in data else [data]
     keys = list(rows[0])
@@ -196,6 +243,9 @@ RENDERERS = {
     "train_step_aot_presets": train_step_presets_table,
     "sample_story_multi": sample_story_multi_table,
     "sample_memory_aot": sample_memory_aot_table,
+    "dit_step_gpu": dit_step_table,
+    "dit_step_gpu_kernels": dit_step_kernels_table,
+    "dit_step_gpu_lowvram": dit_step_lowvram_table,
 }
 # Tables drawn from another table's results file: table name -> results file stem.
 SOURCES = {"train_step_aot_presets": "train_step_aot"}

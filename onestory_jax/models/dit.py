@@ -59,17 +59,18 @@ class ContextTokens:
     mask: Array | None = None
 
 
-def _modulation(table: Array, e: Array, group_onehot: Array | None) -> list[Array]:
+def _modulation(table: Array, e: Array, is_context: Array | None) -> list[Array]:
     """Per-token modulation vectors.
 
-    table [K, D] + e [B, G, K, D] -> K arrays, each [B, 1, D] (one group) or [B, L, D] (selected
-    per token from group_onehot [L, G] by broadcasting, never a materialised [L, K, D] table).
+    table [K, D] + e [B, G, K, D] -> K arrays, each [B, 1, D] (one group: the noise tokens) or [B, L, D]: group 1's
+    vector where is_context [L] (the context tokens), else group 0's. A select of two broadcasts, which XLA fuses
+    into the norms that read it: no [B, L, D] table is written per vector (docs/performance.md, "The exact step").
     """
     m = table[None, None].astype(jnp.float32) + e  # [B, G, K, D]
-    if group_onehot is None:
+    if is_context is None:
         return [m[:, 0, k][:, None, :] for k in range(m.shape[2])]
-    w = group_onehot[None, :, :, None]  # [1, L, G, 1]
-    return [jnp.sum(w * m[:, None, :, k, :], axis=2) for k in range(m.shape[2])]
+    where = is_context[None, :, None]  # [1, L, 1]
+    return [jnp.where(where, m[:, 1, k][:, None, :], m[:, 0, k][:, None, :]) for k in range(m.shape[2])]
 
 
 def block_dense(cfg: DiTConfig, rt: DiTRuntime, features: int, axes: tuple[str, str], name: str) -> Dense:
@@ -156,7 +157,7 @@ class Block(nn.Module):
         self,
         x: Array,
         e0: Array,
-        group_onehot: Array | None,
+        is_context: Array | None,
         cos: Array,
         sin: Array,
         kv_lengths: Array | None,
@@ -170,7 +171,7 @@ class Block(nn.Module):
             (6, cfg.dim),
             pdt,
         )
-        shift1, scale1, gate1, shift2, scale2, gate2 = _modulation(table, e0, group_onehot)
+        shift1, scale1, gate1, shift2, scale2, gate2 = _modulation(table, e0, is_context)
         norm = LayerNorm(cfg.eps, affine=False)  # parameter-free, shared
         h = norm(x) * (1 + scale1) + shift1
         x = x + SelfAttention(cfg, rt, name="self_attn")(h.astype(dt), cos, sin, kv_lengths).astype(jnp.float32) * gate1
@@ -257,12 +258,12 @@ class WanDiT(nn.Module):
 
         time_embedding = TimeEmbedding(cfg, rt, name="time_embedding")
         temb, e0 = time_embedding(t)  # [B, D], [B, 6, D]
-        e0, onehot, kv_lengths = e0[:, None], None, None
+        e0, is_context, kv_lengths = e0[:, None], None, None
         if context is not None:
             _, e0_ctx = time_embedding(context.timestep)
             e0 = jnp.concatenate([e0, e0_ctx[:, None]], axis=1)  # [B, 2, 6, D]
             n_ctx = context.tokens.shape[1]
-            onehot = jnp.asarray(np.repeat(np.eye(2, dtype=np.float32), [n_noise, n_ctx], axis=0))
+            is_context = jnp.asarray(np.arange(n_noise + n_ctx) >= n_noise)  # [L]: group 1
             tokens = constrain(jnp.concatenate([tokens, context.tokens.astype(jnp.float32)], axis=1), TOKENS)
             cos, sin = (
                 jnp.concatenate([jnp.broadcast_to(a, (b, *a.shape)), c], axis=1)
@@ -291,7 +292,7 @@ class WanDiT(nn.Module):
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, rt, name="blocks")
-        h, _ = blocks(tokens, e0, onehot, cos, sin, kv_lengths, text_emb, image_emb)
+        h, _ = blocks(tokens, e0, is_context, cos, sin, kv_lengths, text_emb, image_emb)
         h = h[:, :n_noise]
 
         # Head: modulated by the time embedding (pre-SiLU), fp32.
