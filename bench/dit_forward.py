@@ -14,6 +14,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -28,7 +29,8 @@ from onestory_jax.models.flops import dit_forward_flops, peak_flops
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _time(fn, warmup: int, iters: int) -> float:
+def median_seconds(fn: Callable[[], object], warmup: int, iters: int) -> float:
+    """Median wall seconds of `fn()` after `warmup` calls (`fn` waits for its own results)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -67,7 +69,7 @@ def run_case(name: str, cfg: DiTConfig, rt: DiTRuntime, latent: tuple[int, int, 
 
     fwd = jax.jit(WanDiT(cfg, rt).apply)
     jx = [jax.device_put(a) if a is not None else None for a in (x, t, text, image)]
-    jax_s = _time(lambda: fwd({"params": params}, *jx).block_until_ready(), warmup=2, iters=iters)
+    jax_s = median_seconds(lambda: fwd({"params": params}, *jx).block_until_ready(), warmup=2, iters=iters)
 
     tx = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3))).to(tdev, torch_dtype)
     tt = torch.from_numpy(t).to(tdev)
@@ -80,7 +82,7 @@ def run_case(name: str, cfg: DiTConfig, rt: DiTRuntime, latent: tuple[int, int, 
         if device == "gpu":
             torch.cuda.synchronize()
 
-    torch_s = _time(torch_fwd, warmup=2, iters=iters)
+    torch_s = median_seconds(torch_fwd, warmup=2, iters=iters)
 
     pt, ph, pw = cfg.patch_size
     tokens = (latent[0] // pt) * (latent[1] // ph) * (latent[2] // pw)

@@ -7,9 +7,10 @@
 #     layers, blocks in host memory, umT5 on the host CPU, 256-px tiled VAE decode; docs/performance.md "Low VRAM"),
 #     LOWVRAM_STEPS steps a shot -> sample_story_gpu_lowvram.json (its measured peak: the 24 GB question), then the
 #     GPU compiler's compile-only analysis of three switch variants -> sample_memory_aot.json (gpu rows);
-#   step (~8 min alone: PARTS=step): the exact 14B CFG step lever by lever (bench/dit_step.py: kernels at the step's
-#     shapes, the step's variants, a profile by kernel class) -> dit_step_gpu.json, then the step with fp8 kernels in
-#     all block layers and the blocks in host memory, with its peak device memory -> dit_step_gpu_lowvram.json.
+#   step (~7.5 min alone: PARTS=step, 7.2 min on an H200 on 2026-12-04): the exact 14B CFG step lever by lever
+#     (bench/dit_step.py: kernels alone at the step's shapes -> dit_step_gpu_kernels.json; the step's variants and a
+#     profile by kernel class -> dit_step_gpu.json), then the step with fp8 kernels in all block layers and the blocks
+#     in host memory, with its peak device memory -> dit_step_gpu_lowvram.json.
 # Run from anywhere: bash bench/gpu_suite.sh (PY=python by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,7 @@ for part in $PARTS; do
         --variant "fp8 all + offload, umT5 on CPU" ;;
     step)  # kernels first, in their own process: a kernel that fails hard costs only their rows
       kernels=bench/results/dit_step_gpu_kernels.json
+      rm -f "$kernels"  # no earlier rows stand in for a failed run
       $PY bench/dit_step.py --skip steps --skip profile --out "$kernels" || echo "kernel rows failed" >&2
       $PY bench/dit_step.py --skip torch --skip kernels --iters "${STEP_ITERS:-2}" \
         $([ -f "$kernels" ] && echo --kernels-from "$kernels")

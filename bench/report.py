@@ -180,7 +180,9 @@ def sample_memory_aot_table(data: dict) -> str:
 
 
 def dit_step_table(data: dict) -> str:
+    """bench/dit_step.py: the step's variants, then the profile of one step by kernel class and its top kernels."""
     exact = next((r["step_s"] for r in data["steps"] if r["variant"] == "exact (this code)" and "step_s" in r), None)
+    noise = data["tokens"]["noise"]
     lines = [
         f"JAX {data['jax']} on one {data['device']}; {data['config']} ({data['layers']} layers), random bf16 weights, the guided "
         "pair as one batch of 2; median of timed steps after a warm-up.",
@@ -189,13 +191,13 @@ def dit_step_table(data: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in data["steps"]:
+        tokens = noise + r.get("context_tokens", 0)
         if "step_s" not in r:
-            lines.append(f"| {r['variant']} | {r['tokens']:,} | failed: {r['error'][:80]} | | | |")
+            lines.append(f"| {r['variant']} | {tokens:,} | failed: {r['error'][:80]} | | | |")
             continue
         ratio = f"{r['step_s'] / exact:.3f}" if exact else "-"
-        lines.append(
-            f"| {r['variant']} | {r['tokens']:,} | **{r['step_s']:.3f}** | {ratio} | {r['tflops']:.0f} | {r['mfu']:.1%} |"
-        )
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
+        lines.append(f"| {r['variant']} | {tokens:,} | **{r['step_s']:.3f}** | {ratio} | {r['tflops']:.0f} | {mfu} |")
     prof = data.get("profile", {}).get("lines")
     if prof:
         line, rec = max(prof.items(), key=lambda kv: kv[1]["total_s"])
@@ -203,10 +205,15 @@ def dit_step_table(data: dict) -> str:
         lines += ["| kernel class | GPU s | share |", "|---|---|---|"]
         for c, t in sorted(rec["by_class_s"].items(), key=lambda kv: -kv[1]):
             lines.append(f"| {c} | {t:.3f} | {t / rec['total_s']:.1%} |")
+        lines += ["", "| kernel (top 6) | class | calls by duration | GPU s |", "|---|---|---|---|"]
+        for k in rec["top"][:6]:
+            split = ", ".join(f"{m['calls']} x ~{m['s'] / m['calls'] * 1e3:.1f} ms" for m in k["by_magnitude"].values())
+            lines.append(f"| `{k['name'][:70]}` | {k['class']} | {split} | {k['s']:.3f} |")
     return "\n".join(lines)
 
 
 def dit_step_kernels_table(data: dict) -> str:
+    """bench/dit_step.py's kernel rows: each kernel alone at the step's shapes."""
     lines = ["| kernel | shape | TFLOP/s |", "|---|---|---|"]
     for r in data["kernels"]:
         rate = f"**{r['tflops']:.0f}**" if "tflops" in r else f"failed: {r['error'][:90]}"
@@ -215,13 +222,15 @@ def dit_step_kernels_table(data: dict) -> str:
 
 
 def dit_step_lowvram_table(data: dict) -> str:
+    """bench/dit_step.py --lowvram: the step with the DiT's low-VRAM switches, its params by memory kind, the peak."""
     kinds = data["bytes_by_memory_kind_gib"]
+    peak = f"**{data['peak_device_gib']:.2f}**" if data.get("peak_device_gib") is not None else "-"
     return "\n".join(
         [
             "| switches | step s | DiT params on device GiB | in host memory GiB | peak device GiB (process) |",
             "|---|---|---|---|---|",
-            f"| {', '.join(o.split('.', 1)[1] for o in data['overrides'][3:])} | **{data['step_s']:.3f}** | "
-            f"{kinds.get('device', 0):.2f} | {kinds.get('pinned_host', 0):.2f} | **{data['peak_device_gib']:.2f}** |",
+            f"| {', '.join(o.split('.', 1)[1] for o in data['switches'])} | **{data['step_s']:.3f}** | "
+            f"{kinds.get('device', 0):.2f} | {kinds.get('pinned_host', 0):.2f} | {peak} |",
         ]
     )
 

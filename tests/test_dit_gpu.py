@@ -56,27 +56,3 @@ def test_cudnn_flash_hides_empty_memory_slots_by_key_length():
     err = float(jnp.abs(out - ref).max())
     print(f"cuDNN flash with key lengths vs masked fp32 XLA: max error {err:.2e}")
     assert err < 3e-2
-
-
-@pytest.mark.parametrize("skip_full", [False, True], ids=["padded kernel", "plain kernel when full"])
-@pytest.mark.parametrize("lengths", [(2048, 2048), (2048, 1500)], ids=["all valid", "one padded"])
-def test_cudnn_key_lengths_under_jit_match_masked_attention(lengths, skip_full, monkeypatch):
-    """Traced key lengths on cuDNN flash, with and without layers.CUDNN_SKIP_FULL_LENGTHS (the plain kernel when every
-    key is valid, the padded one otherwise): the masked fp32 XLA attention either way."""
-    import jax.numpy as jnp
-
-    from onestory_jax.models import layers
-    from onestory_jax.models.layers import attention
-
-    monkeypatch.setattr(layers, "CUDNN_SKIP_FULL_LENGTHS", skip_full)
-
-    r = np.random.default_rng(1)
-    q, k, v = (jnp.asarray(r.standard_normal((2, 2048, 8, 128)), jnp.float32) for _ in range(3))
-    lengths = jnp.asarray(lengths, jnp.int32)
-    bf = lambda a: a.astype(jnp.bfloat16)
-    run = jax.jit(lambda q, k, v, n: attention(q, k, v, "cudnn", kv_lengths=n))
-    out = run(bf(q), bf(k), bf(v), lengths).astype(jnp.float32)
-    ref = attention(q, k, v, "xla", kv_mask=jnp.arange(2048)[None] < lengths[:, None])
-    err = float(jnp.abs(out - ref).max())
-    print(f"cuDNN flash, traced key lengths {lengths.tolist()}, vs masked fp32 XLA: max error {err:.2e}")
-    assert err < 3e-2

@@ -255,3 +255,20 @@ def test_a_caption_reading_selector_needs_the_captions():
     mod = OneStoryMemory(cfg, DIM, HEAD_DIM)
     with pytest.raises(ValueError, match="memory_text"):
         _init(mod, jax.random.key(0), *_memory_inputs())  # raised while tracing: nothing compiles
+
+
+def test_context_tokens_take_their_own_group_modulation():
+    """Per token, the modulation vectors are the table plus the token's group's time embedding: the noise tokens'
+    (group 0) before the context tokens' (group 1), exactly; one group broadcasts over the tokens."""
+    from onestory_jax.models.dit import _modulation
+
+    r = np.random.default_rng(0)
+    table = r.standard_normal((6, 8)).astype(np.float32)
+    e = r.standard_normal((2, 2, 6, 8)).astype(np.float32)
+    is_context = np.arange(5) >= 3  # 3 noise tokens, then 2 context tokens
+    vectors = _modulation(jnp.asarray(table), jnp.asarray(e), jnp.asarray(is_context))
+    for k, vec in enumerate(vectors):
+        expected = table[k] + e[:, is_context.astype(int), k]  # [B, L, D]
+        np.testing.assert_array_equal(np.asarray(vec), expected)
+    alone = _modulation(jnp.asarray(table), jnp.asarray(e[:, :1]), None)
+    np.testing.assert_array_equal(np.asarray(alone[2]), (table[2] + e[:, 0, 2])[:, None])

@@ -135,10 +135,6 @@ AttentionImpl = Literal["xla", "cudnn", "splash", "chunked", "auto"]
 # kernel (cuDNN on GPU, splash on TPU) or the chunked path. 34k-token self-attention would need 175 GiB a sample.
 XLA_LOGITS_LIMIT = 2 * 1024**3
 CHUNK_QUERIES = 256  # queries per chunk of the `chunked` implementation (times the sequence shards)
-# cuDNN with traced key lengths: when they cover every key, run the plain kernel instead of the padded one (a
-# `lax.cond`; read at each call). Off until measured in the step: the kernel alone is 6% faster without lengths on an
-# H200 (docs/performance.md, "The exact step"); `bench/dit_step.py` times the step both ways.
-CUDNN_SKIP_FULL_LENGTHS = False
 
 
 def resolve_attention(
@@ -191,13 +187,9 @@ def attention(
     mask = None if kv_mask is None else kv_mask[:, None, None, :]
     bias = None if bias is None else bias.astype(q.dtype)
     lengths = None if kv_lengths is None else kv_lengths.astype(jnp.int32)
-    run = lambda lengths: jax.nn.dot_product_attention(
+    return jax.nn.dot_product_attention(
         q, k, v, bias=bias, mask=mask, scale=scale, implementation=impl, key_value_seq_lengths=lengths
     )
-    if impl == "cudnn" and lengths is not None and CUDNN_SKIP_FULL_LENGTHS:
-        # every key valid (a full memory bank): cuDNN's plain kernel; else its padded one
-        return jax.lax.cond(jnp.all(lengths == k.shape[1]), lambda: run(None), lambda: run(lengths))
-    return run(lengths)
 
 
 def ulysses_attention(
