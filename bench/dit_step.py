@@ -1,7 +1,7 @@
 """Benchmark: the exact 14B CFG step on one GPU, lever by lever (issue 22, item 1).
 
     python bench/dit_step.py --skip steps --skip profile --out K.json   # kernels alone, own process (~1 min)
-    python bench/dit_step.py --skip kernels --skip torch --kernels-from K.json   # the step's variants + profile
+    python bench/dit_step.py --skip kernels --skip torch   # the step's variants + profile
     python bench/dit_step.py --lowvram                  # the step with fp8 kernels and blocks in host memory
     python bench/dit_step.py --config tiny --latent 3 8 8 --context 24   # the same code path on a CPU, in seconds
     PARTS=step bash bench/gpu_suite.sh                  # all three on a GPU (~8 min)
@@ -62,9 +62,7 @@ BEFORE_MODULATION = "before: one-hot modulation"
 EXACT = "exact (this code)"
 NO_MEMORY = "exact, no memory tokens"
 NO_LENGTHS = "exact, no key lengths (cuDNN's plain kernel)"
-MOSAIC = "Pallas Mosaic GPU self-attention, no key lengths"
-VARIANTS = (BEFORE_MODULATION, EXACT, NO_MEMORY, NO_LENGTHS, MOSAIC)
-DEFAULT_VARIANTS = VARIANTS[:4]  # and MOSAIC where its kernel row beat cuDNN's
+VARIANTS = (BEFORE_MODULATION, EXACT, NO_MEMORY, NO_LENGTHS)
 
 
 def normal(seed: int, shape: tuple[int, ...], dtype: Any = jnp.bfloat16, scale: float = 1.0) -> jax.Array:
@@ -94,22 +92,6 @@ def onehot_modulation(table: jax.Array, e: jax.Array, is_context: jax.Array | No
         return [m[:, 0, k][:, None, :] for k in range(m.shape[2])]
     w = jax.nn.one_hot(is_context.astype(jnp.int32), 2, dtype=jnp.float32)[None, :, :, None]  # [1, L, 2, 1]
     return [jnp.sum(w * m[:, None, :, k, :], axis=2) for k in range(m.shape[2])]
-
-
-def mosaic_attention(config: Any) -> Callable[..., jax.Array]:
-    """models/dit.py's `attention` with self-attention through Pallas Mosaic GPU's Hopper flash kernel (no key
-    lengths; sequence lengths multiples of its blocks); everything else through the library's dispatcher."""
-    from jax.experimental.pallas.ops.gpu import attention_mgpu
-
-    library = dit_module.attention
-
-    def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str, kv_lengths: Any = None) -> jax.Array:
-        fits = kv_lengths is None and k.shape[1] == q.shape[1] and q.shape[1] % (2 * config.block_q) == 0
-        if fits and k.shape[1] % config.block_kv == 0:
-            return attention_mgpu.attention(q * q.shape[-1] ** -0.5, k, v, config)  # the kernel does not scale
-        return library(q, k, v, implementation, kv_lengths=kv_lengths)
-
-    return attention
 
 
 Patch = tuple[ModuleType, str, Any]
@@ -223,14 +205,6 @@ def torch_attention_rows(batch: int, length: int, heads: int, head_dim: int) -> 
     return json.loads(line[4:]) if line else [{"kernel": "attention torch sdpa", "error": proc.stderr[-500:]}]
 
 
-def mosaic_beats_cudnn(rows: list[dict]) -> int | None:
-    """The block_kv of the fastest Pallas Mosaic GPU attention row when it beat cuDNN's (no key lengths), else None."""
-    cudnn = max((r["tflops"] for r in rows if r["kernel"] == "attention cudnn, no key lengths" and "tflops" in r), default=0.0)
-    mosaic = [r for r in rows if r["kernel"].startswith("attention pallas mosaic") and "tflops" in r]
-    best = max(mosaic, key=lambda r: r["tflops"], default=None)
-    return int(best["kernel"].rsplit(" ", 1)[1]) if best and best["tflops"] > cudnn else None
-
-
 def step_inputs(cfg: Config, latent: tuple[int, int, int], n_ctx: int, text_len: int, image_len: int) -> dict[str, Any]:
     """The guided pair's DiT inputs (batch 2), random; the memory slots all filled (mask all True)."""
     b, d = 2, cfg.dit
@@ -316,35 +290,25 @@ def print_profile(breakdown: dict) -> None:
             print(f"    {k['s']:.4f} s in {k['calls']} calls [{k['class']}] {k['name'][:100]}")
 
 
-def step_variants(inputs: dict[str, Any], mosaic_block_kv: int) -> dict[str, tuple[tuple[Patch, ...], dict[str, Any]]]:
+def step_variants(inputs: dict[str, Any]) -> dict[str, tuple[tuple[Patch, ...], dict[str, Any]]]:
     """Each variant's module patches and inputs (VARIANTS)."""
-    no_lengths = {**inputs, "context": inputs["context"].replace(mask=None)}
-    variants = {
+    return {
         BEFORE_MODULATION: (((dit_module, "_modulation", onehot_modulation),), inputs),
         EXACT: ((), inputs),
         NO_MEMORY: ((), {**inputs, "context": None}),
-        NO_LENGTHS: ((), no_lengths),
+        NO_LENGTHS: ((), {**inputs, "context": inputs["context"].replace(mask=None)}),
     }
-    with contextlib.suppress(ImportError):
-        from jax.experimental.pallas.ops.gpu import attention_mgpu
-
-        config = attention_mgpu.TuningConfig(block_q=64, block_kv=mosaic_block_kv, max_concurrent_steps=2)
-        variants[MOSAIC] = (((dit_module, "attention", mosaic_attention(config)),), no_lengths)
-    return variants
 
 
 def step_rows(
-    cfg: Config, params: Any, inputs: dict[str, Any], names: list[str], iters: int, mosaic_block_kv: int, programs: dict[str, Any]
+    cfg: Config, params: Any, inputs: dict[str, Any], names: list[str], iters: int, programs: dict[str, Any]
 ) -> Iterator[dict]:
     """Seconds per guided-pair DiT call for each named variant, in this process on the same params, one row at a
     time; each variant's compiled program is kept in `programs`."""
-    variants = step_variants(inputs, mosaic_block_kv)
+    variants = step_variants(inputs)
     model = WanDiT(cfg.dit, cfg.dit_runtime)
     for name in names:
         row: dict[str, Any] = {"variant": name}
-        if name not in variants:
-            yield {**row, "error": "not available in this jax"}
-            continue
         patches, args = variants[name]
         context = args["context"]
         row["context_tokens"] = 0 if context is None else context.tokens.shape[1]
@@ -411,9 +375,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1544, help="memory tokens after the noise tokens")
     ap.add_argument("--layers", type=int, default=None, help="DiT layers (default: the config's)")
     ap.add_argument("--iters", type=int, default=3, help="timed steps per variant, after one warm-up")
-    ap.add_argument("--variant", action="append", default=[], choices=VARIANTS, help="step variants (default: DEFAULT_VARIANTS)")
+    ap.add_argument("--variant", action="append", default=[], choices=VARIANTS, help="step variants (default: all)")
     ap.add_argument("--skip", action="append", default=[], choices=["kernels", "torch", "steps", "profile"])
-    ap.add_argument("--kernels-from", type=Path, default=None, help="kernel rows of an earlier run (--skip steps --skip profile)")
     ap.add_argument(
         "--lowvram", action="store_true", help="the step with fp8 kernels in all block layers + blocks in host memory"
     )
@@ -460,8 +423,6 @@ def main() -> None:
 
     if backend == "gpu" and "torch" not in args.skip:
         result["kernels"] += torch_attention_rows(2, length, d.num_heads, d.head_dim)
-    if args.kernels_from:
-        result["kernels"] += json.loads(args.kernels_from.read_text())["kernels"]
     if "kernels" not in args.skip:
         result["kernels"] += matmul_rows(2 * length, d.dim, d.ffn_dim)
         result["kernels"] += attention_rows(2, length, d.num_heads, d.head_dim) if backend == "gpu" else []
@@ -473,11 +434,10 @@ def main() -> None:
 
     params = unbox_plain(jax.jit(init_fn(d, cfg.dit_runtime))(jax.random.key(0)))
     inputs = step_inputs(cfg, (f, h, w), args.context, text_len, image_len)
-    mosaic_block_kv = mosaic_beats_cudnn(result["kernels"])
     result["steps"], programs = [], {}
 
     def run_steps(names: list[str]) -> None:
-        for row in step_rows(cfg, params, inputs, names, args.iters, mosaic_block_kv or 128, programs):
+        for row in step_rows(cfg, params, inputs, names, args.iters, programs):
             if "step_s" in row:
                 flops = pair_flops(n_noise + row["context_tokens"])
                 row.update(tflops=flops / row["step_s"] / 1e12, mfu=flops / row["step_s"] / peak if peak else None)
@@ -485,9 +445,8 @@ def main() -> None:
             result["steps"].append(row)
             save()
 
-    names = args.variant or [*DEFAULT_VARIANTS, *([MOSAIC] if mosaic_block_kv else [])]
     if "steps" not in args.skip:
-        run_steps([n for n in names if n != MOSAIC])
+        run_steps(args.variant or list(VARIANTS))
     if "profile" not in args.skip:
         model = WanDiT(d, cfg.dit_runtime)
         fn = programs.get(EXACT) or jax.jit(lambda p, a: model.apply({"params": p}, **a))
@@ -500,8 +459,6 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - no profiler on this machine: the timings stand without it
             result["profile"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         save()
-    if "steps" not in args.skip and MOSAIC in names:
-        run_steps([MOSAIC])  # last: a kernel that fails hard loses no other row
     result["peak_device_gib"] = peak_device_gib()
     save()
     print_steps(result["steps"])

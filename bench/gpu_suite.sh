@@ -33,8 +33,7 @@ for part in $PARTS; do
       kernels=bench/results/dit_step_gpu_kernels.json
       rm -f "$kernels"  # no earlier rows stand in for a failed run
       $PY bench/dit_step.py --skip steps --skip profile --out "$kernels" || echo "kernel rows failed" >&2
-      $PY bench/dit_step.py --skip torch --skip kernels --iters "${STEP_ITERS:-2}" \
-        $([ -f "$kernels" ] && echo --kernels-from "$kernels")
+      $PY bench/dit_step.py --skip torch --skip kernels --iters "${STEP_ITERS:-2}"
       timeout "${LOWVRAM_STEP_TIMEOUT:-200}" $PY bench/dit_step.py --lowvram --iters 2 ;;
     *) echo "unknown part '$part' (exact, cache, lowvram, step)" >&2; exit 2 ;;
   esac
